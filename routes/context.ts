@@ -1,0 +1,15 @@
+import type { ExecManager } from '../src/execs/manager.js'
+import type { SessionRegistry } from '../src/relay/sessions.js'
+import type { Metrics } from '../src/metrics.js'
+import type { WebSocket } from 'ws'
+
+// What route plugins get from the gateway: they talk to execs and the registry, never to ssh2.
+export interface RouteContext {
+  execs: ExecManager
+  registry: SessionRegistry
+  metrics: Metrics
+  heartbeatIntervalMs: number
+  // Open WebSockets, closed with 1001 on shutdown.
+  sockets: Set<WebSocket>
+  isClosing: () => boolean
+}

@@ -1,0 +1,64 @@
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import { Type } from '@sinclair/typebox'
+import { pumpEvents } from '../src/http/event-pump.js'
+import { AttachQuerySchema, ExecParamsSchema } from '../src/schemas/exec.js'
+import { ExecEventSchema } from '../src/schemas/events.js'
+import { ProblemSchema } from '../src/schemas/problem.js'
+import { findExec } from './execs.js'
+import type { RouteContext } from './context.js'
+
+// The exec's events for curl and SDKs: SSE when the client accepts text/event-stream, NDJSON
+// otherwise. Each SSE event's id is "<stdout offset>-<stderr offset>" after it, so a
+// reconnecting EventSource resumes exactly where it left off (Last-Event-ID).
+
+const P = Type.Ref(ProblemSchema)
+
+function parseLastEventId (value: unknown): { stdout: number, stderr: number } | undefined {
+  const m = /^(\d+)-(\d+)$/.exec(String(value ?? ''))
+  return m === null ? undefined : { stdout: Number(m[1]), stderr: Number(m[2]) }
+}
+
+const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ctx }) => {
+  app.get('/v1/execs/:execId/events', {
+    schema: {
+      tags: ['execs'],
+      summary: 'The exec\'s events as SSE or NDJSON; ends after the final event',
+      description: 'Accept: text/event-stream gives SSE (event id "<stdoutOffset>-<stderrOffset>", resumable with Last-Event-ID); anything else gives application/x-ndjson. Each line or data field is one ExecEvent. Disconnecting detaches; it never kills the exec.',
+      params: ExecParamsSchema,
+      querystring: AttachQuerySchema,
+      produces: ['text/event-stream', 'application/x-ndjson'],
+      response: { 200: Type.Ref(ExecEventSchema), 400: P, 401: P, 403: P, 404: P }
+    }
+  }, async (req, reply) => {
+    const entry = findExec(ctx, req.params.execId)
+    const sse = String(req.headers.accept ?? '').includes('text/event-stream')
+    const resume = sse ? parseLastEventId(req.headers['last-event-id']) : undefined
+    const offsets = { stdout: resume?.stdout ?? req.query.stdoutOffset ?? 0, stderr: resume?.stderr ?? req.query.stderrOffset ?? 0 }
+    reply.hijack()
+    const res = reply.raw
+    res.writeHead(200, {
+      'content-type': sse ? 'text/event-stream; charset=utf-8' : 'application/x-ndjson; charset=utf-8',
+      'cache-control': 'no-store',
+      'x-accel-buffering': 'no'
+    })
+    res.on('error', () => stop())
+    res.on('close', () => stop())
+    const position = { stdout: offsets.stdout, stderr: offsets.stderr }
+    const stop = pumpEvents(entry, { stdoutOffset: offsets.stdout, stderrOffset: offsets.stderr, encoding: req.query.encoding }, ctx.heartbeatIntervalMs, (ev, final, endOffset) => {
+      if (res.destroyed) return
+      const line = JSON.stringify(ev)
+      if (sse) {
+        if ((ev.type === 'stdout' || ev.type === 'stderr') && endOffset !== undefined) {
+          position[ev.type] = endOffset
+        } else if (ev.type === 'gap') {
+          position[ev.stream] = Math.max(position[ev.stream], ev.to)
+        }
+        res.write(`id: ${position.stdout}-${position.stderr}\nevent: ${ev.type}\ndata: ${line}\n\n`)
+      } else {
+        res.write(line + '\n')
+      }
+      if (final) res.end()
+    })
+  })
+}
+export default execEvents

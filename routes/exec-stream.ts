@@ -1,0 +1,109 @@
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import { Type } from '@sinclair/typebox'
+import type { WebSocket, RawData } from 'ws'
+import { SIGNALS, type SignalName } from '../src/execs/command.js'
+import type { ExecEntry } from '../src/execs/exec-entry.js'
+import { pumpEvents } from '../src/http/event-pump.js'
+import { AttachQuerySchema, ExecParamsSchema } from '../src/schemas/exec.js'
+import { ProblemSchema } from '../src/schemas/problem.js'
+import { findExec } from './execs.js'
+import type { RouteContext } from './context.js'
+
+// WebSocket attach. JSON text events by default; with the exec-gateway.v1.binary subprotocol,
+// output travels as binary frames (one channel byte, then raw bytes) and control events stay
+// JSON. Closing the socket detaches; only DELETE or a signal ends the exec.
+
+export const BINARY_SUBPROTOCOL = 'exec-gateway.v1.binary'
+export const CLOSE_NORMAL = 1000
+export const CLOSE_GOING_AWAY = 1001
+export const CLOSE_POLICY = 1008
+export const CLOSE_ERROR = 1011
+
+const P = Type.Ref(ProblemSchema)
+
+const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ctx }) => {
+  app.get('/v1/execs/:execId/stream', {
+    websocket: true,
+    schema: {
+      tags: ['execs'],
+      summary: 'WebSocket attach: the exec\'s events, and stdin/eof/resize/signal frames',
+      params: ExecParamsSchema,
+      querystring: AttachQuerySchema,
+      response: { 101: Type.Null({ description: 'switching to the WebSocket protocol' }), 401: P, 403: P, 404: P }
+    },
+    // A plain HTTP 404 before the upgrade, not an open-then-close, for an unknown exec.
+    preValidation: async (req) => { findExec(ctx, (req.params as { execId: string }).execId) }
+  }, (socket, req) => {
+    const entry = ctx.execs.get(req.params.execId)
+    if (entry === undefined) { socket.close(CLOSE_POLICY, 'exec not found'); return }
+    const binary = socket.protocol === BINARY_SUBPROTOCOL
+    ctx.sockets.add(socket)
+    socket.on('error', (err) => req.log.debug({ err }, 'websocket error'))
+    const stop = pumpEvents(entry, { stdoutOffset: req.query.stdoutOffset, stderrOffset: req.query.stderrOffset, encoding: binary ? 'base64' : req.query.encoding }, ctx.heartbeatIntervalMs, (ev, final) => {
+      if (socket.readyState !== socket.OPEN) return
+      if (binary && (ev.type === 'stdout' || ev.type === 'stderr')) {
+        const raw = Buffer.from(ev.data, 'base64')
+        socket.send(Buffer.concat([Buffer.from([ev.type === 'stdout' ? 1 : 2]), raw]), { binary: true })
+      } else {
+        socket.send(JSON.stringify(ev))
+      }
+      if (ev.type === 'error') socket.close(CLOSE_ERROR, ev.code)
+      else if (final) socket.close(CLOSE_NORMAL, 'exec ended')
+    })
+    socket.on('close', () => { stop(); ctx.sockets.delete(socket) })
+    socket.on('message', (data: RawData, isBinary: boolean) => onClientFrame(ctx, entry, socket, data, isBinary))
+  })
+}
+
+function refuse (socket: WebSocket, why: string): void {
+  socket.close(CLOSE_POLICY, why.slice(0, 120))
+}
+
+function onClientFrame (ctx: RouteContext, entry: ExecEntry, socket: WebSocket, data: RawData, isBinary: boolean): void {
+  const buf = Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data as ArrayBuffer)
+  if (isBinary) {
+    if (buf[0] !== 0) { refuse(socket, 'binary frames from the client must start with channel byte 0 (stdin)'); return }
+    if (!entry.spec.interactive) { refuse(socket, 'stdin frames need an exec created with interactive: true'); return }
+    ctx.execs.writeStdin(entry, buf.subarray(1))
+    return
+  }
+  let msg: Record<string, unknown>
+  try {
+    const parsed: unknown = JSON.parse(buf.toString('utf8'))
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new Error('not an object')
+    msg = parsed as Record<string, unknown>
+  } catch {
+    refuse(socket, 'frames must be JSON objects with a "type"')
+    return
+  }
+  switch (msg.type) {
+    case 'stdin':
+      if (!entry.spec.interactive) { refuse(socket, 'stdin frames need an exec created with interactive: true'); return }
+      if (typeof msg.data !== 'string') { refuse(socket, 'stdin frames need a string "data"'); return }
+      ctx.execs.writeStdin(entry, Buffer.from(msg.data, 'utf8'))
+      return
+    case 'eof':
+      ctx.execs.endStdin(entry)
+      return
+    case 'resize': {
+      const { cols, rows } = msg
+      if (!Number.isInteger(cols) || !Number.isInteger(rows) || (cols as number) < 1 || (rows as number) < 1 || (cols as number) > 10000 || (rows as number) > 10000) {
+        refuse(socket, 'resize needs integer cols and rows in 1..10000')
+        return
+      }
+      ctx.execs.resize(entry, cols as number, rows as number)
+      return
+    }
+    case 'signal':
+      if (typeof msg.signal !== 'string' || !(SIGNALS as readonly string[]).includes(msg.signal)) {
+        refuse(socket, `signal must be one of ${SIGNALS.join(', ')}`)
+        return
+      }
+      if (!entry.finished) ctx.execs.signal(entry, msg.signal as SignalName)
+      return
+    default:
+      refuse(socket, 'unknown frame type; use stdin, eof, resize or signal')
+  }
+}
+
+export default execStream

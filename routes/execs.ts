@@ -1,0 +1,96 @@
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import { Type } from '@sinclair/typebox'
+import { GatewayError } from '../src/errors.js'
+import type { ExecEntry } from '../src/execs/exec-entry.js'
+import { validateExecRequest } from '../src/execs/validate.js'
+import {
+  CreateExecQuerySchema, ExecParamsSchema, ExecRequestSchema, ExecResultSchema, ExecSchema,
+  ListExecsQuerySchema, SignalRequestSchema
+} from '../src/schemas/exec.js'
+import { ProblemSchema } from '../src/schemas/problem.js'
+import { SandboxParamsSchema } from '../src/schemas/sandbox.js'
+import { sendProblem } from '../src/http/errors-plugin.js'
+import type { RouteContext } from './context.js'
+
+const P = Type.Ref(ProblemSchema)
+
+export function findExec (ctx: RouteContext, execId: string): ExecEntry {
+  const entry = ctx.execs.get(execId)
+  if (entry === undefined) throw new GatewayError('exec_not_found', `no exec ${execId} (unknown, deleted, or past its TTL)`)
+  return entry
+}
+
+const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ctx }) => {
+  app.post('/v1/sandboxes/:sandboxId/execs', {
+    schema: {
+      tags: ['execs'],
+      summary: 'Start an exec; with ?wait=true, wait for its end',
+      description: 'Returns 201 and the Exec at once; the command runs in the background. With wait=true the response is the ExecResult (200) or, when no exit status will ever come, the exec\'s error as a problem (503 relay_unavailable, ...). Closing the request never kills the exec.',
+      params: SandboxParamsSchema,
+      querystring: CreateExecQuerySchema,
+      body: ExecRequestSchema,
+      response: {
+        200: Type.Ref(ExecResultSchema),
+        201: Type.Ref(ExecSchema),
+        400: P, 401: P, 403: P, 404: P, 413: P, 415: P, 429: P, 500: P, 502: P, 503: P, 504: P
+      }
+    }
+  }, async (req, reply) => {
+    const spec = validateExecRequest(req.body)
+    const entry = ctx.execs.create(req.params.sandboxId, spec)
+    ctx.metrics.execsStarted.inc()
+    if (req.query.wait !== true) {
+      return reply.code(201).header('location', `/v1/execs/${entry.id}`).send(entry.toJSON())
+    }
+    await ctx.execs.waitForEnd(entry)
+    reply.header('location', `/v1/execs/${entry.id}`)
+    const err = entry.error
+    if (err !== undefined) return sendProblem(reply, { ...err.toProblem(), execId: entry.id })
+    return reply.code(200).send(entry.toResult(req.query.encoding ?? 'utf8'))
+  })
+
+  app.get('/v1/execs', {
+    schema: {
+      tags: ['execs'],
+      summary: 'List execs',
+      querystring: ListExecsQuerySchema,
+      response: { 200: Type.Object({ execs: Type.Array(Type.Ref(ExecSchema)) }), 400: P, 401: P, 403: P }
+    }
+  }, async (req) => ({ execs: ctx.execs.list(req.query).map((e) => e.toJSON()) }))
+
+  app.get('/v1/execs/:execId', {
+    schema: {
+      tags: ['execs'],
+      summary: 'One exec: status, exit code or error',
+      params: ExecParamsSchema,
+      response: { 200: Type.Ref(ExecSchema), 401: P, 403: P, 404: P }
+    }
+  }, async (req) => findExec(ctx, req.params.execId).toJSON())
+
+  app.post('/v1/execs/:execId/signal', {
+    schema: {
+      tags: ['execs'],
+      summary: 'Send a signal to the exec\'s processes',
+      params: ExecParamsSchema,
+      body: SignalRequestSchema,
+      response: { 202: Type.Object({ execId: Type.String(), signal: Type.String() }), 400: P, 401: P, 403: P, 404: P, 409: P }
+    }
+  }, async (req, reply) => {
+    const entry = findExec(ctx, req.params.execId)
+    ctx.execs.signal(entry, req.body.signal as Parameters<typeof ctx.execs.signal>[1])
+    return reply.code(202).send({ execId: entry.id, signal: req.body.signal })
+  })
+
+  app.delete('/v1/execs/:execId', {
+    schema: {
+      tags: ['execs'],
+      summary: 'Kill a running exec and forget it',
+      params: ExecParamsSchema,
+      response: { 204: Type.Null(), 401: P, 403: P, 404: P }
+    }
+  }, async (req, reply) => {
+    ctx.execs.remove(findExec(ctx, req.params.execId))
+    return reply.code(204).send(null)
+  })
+}
+export default execs

@@ -1,0 +1,41 @@
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import { Type } from '@sinclair/typebox'
+import { GatewayError } from '../src/errors.js'
+import type { SandboxEntry } from '../src/relay/sessions.js'
+import { ProblemSchema } from '../src/schemas/problem.js'
+import { SandboxParamsSchema, SandboxSchema, type Sandbox } from '../src/schemas/sandbox.js'
+import type { RouteContext } from './context.js'
+
+export function sandboxView (e: SandboxEntry): Sandbox {
+  return {
+    id: e.id,
+    status: e.session === undefined ? 'disconnected' : 'connected',
+    connectedAt: e.connectedAt?.toISOString() ?? null,
+    lastSeenAt: e.lastSeenAt?.toISOString() ?? null,
+    activeExecs: e.activeExecs
+  }
+}
+
+const sandboxes: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ctx }) => {
+  app.get('/v1/sandboxes', {
+    schema: {
+      tags: ['sandboxes'],
+      summary: 'Sandboxes whose supervisor has connected',
+      response: { 200: Type.Object({ sandboxes: Type.Array(Type.Ref(SandboxSchema)) }), 401: Type.Ref(ProblemSchema), 403: Type.Ref(ProblemSchema) }
+    }
+  }, async () => ({ sandboxes: ctx.registry.list().map(sandboxView) }))
+
+  app.get('/v1/sandboxes/:sandboxId', {
+    schema: {
+      tags: ['sandboxes'],
+      summary: 'One sandbox',
+      params: SandboxParamsSchema,
+      response: { 200: Type.Ref(SandboxSchema), 401: Type.Ref(ProblemSchema), 403: Type.Ref(ProblemSchema), 404: Type.Ref(ProblemSchema) }
+    }
+  }, async (req) => {
+    const e = ctx.registry.get(req.params.sandboxId)
+    if (e === undefined) throw new GatewayError('sandbox_not_found', `no sandbox ${req.params.sandboxId} has ever connected`)
+    return sandboxView(e)
+  })
+}
+export default sandboxes

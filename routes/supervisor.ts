@@ -1,0 +1,160 @@
+import http2, { type Http2Session, type ServerHttp2Stream, type IncomingHttpHeaders } from 'node:http2'
+import type { Socket } from 'node:net'
+import { randomUUID } from 'node:crypto'
+import type { Logger } from 'pino'
+import { H2Pinger } from '../src/relay/h2-ping.js'
+import type { SessionRegistry, SupervisorSession } from '../src/relay/sessions.js'
+import {
+  H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, NdjsonDecoder, RELAY_PATH_PREFIX, SESSION_PATH,
+  type GatewayMessage, type SupervisorMessage
+} from '../src/relay/protocol.js'
+import { verifySupervisorToken } from '../src/tokens.js'
+
+// The supervisor listener. Plain node:http2 rather than Fastify: relays need the raw
+// Http2Stream as an ssh2 socket and the Http2Session for PINGs, and Fastify's compat layer
+// would time out idle sessions that legitimately carry hours of silence.
+
+export interface SupervisorServerOptions {
+  registry: SessionRegistry
+  tokenSecrets: readonly Buffer[]
+  gatewayPublicKey: string
+  heartbeatIntervalMs: number
+  pingIntervalMs: number
+  pingTimeoutMs: number
+  logger: Logger
+  onPingRtt?: (ms: number) => void
+}
+
+interface ConnState { pinger: H2Pinger, sessions: Set<SupervisorSession> }
+
+export function createSupervisorServer (opts: SupervisorServerOptions): http2.Http2Server {
+  const log = opts.logger
+  const conns = new WeakMap<Http2Session, ConnState>()
+  const server = http2.createServer({
+    settings: { initialWindowSize: H2_STREAM_WINDOW, maxConcurrentStreams: 100000 },
+    maxSessionMemory: 256
+  })
+
+  server.on('connection', (socket: Socket) => {
+    // Every relay on this connection carries SSH: small packets must not wait for Nagle.
+    socket.setNoDelay(true)
+    socket.on('error', (err) => log.debug({ err }, 'supervisor socket error'))
+  })
+
+  server.on('session', (session: Http2Session) => {
+    session.on('error', (err) => log.debug({ err }, 'supervisor connection error'))
+    session.on('localSettings', () => {
+      try { session.setLocalWindowSize(H2_CONNECTION_WINDOW) } catch { /* session already closing */ }
+    })
+    const pinger = new H2Pinger(session, {
+      intervalMs: opts.pingIntervalMs,
+      timeoutMs: opts.pingTimeoutMs,
+      onDead: (reason) => {
+        log.warn({ reason }, 'supervisor connection is dead; destroying it')
+        session.destroy()
+      },
+      ...(opts.onPingRtt === undefined ? {} : { onRtt: opts.onPingRtt })
+    })
+    conns.set(session, { pinger, sessions: new Set() })
+    session.once('close', () => pinger.stop())
+  })
+
+  server.on('stream', (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => {
+    stream.on('error', (err) => log.debug({ err }, 'supervisor stream error'))
+    const conn = conns.get(stream.session!)
+    conn?.pinger.touch()
+    const path = String(headers[':path'] ?? '')
+    const auth = String(headers.authorization ?? '')
+    const token = auth.startsWith('Bearer ') ? auth.slice(7).trim() : ''
+    const check = verifySupervisorToken(opts.tokenSecrets, token)
+    if (!check.ok) {
+      // The token itself is never logged.
+      log.warn({ path, reason: check.reason }, 'supervisor request refused')
+      reject(stream, 401, 'unauthenticated', `supervisor token refused: ${check.reason}`)
+      return
+    }
+    if (headers[':method'] !== 'POST') { reject(stream, 405, 'method_not_allowed', 'use POST'); return }
+    if (path === SESSION_PATH) { openSession(stream, check.sandboxId, conn); return }
+    if (path.startsWith(RELAY_PATH_PREFIX)) {
+      const relayId = path.slice(RELAY_PATH_PREFIX.length)
+      // The token's sandbox must own the relay: a supervisor can only serve its own sandbox.
+      stream.respond({ ':status': 200, 'content-type': 'application/octet-stream' })
+      if (!opts.registry.claimRelay(relayId, check.sandboxId, stream)) {
+        stream.close(http2.constants.NGHTTP2_REFUSED_STREAM)
+      }
+      return
+    }
+    reject(stream, 404, 'not_found', `no supervisor route ${path}`)
+  })
+
+  function openSession (stream: ServerHttp2Stream, sandboxId: string, conn: ConnState | undefined): void {
+    const session: SupervisorSession = {
+      id: randomUUID(),
+      sandboxId,
+      connectedAt: new Date(),
+      send: (msg: GatewayMessage) => {
+        if (stream.destroyed || stream.closed || !stream.writable) return false
+        stream.write(JSON.stringify(msg) + '\n')
+        return true
+      },
+      close: (reason: string) => {
+        log.info({ sandboxId, sessionId: session.id, reason }, 'closing supervisor session')
+        if (!stream.destroyed) stream.end()
+        // A session that does not go away after end() is cut off.
+        const t = setTimeout(() => stream.destroy(), 2000)
+        t.unref()
+        stream.once('close', () => clearTimeout(t))
+      }
+    }
+    const slog = log.child({ sandboxId, sessionId: session.id })
+    stream.respond({ ':status': 200, 'content-type': 'application/x-ndjson' })
+    const heartbeat = setInterval(() => session.send({ type: 'heartbeat' }), opts.heartbeatIntervalMs)
+    heartbeat.unref()
+    let registered = false
+    const decoder = new NdjsonDecoder()
+    stream.on('data', (chunk: Buffer) => {
+      conn?.pinger.touch()
+      opts.registry.touch(sandboxId)
+      decoder.push(chunk, (raw) => {
+        const msg = raw as SupervisorMessage
+        if (msg.type === 'hello' && !registered) {
+          registered = true
+          conn?.sessions.add(session)
+          session.send({
+            type: 'accepted',
+            sessionId: session.id,
+            heartbeatIntervalMs: opts.heartbeatIntervalMs,
+            pingIntervalMs: opts.pingIntervalMs,
+            pingTimeoutMs: opts.pingTimeoutMs,
+            gatewayPublicKey: opts.gatewayPublicKey
+          })
+          opts.registry.register(session, {
+            sshHostKey: typeof msg.sshHostKey === 'string' ? msg.sshHostKey : undefined,
+            sshUser: typeof msg.sshUser === 'string' ? msg.sshUser : undefined
+          })
+          slog.info('supervisor session registered')
+        } else if (msg.type === 'relay_failed' && typeof msg.relayId === 'string') {
+          opts.registry.failRelay(msg.relayId, sandboxId, String(msg.reason ?? 'unknown error'))
+        }
+      }, (line) => slog.warn({ line: line.slice(0, 200) }, 'bad message from supervisor'))
+    })
+    const end = (): void => {
+      clearInterval(heartbeat)
+      conn?.sessions.delete(session)
+      if (registered) {
+        opts.registry.unregister(session)
+        slog.info('supervisor session ended')
+      }
+    }
+    stream.once('close', end)
+    stream.on('end', () => { if (!stream.destroyed) stream.end() })
+  }
+
+  return server
+}
+
+function reject (stream: ServerHttp2Stream, status: number, code: string, detail: string): void {
+  if (stream.destroyed) return
+  stream.respond({ ':status': status, 'content-type': 'application/problem+json' })
+  stream.end(JSON.stringify({ type: 'about:blank', title: code, status, detail, code }))
+}

@@ -1,0 +1,140 @@
+import type { AddressInfo } from 'node:net'
+import type { Http2Server } from 'node:http2'
+import type { FastifyInstance } from 'fastify'
+import pino, { type Logger } from 'pino'
+import type { GatewayConfig } from './config.js'
+import { loadDataDir, type GatewayIdentity } from './data-dir.js'
+import { ExecManager } from './execs/manager.js'
+import { buildPublicApp } from './http/public-app.js'
+import { Metrics } from './metrics.js'
+import { SessionRegistry } from './relay/sessions.js'
+import { createSupervisorServer } from '../routes/supervisor.js'
+import { Supervisor } from './supervisor/agent.js'
+import { signSupervisorToken } from './tokens.js'
+import { CLOSE_GOING_AWAY } from '../routes/exec-stream.js'
+
+// buildGateway(config) assembles the gateway; it never listens by itself. listen() binds both
+// listeners (and starts the embedded sandbox), close() shuts everything down within the grace.
+
+export const LOCAL_SANDBOX_ID = 'local'
+
+export interface Gateway {
+  app: FastifyInstance
+  supervisorServer: Http2Server
+  registry: SessionRegistry
+  execs: ExecManager
+  identity: GatewayIdentity
+  logger: Logger
+  listen: () => Promise<{ publicUrl: string, supervisorUrl: string }>
+  close: () => Promise<void>
+}
+
+export interface BuildOptions {
+  logger?: Logger
+  // Tests pass an identity to skip the data dir.
+  identity?: GatewayIdentity
+}
+
+export async function buildGateway (config: GatewayConfig, opts: BuildOptions = {}): Promise<Gateway> {
+  const logger = opts.logger ?? pino({
+    level: config.logLevel,
+    redact: { paths: ['req.headers.authorization', 'headers.authorization', 'token', 'privateKey'], censor: '[redacted]' }
+  })
+  const identity = opts.identity ?? loadDataDir(config.dataDir)
+  const registry = new SessionRegistry({
+    sessionWaitMs: config.sessionWaitMs,
+    relayOpenTimeoutMs: config.relayOpenTimeoutMs,
+    maxPendingRelaysPerSandbox: config.maxPendingRelaysPerSandbox,
+    logger: logger.child({ component: 'sessions' })
+  })
+  let metrics: Metrics | undefined
+  const execs = new ExecManager({
+    registry,
+    privateKey: identity.privateKey,
+    logger: logger.child({ component: 'execs' }),
+    retentionBytes: config.retentionBytes,
+    execTtlS: config.execTtlS,
+    sshReadyTimeoutMs: config.sshReadyTimeoutMs,
+    sshKeepaliveIntervalMs: config.sshKeepaliveIntervalMs,
+    sshKeepaliveCountMax: config.sshKeepaliveCountMax,
+    closeWaitMs: config.closeWaitMs,
+    maxPendingRelaysPerSandbox: config.maxPendingRelaysPerSandbox,
+    onEnd: (e) => metrics?.execsEnded.inc({ outcome: e.status, code: e.error?.code ?? '' })
+  })
+  metrics = new Metrics({
+    activeExecs: () => execs.running,
+    sessions: () => registry.list().filter((s) => s.session !== undefined).length
+  })
+  let closing = false
+  const { app, sockets } = await buildPublicApp({
+    logger,
+    apiTokens: config.apiTokens,
+    ctx: { execs, registry, metrics, heartbeatIntervalMs: config.heartbeatIntervalMs, isClosing: () => closing }
+  })
+  const supervisorServer = createSupervisorServer({
+    registry,
+    tokenSecrets: [identity.tokenSecret],
+    gatewayPublicKey: identity.publicKey,
+    heartbeatIntervalMs: config.heartbeatIntervalMs,
+    pingIntervalMs: config.h2PingIntervalMs,
+    pingTimeoutMs: config.h2PingTimeoutMs,
+    logger: logger.child({ component: 'supervisor-listener' }),
+    onPingRtt: (ms) => metrics?.h2PingRtt.observe(ms / 1000)
+  })
+  supervisorServer.on('error', (err) => logger.error({ err }, 'supervisor listener error'))
+  let localSupervisor: Supervisor | undefined
+
+  const listen = async (): Promise<{ publicUrl: string, supervisorUrl: string }> => {
+    await new Promise<void>((resolve, reject) => {
+      supervisorServer.once('error', reject)
+      supervisorServer.listen(config.supervisorListen.port, config.supervisorListen.host, () => {
+        supervisorServer.off('error', reject)
+        resolve()
+      })
+    })
+    const sup = supervisorServer.address() as AddressInfo
+    const supervisorUrl = `http://${urlHost(sup.address)}:${sup.port}`
+    await app.listen({ host: config.listen.host, port: config.listen.port })
+    const pub = app.server.address() as AddressInfo
+    const publicUrl = `http://${urlHost(pub.address)}:${pub.port}`
+    if (config.localSandbox) {
+      localSupervisor = new Supervisor({
+        gatewayUrl: supervisorUrl,
+        sandboxId: LOCAL_SANDBOX_ID,
+        token: signSupervisorToken(identity.tokenSecret, LOCAL_SANDBOX_ID),
+        logger: logger.child({ component: 'local-supervisor' })
+      })
+      await localSupervisor.start()
+      // The local sandbox is usable as soon as listen() returns.
+      await registry.waitForSession(LOCAL_SANDBOX_ID)
+    }
+    return { publicUrl, supervisorUrl }
+  }
+
+  const close = async (): Promise<void> => {
+    if (closing) return
+    closing = true
+    await execs.close(config.shutdownGraceMs)
+    for (const ws of sockets) {
+      try { ws.close(CLOSE_GOING_AWAY, 'gateway shutting down') } catch { /* already closed */ }
+    }
+    // Give close frames a moment to leave, then cut what remains.
+    setTimeout(() => { for (const ws of sockets) ws.terminate() }, 500).unref()
+    registry.close()
+    await localSupervisor?.stop()
+    await Promise.allSettled([
+      app.close(),
+      new Promise<void>((resolve) => {
+        supervisorServer.close(() => resolve())
+        // Sessions hold the HTTP/2 server open; end them.
+        setTimeout(resolve, 2000).unref()
+      })
+    ])
+  }
+
+  return { app, supervisorServer, registry, execs, identity, logger, listen, close }
+}
+
+function urlHost (address: string): string {
+  return address.includes(':') ? `[${address}]` : address
+}

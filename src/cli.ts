@@ -1,0 +1,123 @@
+import pino from 'pino'
+import {
+  ConfigError, dataDirFlags, envName, loadServeConfig, parseFlags, parseHostPort, serveFlags,
+  supervisorFlags, type FlagSpec
+} from './config.js'
+import { loadDataDir } from './data-dir.js'
+import { buildGateway } from './app.js'
+import { Supervisor } from './supervisor/agent.js'
+import { signSupervisorToken } from './tokens.js'
+
+// argv → command. The only place that touches process.argv, stdout for results and exit codes.
+
+const COMMANDS: Record<string, { summary: string, flags: readonly FlagSpec[], usage: string }> = {
+  serve: { summary: 'run the gateway (public API + supervisor listener)', flags: serveFlags, usage: 'exec-gateway serve [flags]' },
+  supervisor: { summary: 'run the in-sandbox agent that dials the gateway', flags: supervisorFlags, usage: 'exec-gateway supervisor --sandbox-id ID --token TOKEN [flags]' },
+  token: { summary: 'print a supervisor token for a sandbox', flags: [...dataDirFlags, { name: 'ttl-s', key: 'ttlS', kind: 'int', default: 0, min: 0, max: 10 * 365 * 24 * 3600, help: 'token lifetime in seconds, 0 = no expiry' }], usage: 'exec-gateway token <sandboxId> [--data-dir DIR] [--ttl-s N]' },
+  'public-key': { summary: "print the gateway's SSH client public key (for authorized_keys)", flags: dataDirFlags, usage: 'exec-gateway public-key [--data-dir DIR]' }
+}
+
+function help (command?: string): string {
+  if (command !== undefined && COMMANDS[command] !== undefined) {
+    const c = COMMANDS[command]
+    const lines = [`usage: ${c.usage}`, '', c.summary, '', 'flags (each also read from its environment variable):']
+    for (const f of c.flags) {
+      const def = 'default' in f && f.default !== undefined ? ` (default ${String(f.default)})` : ''
+      lines.push(`  --${f.name.padEnd(32)} ${f.help}${def}`, `    ${envName(f.name)}`)
+    }
+    return lines.join('\n') + '\n'
+  }
+  return [
+    'usage: exec-gateway <command> [flags]', '',
+    'commands:',
+    ...Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(12)} ${c.summary}`),
+    '', 'exec-gateway <command> --help shows its flags.', ''
+  ].join('\n')
+}
+
+export async function main (argv: string[]): Promise<void> {
+  const [command, ...rest] = argv
+  try {
+    if (command === undefined || command === '--help' || command === '-h' || command === 'help') {
+      process.stdout.write(help(rest[0]))
+      return
+    }
+    if (COMMANDS[command] === undefined) throw new ConfigError(`unknown command ${JSON.stringify(command)}\n\n${help()}`)
+    if (rest.includes('--help') || rest.includes('-h')) { process.stdout.write(help(command)); return }
+    switch (command) {
+      case 'serve': await serve(rest); return
+      case 'supervisor': await supervisor(rest); return
+      case 'token': token(rest); return
+      case 'public-key': publicKey(rest)
+    }
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`exec-gateway: ${err.message}\n`)
+      process.exitCode = 2
+      return
+    }
+    process.stderr.write(`exec-gateway: ${(err as Error).stack ?? String(err)}\n`)
+    process.exitCode = 1
+  }
+}
+
+async function serve (argv: string[]): Promise<void> {
+  const config = loadServeConfig(argv)
+  const gateway = await buildGateway(config)
+  const { publicUrl, supervisorUrl } = await gateway.listen()
+  gateway.logger.info({ publicUrl, supervisorUrl, localSandbox: config.localSandbox }, 'listening')
+  onShutdownSignal(async () => { await gateway.close() }, config.shutdownGraceMs + 5000, gateway.logger)
+}
+
+async function supervisor (argv: string[]): Promise<void> {
+  const { flags, positionals } = parseFlags(supervisorFlags, argv)
+  if (positionals.length > 0) throw new ConfigError(`supervisor takes no arguments, got ${positionals.join(' ')}`)
+  if (flags.sandboxId === undefined) throw new ConfigError('--sandbox-id is required')
+  if (flags.token === undefined) throw new ConfigError('--token is required (make one with `exec-gateway token <sandboxId>` on the gateway host)')
+  let gatewayUrl: URL
+  try { gatewayUrl = new URL(flags.gateway) } catch { throw new ConfigError(`--gateway must be a URL, got ${JSON.stringify(flags.gateway)}`) }
+  if (gatewayUrl.protocol !== 'http:') throw new ConfigError(`--gateway must be an http:// URL, got ${flags.gateway}`)
+  const logger = pino({ level: flags.logLevel, redact: ['token'] })
+  const agent = new Supervisor({
+    gatewayUrl: gatewayUrl.toString(),
+    sandboxId: flags.sandboxId,
+    token: flags.token,
+    sshTarget: flags.sshTarget === undefined ? undefined : parseHostPort(flags.sshTarget, '--ssh-target'),
+    sshUser: flags.sshUser,
+    logger
+  })
+  await agent.start()
+  logger.info({ gateway: flags.gateway, sandboxId: flags.sandboxId, sshTarget: agent.sshTarget }, 'supervisor started')
+  onShutdownSignal(async () => { await agent.stop() }, 5000, logger)
+}
+
+function token (argv: string[]): void {
+  const { flags, positionals } = parseFlags(COMMANDS.token!.flags, argv) as unknown as { flags: { dataDir: string, ttlS: number }, positionals: string[] }
+  if (positionals.length !== 1) throw new ConfigError('usage: exec-gateway token <sandboxId> [--data-dir DIR] [--ttl-s N]')
+  const identity = loadDataDir(flags.dataDir)
+  const expiresAt = flags.ttlS > 0 ? Math.floor(Date.now() / 1000) + flags.ttlS : 0
+  let t: string
+  try { t = signSupervisorToken(identity.tokenSecret, positionals[0]!, expiresAt) } catch (err) { throw new ConfigError((err as Error).message) }
+  process.stdout.write(t + '\n')
+}
+
+function publicKey (argv: string[]): void {
+  const { flags, positionals } = parseFlags(dataDirFlags, argv)
+  if (positionals.length > 0) throw new ConfigError('public-key takes no arguments')
+  process.stdout.write(loadDataDir(flags.dataDir).publicKey + '\n')
+}
+
+// SIGTERM/SIGINT: shut down within the bound, then exit; a second signal exits at once.
+function onShutdownSignal (shutdown: () => Promise<void>, boundMs: number, logger: pino.Logger): void {
+  let stopping = false
+  const handler = (signal: NodeJS.Signals): void => {
+    if (stopping) { process.exit(1) }
+    stopping = true
+    logger.info({ signal }, 'shutting down')
+    const force = setTimeout(() => { logger.error('shutdown exceeded its bound; exiting'); process.exit(1) }, boundMs)
+    force.unref()
+    shutdown().then(() => { clearTimeout(force); process.exit(0) }, (err: unknown) => { logger.error({ err }, 'shutdown failed'); process.exit(1) })
+  }
+  process.on('SIGTERM', handler)
+  process.on('SIGINT', handler)
+}

@@ -1,0 +1,165 @@
+// The only reader of process.env. Flags and their EXEC_GATEWAY_* variables are parsed once,
+// validated, and handed on as a frozen, typed object with units in the names.
+
+export interface FlagSpec {
+  name: string
+  key: string
+  kind: 'string' | 'int' | 'bool'
+  default?: string | number | boolean
+  min?: number
+  max?: number
+  help: string
+}
+
+export class ConfigError extends Error {
+  constructor (message: string) {
+    super(message)
+    this.name = 'ConfigError'
+  }
+}
+
+export function envName (flag: string): string {
+  return 'EXEC_GATEWAY_' + flag.replaceAll('-', '_').toUpperCase()
+}
+
+const MAX_MS = 24 * 3600 * 1000
+
+export const serveFlags = [
+  { name: 'listen', key: 'listen', kind: 'string', default: '127.0.0.1:8080', help: 'public API address (host:port, port 0 = any free port)' },
+  { name: 'supervisor-listen', key: 'supervisorListen', kind: 'string', default: '127.0.0.1:8081', help: 'supervisor HTTP/2 listener address' },
+  { name: 'data-dir', key: 'dataDir', kind: 'string', default: './.exec-gateway', help: 'SSH client key and token secret, created 0600 on first run' },
+  { name: 'api-token', key: 'apiToken', kind: 'string', help: 'bearer token(s), comma-separated; required for a non-loopback --listen' },
+  { name: 'local-sandbox', key: 'localSandbox', kind: 'bool', default: false, help: 'also run the embedded sandbox "local"' },
+  { name: 'session-wait-ms', key: 'sessionWaitMs', kind: 'int', default: 15000, min: 0, max: MAX_MS, help: 'how long an exec waits for a disconnected sandbox' },
+  { name: 'relay-open-timeout-ms', key: 'relayOpenTimeoutMs', kind: 'int', default: 10000, min: 1, max: MAX_MS, help: 'bound on the supervisor opening a relay stream' },
+  { name: 'ssh-ready-timeout-ms', key: 'sshReadyTimeoutMs', kind: 'int', default: 10000, min: 1, max: MAX_MS, help: 'bound on SSH handshake and auth' },
+  { name: 'ssh-keepalive-interval-ms', key: 'sshKeepaliveIntervalMs', kind: 'int', default: 15000, min: 1, max: MAX_MS, help: 'SSH keepalive interval on every exec connection' },
+  { name: 'ssh-keepalive-count-max', key: 'sshKeepaliveCountMax', kind: 'int', default: 4, min: 1, max: 1000, help: 'unanswered keepalives before the relay is declared dead' },
+  { name: 'h2-ping-interval-ms', key: 'h2PingIntervalMs', kind: 'int', default: 20000, min: 1, max: MAX_MS, help: 'PING a supervisor connection after this long without inbound frames' },
+  { name: 'h2-ping-timeout-ms', key: 'h2PingTimeoutMs', kind: 'int', default: 10000, min: 1, max: MAX_MS, help: 'destroy a supervisor connection whose PING is not acknowledged within this' },
+  { name: 'close-wait-ms', key: 'closeWaitMs', kind: 'int', default: 500, min: 0, max: MAX_MS, help: 'total wait for the channel close after the exit status' },
+  { name: 'retention-bytes', key: 'retentionBytes', kind: 'int', default: 8388608, min: 1024, max: 1024 * 1024 * 1024, help: 'output kept per exec per stream for replay' },
+  { name: 'exec-ttl-s', key: 'execTtlS', kind: 'int', default: 3600, min: 1, max: 30 * 24 * 3600, help: 'finished execs stay queryable this long' },
+  { name: 'max-pending-relays-per-sandbox', key: 'maxPendingRelaysPerSandbox', kind: 'int', default: 32, min: 1, max: 100000, help: 'relays a sandbox may have waiting to be opened (429 beyond)' },
+  { name: 'heartbeat-interval-ms', key: 'heartbeatIntervalMs', kind: 'int', default: 15000, min: 10, max: MAX_MS, help: 'heartbeat event after this long without other events, and supervisor session heartbeats' },
+  { name: 'shutdown-grace-ms', key: 'shutdownGraceMs', kind: 'int', default: 10000, min: 0, max: MAX_MS, help: 'on SIGTERM, how long running execs may finish before they are cut off' },
+  { name: 'log-level', key: 'logLevel', kind: 'string', default: 'info', help: 'pino level: fatal, error, warn, info, debug, trace, silent' },
+] as const satisfies readonly FlagSpec[]
+
+export const supervisorFlags = [
+  { name: 'gateway', key: 'gateway', kind: 'string', default: 'http://127.0.0.1:8081', help: 'the gateway supervisor URL' },
+  { name: 'sandbox-id', key: 'sandboxId', kind: 'string', help: 'this sandbox id (required)' },
+  { name: 'token', key: 'token', kind: 'string', help: 'supervisor token from `exec-gateway token <sandboxId>` (required)' },
+  { name: 'ssh-target', key: 'sshTarget', kind: 'string', help: 'bridge relays to this SSH daemon (host:port); default: the embedded daemon' },
+  { name: 'ssh-user', key: 'sshUser', kind: 'string', help: 'account the gateway logs in as (default: the user running the supervisor)' },
+  { name: 'log-level', key: 'logLevel', kind: 'string', default: 'info', help: 'pino level' },
+] as const satisfies readonly FlagSpec[]
+
+export const dataDirFlags = [
+  { name: 'data-dir', key: 'dataDir', kind: 'string', default: './.exec-gateway', help: 'gateway data directory' },
+] as const satisfies readonly FlagSpec[]
+
+type ValueOf<K extends FlagSpec['kind']> = K extends 'int' ? number : K extends 'bool' ? boolean : string
+export type ParsedFlags<T extends readonly FlagSpec[]> = {
+  readonly [F in T[number] as F['key']]: F extends { default: unknown } ? ValueOf<F['kind']> : ValueOf<F['kind']> | undefined
+}
+
+// Flags win over the environment; the environment wins over defaults.
+export function parseFlags<const T extends readonly FlagSpec[]> (
+  specs: T,
+  argv: readonly string[],
+  env: NodeJS.ProcessEnv = process.env
+): { flags: ParsedFlags<T>, positionals: string[] } {
+  const raw = new Map<string, string | true>()
+  const positionals: string[] = []
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!
+    if (!arg.startsWith('--')) { positionals.push(arg); continue }
+    const eq = arg.indexOf('=')
+    const name = eq === -1 ? arg.slice(2) : arg.slice(2, eq)
+    const spec = specs.find((s) => s.name === name)
+    if (spec === undefined) throw new ConfigError(`unknown flag --${name}`)
+    if (eq !== -1) raw.set(name, arg.slice(eq + 1))
+    else if (spec.kind === 'bool') raw.set(name, true)
+    else {
+      const next = argv[i + 1]
+      if (next === undefined) throw new ConfigError(`--${name} needs a value`)
+      raw.set(name, next)
+      i++
+    }
+  }
+  const out: Record<string, unknown> = {}
+  for (const spec of specs) {
+    const fromArgs = raw.get(spec.name)
+    const fromEnv = env[envName(spec.name)]
+    const source = fromArgs !== undefined ? `--${spec.name}` : envName(spec.name)
+    const value = fromArgs ?? (fromEnv === undefined || fromEnv === '' ? undefined : fromEnv)
+    if (value === undefined) { out[spec.key] = spec.default; continue }
+    out[spec.key] = convert(spec, value, source)
+  }
+  return { flags: Object.freeze(out) as ParsedFlags<T>, positionals }
+}
+
+function convert (spec: FlagSpec, value: string | true, source: string): string | number | boolean {
+  if (spec.kind === 'bool') {
+    if (value === true || value === 'true' || value === '1') return true
+    if (value === 'false' || value === '0') return false
+    throw new ConfigError(`${source} must be true or false, got ${JSON.stringify(value)}`)
+  }
+  if (value === true) throw new ConfigError(`${source} needs a value`)
+  if (spec.kind === 'string') return value
+  if (!/^-?\d+$/.test(value)) throw new ConfigError(`${source} must be an integer, got ${JSON.stringify(value)}`)
+  const n = Number(value)
+  if (spec.min !== undefined && n < spec.min) throw new ConfigError(`${source} must be at least ${spec.min}, got ${n}`)
+  if (spec.max !== undefined && n > spec.max) throw new ConfigError(`${source} must be at most ${spec.max}, got ${n}`)
+  return n
+}
+
+export interface HostPort { host: string, port: number }
+
+export function parseHostPort (value: string, what: string): HostPort {
+  const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(value)
+  if (m === null) throw new ConfigError(`${what} must be host:port, got ${JSON.stringify(value)}`)
+  const port = Number(m[3])
+  if (port > 65535) throw new ConfigError(`${what} port must be 0..65535, got ${port}`)
+  return { host: (m[1] ?? m[2])!, port }
+}
+
+export function isLoopbackHost (host: string): boolean {
+  const h = host.toLowerCase().replace(/^\[|\]$/g, '')
+  return h === 'localhost' || h === '::1' || /^127\.\d+\.\d+\.\d+$/.test(h) || h === '::ffff:127.0.0.1'
+}
+
+export type ServeFlags = ParsedFlags<typeof serveFlags>
+
+export interface GatewayConfig extends Omit<ServeFlags, 'listen' | 'supervisorListen' | 'apiToken'> {
+  listen: HostPort
+  supervisorListen: HostPort
+  apiTokens: readonly string[]
+}
+
+export function loadServeConfig (argv: readonly string[], env: NodeJS.ProcessEnv = process.env): GatewayConfig {
+  const { flags, positionals } = parseFlags(serveFlags, argv, env)
+  if (positionals.length > 0) throw new ConfigError(`serve takes no arguments, got ${positionals.join(' ')}`)
+  return resolveServeConfig(flags)
+}
+
+export function resolveServeConfig (flags: ServeFlags): GatewayConfig {
+  const listen = parseHostPort(flags.listen, '--listen')
+  const supervisorListen = parseHostPort(flags.supervisorListen, '--supervisor-listen')
+  const apiTokens = (flags.apiToken ?? '').split(',').map((t) => t.trim()).filter((t) => t !== '')
+  if (apiTokens.length === 0 && !isLoopbackHost(listen.host)) {
+    throw new ConfigError(`--listen ${flags.listen} is not a loopback address and no --api-token is set: anyone who can reach it could run commands. Set --api-token (or EXEC_GATEWAY_API_TOKEN), or listen on 127.0.0.1`)
+  }
+  const { listen: _l, supervisorListen: _s, apiToken: _a, ...rest } = flags
+  return Object.freeze({ ...rest, listen, supervisorListen, apiTokens })
+}
+
+// Defaults for tests and embedding: every flag's default, loopback listeners on free ports.
+export function defaultGatewayConfig (overrides: Partial<GatewayConfig> = {}): GatewayConfig {
+  const { flags } = parseFlags(serveFlags, [], {})
+  return Object.freeze({
+    ...resolveServeConfig({ ...flags, listen: '127.0.0.1:0', supervisorListen: '127.0.0.1:0' }),
+    ...overrides
+  })
+}

@@ -1,0 +1,56 @@
+// Turns an exec request into the one command string sent in the SSH `exec` request. The sandbox's
+// shell parses it back into exactly the argv the client sent: every element is single-quoted
+// unless it is made only of bytes no shell treats specially.
+
+export const MAX_COMMAND_LINE_BYTES = 262144
+export const EXEC_ID_ENV = 'EXEC_GATEWAY_EXEC_ID'
+
+const SAFE = /^[A-Za-z0-9./_-]+$/
+
+export function shellQuote (value: string): string {
+  if (value.includes('\0')) throw new TypeError('a shell argument cannot contain NUL')
+  if (value === '') return "''"
+  if (SAFE.test(value)) return value
+  return "'" + value.replaceAll("'", "'\\''") + "'"
+}
+
+export interface CommandSpec {
+  command: readonly string[]
+  env?: Readonly<Record<string, string>> | undefined
+  workdir?: string | undefined
+  // Tags every process of the exec so that signals can reach the whole tree (see killScript).
+  execId?: string | undefined
+}
+
+export function assembleCommand ({ command, env, workdir, execId }: CommandSpec): string {
+  const parts: string[] = []
+  for (const key of Object.keys(env ?? {}).sort()) parts.push(`${key}=${shellQuote(env![key]!)}`)
+  // After the caller's env so that a caller cannot override the tag by accident.
+  if (execId !== undefined) parts.push(`${EXEC_ID_ENV}=${shellQuote(execId)}`)
+  for (const arg of command) parts.push(shellQuote(arg))
+  const line = parts.join(' ')
+  return workdir === undefined ? line : `cd ${shellQuote(workdir)} && ${line}`
+}
+
+export const SIGNALS = ['TERM', 'KILL', 'INT', 'HUP', 'QUIT', 'USR1', 'USR2'] as const
+export type SignalName = typeof SIGNALS[number]
+
+// Run in the sandbox on a second SSH channel. sshd signals only its direct child, and a
+// command's children would outlive it; every process the exec started inherits the tag, so
+// it finds them all through /proc. KILL is repeated to catch processes forked mid-scan. Exits
+// 3 when nothing carried the tag (then the caller falls back to an SSH signal request).
+export function killScript (execId: string, signal: SignalName): string {
+  const tag = shellQuote(`${EXEC_ID_ENV}=${execId}`)
+  const passes = signal === 'KILL' ? 5 : 1
+  return [
+    'found=',
+    `for i in $(seq 1 ${passes}); do`,
+    `  pids=$(grep -lzxF ${tag} /proc/[0-9]*/environ 2>/dev/null | sed 's|^/proc/||;s|/environ$||')`,
+    '  [ -z "$pids" ] && break',
+    '  found=1',
+    `  kill -s ${signal} $pids 2>/dev/null`,
+    '  [ $i -lt ' + passes + ' ] && sleep 0.05',
+    'done',
+    '[ -n "$found" ] || exit 3'
+  ].join('\n')
+}

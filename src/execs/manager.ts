@@ -1,0 +1,258 @@
+import { randomBytes } from 'node:crypto'
+import type { Logger } from 'pino'
+import ssh2 from 'ssh2'
+import { GatewayError } from '../errors.js'
+import { SshExec } from '../relay/ssh-exec.js'
+import { decideOutcome, type Outcome } from '../relay/outcome.js'
+import type { SessionRegistry } from '../relay/sessions.js'
+import { assembleCommand, killScript, type SignalName } from './command.js'
+import { ExecEntry } from './exec-entry.js'
+import type { ValidExec } from './validate.js'
+
+// Exec records and their runs: relay → SSH → outcome. Routes call this; it calls the relay core.
+
+export interface ExecManagerOptions {
+  registry: SessionRegistry
+  privateKey: string
+  logger: Logger
+  retentionBytes: number
+  execTtlS: number
+  sshReadyTimeoutMs: number
+  sshKeepaliveIntervalMs: number
+  sshKeepaliveCountMax: number
+  closeWaitMs: number
+  maxPendingRelaysPerSandbox: number
+  onEnd?: (entry: ExecEntry) => void
+}
+
+// Per-run state that outlives no run: cleared in run()'s finally.
+interface RunState {
+  abort: AbortController
+  ssh: SshExec | undefined
+  queuedStdin: Buffer[]
+  stdinEnded: boolean
+  queuedSignals: SignalName[]
+  timeoutTimer: NodeJS.Timeout | undefined
+  killBoundTimer: NodeJS.Timeout | undefined
+  timedOut: boolean
+  killConfirmed: boolean
+}
+
+const SIDE_CHANNEL_BOUND_MS = 5000
+
+export class ExecManager {
+  readonly #opts: ExecManagerOptions
+  readonly #execs = new Map<string, ExecEntry>()
+  readonly #runs = new Map<ExecEntry, RunState>()
+  readonly #sweeper: NodeJS.Timeout
+  #closing = false
+
+  constructor (opts: ExecManagerOptions) {
+    this.#opts = opts
+    this.#sweeper = setInterval(() => this.sweep(), Math.min(opts.execTtlS * 1000, 60_000))
+    this.#sweeper.unref()
+  }
+
+  get (id: string): ExecEntry | undefined { return this.#execs.get(id) }
+
+  list (filter: { sandboxId?: string | undefined, status?: string | undefined } = {}): ExecEntry[] {
+    return [...this.#execs.values()].filter((e) =>
+      (filter.sandboxId === undefined || e.sandboxId === filter.sandboxId) &&
+      (filter.status === undefined || e.status === filter.status))
+  }
+
+  get size (): number { return this.#execs.size }
+  get running (): number { return this.#runs.size }
+
+  create (sandboxId: string, spec: ValidExec): ExecEntry {
+    if (this.#closing) throw new GatewayError('shutting_down', 'the gateway is shutting down')
+    const registry = this.#opts.registry
+    if (registry.get(sandboxId) === undefined) throw new GatewayError('sandbox_not_found', `no sandbox ${sandboxId} has ever connected`)
+    if (registry.pendingCount(sandboxId) >= this.#opts.maxPendingRelaysPerSandbox) {
+      throw new GatewayError('too_many_requests', `sandbox ${sandboxId} already has ${this.#opts.maxPendingRelaysPerSandbox} relays waiting to be opened`)
+    }
+    const id = 'ex_' + randomBytes(12).toString('base64url').replace(/[-_]/g, 'x')
+    const entry = new ExecEntry(id, sandboxId, spec, this.#opts.retentionBytes)
+    this.#execs.set(id, entry)
+    const state: RunState = {
+      abort: new AbortController(),
+      ssh: undefined,
+      queuedStdin: [],
+      stdinEnded: false,
+      queuedSignals: [],
+      timeoutTimer: undefined,
+      killBoundTimer: undefined,
+      timedOut: false,
+      killConfirmed: false
+    }
+    this.#runs.set(entry, state)
+    registry.addActive(sandboxId, 1)
+    void this.#run(entry, state)
+    return entry
+  }
+
+  // Resolves when the exec has its outcome.
+  async waitForEnd (entry: ExecEntry): Promise<void> {
+    if (entry.finished) return
+    await new Promise<void>((resolve) => entry.once('end', () => resolve()))
+  }
+
+  writeStdin (entry: ExecEntry, data: Buffer): void {
+    const state = this.#runs.get(entry)
+    if (state === undefined || state.stdinEnded) return
+    if (state.ssh?.started === true) state.ssh.writeStdin(data)
+    else state.queuedStdin.push(data)
+  }
+
+  endStdin (entry: ExecEntry): void {
+    const state = this.#runs.get(entry)
+    if (state === undefined || state.stdinEnded) return
+    state.stdinEnded = true
+    if (state.ssh?.started === true) state.ssh.endStdin()
+  }
+
+  resize (entry: ExecEntry, cols: number, rows: number): void {
+    if (entry.spec.tty) this.#runs.get(entry)?.ssh?.resize(cols, rows)
+  }
+
+  signal (entry: ExecEntry, signal: SignalName): void {
+    const state = this.#runs.get(entry)
+    if (entry.finished || state === undefined) throw new GatewayError('exec_finished', `exec ${entry.id} has already ended`)
+    if (state.ssh?.started === true) void this.#deliverSignal(entry, state.ssh, signal)
+    else state.queuedSignals.push(signal)
+  }
+
+  // DELETE: kill what runs, forget the record at once.
+  remove (entry: ExecEntry): void {
+    this.#execs.delete(entry.id)
+    const state = this.#runs.get(entry)
+    if (state === undefined) return
+    if (state.ssh?.started === true) void this.#deliverSignal(entry, state.ssh, 'KILL')
+    else state.abort.abort(new GatewayError('exec_not_found', `exec ${entry.id} was deleted before it started`))
+  }
+
+  sweep (now = Date.now()): void {
+    const cutoff = now - this.#opts.execTtlS * 1000
+    for (const [id, e] of this.#execs) {
+      if (e.endedAt !== undefined && e.endedAt.getTime() <= cutoff) this.#execs.delete(id)
+    }
+  }
+
+  // Graceful shutdown: no new execs; running ones get graceMs to end, then are cut off with
+  // shutting_down. Always resolves.
+  async close (graceMs: number): Promise<void> {
+    this.#closing = true
+    clearInterval(this.#sweeper)
+    const running = [...this.#runs.keys()]
+    await Promise.race([Promise.all(running.map((e) => this.waitForEnd(e))), sleep(graceMs)])
+    const err = new GatewayError('shutting_down', 'the gateway shut down before the command reported an exit status')
+    for (const [entry, state] of this.#runs) {
+      state.abort.abort(err)
+      state.ssh?.abort(err)
+      // A run stuck somewhere we cannot reach still ends for its readers.
+      entry.finish({ kind: 'failed', error: err })
+    }
+  }
+
+  async #run (entry: ExecEntry, state: RunState): Promise<void> {
+    const o = this.#opts
+    const log = o.logger.child({ execId: entry.id, sandboxId: entry.sandboxId })
+    let outcome: Outcome
+    try {
+      const sock = await o.registry.openRelay(entry.sandboxId, state.abort.signal)
+      if (state.abort.signal.aborted) { sock.destroy(); throw state.abort.signal.reason }
+      const sandbox = o.registry.get(entry.sandboxId)
+      const hostKey = sandbox?.sshHostKey
+      const ssh = new SshExec({
+        sock,
+        username: sandbox?.sshUser ?? 'root',
+        privateKey: o.privateKey,
+        hostVerifier: hostKey === undefined ? undefined : hostKeyVerifier(hostKey),
+        command: assembleCommand({ command: entry.spec.command, env: entry.spec.env, workdir: entry.spec.workdir, execId: entry.id }),
+        pty: entry.spec.tty ? { cols: entry.spec.cols, rows: entry.spec.rows } : undefined,
+        keepaliveIntervalMs: o.sshKeepaliveIntervalMs,
+        keepaliveCountMax: o.sshKeepaliveCountMax,
+        readyTimeoutMs: o.sshReadyTimeoutMs,
+        closeWaitMs: o.closeWaitMs,
+        logger: log,
+        onStarted: () => this.#onStarted(entry, state, ssh),
+        onStdout: (b) => entry.append('stdout', b),
+        onStderr: (b) => entry.append('stderr', b)
+      })
+      state.ssh = ssh
+      ssh.start()
+      const end = await ssh.done
+      outcome = decideOutcome({
+        exit: end.exit,
+        timedOut: state.timedOut && (end.exit !== undefined || state.killConfirmed),
+        failure: end.failure
+      })
+    } catch (err) {
+      outcome = { kind: 'failed', error: toGatewayError(err, log) }
+    } finally {
+      clearTimeout(state.timeoutTimer)
+      clearTimeout(state.killBoundTimer)
+      this.#runs.delete(entry)
+      o.registry.addActive(entry.sandboxId, -1)
+    }
+    if (outcome.kind === 'failed') log.warn({ code: outcome.error.code, detail: outcome.error.detail }, 'exec failed')
+    else log.info({ exitCode: outcome.exitCode, signal: outcome.signal, timedOut: outcome.timedOut }, 'exec ended')
+    entry.finish(outcome)
+    o.onEnd?.(entry)
+  }
+
+  #onStarted (entry: ExecEntry, state: RunState, ssh: SshExec): void {
+    entry.markStarted()
+    const spec = entry.spec
+    if (!spec.interactive) {
+      if (spec.stdin !== undefined) ssh.writeStdin(spec.stdin)
+      state.stdinEnded = true
+      ssh.endStdin()
+    } else {
+      for (const b of state.queuedStdin) ssh.writeStdin(b)
+      if (state.stdinEnded) ssh.endStdin()
+    }
+    state.queuedStdin = []
+    for (const s of state.queuedSignals) void this.#deliverSignal(entry, ssh, s)
+    state.queuedSignals = []
+    if (spec.timeoutSeconds > 0) {
+      state.timeoutTimer = setTimeout(() => { void this.#onTimeout(entry, state, ssh) }, spec.timeoutSeconds * 1000)
+    }
+  }
+
+  async #onTimeout (entry: ExecEntry, state: RunState, ssh: SshExec): Promise<void> {
+    state.timedOut = true
+    state.killConfirmed = await this.#deliverSignal(entry, ssh, 'KILL')
+    // The kill landed (or its report is on the way); never wait on it without a bound.
+    state.killBoundTimer = setTimeout(() => {
+      ssh.abort(new GatewayError('relay_unavailable', 'the command was killed on timeout but no exit report arrived'))
+    }, this.#opts.closeWaitMs + 2000)
+  }
+
+  // True when the sandbox confirmed it signalled the exec's processes.
+  async #deliverSignal (entry: ExecEntry, ssh: SshExec, signal: SignalName): Promise<boolean> {
+    const code = await ssh.runSide(killScript(entry.id, signal), SIDE_CHANNEL_BOUND_MS)
+    if (code === 0) return true
+    // Nothing carried the tag (no /proc, or the process is already gone): ask sshd itself.
+    ssh.signalChannel(signal)
+    return false
+  }
+}
+
+function hostKeyVerifier (publicKey: string): (key: Buffer) => boolean {
+  const parsed = ssh2.utils.parseKey(publicKey)
+  const want = (Array.isArray(parsed) ? parsed[0] : parsed)
+  if (want === undefined || want instanceof Error) return () => false
+  const blob = want.getPublicSSH()
+  return (key: Buffer) => key.equals(blob)
+}
+
+function toGatewayError (err: unknown, log: Logger): GatewayError {
+  if (GatewayError.is(err)) return err
+  log.error({ err }, 'unexpected error in exec run')
+  return new GatewayError('internal', 'unexpected error while running the exec')
+}
+
+async function sleep (ms: number): Promise<void> {
+  await new Promise<void>((resolve) => { const t = setTimeout(resolve, ms); t.unref() })
+}

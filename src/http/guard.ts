@@ -1,0 +1,58 @@
+import type { FastifyInstance, FastifyRequest } from 'fastify'
+import { problem } from '../errors.js'
+import { isLoopbackHost } from '../config.js'
+import { matchesApiToken } from '../tokens.js'
+import { sendProblem } from './errors-plugin.js'
+
+// Who may call the API. With tokens: a bearer token on every /v1 route (browsers may offer it
+// as a WebSocket subprotocol instead). Without tokens the listener is loopback-only, and a web
+// page the user happens to visit must not be able to drive it: foreign Host headers (DNS
+// rebinding) and foreign Origins on state-changing requests and upgrades are refused.
+
+export const BEARER_SUBPROTOCOL_PREFIX = 'exec-gateway.bearer.'
+
+export function offeredSubprotocols (request: FastifyRequest): string[] {
+  const raw = request.headers['sec-websocket-protocol']
+  if (raw === undefined) return []
+  return String(raw).split(',').map((s) => s.trim()).filter((s) => s !== '')
+}
+
+function tokenFrom (request: FastifyRequest): string | undefined {
+  const auth = request.headers.authorization
+  if (typeof auth === 'string' && auth.startsWith('Bearer ')) return auth.slice(7).trim()
+  for (const p of offeredSubprotocols(request)) {
+    if (p.startsWith(BEARER_SUBPROTOCOL_PREFIX)) {
+      return Buffer.from(p.slice(BEARER_SUBPROTOCOL_PREFIX.length), 'base64url').toString()
+    }
+  }
+  return undefined
+}
+
+function hostName (hostHeader: string): string {
+  const m = /^(\[[^\]]+\]|[^:]+)(?::\d+)?$/.exec(hostHeader)
+  return m === null ? hostHeader : m[1]!
+}
+
+export function installGuard (app: FastifyInstance, apiTokens: readonly string[]): void {
+  app.addHook('onRequest', async (request, reply) => {
+    const isApi = request.url.startsWith('/v1/') || request.url === '/v1'
+    if (apiTokens.length > 0) {
+      if (!isApi) return
+      const token = tokenFrom(request)
+      if (token === undefined || !matchesApiToken(apiTokens, token)) {
+        return sendProblem(reply, problem('unauthenticated', 'a valid bearer token is required (Authorization: Bearer <token>)'))
+      }
+      return
+    }
+    const host = request.headers.host ?? ''
+    if (!isLoopbackHost(hostName(host))) {
+      return sendProblem(reply, problem('permission_denied', `Host ${JSON.stringify(host)} is not a loopback name; without --api-token the gateway only answers loopback requests`))
+    }
+    const isUpgrade = String(request.headers.upgrade ?? '').toLowerCase() === 'websocket'
+    const changesState = request.method !== 'GET' && request.method !== 'HEAD' && request.method !== 'OPTIONS'
+    const origin = request.headers.origin
+    if ((isUpgrade || changesState) && origin !== undefined && origin !== `http://${host}`) {
+      return sendProblem(reply, problem('permission_denied', `Origin ${origin} is not this gateway's; cross-site requests are refused without --api-token`))
+    }
+  })
+}

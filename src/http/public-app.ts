@@ -1,0 +1,80 @@
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify'
+import websocket from '@fastify/websocket'
+import swagger from '@fastify/swagger'
+import { Ajv } from 'ajv'
+import type { Logger } from 'pino'
+import type { WebSocket } from 'ws'
+import { registerRoutes } from '../../routes/index.js'
+import type { RouteContext } from '../../routes/context.js'
+import { BINARY_SUBPROTOCOL } from '../../routes/exec-stream.js'
+import { ExecErrorSchema, ProblemSchema } from '../schemas/problem.js'
+import { ExecRequestSchema, ExecResultSchema, ExecSchema, SignalRequestSchema } from '../schemas/exec.js'
+import { SandboxSchema } from '../schemas/sandbox.js'
+import { ExecEventSchema } from '../schemas/events.js'
+import { installErrorHandling } from './errors-plugin.js'
+import { installGuard } from './guard.js'
+
+// The public listener: Fastify (HTTP/1.1 + WebSocket), routes, errors, auth, OpenAPI.
+
+export const BODY_LIMIT_BYTES = 8 * 1024 * 1024
+export const WS_MAX_PAYLOAD_BYTES = 1024 * 1024
+
+export interface PublicAppOptions {
+  logger: Logger
+  apiTokens: readonly string[]
+  ctx: Omit<RouteContext, 'sockets'>
+}
+
+// Bodies are checked strictly (no coercion, no silently dropped fields); query strings and
+// path parameters are text on the wire and are coerced to their declared types.
+function makeAjv (coerce: boolean): Ajv {
+  return new Ajv({ coerceTypes: coerce ? 'array' : false, useDefaults: true, removeAdditional: false, allErrors: false, strict: false })
+}
+
+export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: FastifyInstance, sockets: Set<WebSocket> }> {
+  const app = Fastify({
+    loggerInstance: opts.logger as FastifyBaseLogger,
+    bodyLimit: BODY_LIMIT_BYTES,
+    forceCloseConnections: true,
+    return503OnClosing: true
+  })
+  const strict = makeAjv(false)
+  const coercing = makeAjv(true)
+  const schemas = [ExecErrorSchema, ProblemSchema, SandboxSchema, ExecSchema, ExecResultSchema, ExecRequestSchema, SignalRequestSchema, ExecEventSchema]
+  for (const s of schemas) {
+    app.addSchema(s)
+    strict.addSchema(s)
+    coercing.addSchema(s)
+  }
+  app.setValidatorCompiler(({ schema, httpPart }) => (httpPart === 'body' ? strict : coercing).compile(schema))
+
+  installErrorHandling(app)
+  installGuard(app, opts.apiTokens)
+
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.1.0',
+      info: {
+        title: 'exec-gateway',
+        version: '1',
+        description: 'Runs commands in remote sandboxes over a supervisor relay. Every exec ends with its true exit status or an honest 503 within a published bound.'
+      },
+      components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer' } } },
+      security: [{ bearer: [] }]
+    },
+    refResolver: { buildLocalReference: (json, _baseUri, _fragment, i) => String(json.$id ?? `def-${i}`) }
+  })
+
+  const sockets = new Set<WebSocket>()
+  await app.register(websocket, {
+    options: {
+      maxPayload: WS_MAX_PAYLOAD_BYTES,
+      // Only the data subprotocol is ever selected; a bearer subprotocol is read, never echoed.
+      handleProtocols: (protocols: Set<string>) => protocols.has(BINARY_SUBPROTOCOL) ? BINARY_SUBPROTOCOL : false
+    }
+  })
+
+  app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger())
+  await registerRoutes(app, { ...opts.ctx, sockets })
+  return { app, sockets }
+}

@@ -1,0 +1,209 @@
+import { randomUUID } from 'node:crypto'
+import type { Duplex } from 'node:stream'
+import type { Logger } from 'pino'
+import { GatewayError } from '../errors.js'
+import type { GatewayMessage } from './protocol.js'
+
+// Registry of supervisor sessions, one per sandbox, and of relays waiting for a supervisor to
+// open them. It knows nothing of HTTP: the supervisor listener hands it sessions and relay
+// streams, and exec runners ask it for relays.
+
+export interface SupervisorSession {
+  readonly id: string
+  readonly sandboxId: string
+  readonly connectedAt: Date
+  send: (msg: GatewayMessage) => boolean
+  close: (reason: string) => void
+}
+
+export interface SandboxEntry {
+  id: string
+  session: SupervisorSession | undefined
+  connectedAt: Date | undefined
+  lastSeenAt: Date | undefined
+  activeExecs: number
+  sshHostKey: string | undefined
+  sshUser: string | undefined
+}
+
+interface PendingRelay {
+  relayId: string
+  sandboxId: string
+  timer: NodeJS.Timeout
+  resolve: (stream: Duplex) => void
+  reject: (err: GatewayError) => void
+}
+
+export interface SessionRegistryOptions {
+  sessionWaitMs: number
+  relayOpenTimeoutMs: number
+  maxPendingRelaysPerSandbox: number
+  logger: Logger
+}
+
+type Waiter = () => void
+
+export class SessionRegistry {
+  readonly #opts: SessionRegistryOptions
+  readonly #sandboxes = new Map<string, SandboxEntry>()
+  readonly #pending = new Map<string, PendingRelay>()
+  readonly #waiters = new Map<string, Set<Waiter>>()
+  #closed = false
+
+  constructor (opts: SessionRegistryOptions) {
+    this.#opts = opts
+  }
+
+  list (): SandboxEntry[] {
+    return [...this.#sandboxes.values()].sort((a, b) => a.id.localeCompare(b.id))
+  }
+
+  get (sandboxId: string): SandboxEntry | undefined {
+    return this.#sandboxes.get(sandboxId)
+  }
+
+  pendingCount (sandboxId?: string): number {
+    if (sandboxId === undefined) return this.#pending.size
+    let n = 0
+    for (const p of this.#pending.values()) if (p.sandboxId === sandboxId) n++
+    return n
+  }
+
+  // A newer session for the same sandbox wins: the old one is told and closed, and relays that
+  // were waiting are offered again on the new one.
+  register (session: SupervisorSession, info: { sshHostKey?: string | undefined, sshUser?: string | undefined } = {}): void {
+    const entry = this.#entry(session.sandboxId)
+    const old = entry.session
+    entry.session = session
+    entry.connectedAt = session.connectedAt
+    entry.lastSeenAt = new Date()
+    entry.sshHostKey = info.sshHostKey
+    entry.sshUser = info.sshUser
+    if (old !== undefined && old !== session) {
+      this.#opts.logger.info({ sandboxId: session.sandboxId, old: old.id, new: session.id }, 'supervisor session superseded')
+      old.send({ type: 'superseded' })
+      old.close('superseded by a newer session')
+    }
+    for (const p of this.#pending.values()) {
+      if (p.sandboxId === session.sandboxId) session.send({ type: 'relay', relayId: p.relayId })
+    }
+    const waiters = this.#waiters.get(session.sandboxId)
+    if (waiters !== undefined) for (const w of [...waiters]) w()
+  }
+
+  // Only the current session may remove itself; a superseded one leaves the new one alone.
+  unregister (session: SupervisorSession): void {
+    const entry = this.#sandboxes.get(session.sandboxId)
+    if (entry?.session !== session) return
+    entry.session = undefined
+    entry.lastSeenAt = new Date()
+  }
+
+  touch (sandboxId: string): void {
+    const entry = this.#sandboxes.get(sandboxId)
+    if (entry !== undefined) entry.lastSeenAt = new Date()
+  }
+
+  addActive (sandboxId: string, delta: number): void {
+    const entry = this.#sandboxes.get(sandboxId)
+    if (entry !== undefined) entry.activeExecs = Math.max(0, entry.activeExecs + delta)
+  }
+
+  async waitForSession (sandboxId: string, signal?: AbortSignal): Promise<SupervisorSession> {
+    const current = this.#sandboxes.get(sandboxId)?.session
+    if (current !== undefined) return current
+    const waitMs = this.#opts.sessionWaitMs
+    return await new Promise<SupervisorSession>((resolve, reject) => {
+      let set = this.#waiters.get(sandboxId)
+      if (set === undefined) { set = new Set(); this.#waiters.set(sandboxId, set) }
+      const waiters = set
+      const cleanup = (): void => {
+        clearTimeout(timer)
+        waiters.delete(onSession)
+        if (waiters.size === 0) this.#waiters.delete(sandboxId)
+        signal?.removeEventListener('abort', onAbort)
+      }
+      const onSession = (): void => {
+        const s = this.#sandboxes.get(sandboxId)?.session
+        if (s === undefined) return
+        cleanup()
+        resolve(s)
+      }
+      const onAbort = (): void => { cleanup(); reject(abortError(signal)) }
+      const timer = setTimeout(() => {
+        cleanup()
+        reject(new GatewayError('sandbox_unavailable', `no supervisor session for sandbox ${sandboxId} within ${waitMs} ms`))
+      }, waitMs)
+      waiters.add(onSession)
+      signal?.addEventListener('abort', onAbort, { once: true })
+    })
+  }
+
+  // Waits for a session (bounded), then asks the supervisor for a relay stream (bounded).
+  async openRelay (sandboxId: string, signal?: AbortSignal): Promise<Duplex> {
+    if (this.#closed) throw new GatewayError('shutting_down', 'the gateway is shutting down')
+    const session = await this.waitForSession(sandboxId, signal)
+    if (this.pendingCount(sandboxId) >= this.#opts.maxPendingRelaysPerSandbox) {
+      throw new GatewayError('too_many_requests', `sandbox ${sandboxId} already has ${this.#opts.maxPendingRelaysPerSandbox} relays waiting to be opened`)
+    }
+    const relayId = randomUUID()
+    const timeoutMs = this.#opts.relayOpenTimeoutMs
+    return await new Promise<Duplex>((resolve, reject) => {
+      const done = (): void => {
+        clearTimeout(timer)
+        this.#pending.delete(relayId)
+        signal?.removeEventListener('abort', onAbort)
+      }
+      const onAbort = (): void => { done(); reject(abortError(signal)) }
+      const timer = setTimeout(() => {
+        done()
+        reject(new GatewayError('relay_open_timeout', `the supervisor of sandbox ${sandboxId} did not open relay ${relayId} within ${timeoutMs} ms`))
+      }, timeoutMs)
+      this.#pending.set(relayId, {
+        relayId,
+        sandboxId,
+        timer,
+        resolve: (stream) => { done(); resolve(stream) },
+        reject: (err) => { done(); reject(err) }
+      })
+      signal?.addEventListener('abort', onAbort, { once: true })
+      // If the session is gone the relay stays pending: a reconnecting supervisor gets it again.
+      session.send({ type: 'relay', relayId })
+    })
+  }
+
+  // A relay stream arrived. False when nobody waits for it (expired, unknown, or another
+  // sandbox's): the caller refuses the stream.
+  claimRelay (relayId: string, sandboxId: string, stream: Duplex): boolean {
+    const p = this.#pending.get(relayId)
+    if (p === undefined || p.sandboxId !== sandboxId) return false
+    p.resolve(stream)
+    return true
+  }
+
+  failRelay (relayId: string, sandboxId: string, reason: string): void {
+    const p = this.#pending.get(relayId)
+    if (p === undefined || p.sandboxId !== sandboxId) return
+    p.reject(new GatewayError('relay_unavailable', `the supervisor of sandbox ${sandboxId} could not open the relay: ${reason}`))
+  }
+
+  close (): void {
+    this.#closed = true
+    for (const p of [...this.#pending.values()]) p.reject(new GatewayError('shutting_down', 'the gateway is shutting down'))
+    for (const entry of this.#sandboxes.values()) entry.session?.close('gateway shutting down')
+  }
+
+  #entry (sandboxId: string): SandboxEntry {
+    let entry = this.#sandboxes.get(sandboxId)
+    if (entry === undefined) {
+      entry = { id: sandboxId, session: undefined, connectedAt: undefined, lastSeenAt: undefined, activeExecs: 0, sshHostKey: undefined, sshUser: undefined }
+      this.#sandboxes.set(sandboxId, entry)
+    }
+    return entry
+  }
+}
+
+function abortError (signal: AbortSignal | undefined): GatewayError {
+  const reason: unknown = signal?.reason
+  return GatewayError.is(reason) ? reason : new GatewayError('shutting_down', 'the exec was cancelled')
+}

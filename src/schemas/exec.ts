@@ -1,0 +1,86 @@
+import { Type, type Static } from '@sinclair/typebox'
+import { ExecErrorSchema } from './problem.js'
+
+export const MAX_ARGS = 1024
+export const MAX_ARG_BYTES = 32768
+export const MAX_ENV_VALUE_BYTES = 32768
+export const MAX_WORKDIR_BYTES = 4096
+export const MAX_STDIN_BYTES = 1024 * 1024
+export const MAX_TIMEOUT_SECONDS = 604800
+
+// Shapes only; byte lengths, NUL/CR/LF rules and cross-field rules are checked in
+// src/execs/validate.ts, which names the field in its error.
+export const ExecRequestSchema = Type.Object({
+  command: Type.Array(Type.String({ maxLength: MAX_ARG_BYTES }), { minItems: 1, maxItems: MAX_ARGS, description: 'argv; each element is shell-quoted, so the sandbox receives exactly these strings' }),
+  env: Type.Optional(Type.Record(Type.String(), Type.String({ maxLength: MAX_ENV_VALUE_BYTES }), { description: 'keys ^[A-Za-z_][A-Za-z0-9_]*$; values without NUL, CR or LF' })),
+  workdir: Type.Optional(Type.String({ maxLength: MAX_WORKDIR_BYTES })),
+  stdin: Type.Optional(Type.String({ description: 'UTF-8 text sent to the command, then EOF (at most 1 MiB)' })),
+  stdinBase64: Type.Optional(Type.String({ description: 'bytes sent to the command, then EOF (at most 1 MiB decoded)' })),
+  interactive: Type.Optional(Type.Boolean({ default: false, description: 'keep stdin open for WebSocket stdin frames' })),
+  tty: Type.Optional(Type.Boolean({ default: false })),
+  cols: Type.Optional(Type.Integer({ minimum: 1, maximum: 10000, default: 80 })),
+  rows: Type.Optional(Type.Integer({ minimum: 1, maximum: 10000, default: 24 })),
+  timeoutSeconds: Type.Optional(Type.Integer({ minimum: 0, maximum: MAX_TIMEOUT_SECONDS, default: 0, description: '0 = none; on expiry the process is killed and the exec ends with exitCode 124, timedOut true' }))
+}, { $id: 'ExecRequest', additionalProperties: false })
+export type ExecRequest = Static<typeof ExecRequestSchema>
+
+const Nullable = <T extends ReturnType<typeof Type.String> | ReturnType<typeof Type.Integer>>(t: T) => Type.Union([t, Type.Null()])
+
+export const ExecStatusSchema = Type.Union([Type.Literal('pending'), Type.Literal('running'), Type.Literal('exited'), Type.Literal('failed')])
+
+const execProperties = {
+  id: Type.String(),
+  sandboxId: Type.String(),
+  command: Type.Array(Type.String()),
+  tty: Type.Boolean(),
+  interactive: Type.Boolean(),
+  status: ExecStatusSchema,
+  exitCode: Nullable(Type.Integer({ description: 'the SSH exit-status; set when status is exited and no signal ended the process' })),
+  signal: Nullable(Type.String({ description: 'the SSH exit-signal without SIG, e.g. KILL' })),
+  timedOut: Type.Boolean(),
+  error: Type.Union([Type.Ref(ExecErrorSchema), Type.Null()], { description: 'why no exit status will ever come (status failed)' }),
+  createdAt: Type.String({ format: 'date-time' }),
+  startedAt: Nullable(Type.String({ format: 'date-time' })),
+  endedAt: Nullable(Type.String({ format: 'date-time' })),
+  stdoutBytes: Type.Integer({ minimum: 0 }),
+  stderrBytes: Type.Integer({ minimum: 0 })
+}
+
+export const ExecSchema = Type.Object(execProperties, { $id: 'Exec' })
+export type Exec = Static<typeof ExecSchema>
+
+export const ExecResultSchema = Type.Object({
+  ...execProperties,
+  stdout: Type.String({ description: 'the retained tail of stdout, UTF-8 (or base64 with ?encoding=base64)' }),
+  stderr: Type.String(),
+  stdoutTruncated: Type.Boolean({ description: 'the beginning of stdout was dropped (over --retention-bytes)' }),
+  stderrTruncated: Type.Boolean()
+}, { $id: 'ExecResult' })
+export type ExecResult = Static<typeof ExecResultSchema>
+
+export const ExecListSchema = Type.Object({ execs: Type.Array(Type.Ref(ExecSchema)) }, { $id: 'ExecList' })
+
+export const ExecParamsSchema = Type.Object({ execId: Type.String({ minLength: 1, maxLength: 128 }) })
+
+export const EncodingSchema = Type.Union([Type.Literal('utf8'), Type.Literal('base64')], { default: 'utf8' })
+
+export const CreateExecQuerySchema = Type.Object({
+  wait: Type.Optional(Type.Boolean({ default: false, description: 'wait for the end and return the ExecResult' })),
+  encoding: Type.Optional(EncodingSchema)
+}, { additionalProperties: false })
+
+export const ListExecsQuerySchema = Type.Object({
+  sandboxId: Type.Optional(Type.String()),
+  status: Type.Optional(ExecStatusSchema)
+}, { additionalProperties: false })
+
+export const AttachQuerySchema = Type.Object({
+  stdoutOffset: Type.Optional(Type.Integer({ minimum: 0, default: 0 })),
+  stderrOffset: Type.Optional(Type.Integer({ minimum: 0, default: 0 })),
+  encoding: Type.Optional(EncodingSchema)
+}, { additionalProperties: false })
+
+export const SignalRequestSchema = Type.Object({
+  signal: Type.Union(['TERM', 'KILL', 'INT', 'HUP', 'QUIT', 'USR1', 'USR2'].map((s) => Type.Literal(s)))
+}, { $id: 'SignalRequest', additionalProperties: false })
+export type SignalRequest = Static<typeof SignalRequestSchema>

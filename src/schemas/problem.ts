@@ -1,0 +1,22 @@
+import { Type, type Static } from '@sinclair/typebox'
+import { errorTable } from '../errors.js'
+
+export const ErrorCodeSchema = Type.Union(Object.keys(errorTable).map((c) => Type.Literal(c)), { $id: 'ErrorCode', description: 'stable, machine-readable error code' })
+
+export const ProblemSchema = Type.Object({
+  type: Type.String(),
+  title: Type.String(),
+  status: Type.Integer(),
+  detail: Type.String(),
+  code: Type.String({ description: 'stable, machine-readable error code (see ErrorCode)' }),
+  execId: Type.Optional(Type.String({ description: 'the exec this error ended, when there is one' }))
+}, { $id: 'Problem', description: 'RFC 9457 problem details' })
+export type ProblemBody = Static<typeof ProblemSchema>
+
+// Exec errors as stored on the exec and sent in final `error` events.
+export const ExecErrorSchema = Type.Object({
+  code: Type.String(),
+  status: Type.Integer(),
+  detail: Type.String()
+}, { $id: 'ExecError' })
+export type ExecErrorBody = Static<typeof ExecErrorSchema>

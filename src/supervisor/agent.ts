@@ -1,0 +1,208 @@
+import http2, { type ClientHttp2Session, type ClientHttp2Stream } from 'node:http2'
+import net from 'node:net'
+import os from 'node:os'
+import type { Logger } from 'pino'
+import { H2Pinger } from '../relay/h2-ping.js'
+import {
+  H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, NdjsonDecoder, RELAY_PATH_PREFIX, SESSION_PATH,
+  type GatewayMessage, type SupervisorMessage
+} from '../relay/protocol.js'
+import { startEmbeddedSshd, type EmbeddedSshd } from '../sandbox-sshd/server.js'
+import { Backoff } from './backoff.js'
+import { bridge } from './bridge.js'
+
+// The in-sandbox agent: dials out to the gateway, holds one session, and for every relay the
+// gateway asks for opens a TCP connection to the SSH daemon and an HTTP/2 stream, and joins them.
+
+export interface SupervisorOptions {
+  gatewayUrl: string
+  sandboxId: string
+  token: string
+  // host:port of an SSH daemon (e.g. OpenSSH); without it, the embedded daemon in-process.
+  sshTarget?: { host: string, port: number } | undefined
+  sshUser?: string | undefined
+  // The target's host public key (OpenSSH one-line), reported so the gateway can pin it.
+  sshHostKey?: string | undefined
+  logger: Logger
+  connectTimeoutMs?: number
+}
+
+const DEFAULT_PING_INTERVAL_MS = 10_000
+const DEFAULT_PING_TIMEOUT_MS = 20_000
+const HEALTHY_SESSION_MS = 10_000
+
+export class Supervisor {
+  readonly #opts: SupervisorOptions
+  readonly #log: Logger
+  readonly #backoff = new Backoff({ baseMs: 100, maxMs: 5000 })
+  #embedded: EmbeddedSshd | undefined
+  #client: ClientHttp2Session | undefined
+  #stopped = false
+  #loop: Promise<void> | undefined
+  #wake: (() => void) | undefined
+  #relays = new Set<{ destroy: () => void }>()
+
+  constructor (opts: SupervisorOptions) {
+    this.#opts = opts
+    this.#log = opts.logger.child({ sandboxId: opts.sandboxId })
+  }
+
+  get sshTarget (): { host: string, port: number } | undefined {
+    return this.#opts.sshTarget ?? (this.#embedded === undefined ? undefined : { host: this.#embedded.host, port: this.#embedded.port })
+  }
+
+  async start (): Promise<void> {
+    if (this.#opts.sshTarget === undefined) {
+      // Nobody may log in until the gateway has told us its key.
+      this.#embedded = await startEmbeddedSshd({ authorizedKeys: [], logger: this.#log.child({ component: 'sshd' }) })
+    }
+    this.#loop = this.#run()
+  }
+
+  async stop (): Promise<void> {
+    this.#stopped = true
+    this.#wake?.()
+    for (const r of this.#relays) r.destroy()
+    this.#client?.destroy()
+    await this.#loop
+    await this.#embedded?.close()
+  }
+
+  async #run (): Promise<void> {
+    while (!this.#stopped) {
+      const started = Date.now()
+      let accepted = false
+      try {
+        await this.#session(() => { accepted = true })
+      } catch (err) {
+        this.#log.warn({ err: (err as Error).message }, 'supervisor session failed')
+      }
+      if (this.#stopped) break
+      // A session that was accepted and lived a while resets the backoff: one blip after days
+      // of health must not cost the next reconnect the maximum delay.
+      if (accepted && Date.now() - started >= HEALTHY_SESSION_MS) this.#backoff.reset()
+      const delay = this.#backoff.next()
+      this.#log.info({ delayMs: delay }, 'reconnecting to the gateway')
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, delay)
+        this.#wake = () => { clearTimeout(t); resolve() }
+      })
+    }
+  }
+
+  async #session (onAccepted: () => void): Promise<void> {
+    const o = this.#opts
+    const url = new URL(o.gatewayUrl)
+    const client = http2.connect(url, {
+      settings: { initialWindowSize: H2_STREAM_WINDOW },
+      // Relays carry SSH: no Nagle delay on the connection that multiplexes them.
+      createConnection: () => net.connect({ host: url.hostname, port: Number(url.port || 80), noDelay: true })
+    })
+    this.#client = client
+    client.on('error', (err) => this.#log.debug({ err }, 'gateway connection error'))
+    try {
+      await new Promise<void>((resolve, reject) => {
+        const t = setTimeout(() => reject(new Error(`could not connect to ${o.gatewayUrl} within ${o.connectTimeoutMs ?? 10000} ms`)), o.connectTimeoutMs ?? 10000)
+        client.once('connect', () => { clearTimeout(t); resolve() })
+        client.once('error', (err) => { clearTimeout(t); reject(err) })
+        client.once('close', () => { clearTimeout(t); reject(new Error('connection closed')) })
+      })
+      try { client.setLocalWindowSize(H2_CONNECTION_WINDOW) } catch { /* closing */ }
+      await this.#holdSession(client, onAccepted)
+    } finally {
+      client.destroy()
+      if (this.#client === client) this.#client = undefined
+    }
+  }
+
+  #holdSession (client: ClientHttp2Session, onAccepted: () => void): Promise<void> {
+    const o = this.#opts
+    return new Promise<void>((resolve, reject) => {
+      let pinger: H2Pinger | undefined
+      let heartbeat: NodeJS.Timeout | undefined
+      const req = client.request({
+        ':method': 'POST',
+        ':path': SESSION_PATH,
+        authorization: `Bearer ${o.token}`,
+        'content-type': 'application/x-ndjson'
+      }, { endStream: false })
+      const send = (msg: SupervisorMessage): void => { if (req.writable) req.write(JSON.stringify(msg) + '\n') }
+      const finish = (err?: Error): void => {
+        clearInterval(heartbeat)
+        pinger?.stop()
+        if (err === undefined) resolve()
+        else reject(err)
+      }
+      req.on('error', (err) => finish(err))
+      req.on('close', () => finish())
+      client.once('close', () => finish())
+      send({ type: 'hello', sshHostKey: o.sshHostKey ?? this.#embedded?.hostPublicKey, sshUser: o.sshUser ?? os.userInfo().username })
+      req.on('response', (headers) => {
+        const status = Number(headers[':status'])
+        if (status !== 200) {
+          let body = ''
+          req.setEncoding('utf8')
+          req.on('data', (c: string) => { body += c })
+          req.on('end', () => finish(new Error(`gateway refused the session: ${status} ${body.slice(0, 500)}`)))
+          return
+        }
+        const decoder = new NdjsonDecoder()
+        req.on('data', (chunk: Buffer) => {
+          pinger?.touch()
+          decoder.push(chunk, (raw) => {
+            const msg = raw as GatewayMessage
+            if (msg.type === 'accepted') {
+              this.#embedded?.setAuthorizedKeys([msg.gatewayPublicKey])
+              pinger = new H2Pinger(client, {
+                intervalMs: Math.min(msg.pingIntervalMs, DEFAULT_PING_INTERVAL_MS),
+                timeoutMs: Math.max(msg.pingTimeoutMs, DEFAULT_PING_TIMEOUT_MS),
+                onDead: (reason) => { this.#log.warn({ reason }, 'gateway connection is dead'); client.destroy() }
+              })
+              heartbeat = setInterval(() => send({ type: 'heartbeat' }), msg.heartbeatIntervalMs)
+              onAccepted()
+              this.#log.info({ sessionId: msg.sessionId }, 'supervisor session accepted')
+            } else if (msg.type === 'relay') {
+              this.#openRelay(client, msg.relayId, send)
+            } else if (msg.type === 'superseded') {
+              this.#log.info('session superseded by a newer supervisor')
+            }
+          }, (line) => this.#log.warn({ line: line.slice(0, 200) }, 'bad message from gateway'))
+        })
+      })
+    })
+  }
+
+  #openRelay (client: ClientHttp2Session, relayId: string, send: (msg: SupervisorMessage) => void): void {
+    const target = this.sshTarget
+    if (target === undefined) { send({ type: 'relay_failed', relayId, reason: 'no SSH target' }); return }
+    const log = this.#log.child({ relayId })
+    const tcp = net.connect({ host: target.host, port: target.port, noDelay: true })
+    const connectTimer = setTimeout(() => tcp.destroy(new Error(`connect to ${target.host}:${target.port} timed out`)), 5000)
+    let stream: ClientHttp2Stream | undefined
+    const handle = { destroy: () => { tcp.destroy(); stream?.destroy() } }
+    this.#relays.add(handle)
+    tcp.once('close', () => { clearTimeout(connectTimer); this.#relays.delete(handle) })
+    tcp.once('error', (err) => {
+      clearTimeout(connectTimer)
+      if (stream === undefined) {
+        log.warn({ err: err.message }, 'cannot reach the SSH daemon')
+        send({ type: 'relay_failed', relayId, reason: `cannot reach the sandbox SSH daemon at ${target.host}:${target.port}: ${err.message}` })
+      }
+    })
+    tcp.once('connect', () => {
+      clearTimeout(connectTimer)
+      if (client.destroyed || client.closed) { tcp.destroy(); return }
+      const s = client.request({
+        ':method': 'POST',
+        ':path': RELAY_PATH_PREFIX + relayId,
+        authorization: `Bearer ${this.#opts.token}`,
+        'content-type': 'application/octet-stream'
+      }, { endStream: false })
+      stream = s
+      s.on('response', (headers) => {
+        if (Number(headers[':status']) !== 200) { log.warn({ status: headers[':status'] }, 'gateway refused the relay'); handle.destroy() }
+      })
+      bridge(tcp, s, log)
+    })
+  }
+}

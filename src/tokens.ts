@@ -1,0 +1,46 @@
+import { createHmac, timingSafeEqual } from 'node:crypto'
+import { SANDBOX_ID_PATTERN } from './relay/protocol.js'
+
+// Supervisor tokens: HMAC-SHA256 over the sandbox id and an optional expiry, so a token speaks
+// for exactly one sandbox. Format: egw1.<base64url(sandboxId)>.<expiry unix s, 0 = none>.<mac>
+
+const PREFIX = 'egw1'
+
+function mac (secret: Buffer, sandboxId: string, expiresAtS: number): Buffer {
+  return createHmac('sha256', secret).update(`${PREFIX}\n${sandboxId}\n${expiresAtS}`).digest()
+}
+
+export function signSupervisorToken (secret: Buffer, sandboxId: string, expiresAtS = 0): string {
+  if (!SANDBOX_ID_PATTERN.test(sandboxId)) throw new TypeError(`invalid sandbox id ${JSON.stringify(sandboxId)}: use 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit`)
+  const id = Buffer.from(sandboxId).toString('base64url')
+  return `${PREFIX}.${id}.${expiresAtS}.${mac(secret, sandboxId, expiresAtS).toString('base64url')}`
+}
+
+export type TokenCheck = { ok: true, sandboxId: string } | { ok: false, reason: string }
+
+export function verifySupervisorToken (secrets: readonly Buffer[], token: string, nowS = Math.floor(Date.now() / 1000)): TokenCheck {
+  const parts = token.split('.')
+  if (parts.length !== 4 || parts[0] !== PREFIX) return { ok: false, reason: 'malformed token' }
+  const sandboxId = Buffer.from(parts[1]!, 'base64url').toString()
+  const expiresAtS = Number(parts[2])
+  if (!SANDBOX_ID_PATTERN.test(sandboxId) || !Number.isSafeInteger(expiresAtS) || expiresAtS < 0) return { ok: false, reason: 'malformed token' }
+  const given = Buffer.from(parts[3]!, 'base64url')
+  const valid = secrets.some((secret) => {
+    const want = mac(secret, sandboxId, expiresAtS)
+    return given.length === want.length && timingSafeEqual(given, want)
+  })
+  if (!valid) return { ok: false, reason: 'bad signature' }
+  if (expiresAtS !== 0 && expiresAtS < nowS) return { ok: false, reason: 'token expired' }
+  return { ok: true, sandboxId }
+}
+
+// API bearer tokens, compared in constant time whatever their length.
+export function matchesApiToken (tokens: readonly string[], given: string): boolean {
+  const g = createHmac('sha256', 'api-token').update(given).digest()
+  let ok = false
+  for (const t of tokens) {
+    const w = createHmac('sha256', 'api-token').update(t).digest()
+    if (timingSafeEqual(g, w)) ok = true
+  }
+  return ok
+}
