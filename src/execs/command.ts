@@ -22,11 +22,24 @@ export interface CommandSpec {
   execId?: string | undefined
 }
 
+// Names that only exist inside a shell: `exec` cannot run them.
+const SHELL_ONLY = new Set([
+  '.', ':', 'break', 'continue', 'eval', 'exec', 'exit', 'export', 'readonly', 'return', 'set', 'shift', 'times',
+  'trap', 'unset', 'cd', 'alias', 'unalias', 'command', 'getopts', 'read', 'type', 'ulimit', 'umask', 'wait',
+  'jobs', 'fg', 'bg', 'hash', 'fc', 'local', 'source', 'declare', 'typeset', 'let', 'shopt', 'builtin', 'enable',
+  'history', 'logout', 'pushd', 'popd', 'dirs', 'suspend', 'disown', 'mapfile', 'readarray',
+  'if', 'then', 'else', 'elif', 'fi', 'for', 'while', 'until', 'do', 'done', 'case', 'esac', '{', '}', '!', '[[',
+  'function', 'select', 'time', 'coproc'
+])
+
 export function assembleCommand ({ command, env, workdir, execId }: CommandSpec): string {
   const parts: string[] = []
   for (const key of Object.keys(env ?? {}).sort()) parts.push(`${key}=${shellQuote(env![key]!)}`)
   // After the caller's env so that a caller cannot override the tag by accident.
   if (execId !== undefined) parts.push(`${EXEC_ID_ENV}=${shellQuote(execId)}`)
+  // The command replaces the shell (dash would otherwise stay as its parent): signals reach it
+  // directly and a signal death is reported as exit-signal, not as the shell's 128+N.
+  if (!SHELL_ONLY.has(command[0] ?? '')) parts.push('exec')
   for (const arg of command) parts.push(shellQuote(arg))
   const line = parts.join(' ')
   return workdir === undefined ? line : `cd ${shellQuote(workdir)} && ${line}`
