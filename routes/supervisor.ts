@@ -51,7 +51,8 @@ export function createSupervisorServer (opts: SupervisorServerOptions): http2.Ht
       timeoutMs: opts.pingTimeoutMs,
       onDead: (reason) => {
         log.warn({ reason }, 'supervisor connection is dead; destroying it')
-        session.destroy()
+        // Deferred: destroying from inside a PING callback re-enters nghttp2 (see supervisor/agent.ts).
+        setImmediate(() => session.destroy())
       },
       ...(opts.onPingRtt === undefined ? {} : { onRtt: opts.onPingRtt })
     })
@@ -99,7 +100,8 @@ export function createSupervisorServer (opts: SupervisorServerOptions): http2.Ht
       },
       close: (reason: string) => {
         log.info({ sandboxId, sessionId: session.id, reason }, 'closing supervisor session')
-        if (!stream.destroyed) stream.end()
+        // Called from another stream's data callback (a newer hello): end on the next turn.
+        setImmediate(() => { if (!stream.destroyed) stream.end() })
         // A session that does not go away after end() is cut off.
         const t = setTimeout(() => stream.destroy(), 2000)
         t.unref()

@@ -67,6 +67,9 @@ export class ExecRun {
       return
     }
     this.#child = child
+    const onPipeError = (err: Error): void => { this.#log.debug({ err }, 'child pipe error') }
+    child.stdout.on('error', onPipeError)
+    child.stderr.on('error', onPipeError)
     child.on('error', (err) => {
       if (child.pid === undefined) this.#failSpawn(err)
       else this.#log.warn({ err }, 'child process error')

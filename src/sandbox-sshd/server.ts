@@ -4,10 +4,11 @@ import ssh2 from 'ssh2'
 import type { Connection } from 'ssh2'
 import { authenticate, parseAuthorizedKeys, type AuthorizedKey } from './auth.js'
 import type { ExecRun } from './exec-run.js'
+import { loadHostKey } from './keys.js'
 import { serveSession } from './session.js'
 
 // Default import: Node's ESM loader does not see `Server` and `utils` as named exports of ssh2.
-const { Server, utils } = ssh2
+const { Server } = ssh2
 
 // close(): connections get this long to go away after the DISCONNECT, then they are destroyed;
 // the listener gets as long again to report closed. Together the published "~2 s" bound.
@@ -21,7 +22,11 @@ export interface EmbeddedSshdOptions {
   /** Private host key (OpenSSH or PEM); a fresh ed25519 key when absent. */
   hostKey?: string | Buffer
   logger?: Logger
-  /** How long to wait for stdout/stderr EOF after the child exits before reporting anyway. */
+  /**
+   * How long to wait for stdout/stderr EOF after the child exits before reporting anyway
+   * (default 250). Time the output spends waiting for a slow client does not count against the
+   * command's own last output; see exec-run.ts.
+   */
   exitDrainMs?: number
 }
 
@@ -30,24 +35,10 @@ export interface EmbeddedSshd {
   port: number
   /** OpenSSH one-line public key of the host key. */
   hostPublicKey: string
-  setAuthorizedKeys: (keys: string[]) => void
+  /** Replaces the key list for new logins; throws (and keeps the old list) if a key does not parse. */
+  setAuthorizedKeys(keys: string[]): void
   /** Stops listening and ends connections; always resolves within ~2 s; running commands keep running. */
-  close: () => Promise<void>
-}
-
-interface HostKey {
-  privateKey: string | Buffer
-  publicKey: string
-}
-
-function loadHostKey (hostKey: string | Buffer | undefined): HostKey {
-  const privateKey = hostKey ?? utils.generateKeyPairSync('ed25519').private
-  const parsed = utils.parseKey(privateKey)
-  if (parsed instanceof Error) throw new Error(`hostKey is not a valid private key: ${parsed.message}`)
-  // A multi-key OpenSSH file parses to an array at runtime; ssh2's Server uses the first key too.
-  const key = Array.isArray(parsed) ? parsed[0] : parsed
-  if (!key.isPrivateKey()) throw new Error('hostKey must be a private key')
-  return { privateKey, publicKey: `${key.type} ${key.getPublicSSH().toString('base64')}` }
+  close(): Promise<void>
 }
 
 /**
@@ -137,8 +128,10 @@ export async function startEmbeddedSshd (opts: EmbeddedSshdOptions): Promise<Emb
     host: address.address,
     port: address.port,
     hostPublicKey: hostKey.publicKey,
-    setAuthorizedKeys: (keys) => { authorized = parseAuthorizedKeys(keys) },
-    close: () => {
+    setAuthorizedKeys (keys: string[]): void {
+      authorized = parseAuthorizedKeys(keys)
+    },
+    close (): Promise<void> {
       closed ??= close()
       return closed
     },

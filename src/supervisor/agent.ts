@@ -96,7 +96,10 @@ export class Supervisor {
     const client = http2.connect(url, {
       settings: { initialWindowSize: H2_STREAM_WINDOW },
       // Relays carry SSH: no Nagle delay on the connection that multiplexes them.
-      createConnection: () => net.connect({ host: url.hostname, port: Number(url.port || 80), noDelay: true })
+      createConnection: () => {
+        const sock = net.connect({ host: url.hostname, port: Number(url.port || 80), noDelay: true })
+        return sock
+      }
     })
     this.#client = client
     client.on('error', (err) => this.#log.debug({ err }, 'gateway connection error'))
@@ -110,6 +113,10 @@ export class Supervisor {
       try { client.setLocalWindowSize(H2_CONNECTION_WINDOW) } catch { /* closing */ }
       await this.#holdSession(client, onAccepted)
     } finally {
+      // Never tear down an HTTP/2 session from inside one of its own callbacks: re-entering
+      // nghttp2 while it is still reading (a GOAWAY, a RST) spins Node 20 at 100% CPU forever
+      // in SendPendingData. Let the read finish first.
+      await new Promise((resolve) => setImmediate(resolve))
       client.destroy()
       if (this.#client === client) this.#client = undefined
     }
@@ -156,7 +163,7 @@ export class Supervisor {
               pinger = new H2Pinger(client, {
                 intervalMs: Math.min(msg.pingIntervalMs, DEFAULT_PING_INTERVAL_MS),
                 timeoutMs: Math.max(msg.pingTimeoutMs, DEFAULT_PING_TIMEOUT_MS),
-                onDead: (reason) => { this.#log.warn({ reason }, 'gateway connection is dead'); client.destroy() }
+                onDead: (reason) => { this.#log.warn({ reason }, 'gateway connection is dead'); setImmediate(() => client.destroy()) }
               })
               heartbeat = setInterval(() => send({ type: 'heartbeat' }), msg.heartbeatIntervalMs)
               onAccepted()

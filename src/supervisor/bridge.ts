@@ -12,7 +12,8 @@ export function bridge (tcp: Socket, stream: Duplex, log: Logger): void {
     torn = true
     log.debug({ why, err: err?.message }, 'relay torn down')
     tcp.destroy()
-    stream.destroy()
+    // The HTTP/2 stream is destroyed on the next turn, never inside an nghttp2 callback.
+    setImmediate(() => stream.destroy())
   }
   tcp.pipe(stream)
   stream.pipe(tcp)

@@ -1,0 +1,257 @@
+import { describe, it, expect, afterEach } from 'vitest'
+import { userInfo } from 'node:os'
+import { startGateway, type TestGateway } from '../helpers/gateway.js'
+import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
+import { startOpenSshd, type OpenSshd } from '../helpers/openssh.js'
+import { startScriptedSshd, type ScriptedSshd, type ScriptedExecContext } from '../helpers/scripted-sshd.js'
+import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js'
+import { api, execStart, execWait } from '../helpers/api.js'
+import { sleep, timed, waitFor } from '../helpers/wait.js'
+import type { GatewayConfig } from '../../src/config.js'
+
+// The liveness backstops of CONTRACT §5, made to fire for real: stopped and killed supervisor
+// processes, a blackholed TCP link, OpenSSH with a background child, and ssh2 servers scripted
+// to misbehave. Intervals are a few hundred ms; the bounds are asserted with slack.
+
+const FAST: Partial<GatewayConfig> = {
+  sshKeepaliveIntervalMs: 300,
+  sshKeepaliveCountMax: 3,
+  h2PingIntervalMs: 400,
+  h2PingTimeoutMs: 400,
+  closeWaitMs: 500,
+  sessionWaitMs: 1500,
+  relayOpenTimeoutMs: 1500,
+  sshReadyTimeoutMs: 2000
+}
+const KEEPALIVE_BOUND = 300 * (3 + 1)
+const PING_BOUND = 400 + 400
+const SLACK = 1500
+
+const cleanups: Array<() => Promise<void>> = []
+afterEach(async () => {
+  while (cleanups.length > 0) await cleanups.pop()!().catch(() => {})
+})
+
+async function gateway (overrides: Partial<GatewayConfig> = {}): Promise<TestGateway> {
+  const g = await startGateway({ ...FAST, ...overrides })
+  cleanups.push(async () => { await g.close() })
+  return g
+}
+
+function supervisor (g: TestGateway, sandboxId: string, extra: { sshTarget?: string, sshUser?: string } = {}): SupervisorProcess {
+  const s = startSupervisorProcess({ gatewayUrl: g.supervisorUrl, sandboxId, token: g.token(sandboxId), ...extra })
+  cleanups.push(async () => { await s.stop() })
+  return s
+}
+
+async function openssh (g: TestGateway): Promise<OpenSshd> {
+  const d = await startOpenSshd({ authorizedKeys: [g.gw.identity.publicKey] })
+  cleanups.push(async () => { await d.close() })
+  return d
+}
+
+async function scripted (onExec: (ctx: ScriptedExecContext) => void): Promise<ScriptedSshd> {
+  const s = await startScriptedSshd({ onExec })
+  cleanups.push(async () => { await s.close() })
+  return s
+}
+
+async function waitRunning (g: TestGateway, id: string): Promise<void> {
+  await waitFor(async () => (await api(g.publicUrl, 'GET', `/v1/execs/${id}`)).body.status === 'running', { timeoutMs: 5000, intervalMs: 20 })
+}
+
+async function waitEnded (g: TestGateway, id: string, timeoutMs: number): Promise<any> {
+  let exec: any
+  await waitFor(async () => {
+    exec = (await api(g.publicUrl, 'GET', `/v1/execs/${id}`)).body
+    return exec.status === 'exited' || exec.status === 'failed'
+  }, { timeoutMs, intervalMs: 20 })
+  return exec
+}
+
+describe('supervisor process faults', () => {
+  it('SIGSTOP of the supervisor mid-exec → 503 relay_unavailable within the keepalive/ping bound; SIGCONT → it serves again', async () => {
+    const g = await gateway()
+    const sup = supervisor(g, 'stop-me')
+    await g.waitConnected('stop-me')
+    const id = await execStart(g.publicUrl, 'stop-me', { command: ['sh', '-c', 'echo started; sleep 8'] })
+    await waitRunning(g, id)
+    sup.signal('SIGSTOP')
+    const { value: exec, ms } = await timed(waitEnded(g, id, Math.max(KEEPALIVE_BOUND, PING_BOUND) + SLACK))
+    expect(exec.status).toBe('failed')
+    expect(exec.exitCode).toBeNull()
+    expect(exec.error).toMatchObject({ code: 'relay_unavailable', status: 503 })
+    expect(ms).toBeLessThan(Math.max(KEEPALIVE_BOUND, PING_BOUND) + SLACK)
+    await g.waitDisconnected('stop-me', PING_BOUND + SLACK)
+    expect((await api(g.publicUrl, 'GET', '/v1/sandboxes/stop-me')).body.status).toBe('disconnected')
+    sup.signal('SIGCONT')
+    await g.waitConnected('stop-me', 10_000)
+    const r = await execWait(g.publicUrl, 'stop-me', { command: ['echo', 'back'] })
+    expect(r.body).toMatchObject({ exitCode: 0, stdout: 'back\n' })
+  })
+
+  it('?wait=true caller gets 503 relay_unavailable when the supervisor is SIGKILLed mid-exec, within 3 s', async () => {
+    const g = await gateway()
+    const sup = supervisor(g, 'kill-me')
+    await g.waitConnected('kill-me')
+    const pending = timed(execWait(g.publicUrl, 'kill-me', { command: ['sh', '-c', 'echo partial; sleep 5'] }))
+    await waitFor(() => g.gw.execs.list({ sandboxId: 'kill-me', status: 'running' }).some((e) => e.stdout.total > 0), { timeoutMs: 5000, intervalMs: 10 })
+    const killedAt = Date.now()
+    sup.signal('SIGKILL')
+    const { value: r } = await pending
+    expect(Date.now() - killedAt).toBeLessThan(3000)
+    expect(r.status).toBe(503)
+    expect(r.headers.get('content-type')).toContain('application/problem+json')
+    expect(r.body).toMatchObject({ code: 'relay_unavailable', status: 503 })
+    expect(r.body.execId).toMatch(/^ex_/)
+    const rec = (await api(g.publicUrl, 'GET', `/v1/execs/${r.body.execId}`)).body
+    expect(rec).toMatchObject({ status: 'failed', exitCode: null, signal: null, stdoutBytes: 8 })
+  })
+
+  it('no supervisor → 503 sandbox_unavailable after --session-wait-ms', async () => {
+    const g = await gateway()
+    const sup = supervisor(g, 'gone')
+    await g.waitConnected('gone')
+    await sup.stop()
+    await g.waitDisconnected('gone')
+    const { value: r, ms } = await timed(execWait(g.publicUrl, 'gone', { command: ['true'] }))
+    expect(r.status).toBe(503)
+    expect(r.body.code).toBe('sandbox_unavailable')
+    expect(ms).toBeGreaterThanOrEqual(1500 - 50)
+    expect(ms).toBeLessThan(1500 + SLACK)
+  })
+
+  it('a supervisor that comes back during the session wait serves the exec', async () => {
+    const g = await gateway({ sessionWaitMs: 8000 })
+    const first = supervisor(g, 'flappy')
+    await g.waitConnected('flappy')
+    await first.stop()
+    await g.waitDisconnected('flappy')
+    const pending = execWait(g.publicUrl, 'flappy', { command: ['sh', '-c', 'echo hello; exit 4'] })
+    await sleep(500)
+    supervisor(g, 'flappy')
+    const r = await pending
+    expect(r.status).toBe(200)
+    expect(r.body).toMatchObject({ exitCode: 4, stdout: 'hello\n' })
+  })
+
+  it('an unknown sandbox is 404 at once', async () => {
+    const g = await gateway()
+    const { value: r, ms } = await timed(execWait(g.publicUrl, 'never-seen', { command: ['true'] }))
+    expect(r.status).toBe(404)
+    expect(r.body.code).toBe('sandbox_not_found')
+    expect(ms).toBeLessThan(500)
+  })
+
+  it('a supervisor that cannot reach its SSH daemon → 503 relay_unavailable saying why', async () => {
+    const g = await gateway()
+    supervisor(g, 'no-sshd', { sshTarget: '127.0.0.1:1' })
+    await g.waitConnected('no-sshd')
+    const r = await execWait(g.publicUrl, 'no-sshd', { command: ['true'] })
+    expect(r.status).toBe(503)
+    expect(r.body.code).toBe('relay_unavailable')
+    expect(r.body.detail).toContain('127.0.0.1:1')
+  })
+})
+
+describe('relay and SSH faults', () => {
+  it('a wedged relay (blackholed link to sshd, TCP healthy) → 503 within interval × (count-max + 1)', async () => {
+    const g = await gateway()
+    const sshd = await openssh(g)
+    const proxy: TcpProxy = await startTcpProxy({ targetHost: sshd.host, targetPort: sshd.port })
+    cleanups.push(async () => { await proxy.close() })
+    supervisor(g, 'wedge', { sshTarget: `${proxy.host}:${proxy.port}`, sshUser: userInfo().username })
+    await g.waitConnected('wedge')
+    const id = await execStart(g.publicUrl, 'wedge', { command: ['sleep', '30'] })
+    await waitRunning(g, id)
+    proxy.blackholeAll()
+    const { value: exec, ms } = await timed(waitEnded(g, id, KEEPALIVE_BOUND + SLACK + 1000))
+    expect(exec.status).toBe('failed')
+    expect(exec.error.code).toBe('relay_unavailable')
+    expect(exec.error.detail).toContain('keepalive')
+    expect(ms).toBeLessThan(KEEPALIVE_BOUND + SLACK)
+  })
+
+  it('a command silent for 10× the keepalive interval ends with its real exit code (embedded and OpenSSH)', async () => {
+    const g = await gateway({ sshKeepaliveIntervalMs: 200, sshKeepaliveCountMax: 2 })
+    const sshd = await openssh(g)
+    supervisor(g, 'quiet-embedded')
+    supervisor(g, 'quiet-openssh', { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: userInfo().username })
+    await g.waitConnected('quiet-embedded')
+    await g.waitConnected('quiet-openssh')
+    const [a, b] = await Promise.all([
+      execWait(g.publicUrl, 'quiet-embedded', { command: ['sh', '-c', 'sleep 2.2; exit 3'] }),
+      execWait(g.publicUrl, 'quiet-openssh', { command: ['sh', '-c', 'sleep 2.2; exit 3'] })
+    ])
+    expect(a.body).toMatchObject({ status: 'exited', exitCode: 3 })
+    expect(b.body).toMatchObject({ status: 'exited', exitCode: 3 })
+  })
+
+  it("OpenSSH: sh -c 'sleep 20 & echo bg; exit 3' → exit 3 within the close wait, despite the background child holding the pipes", async () => {
+    const g = await gateway()
+    const sshd = await openssh(g)
+    supervisor(g, 'bg', { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: userInfo().username })
+    await g.waitConnected('bg')
+    const { value: r, ms } = await timed(execWait(g.publicUrl, 'bg', { command: ['sh', '-c', 'sleep 20 & echo bg; exit 3'] }))
+    expect(r.body).toMatchObject({ status: 'exited', exitCode: 3, stdout: 'bg\n' })
+    expect(ms).toBeLessThan(500 + SLACK)
+  })
+
+  it('exit-status and then no channel close → the status after --close-wait-ms', async () => {
+    const g = await gateway()
+    const s = await scripted(({ channel }) => {
+      channel.write('before\n')
+      channel.exit(9)
+      // never EOF, never close
+    })
+    supervisor(g, 'no-close', { sshTarget: `${s.host}:${s.port}` })
+    await g.waitConnected('no-close')
+    const { value: r, ms } = await timed(execWait(g.publicUrl, 'no-close', { command: ['anything'] }))
+    expect(r.body).toMatchObject({ status: 'exited', exitCode: 9, stdout: 'before\n' })
+    expect(ms).toBeGreaterThanOrEqual(450)
+    expect(ms).toBeLessThan(500 + SLACK)
+  })
+
+  it('data arriving after exit-status inside the close wait is delivered before the exit', async () => {
+    const g = await gateway()
+    const s = await scripted(({ channel }) => {
+      channel.write('early\n')
+      channel.exit(0)
+      setTimeout(() => { channel.write('late\n'); setTimeout(() => channel.close(), 50) }, 200)
+    })
+    supervisor(g, 'late-data', { sshTarget: `${s.host}:${s.port}` })
+    await g.waitConnected('late-data')
+    const r = await execWait(g.publicUrl, 'late-data', { command: ['x'] })
+    expect(r.body).toMatchObject({ exitCode: 0, stdout: 'early\nlate\n' })
+  })
+
+  it('a channel closed without exit-status → 503 relay_unavailable, never exit 0 or 1', async () => {
+    const g = await gateway()
+    const s = await scripted(({ channel }) => {
+      channel.write('some output\n')
+      channel.end()
+    })
+    supervisor(g, 'no-status', { sshTarget: `${s.host}:${s.port}` })
+    await g.waitConnected('no-status')
+    const r = await execWait(g.publicUrl, 'no-status', { command: ['x'] })
+    expect(r.status).toBe(503)
+    expect(r.body.code).toBe('relay_unavailable')
+    const rec = (await api(g.publicUrl, 'GET', `/v1/execs/${r.body.execId}`)).body
+    expect(rec).toMatchObject({ status: 'failed', exitCode: null, signal: null, stdoutBytes: 12 })
+  })
+
+  it('exit-signal only is reported as the signal; exit status 0xFFFFFFFF as it was sent', async () => {
+    const g = await gateway()
+    const s = await scripted(({ command, channel }) => {
+      if (command.endsWith(' sig')) channel.exit('TERM', false, 'terminated')
+      else channel.exit(0xFFFFFFFF)
+      channel.end()
+    })
+    supervisor(g, 'edges', { sshTarget: `${s.host}:${s.port}` })
+    await g.waitConnected('edges')
+    const a = await execWait(g.publicUrl, 'edges', { command: ['sig'] })
+    expect(a.body).toMatchObject({ status: 'exited', exitCode: null, signal: 'TERM' })
+    const b = await execWait(g.publicUrl, 'edges', { command: ['big'] })
+    expect(b.body).toMatchObject({ status: 'exited', exitCode: 4294967295, signal: null })
+  })
+})
