@@ -11,6 +11,7 @@ export default defineConfig({
     // 2 cores, and many tests assert timing bounds (keepalives, close waits): one file at a time
     // keeps them from starving each other.
     fileParallelism: false,
+    reporters: ['default', './test/reporters/summary-line.ts'],
     testTimeout: 60_000,
     hookTimeout: 60_000,
   },

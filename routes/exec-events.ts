@@ -3,7 +3,7 @@ import { Type } from '@sinclair/typebox'
 import { pumpEvents } from '../src/http/event-pump.js'
 import { AttachQuerySchema, ExecParamsSchema } from '../src/schemas/exec.js'
 import { ExecEventSchema } from '../src/schemas/events.js'
-import { ProblemSchema } from '../src/schemas/problem.js'
+import { ProblemResponse } from '../src/schemas/problem.js'
 import { findExec } from './execs.js'
 import type { RouteContext } from './context.js'
 
@@ -11,7 +11,7 @@ import type { RouteContext } from './context.js'
 // otherwise. Each SSE event's id is "<stdout offset>-<stderr offset>" after it, so a
 // reconnecting EventSource resumes exactly where it left off (Last-Event-ID).
 
-const P = Type.Ref(ProblemSchema)
+const P = ProblemResponse
 
 function parseLastEventId (value: unknown): { stdout: number, stderr: number } | undefined {
   const m = /^(\d+)-(\d+)$/.exec(String(value ?? ''))

@@ -5,7 +5,7 @@ import { SIGNALS, type SignalName } from '../src/execs/command.js'
 import type { ExecEntry } from '../src/execs/exec-entry.js'
 import { pumpEvents } from '../src/http/event-pump.js'
 import { AttachQuerySchema, ExecParamsSchema } from '../src/schemas/exec.js'
-import { ProblemSchema } from '../src/schemas/problem.js'
+import { ProblemResponse } from '../src/schemas/problem.js'
 import { findExec } from './execs.js'
 import type { RouteContext } from './context.js'
 
@@ -19,7 +19,7 @@ export const CLOSE_GOING_AWAY = 1001
 export const CLOSE_POLICY = 1008
 export const CLOSE_ERROR = 1011
 
-const P = Type.Ref(ProblemSchema)
+const P = ProblemResponse
 
 const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ctx }) => {
   app.get('/v1/execs/:execId/stream', {

@@ -7,12 +7,12 @@ import {
   CreateExecQuerySchema, ExecParamsSchema, ExecRequestSchema, ExecResultSchema, ExecSchema,
   ListExecsQuerySchema, SignalRequestSchema
 } from '../src/schemas/exec.js'
-import { ProblemSchema } from '../src/schemas/problem.js'
+import { ProblemResponse } from '../src/schemas/problem.js'
 import { SandboxParamsSchema } from '../src/schemas/sandbox.js'
 import { sendProblem } from '../src/http/errors-plugin.js'
 import type { RouteContext } from './context.js'
 
-const P = Type.Ref(ProblemSchema)
+const P = ProblemResponse
 
 export function findExec (ctx: RouteContext, execId: string): ExecEntry {
   const entry = ctx.execs.get(execId)

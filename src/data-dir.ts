@@ -2,6 +2,7 @@ import { mkdirSync, readFileSync, writeFileSync, existsSync, chmodSync } from 'n
 import { join, resolve } from 'node:path'
 import { randomBytes } from 'node:crypto'
 import ssh2 from 'ssh2'
+import { generateEd25519KeyPair } from './ssh-keys.js'
 
 // The gateway's persistent identity: its SSH client key (which sandboxes authorize) and the
 // secret that signs supervisor tokens. Created on first use, readable by the owner only.
@@ -21,7 +22,7 @@ export function loadDataDir (dir: string): GatewayIdentity {
   mkdirSync(abs, { recursive: true, mode: 0o700 })
   const keyPath = join(abs, KEY_FILE)
   if (!existsSync(keyPath)) {
-    const pair = ssh2.utils.generateKeyPairSync('ed25519', { comment: 'exec-gateway' })
+    const pair = generateEd25519KeyPair()
     writeFileSync(keyPath, pair.private, { mode: 0o600, flag: 'wx' })
     writeFileSync(keyPath + '.pub', pair.public + '\n', { mode: 0o600, flag: 'wx' })
   }

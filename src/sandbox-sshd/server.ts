@@ -4,7 +4,7 @@ import ssh2 from 'ssh2'
 import type { Connection } from 'ssh2'
 import { authenticate, parseAuthorizedKeys, type AuthorizedKey } from './auth.js'
 import type { ExecRun } from './exec-run.js'
-import { loadHostKey } from './keys.js'
+import { loadHostKey } from '../ssh-keys.js'
 import { serveSession } from './session.js'
 
 // Default import: Node's ESM loader does not see `Server` and `utils` as named exports of ssh2.

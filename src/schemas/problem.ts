@@ -20,3 +20,9 @@ export const ExecErrorSchema = Type.Object({
   detail: Type.String()
 }, { $id: 'ExecError' })
 export type ExecErrorBody = Static<typeof ExecErrorSchema>
+
+// Response entry for every problem status a route can return, with the media type it really has.
+export const ProblemResponse = {
+  description: 'RFC 9457 problem details; `code` is the stable, machine-readable part',
+  content: { 'application/problem+json': { schema: Type.Ref(ProblemSchema) } }
+}

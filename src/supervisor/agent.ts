@@ -159,7 +159,12 @@ export class Supervisor {
           decoder.push(chunk, (raw) => {
             const msg = raw as GatewayMessage
             if (msg.type === 'accepted') {
-              this.#embedded?.setAuthorizedKeys([msg.gatewayPublicKey])
+              try {
+                this.#embedded?.setAuthorizedKeys([msg.gatewayPublicKey])
+              } catch (err) {
+                // Relays will then fail SSH auth with a clear 502; the session itself stays up.
+                this.#log.error({ err: (err as Error).message }, 'the gateway sent an unusable public key')
+              }
               pinger = new H2Pinger(client, {
                 intervalMs: Math.min(msg.pingIntervalMs, DEFAULT_PING_INTERVAL_MS),
                 timeoutMs: Math.max(msg.pingTimeoutMs, DEFAULT_PING_TIMEOUT_MS),

@@ -6,7 +6,7 @@ import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises
 import { connect, createServer } from 'node:net'
 import { tmpdir, userInfo } from 'node:os'
 import { delimiter, join } from 'node:path'
-import ssh2 from 'ssh2'
+import { generateEd25519KeyPair } from '../../src/ssh-keys.js'
 
 export interface OpenSshd {
   host: string
@@ -29,8 +29,6 @@ export interface StartOpenSshdOptions {
   logLevel?: 'QUIET' | 'FATAL' | 'ERROR' | 'INFO' | 'VERBOSE' | 'DEBUG' | 'DEBUG3'
 }
 
-// ssh2 is CommonJS without static named exports, so Node's ESM loader needs the default import.
-const { utils } = ssh2
 
 const HOST = '127.0.0.1'
 const BIND_ATTEMPTS = 5
@@ -160,7 +158,7 @@ export async function startOpenSshd(opts: StartOpenSshdOptions): Promise<OpenSsh
   }
   const dir = await mkdtemp(join(tmpdir(), 'exec-gateway-sshd-'))
   try {
-    const keys = utils.generateKeyPairSync('ed25519', { comment: 'exec-gateway-test-host' })
+    const keys = generateEd25519KeyPair()
     const hostKeyPath = join(dir, 'ssh_host_ed25519_key')
     // sshd refuses a host key readable by others.
     await writeFile(hostKeyPath, keys.private, { mode: 0o600 })

@@ -3,6 +3,7 @@
 import { createServer, type Socket } from 'node:net'
 import ssh2 from 'ssh2'
 import type { ServerChannel, Connection } from 'ssh2'
+import { generateEd25519KeyPair } from '../../src/ssh-keys.js'
 
 const { Server, utils } = ssh2
 
@@ -50,7 +51,7 @@ export function startScriptedSshd(opts: StartScriptedSshdOptions): Promise<Scrip
     hostKey = opts.hostKey
     hostPublicKey = publicKeyLine(hostKey)
   } else {
-    const pair = utils.generateKeyPairSync('ed25519', { comment: 'exec-gateway-scripted-sshd' })
+    const pair = generateEd25519KeyPair()
     hostKey = pair.private
     hostPublicKey = pair.public
   }

@@ -3,7 +3,7 @@ import { createHash } from 'node:crypto'
 import ssh2 from 'ssh2'
 import type { Client as SshClient, ClientChannel } from 'ssh2'
 import { afterEach, describe, expect, it } from 'vitest'
-import { generateEd25519KeyPair } from '../../src/sandbox-sshd/keys.js'
+import { generateEd25519KeyPair } from '../../src/ssh-keys.js'
 import { startEmbeddedSshd, type EmbeddedSshd, type EmbeddedSshdOptions } from '../../src/sandbox-sshd/server.js'
 
 const { Client, utils } = ssh2

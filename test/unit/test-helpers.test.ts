@@ -7,8 +7,9 @@ import { startOpenSshd } from '../helpers/openssh.js'
 import { startScriptedSshd } from '../helpers/scripted-sshd.js'
 import { startTcpProxy } from '../helpers/tcp-proxy.js'
 import { sleep, timed, waitFor } from '../helpers/wait.js'
+import { generateEd25519KeyPair } from '../../src/ssh-keys.js'
 
-const { Client, utils } = ssh2
+const { Client } = ssh2
 
 const cleanups: Array<() => unknown> = []
 function onCleanup(fn: () => unknown): void {
@@ -168,7 +169,7 @@ function roundTrip(sock: Socket, payload: string): Promise<string> {
 
 describe('OpenSSH sshd helper', () => {
   it('runs a real sshd that accepts an ed25519 key and reports exit status', async () => {
-    const clientKey = utils.generateKeyPairSync('ed25519')
+    const clientKey = generateEd25519KeyPair()
     const sshd = await startOpenSshd({ authorizedKeys: [clientKey.public] })
     onCleanup(() => sshd.close())
     expect(sshd.host).toBe('127.0.0.1')
@@ -186,8 +187,8 @@ describe('OpenSSH sshd helper', () => {
   })
 
   it('refuses a key that is not authorized', async () => {
-    const allowed = utils.generateKeyPairSync('ed25519')
-    const other = utils.generateKeyPairSync('ed25519')
+    const allowed = generateEd25519KeyPair()
+    const other = generateEd25519KeyPair()
     const sshd = await startOpenSshd({ authorizedKeys: [allowed.public] })
     onCleanup(() => sshd.close())
     await expect(
@@ -196,7 +197,7 @@ describe('OpenSSH sshd helper', () => {
   })
 
   it('close() stops sshd and frees the port, and is idempotent', async () => {
-    const sshd = await startOpenSshd({ authorizedKeys: [utils.generateKeyPairSync('ed25519').public] })
+    const sshd = await startOpenSshd({ authorizedKeys: [generateEd25519KeyPair().public] })
     const { ms } = await timed(sshd.close())
     await sshd.close()
     expect(ms).toBeLessThan(3000)
@@ -265,7 +266,7 @@ describe('TCP proxy', () => {
   })
 
   it('blackholeAll() leaves the connection half-open until ssh2 keepalive gives up', async () => {
-    const clientKey = utils.generateKeyPairSync('ed25519')
+    const clientKey = generateEd25519KeyPair()
     const sshd = await startOpenSshd({ authorizedKeys: [clientKey.public] })
     onCleanup(() => sshd.close())
     const proxy = await startTcpProxy({ targetHost: sshd.host, targetPort: sshd.port })
@@ -359,7 +360,7 @@ describe('scripted ssh2 server', () => {
   })
 
   it('accepts a given host key and close() drops connected clients quickly', async () => {
-    const hostKey = utils.generateKeyPairSync('ed25519')
+    const hostKey = generateEd25519KeyPair()
     const server = await startScriptedSshd({ onExec: () => undefined, hostKey: hostKey.private })
     expect(server.hostPublicKey).toBe(hostKey.public.split(' ').slice(0, 2).join(' '))
     const client = await sshConnect({

@@ -1,0 +1,431 @@
+// src/execs/journal.ts and src/execs/exec-entry.ts: byte offsets, retention, gaps, UTF-8 safe
+// events, and the one final event.
+import { describe, expect, it } from 'vitest'
+import { OutputJournal, utf8CompleteLength } from '../../src/execs/journal.js'
+import { ExecEntry } from '../../src/execs/exec-entry.js'
+import { validateExecRequest } from '../../src/execs/validate.js'
+import { GatewayError } from '../../src/errors.js'
+import type { Outcome } from '../../src/relay/outcome.js'
+import type { ExecEvent } from '../../src/schemas/events.js'
+
+const b = (s: string): Buffer => Buffer.from(s, 'utf8')
+const EMOJI = b('😀') // f0 9f 98 80
+
+function joinChunks (chunks: Array<{ offset: number, data: Buffer }>): Buffer {
+  return Buffer.concat(chunks.map((c) => c.data))
+}
+
+describe('OutputJournal', () => {
+  it('assigns consecutive byte offsets across appends', () => {
+    const j = new OutputJournal(1024)
+    expect(j.total).toBe(0)
+    expect(j.start).toBe(0)
+    expect(j.append(b('abc'))).toEqual({ offset: 0, data: b('abc') })
+    expect(j.append(b('é'))).toEqual({ offset: 3, data: b('é') })
+    expect(j.append(b('defg'))).toEqual({ offset: 5, data: b('defg') })
+    expect(j.total).toBe(9)
+    expect(j.start).toBe(0)
+    expect(j.tail()).toEqual({ data: b('abcédefg'), truncated: false })
+  })
+
+  it('an empty journal reads nothing and its tail is empty', () => {
+    const j = new OutputJournal(16)
+    expect(j.readFrom(0)).toEqual({ gap: undefined, chunks: [] })
+    expect(j.tail()).toEqual({ data: Buffer.alloc(0), truncated: false })
+  })
+
+  it('trims to the retention: total keeps counting, start moves, tail is truncated', () => {
+    const j = new OutputJournal(10)
+    j.append(b('abcdef'))
+    j.append(b('ghijkl'))
+    expect(j.total).toBe(12)
+    expect(j.start).toBe(2)
+    expect(j.tail()).toEqual({ data: b('cdefghijkl'), truncated: true })
+    j.append(b('mnopqrstuvwxyz')) // larger than the retention by itself
+    expect(j.total).toBe(26)
+    expect(j.start).toBe(16)
+    expect(j.tail()).toEqual({ data: b('qrstuvwxyz'), truncated: true })
+  })
+
+  it('exactly at the retention nothing is dropped', () => {
+    const j = new OutputJournal(10)
+    j.append(b('01234'))
+    j.append(b('56789'))
+    expect(j.start).toBe(0)
+    expect(j.tail()).toEqual({ data: b('0123456789'), truncated: false })
+    j.append(b('A'))
+    expect(j.start).toBe(1)
+    expect(j.tail()).toEqual({ data: b('123456789A'), truncated: true })
+  })
+
+  it('readFrom 0, mid-chunk and at the end', () => {
+    const j = new OutputJournal(1024)
+    j.append(b('hello '))
+    j.append(b('big '))
+    j.append(b('world'))
+    const all = j.readFrom(0)
+    expect(all.gap).toBeUndefined()
+    expect(all.chunks.map((c) => c.offset)).toEqual([0, 6, 10])
+    expect(joinChunks(all.chunks).toString()).toBe('hello big world')
+
+    const mid = j.readFrom(8)
+    expect(mid.gap).toBeUndefined()
+    expect(mid.chunks).toEqual([{ offset: 8, data: b('g ') }, { offset: 10, data: b('world') }])
+
+    const boundary = j.readFrom(10)
+    expect(boundary.chunks).toEqual([{ offset: 10, data: b('world') }])
+
+    expect(j.readFrom(15)).toEqual({ gap: undefined, chunks: [] })
+    // Past the end is the end, not an error.
+    expect(j.readFrom(1000)).toEqual({ gap: undefined, chunks: [] })
+  })
+
+  it('readFrom before the retained start: a gap, then exactly the retained bytes', () => {
+    const j = new OutputJournal(8)
+    j.append(b('0123456789')) // 10 bytes, keeps "23456789"
+    j.append(b('abc')) // 13 total; keeps "56789abc", start 5
+    expect(j.total).toBe(13)
+    expect(j.start).toBe(5)
+    const r = j.readFrom(0)
+    expect(r.gap).toEqual({ from: 0, to: 5 })
+    expect(r.chunks[0]!.offset).toBe(5)
+    expect(joinChunks(r.chunks).toString()).toBe('56789abc')
+    // Chunk offsets are contiguous.
+    let next = 5
+    for (const c of r.chunks) { expect(c.offset).toBe(next); next += c.data.length }
+    expect(next).toBe(13)
+
+    const r3 = j.readFrom(3)
+    expect(r3.gap).toEqual({ from: 3, to: 5 })
+    expect(joinChunks(r3.chunks).toString()).toBe('56789abc')
+
+    // At the start exactly: no gap.
+    const r5 = j.readFrom(5)
+    expect(r5.gap).toBeUndefined()
+    expect(joinChunks(r5.chunks).toString()).toBe('56789abc')
+    const r7 = j.readFrom(7)
+    expect(r7.gap).toBeUndefined()
+    expect(r7.chunks[0]!.offset).toBe(7)
+    expect(joinChunks(r7.chunks).toString()).toBe('789abc')
+  })
+
+  it('stays consistent over many random appends', () => {
+    let seed = 42
+    const rand = (n: number): number => { seed = (seed * 1103515245 + 12345) & 0x7fffffff; return seed % n }
+    const retention = 100
+    const j = new OutputJournal(retention)
+    const everything: Buffer[] = []
+    for (let i = 0; i < 300; i++) {
+      const chunk = Buffer.alloc(rand(40))
+      for (let k = 0; k < chunk.length; k++) chunk[k] = rand(256)
+      const appended = j.append(chunk)
+      expect(appended.offset).toBe(Buffer.concat(everything).length)
+      everything.push(chunk)
+      const all = Buffer.concat(everything)
+      expect(j.total).toBe(all.length)
+      expect(j.start).toBe(Math.max(0, all.length - retention))
+      expect(j.tail().data.equals(all.subarray(j.start))).toBe(true)
+      const from = rand(all.length + 1)
+      const r = j.readFrom(from)
+      if (from < j.start) expect(r.gap).toEqual({ from, to: j.start })
+      else expect(r.gap).toBeUndefined()
+      expect(joinChunks(r.chunks).equals(all.subarray(Math.max(from, j.start)))).toBe(true)
+    }
+  })
+})
+
+describe('utf8CompleteLength', () => {
+  it('complete text is complete', () => {
+    for (const s of ['', 'a', 'abc', 'é', 'aé', '€', 'a€', '😀', 'a😀', 'é€😀x']) {
+      expect(utf8CompleteLength(b(s)), s).toBe(b(s).length)
+    }
+  })
+
+  it('cuts before a 2-byte character missing its last byte', () => {
+    const e = b('é') // c3 a9
+    expect(utf8CompleteLength(e.subarray(0, 1))).toBe(0)
+    expect(utf8CompleteLength(Buffer.concat([b('ab'), e.subarray(0, 1)]))).toBe(2)
+  })
+
+  it('cuts before a 3-byte character missing 1 or 2 bytes', () => {
+    const euro = b('€') // e2 82 ac
+    expect(utf8CompleteLength(euro.subarray(0, 1))).toBe(0)
+    expect(utf8CompleteLength(euro.subarray(0, 2))).toBe(0)
+    expect(utf8CompleteLength(Buffer.concat([b('x'), euro.subarray(0, 1)]))).toBe(1)
+    expect(utf8CompleteLength(Buffer.concat([b('xy'), euro.subarray(0, 2)]))).toBe(2)
+  })
+
+  it('cuts before a 4-byte character missing 1, 2 or 3 bytes', () => {
+    for (let have = 1; have <= 3; have++) {
+      expect(utf8CompleteLength(EMOJI.subarray(0, have)), `${have} of 4`).toBe(0)
+      expect(utf8CompleteLength(Buffer.concat([b('abc'), EMOJI.subarray(0, have)])), `abc + ${have} of 4`).toBe(3)
+      expect(utf8CompleteLength(Buffer.concat([b('é'), EMOJI.subarray(0, have)])), `é + ${have} of 4`).toBe(2)
+    }
+  })
+
+  it('a complete multi-byte character after another is complete', () => {
+    expect(utf8CompleteLength(Buffer.concat([EMOJI, EMOJI]))).toBe(8)
+    expect(utf8CompleteLength(Buffer.concat([EMOJI, EMOJI.subarray(0, 2)]))).toBe(4)
+  })
+
+  it('bytes that are not UTF-8 are never held back forever', () => {
+    // A lone byte >= 0x80 that is a continuation byte with no lead: nothing to wait for.
+    expect(utf8CompleteLength(Buffer.from([0x61, 0x80, 0x80, 0x80, 0x80]))).toBe(5)
+    expect(utf8CompleteLength(Buffer.from([0xff]))).toBeLessThanOrEqual(1)
+  })
+})
+
+// ---- ExecEntry --------------------------------------------------------------------------------
+
+const spec = validateExecRequest({ command: ['true'] })
+const EXIT0: Outcome = { kind: 'exited', exitCode: 0, signal: null, timedOut: false }
+
+function collect (entry: ExecEntry, opts: Parameters<ExecEntry['attach']>[0] = {}): { events: ExecEvent[], ends: Array<number | undefined>, detach: () => void } {
+  const events: ExecEvent[] = []
+  const ends: Array<number | undefined> = []
+  const detach = entry.attach(opts, (ev, end) => { events.push(ev); ends.push(end) })
+  return { events, ends, detach }
+}
+
+const finals = (events: ExecEvent[]): ExecEvent[] => events.filter((e) => e.type === 'exit' || e.type === 'error')
+const textOf = (events: ExecEvent[], stream: 'stdout' | 'stderr'): string =>
+  events.filter((e): e is Extract<ExecEvent, { type: 'stdout' | 'stderr' }> => e.type === stream).map((e) => e.data).join('')
+
+describe('ExecEntry', () => {
+  it('a 4-byte character split across two appends arrives whole, at its first byte\'s offset', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    const { events, ends } = collect(entry)
+    entry.append('stdout', Buffer.concat([b('a'), EMOJI.subarray(0, 2)]))
+    expect(events).toEqual([{ type: 'stdout', offset: 0, data: 'a' }])
+    expect(ends).toEqual([1])
+    entry.append('stdout', Buffer.concat([EMOJI.subarray(2), b('b')]))
+    expect(events[1]).toEqual({ type: 'stdout', offset: 1, data: '😀b' })
+    expect(ends[1]).toBe(6)
+    expect(events.some((e) => 'data' in e && e.data.includes('\uFFFD'))).toBe(false)
+  })
+
+  it('a character split into single bytes arrives once, whole', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    const { events } = collect(entry)
+    for (const byte of EMOJI) entry.append('stderr', Buffer.from([byte]))
+    expect(events).toEqual([{ type: 'stderr', offset: 0, data: '😀' }])
+    entry.finish(EXIT0)
+    expect(events.slice(1)).toEqual([{ type: 'exit', exitCode: 0, signal: null, timedOut: false }])
+  })
+
+  it('streams keep separate offsets and carries', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    const { events } = collect(entry)
+    entry.append('stdout', EMOJI.subarray(0, 3))
+    entry.append('stderr', b('err'))
+    entry.append('stdout', Buffer.concat([EMOJI.subarray(3), b('!')]))
+    entry.append('stderr', b('2'))
+    expect(events).toEqual([
+      { type: 'stderr', offset: 0, data: 'err' },
+      { type: 'stdout', offset: 0, data: '😀!' },
+      { type: 'stderr', offset: 3, data: '2' },
+    ])
+  })
+
+  it('an incomplete character at the end is flushed before the final event', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    const { events } = collect(entry)
+    entry.append('stdout', Buffer.concat([b('x'), EMOJI.subarray(0, 2)]))
+    entry.finish(EXIT0)
+    expect(events.map((e) => e.type)).toEqual(['stdout', 'stdout', 'exit'])
+    expect(events[1]).toMatchObject({ type: 'stdout', offset: 1 })
+  })
+
+  it('base64 gives the exact bytes, invalid UTF-8 included, with byte offsets', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    const live = collect(entry, { encoding: 'base64' })
+    const parts = [Buffer.from([0xff, 0x00, 0xfe]), EMOJI.subarray(0, 1), EMOJI.subarray(1), Buffer.from([0x80, 0x0a])]
+    for (const p of parts) entry.append('stdout', p)
+    entry.finish(EXIT0)
+    const want = Buffer.concat(parts)
+    const out = live.events.filter((e) => e.type === 'stdout') as Array<{ offset: number, data: string }>
+    expect(Buffer.concat(out.map((e) => Buffer.from(e.data, 'base64'))).equals(want)).toBe(true)
+    expect(out.map((e) => e.offset)).toEqual([0, 3, 4, 7])
+    // Replay after the end: the same bytes.
+    const replay = collect(entry, { encoding: 'base64' })
+    const rOut = replay.events.filter((e) => e.type === 'stdout') as Array<{ offset: number, data: string }>
+    expect(Buffer.concat(rOut.map((e) => Buffer.from(e.data, 'base64'))).equals(want)).toBe(true)
+    expect(finals(replay.events)).toHaveLength(1)
+    expect(entry.toResult('base64').stdout).toBe(want.toString('base64'))
+  })
+
+  it('attach after finish replays everything, then exactly one final event', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    entry.markStarted()
+    entry.append('stdout', b('one\n'))
+    entry.append('stderr', b('warn\n'))
+    entry.append('stdout', b('two\n'))
+    entry.finish({ kind: 'exited', exitCode: 3, signal: null, timedOut: false })
+    const { events, detach } = collect(entry)
+    expect(textOf(events, 'stdout')).toBe('one\ntwo\n')
+    expect(textOf(events, 'stderr')).toBe('warn\n')
+    expect(finals(events)).toEqual([{ type: 'exit', exitCode: 3, signal: null, timedOut: false }])
+    expect(events[events.length - 1]!.type).toBe('exit')
+    detach()
+    // Nothing more can arrive.
+    entry.append('stdout', b('late'))
+    entry.finish(EXIT0)
+    expect(events.filter((e) => e.type === 'exit')).toHaveLength(1)
+  })
+
+  it('attach while running: live output, then one final event, then nothing', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    entry.append('stdout', b('before '))
+    const { events } = collect(entry)
+    entry.append('stdout', b('after'))
+    entry.finish({ kind: 'failed', error: new GatewayError('relay_unavailable', 'the relay went away') })
+    entry.finish(EXIT0)
+    entry.append('stdout', b('ignored'))
+    expect(textOf(events, 'stdout')).toBe('before after')
+    expect(finals(events)).toEqual([{ type: 'error', code: 'relay_unavailable', status: 503, message: 'the relay went away' }])
+    expect(events[events.length - 1]!.type).toBe('error')
+    expect(entry.listenerCount('output')).toBe(0)
+    expect(entry.listenerCount('end')).toBe(0)
+  })
+
+  it('detach stops events and removes listeners', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    const { events, detach } = collect(entry)
+    entry.append('stdout', b('a'))
+    detach()
+    entry.append('stdout', b('b'))
+    entry.finish(EXIT0)
+    expect(events).toEqual([{ type: 'stdout', offset: 0, data: 'a' }])
+    expect(entry.listenerCount('output')).toBe(0)
+  })
+
+  it('resumes from offsets; older than retention is a gap', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 8)
+    entry.append('stdout', b('0123456789')) // keeps 23456789
+    entry.append('stderr', b('abcdef'))
+    const resumed = collect(entry, { stdoutOffset: 4, stderrOffset: 2 })
+    expect(resumed.events).toEqual([
+      { type: 'stdout', offset: 4, data: '456789' },
+      { type: 'stderr', offset: 2, data: 'cdef' },
+    ])
+    const late = collect(entry)
+    expect(late.events).toEqual([
+      { type: 'gap', stream: 'stdout', from: 0, to: 2 },
+      { type: 'stdout', offset: 2, data: '23456789' },
+      { type: 'stderr', offset: 0, data: 'abcdef' },
+    ])
+    const atEnd = collect(entry, { stdoutOffset: 10, stderrOffset: 6 })
+    expect(atEnd.events).toEqual([])
+  })
+
+  it('a replay after retention cut a character in half never sends a broken character', () => {
+    // Contract section 4: output data is "UTF-8, never splitting a character". Retention trims
+    // by bytes, so the oldest retained byte can be the middle of a character; the replay must
+    // not turn that into U+FFFD, and what it sends must start where the gap ends.
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 5)
+    entry.append('stdout', Buffer.concat([EMOJI, EMOJI])) // 8 bytes; keeps the last 5: 80 + 😀
+    entry.finish(EXIT0)
+    const { events } = collect(entry)
+    const gap = events.find((e) => e.type === 'gap') as { from: number, to: number } | undefined
+    const out = events.filter((e) => e.type === 'stdout') as Array<{ offset: number, data: string }>
+    expect(gap).toBeDefined()
+    expect(out.length).toBeGreaterThan(0)
+    expect(out[0]!.offset).toBe(gap!.to)
+    expect(out.map((e) => e.data).join('')).not.toContain('\uFFFD')
+    expect(out.map((e) => e.data).join('')).toBe('😀')
+  })
+
+  it('finish is idempotent: one end event, first outcome wins', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    let ends = 0
+    entry.on('end', () => { ends++ })
+    entry.markStarted()
+    entry.finish({ kind: 'signaled', exitCode: null, signal: 'KILL', timedOut: false })
+    const endedAt = entry.endedAt
+    entry.finish(EXIT0)
+    entry.finish({ kind: 'failed', error: new GatewayError('relay_unavailable', 'x') })
+    expect(ends).toBe(1)
+    expect(entry.status).toBe('exited')
+    expect(entry.outcome).toEqual({ kind: 'signaled', exitCode: null, signal: 'KILL', timedOut: false })
+    expect(entry.endedAt).toBe(endedAt)
+    expect(entry.finalEvent()).toEqual({ type: 'exit', exitCode: null, signal: 'KILL', timedOut: false })
+  })
+
+  it('markStarted only moves pending → running, once', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    let started = 0
+    entry.on('started', () => { started++ })
+    entry.markStarted()
+    const at = entry.startedAt
+    entry.markStarted()
+    expect(started).toBe(1)
+    expect(entry.startedAt).toBe(at)
+    expect(entry.status).toBe('running')
+  })
+
+  it('toJSON: a pending exec', () => {
+    const s = validateExecRequest({ command: ['echo', 'hi'], tty: true, interactive: true })
+    const entry = new ExecEntry('ex_42', 'sbx-a', s, 1024)
+    const j = entry.toJSON()
+    expect(Object.keys(j).sort()).toEqual([
+      'command', 'createdAt', 'endedAt', 'error', 'exitCode', 'id', 'interactive', 'sandboxId', 'signal',
+      'startedAt', 'status', 'stderrBytes', 'stdoutBytes', 'tty', 'timedOut',
+    ].sort())
+    expect(j).toMatchObject({
+      id: 'ex_42', sandboxId: 'sbx-a', command: ['echo', 'hi'], tty: true, interactive: true, status: 'pending',
+      exitCode: null, signal: null, timedOut: false, error: null, startedAt: null, endedAt: null,
+      stdoutBytes: 0, stderrBytes: 0,
+    })
+    expect(new Date(j.createdAt).toISOString()).toBe(j.createdAt)
+    expect(JSON.parse(JSON.stringify(entry))).toEqual(j)
+    expect(entry.finalEvent()).toBeUndefined()
+  })
+
+  it('toJSON / toResult: exited, with byte counts beyond retention', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 4)
+    entry.markStarted()
+    entry.append('stdout', b('héllo')) // 6 bytes (68 c3 a9 6c 6c 6f); keeps the last 4: a9 6c 6c 6f
+    entry.append('stderr', b('ok'))
+    entry.finish({ kind: 'exited', exitCode: 7, signal: null, timedOut: false })
+    const j = entry.toJSON()
+    expect(j).toMatchObject({ status: 'exited', exitCode: 7, signal: null, timedOut: false, error: null, stdoutBytes: 6, stderrBytes: 2 })
+    expect(j.startedAt).not.toBeNull()
+    expect(j.endedAt).not.toBeNull()
+    expect(Date.parse(j.endedAt!)).toBeGreaterThanOrEqual(Date.parse(j.startedAt!))
+    const r = entry.toResult('utf8')
+    expect(r.stderr).toBe('ok')
+    expect(r.stderrTruncated).toBe(false)
+    expect(r.stdoutTruncated).toBe(true)
+    expect(Buffer.from(entry.toResult('base64').stdout, 'base64').equals(b('héllo').subarray(2))).toBe(true)
+    expect(r).toMatchObject({ ...j })
+  })
+
+  it('toJSON: timed out, signaled and failed', () => {
+    const t = new ExecEntry('ex_t', 'sbx', spec, 1024)
+    t.finish({ kind: 'exited', exitCode: 124, signal: null, timedOut: true })
+    expect(t.toJSON()).toMatchObject({ status: 'exited', exitCode: 124, signal: null, timedOut: true, error: null })
+    expect(t.finalEvent()).toEqual({ type: 'exit', exitCode: 124, signal: null, timedOut: true })
+
+    const s = new ExecEntry('ex_s', 'sbx', spec, 1024)
+    s.finish({ kind: 'signaled', exitCode: null, signal: 'TERM', timedOut: false })
+    expect(s.toJSON()).toMatchObject({ status: 'exited', exitCode: null, signal: 'TERM', timedOut: false, error: null })
+
+    const f = new ExecEntry('ex_f', 'sbx', spec, 1024)
+    f.append('stdout', b('partial'))
+    f.finish({ kind: 'failed', error: new GatewayError('relay_unavailable', 'relay reset') })
+    expect(f.toJSON()).toMatchObject({
+      status: 'failed', exitCode: null, signal: null, timedOut: false,
+      error: { code: 'relay_unavailable', status: 503, detail: 'relay reset' }, stdoutBytes: 7,
+    })
+    expect(f.error?.code).toBe('relay_unavailable')
+    expect(f.toResult('utf8')).toMatchObject({ status: 'failed', stdout: 'partial', stdoutTruncated: false, exitCode: null })
+  })
+
+  it('empty appends are ignored', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    const { events } = collect(entry)
+    entry.append('stdout', Buffer.alloc(0))
+    expect(events).toEqual([])
+    expect(entry.stdout.total).toBe(0)
+  })
+})
