@@ -148,6 +148,22 @@ describe.each(targets)('exec through a supervisor to the %s SSH daemon', (target
     expect(res.events.at(-1)).toEqual({ type: 'exit', exitCode: 0, signal: null, timedOut: false })
   })
 
+  it('runs under a pseudo-terminal with the requested size, or refuses it with a clear 502', async () => {
+    const r = await execWait(g.publicUrl, sandbox, { command: ['sh', '-c', 'stty size; tty >/dev/null && echo is-a-tty; echo to-stderr >&2'], tty: true, cols: 120, rows: 40 })
+    if (target === 'openssh') {
+      expect(r.status).toBe(200)
+      expect(r.body.exitCode).toBe(0)
+      // Under a tty stdout and stderr merge, and the line discipline turns \n into \r\n.
+      expect(r.body.stdout.replaceAll('\r\n', '\n')).toBe('40 120\nis-a-tty\nto-stderr\n')
+      expect(r.body.stderr).toBe('')
+    } else {
+      // The embedded daemon has no pseudo-terminals yet: an honest refusal, never a fake run.
+      expect(r.status).toBe(502)
+      expect(r.body.code).toBe('ssh_failed')
+      expect(r.body.detail).toContain('pseudo-terminal')
+    }
+  })
+
   it('lists execs and shows the sandbox as connected', async () => {
     const list = await api(g.publicUrl, 'GET', `/v1/execs?sandboxId=${sandbox}&status=exited`)
     expect(list.status).toBe(200)
