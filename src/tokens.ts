@@ -25,6 +25,8 @@ export function verifySupervisorToken (secrets: readonly Buffer[], token: string
   const expiresAtS = Number(parts[2])
   if (!SANDBOX_ID_PATTERN.test(sandboxId) || !Number.isSafeInteger(expiresAtS) || expiresAtS < 0) return { ok: false, reason: 'malformed token' }
   const given = Buffer.from(parts[3]!, 'base64url')
+  // base64url's last character has spare bits: only the canonical spelling of a MAC is the MAC.
+  if (given.toString('base64url') !== parts[3] || Buffer.from(sandboxId).toString('base64url') !== parts[1]) return { ok: false, reason: 'malformed token' }
   const valid = secrets.some((secret) => {
     const want = mac(secret, sandboxId, expiresAtS)
     return given.length === want.length && timingSafeEqual(given, want)

@@ -29,7 +29,7 @@ const SHELL_ONLY = new Set([
   'jobs', 'fg', 'bg', 'hash', 'fc', 'local', 'source', 'declare', 'typeset', 'let', 'shopt', 'builtin', 'enable',
   'history', 'logout', 'pushd', 'popd', 'dirs', 'suspend', 'disown', 'mapfile', 'readarray',
   'if', 'then', 'else', 'elif', 'fi', 'for', 'while', 'until', 'do', 'done', 'case', 'esac', '{', '}', '!', '[[',
-  'function', 'select', 'time', 'coproc'
+  'function', 'select', 'time', 'coproc', 'caller', 'help', 'bind', 'compgen', 'complete', 'compopt'
 ])
 
 export function assembleCommand ({ command, env, workdir, execId }: CommandSpec): string {
@@ -39,7 +39,9 @@ export function assembleCommand ({ command, env, workdir, execId }: CommandSpec)
   if (execId !== undefined) parts.push(`${EXEC_ID_ENV}=${shellQuote(execId)}`)
   // The command replaces the shell (dash would otherwise stay as its parent): signals reach it
   // directly and a signal death is reported as exit-signal, not as the shell's 128+N.
-  if (!SHELL_ONLY.has(command[0] ?? '')) parts.push('exec')
+  // A leading "-" would be read as an option of exec itself.
+  const first = command[0] ?? ''
+  if (!SHELL_ONLY.has(first) && !first.startsWith('-')) parts.push('exec')
   for (const arg of command) parts.push(shellQuote(arg))
   const line = parts.join(' ')
   return workdir === undefined ? line : `cd ${shellQuote(workdir)} && ${line}`

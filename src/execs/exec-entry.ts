@@ -97,12 +97,14 @@ export class ExecEntry extends EventEmitter {
   }
 
   toResult (encoding: Encoding): ExecResult {
+    const text = (t: { data: Buffer, truncated: boolean }): string =>
+      encoding === 'utf8' && t.truncated ? t.data.subarray(continuationPrefix(t.data)).toString('utf8') : t.data.toString(encoding)
     const out = this.stdout.tail()
     const err = this.stderr.tail()
     return {
       ...this.toJSON(),
-      stdout: out.data.toString(encoding),
-      stderr: err.data.toString(encoding),
+      stdout: text(out),
+      stderr: text(err),
       stdoutTruncated: out.truncated,
       stderrTruncated: err.truncated
     }
@@ -134,6 +136,9 @@ export class ExecEntry extends EventEmitter {
     for (const stream of ['stdout', 'stderr'] as const) {
       const from = stream === 'stdout' ? opts.stdoutOffset : opts.stderrOffset
       const { gap, chunks } = this[stream].readFrom(from ?? 0)
+      // Retention cuts bytes, not characters: as text, the half character after a gap is part
+      // of the gap, so data never starts with a broken character.
+      if (gap !== undefined && encoding === 'utf8') gap.to += dropLeadingContinuation(chunks)
       if (gap !== undefined) send({ type: 'gap', stream, from: gap.from, to: gap.to })
       for (const c of chunks) emitChunk(stream, c.offset, c.data, false)
     }
@@ -161,4 +166,25 @@ export class ExecEntry extends EventEmitter {
     this.on('end', onEnd)
     return detach
   }
+}
+
+// How many UTF-8 continuation bytes (at most 3) a buffer starts with.
+function continuationPrefix (buf: Buffer): number {
+  let n = 0
+  while (n < 3 && n < buf.length && (buf[n]! & 0xc0) === 0x80) n++
+  return n
+}
+
+// Drops the continuation bytes at the head of a replay (in place); returns how many.
+function dropLeadingContinuation (chunks: Array<{ offset: number, data: Buffer }>): number {
+  let dropped = 0
+  while (chunks.length > 0 && dropped < 3) {
+    const first = chunks[0]!
+    const n = Math.min(continuationPrefix(first.data), 3 - dropped)
+    if (n === 0) break
+    dropped += n
+    if (n === first.data.length) chunks.shift()
+    else { chunks[0] = { offset: first.offset + n, data: first.data.subarray(n) }; break }
+  }
+  return dropped
 }

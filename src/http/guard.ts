@@ -33,11 +33,15 @@ function hostName (hostHeader: string): string {
   return m === null ? hostHeader : m[1]!
 }
 
+// Routes anyone may read even when tokens are required.
+const OPEN_ROUTES = new Set(['/healthz', '/openapi.json'])
+
 export function installGuard (app: FastifyInstance, apiTokens: readonly string[]): void {
   app.addHook('onRequest', async (request, reply) => {
-    const isApi = request.url.startsWith('/v1/') || request.url === '/v1'
+    // Decided on the route the router matched, never on the raw URL: the router decodes
+    // percent-escapes, so "/%761/execs" is a /v1 route too.
     if (apiTokens.length > 0) {
-      if (!isApi) return
+      if (OPEN_ROUTES.has(request.routeOptions.url ?? '')) return
       const token = tokenFrom(request)
       if (token === undefined || !matchesApiToken(apiTokens, token)) {
         return sendProblem(reply, problem('unauthenticated', 'a valid bearer token is required (Authorization: Bearer <token>)'))

@@ -49,7 +49,8 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
   app.setValidatorCompiler(({ schema, httpPart }) => (httpPart === 'body' ? strict : coercing).compile(schema))
 
   installErrorHandling(app)
-  installGuard(app, opts.apiTokens)
+  // Only JSON bodies: anything else is 415, not a string that fails validation as a 400.
+  app.removeContentTypeParser(['text/plain'])
 
   await app.register(swagger, {
     openapi: {
@@ -73,6 +74,10 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
       handleProtocols: (protocols: Set<string>) => protocols.has(BINARY_SUBPROTOCOL) ? BINARY_SUBPROTOCOL : false
     }
   })
+
+  // After the websocket plugin, whose hook marks upgrades: a refused upgrade's socket is then
+  // closed with the response instead of leaking (and holding app.close() open).
+  installGuard(app, opts.apiTokens)
 
   app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger())
   await registerRoutes(app, { ...opts.ctx, sockets })
