@@ -47,7 +47,8 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
       } else {
         socket.send(JSON.stringify(ev))
       }
-      if (ev.type === 'error') socket.close(CLOSE_ERROR, ev.code)
+      // A gateway going down says so with 1001, whatever it cut off.
+      if (ev.type === 'error') socket.close(ev.code === 'shutting_down' ? CLOSE_GOING_AWAY : CLOSE_ERROR, ev.code)
       else if (final) socket.close(CLOSE_NORMAL, 'exec ended')
     })
     socket.on('close', () => { stop(); ctx.sockets.delete(socket) })

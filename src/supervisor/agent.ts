@@ -165,9 +165,11 @@ export class Supervisor {
                 // Relays will then fail SSH auth with a clear 502; the session itself stays up.
                 this.#log.error({ err: (err as Error).message }, 'the gateway sent an unusable public key')
               }
+              // The gateway's own liveness bounds, capped: a gateway that went half-dead is
+              // noticed as fast as the gateway would notice us.
               pinger = new H2Pinger(client, {
                 intervalMs: Math.min(msg.pingIntervalMs, DEFAULT_PING_INTERVAL_MS),
-                timeoutMs: Math.max(msg.pingTimeoutMs, DEFAULT_PING_TIMEOUT_MS),
+                timeoutMs: Math.min(msg.pingTimeoutMs, DEFAULT_PING_TIMEOUT_MS),
                 onDead: (reason) => { this.#log.warn({ reason }, 'gateway connection is dead'); setImmediate(() => client.destroy()) }
               })
               heartbeat = setInterval(() => send({ type: 'heartbeat' }), msg.heartbeatIntervalMs)
