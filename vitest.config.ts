@@ -8,6 +8,8 @@ export default defineConfig({
     // Fault tests kill processes and open sockets; forks isolate them from each other and from
     // the runner better than worker threads.
     pool: 'forks',
+    // The leak test forces collections to compare heaps.
+    execArgv: ['--expose-gc'],
     // 2 cores, and many tests assert timing bounds (keepalives, close waits): one file at a time
     // keeps them from starving each other.
     fileParallelism: false,
