@@ -35,6 +35,7 @@ export class SshExec {
   readonly #client = new Client()
   #channel: ClientChannel | undefined
   #ready = false
+  #transportClosed = false
   #exit: ExitReport | undefined
   #failure: GatewayError | undefined
   #closeWaitTimer: NodeJS.Timeout | undefined
@@ -57,7 +58,11 @@ export class SshExec {
       this.#ready = true
       client.exec(o.command, o.pty === undefined ? {} : { pty: { cols: o.pty.cols, rows: o.pty.rows, term: 'xterm-256color' } }, (err, channel) => {
         if (err !== undefined && err !== null) {
-          this.#fail(new GatewayError('ssh_failed', `the sandbox refused the exec request: ${err.message}`))
+          // A refusal and a relay that died under the request look alike here; the transport's
+          // own close (if that is what happened) arrives in the same turn.
+          setImmediate(() => this.#fail(this.#transportClosed
+            ? new GatewayError('relay_unavailable', 'the relay closed before the command started')
+            : new GatewayError('ssh_failed', `the sandbox refused the exec request: ${err.message}`)))
           return
         }
         this.#attachChannel(channel)
@@ -163,10 +168,11 @@ export class SshExec {
   }
 
   #onTransportClosed (): void {
+    this.#transportClosed = true
     if (this.#exit === undefined && this.#failure === undefined) {
-      this.#failure = this.#ready
-        ? new GatewayError('relay_unavailable', 'the relay closed before the command reported an exit status')
-        : new GatewayError('ssh_failed', 'the relay closed during the SSH handshake')
+      this.#failure = new GatewayError('relay_unavailable', this.#ready
+        ? 'the relay closed before the command reported an exit status'
+        : 'the relay closed during the SSH handshake')
     }
     this.#finish()
   }
@@ -174,20 +180,23 @@ export class SshExec {
   #onClientError (err: Error & { level?: string }): void {
     this.#opts.logger.debug({ err, level: err.level }, 'ssh client error')
     if (this.#failure !== undefined || this.#finished) return
-    if (err.message === 'Keepalive timeout') {
+    // ssh2 classifies its errors by `level`; after the handshake a client-timeout can only be
+    // the keepalive giving up.
+    if (this.#ready && err.level === 'client-timeout') {
       const { keepaliveIntervalMs: i, keepaliveCountMax: n } = this.#opts
-      this.#failure = new GatewayError('relay_unavailable', `no answer to ${n} SSH keepalives over ${i * (n + 1)} ms: the relay is wedged`)
-    } else if (!this.#ready) {
-      const why = err.level === 'client-authentication'
-        ? 'the sandbox SSH daemon rejected the gateway key'
-        : err.level === 'client-timeout'
-          ? `SSH handshake not finished within ${this.#opts.readyTimeoutMs} ms`
-          : `SSH handshake failed: ${err.message}`
-      this.#failure = new GatewayError('ssh_failed', why)
+      this.#fail(new GatewayError('relay_unavailable', `no answer to ${n} SSH keepalives over ${i * (n + 1)} ms: the relay is wedged`))
+    } else if (this.#ready) {
+      this.#fail(new GatewayError('relay_unavailable', `the relay failed before the command reported an exit status: ${err.message}`))
+    } else if (err.level === 'client-authentication') {
+      this.#fail(new GatewayError('ssh_failed', 'the sandbox SSH daemon rejected the gateway key'))
+    } else if (err.level === 'client-timeout') {
+      this.#fail(new GatewayError('ssh_failed', `SSH handshake not finished within ${this.#opts.readyTimeoutMs} ms`))
     } else {
-      this.#failure = new GatewayError('relay_unavailable', `the relay failed before the command reported an exit status: ${err.message}`)
+      // A relay that closed mid-handshake also surfaces here; its close arrives in the same turn.
+      setImmediate(() => this.#fail(this.#transportClosed
+        ? new GatewayError('relay_unavailable', `the relay closed during the SSH handshake: ${err.message}`)
+        : new GatewayError('ssh_failed', `SSH handshake failed: ${err.message}`)))
     }
-    this.#finish()
   }
 
   #fail (error: GatewayError): void {

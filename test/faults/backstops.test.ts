@@ -1,5 +1,7 @@
 import { describe, it, expect, afterEach } from 'vitest'
 import { userInfo } from 'node:os'
+import { createServer, type Socket } from 'node:net'
+import { generateEd25519KeyPair } from '../../src/ssh-keys.js'
 import { startGateway, type TestGateway } from '../helpers/gateway.js'
 import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
 import { startOpenSshd, type OpenSshd } from '../helpers/openssh.js'
@@ -253,5 +255,36 @@ describe('relay and SSH faults', () => {
     expect(a.body).toMatchObject({ status: 'exited', exitCode: null, signal: 'TERM' })
     const b = await execWait(g.publicUrl, 'edges', { command: ['big'] })
     expect(b.body).toMatchObject({ status: 'exited', exitCode: 4294967295, signal: null })
+  })
+})
+
+describe('SSH setup faults', () => {
+  it('an SSH daemon that never speaks → 502 ssh_failed after --ssh-ready-timeout-ms', async () => {
+    const g = await gateway({ sshReadyTimeoutMs: 1000 })
+    const sockets = new Set<Socket>()
+    const silent = createServer((s) => { sockets.add(s); s.on('error', () => {}) })
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve))
+    cleanups.push(async () => { for (const s of sockets) s.destroy(); await new Promise((resolve) => silent.close(resolve)) })
+    const port = (silent.address() as { port: number }).port
+    supervisor(g, 'mute-sshd', { sshTarget: `127.0.0.1:${port}` })
+    await g.waitConnected('mute-sshd')
+    const { value: r, ms } = await timed(execWait(g.publicUrl, 'mute-sshd', { command: ['true'] }))
+    expect(r.status).toBe(502)
+    expect(r.body.code).toBe('ssh_failed')
+    expect(r.body.detail).toContain('1000 ms')
+    expect(ms).toBeGreaterThanOrEqual(950)
+    expect(ms).toBeLessThan(1000 + SLACK)
+  })
+
+  it('OpenSSH that does not authorize the gateway key → 502 ssh_failed, at once', async () => {
+    const g = await gateway()
+    const sshd = await startOpenSshd({ authorizedKeys: [generateEd25519KeyPair().public] })
+    cleanups.push(async () => { await sshd.close() })
+    supervisor(g, 'not-authorized', { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: userInfo().username })
+    await g.waitConnected('not-authorized')
+    const { value: r, ms } = await timed(execWait(g.publicUrl, 'not-authorized', { command: ['true'] }))
+    expect(r.status).toBe(502)
+    expect(r.body).toMatchObject({ code: 'ssh_failed', detail: 'the sandbox SSH daemon rejected the gateway key' })
+    expect(ms).toBeLessThan(SLACK)
   })
 })
