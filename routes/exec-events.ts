@@ -44,20 +44,25 @@ const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
     res.on('error', () => stop())
     res.on('close', () => stop())
     const position = { stdout: offsets.stdout, stderr: offsets.stderr }
-    const stop = pumpEvents(entry, { stdoutOffset: offsets.stdout, stderrOffset: offsets.stderr, encoding: req.query.encoding }, ctx.heartbeatIntervalMs, (ev, final, endOffset) => {
-      if (res.destroyed) return
-      const line = JSON.stringify(ev)
-      if (sse) {
-        if ((ev.type === 'stdout' || ev.type === 'stderr') && endOffset !== undefined) {
-          position[ev.type] = endOffset
-        } else if (ev.type === 'gap') {
-          position[ev.stream] = Math.max(position[ev.stream], ev.to)
+    const stop = pumpEvents(entry, { stdoutOffset: offsets.stdout, stderrOffset: offsets.stderr, encoding: req.query.encoding }, ctx.heartbeatIntervalMs, {
+      send: (ev, final, endOffset, _raw, drained) => {
+        if (res.destroyed) return true
+        const line = JSON.stringify(ev)
+        let ok: boolean
+        if (sse) {
+          if ((ev.type === 'stdout' || ev.type === 'stderr') && endOffset !== undefined) {
+            position[ev.type] = endOffset
+          } else if (ev.type === 'gap') {
+            position[ev.stream] = Math.max(position[ev.stream], ev.to)
+          }
+          ok = res.write(`id: ${position.stdout}-${position.stderr}\nevent: ${ev.type}\ndata: ${line}\n\n`)
+        } else {
+          ok = res.write(line + '\n')
         }
-        res.write(`id: ${position.stdout}-${position.stderr}\nevent: ${ev.type}\ndata: ${line}\n\n`)
-      } else {
-        res.write(line + '\n')
+        if (final) { res.end(); return true }
+        if (!ok) res.once('drain', drained)
+        return ok
       }
-      if (final) res.end()
     })
   })
 }

@@ -20,6 +20,8 @@ export const CLOSE_POLICY = 1008
 export const CLOSE_ERROR = 1011
 
 const P = ProblemResponse
+const HIGH_WATER = 1024 * 1024
+const LOW_WATER = 256 * 1024
 
 const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ctx }) => {
   app.get('/v1/execs/:execId/stream', {
@@ -39,18 +41,36 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
     const binary = socket.protocol === BINARY_SUBPROTOCOL
     ctx.sockets.add(socket)
     socket.on('error', (err) => req.log.debug({ err }, 'websocket error'))
-    const stop = pumpEvents(entry, { stdoutOffset: req.query.stdoutOffset, stderrOffset: req.query.stderrOffset, encoding: binary ? 'base64' : req.query.encoding }, ctx.heartbeatIntervalMs, (ev, final) => {
-      if (socket.readyState !== socket.OPEN) return
-      if (binary && (ev.type === 'stdout' || ev.type === 'stderr')) {
-        const raw = Buffer.from(ev.data, 'base64')
-        socket.send(Buffer.concat([Buffer.from([ev.type === 'stdout' ? 1 : 2]), raw]), { binary: true })
+    // Bytes handed to ws whose write has not completed: above HIGH_WATER the reader holds the
+    // exec's flow, and releases it once they fall below LOW_WATER.
+    let unsent = 0
+    let congested = false
+    const sendCounted = (data: Buffer | string, binaryFrame: boolean, drained: () => void): boolean => {
+      const size = typeof data === 'string' ? Buffer.byteLength(data) : data.length
+      unsent += size
+      socket.send(data, { binary: binaryFrame }, () => {
+        unsent -= size
+        if (congested && unsent <= LOW_WATER) { congested = false; drained() }
+      })
+      if (!congested && unsent > HIGH_WATER) congested = true
+      return !congested
+    }
+    const stop = pumpEvents(entry, { stdoutOffset: req.query.stdoutOffset, stderrOffset: req.query.stderrOffset, encoding: binary ? 'binary' : req.query.encoding }, ctx.heartbeatIntervalMs, { send: (ev, final, _endOffset, raw, drained) => {
+      if (socket.readyState !== socket.OPEN) return true
+      let ok: boolean
+      if (binary && raw !== undefined && (ev.type === 'stdout' || ev.type === 'stderr')) {
+        const frame = Buffer.allocUnsafe(raw.length + 1)
+        frame[0] = ev.type === 'stdout' ? 1 : 2
+        raw.copy(frame, 1)
+        ok = sendCounted(frame, true, drained)
       } else {
-        socket.send(JSON.stringify(ev))
+        ok = sendCounted(JSON.stringify(ev), false, drained)
       }
       // A gateway going down says so with 1001, whatever it cut off.
       if (ev.type === 'error') socket.close(ev.code === 'shutting_down' ? CLOSE_GOING_AWAY : CLOSE_ERROR, ev.code)
       else if (final) socket.close(CLOSE_NORMAL, 'exec ended')
-    })
+      return ok
+    } })
     socket.on('close', () => { stop(); ctx.sockets.delete(socket) })
     socket.on('message', (data: RawData, isBinary: boolean) => onClientFrame(ctx, entry, socket, data, isBinary))
   })

@@ -11,11 +11,13 @@ import type { ValidExec } from './validate.js'
 
 export type StreamName = 'stdout' | 'stderr'
 export type Encoding = 'utf8' | 'base64'
+// 'binary' is internal: output events carry their bytes in the raw argument, not in data.
+export type AttachEncoding = Encoding | 'binary'
 
 export interface AttachOptions {
   stdoutOffset?: number | undefined
   stderrOffset?: number | undefined
-  encoding?: Encoding | undefined
+  encoding?: AttachEncoding | undefined
 }
 
 export class ExecEntry extends EventEmitter {
@@ -29,6 +31,9 @@ export class ExecEntry extends EventEmitter {
   outcome: Outcome | undefined
   readonly stdout: OutputJournal
   readonly stderr: OutputJournal
+  // Readers that cannot keep up. While any holds the flow, the exec reads from the sandbox no
+  // faster than they drain (the SSH window closes and the command blocks on its writes).
+  readonly #holders = new Set<object>()
 
   constructor (id: string, sandboxId: string, spec: ValidExec, retentionBytes: number) {
     super()
@@ -41,6 +46,19 @@ export class ExecEntry extends EventEmitter {
   }
 
   get finished (): boolean { return this.outcome !== undefined }
+
+  get flowHeld (): boolean { return this.#holders.size > 0 }
+
+  holdFlow (reader: object): void {
+    if (this.#holders.has(reader)) return
+    this.#holders.add(reader)
+    if (this.#holders.size === 1) this.emit('flow', true)
+  }
+
+  releaseFlow (reader: object): void {
+    if (!this.#holders.delete(reader)) return
+    if (this.#holders.size === 0) this.emit('flow', false)
+  }
 
   markStarted (): void {
     if (this.status !== 'pending') return
@@ -113,11 +131,12 @@ export class ExecEntry extends EventEmitter {
   // Replays what is held from the given offsets, then follows live output, then the one final
   // event. Returns the detach function; `send` is never called after it. Output events come
   // with the byte offset just past them (their text length can differ from their byte count).
-  attach (opts: AttachOptions, send: (ev: ExecEvent, endOffset?: number) => void): () => void {
+  attach (opts: AttachOptions, send: (ev: ExecEvent, endOffset?: number, raw?: Buffer) => void): () => void {
     const encoding = opts.encoding ?? 'utf8'
     const carry: Record<StreamName, { offset: number, data: Buffer } | undefined> = { stdout: undefined, stderr: undefined }
     let detached = false
     const emitChunk = (stream: StreamName, offset: number, data: Buffer, flush: boolean): void => {
+      if (encoding === 'binary') { send({ type: stream, offset, data: '' }, offset + data.length, data); return }
       if (encoding === 'base64') { send({ type: stream, offset, data: data.toString('base64') }, offset + data.length); return }
       const held = carry[stream]
       let start = offset

@@ -180,7 +180,11 @@ export class ExecManager {
         onStderr: (b) => entry.append('stderr', b)
       })
       state.ssh = ssh
+      const onFlow = (held: boolean): void => ssh.setPaused(held)
+      entry.on('flow', onFlow)
+      if (entry.flowHeld) ssh.setPaused(true)
       ssh.start()
+      ssh.done.finally(() => entry.off('flow', onFlow)).catch(() => {})
       const end = await ssh.done
       outcome = decideOutcome({
         exit: end.exit,

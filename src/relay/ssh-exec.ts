@@ -36,6 +36,7 @@ export class SshExec {
   #channel: ClientChannel | undefined
   #ready = false
   #transportClosed = false
+  #paused = false
   #exit: ExitReport | undefined
   #failure: GatewayError | undefined
   #closeWaitTimer: NodeJS.Timeout | undefined
@@ -94,6 +95,15 @@ export class SshExec {
     if (ch !== undefined && ch.writable) ch.end()
   }
 
+  // Stops (or restarts) reading the channel: ssh2 then stops adjusting the SSH window, so the
+  // sandbox stops sending and the command blocks on its writes.
+  setPaused (paused: boolean): void {
+    this.#paused = paused
+    const ch = this.#channel
+    if (ch === undefined || this.#finished) return
+    if (paused) { ch.pause(); ch.stderr.pause() } else { ch.resume(); ch.stderr.resume() }
+  }
+
   resize (cols: number, rows: number): void {
     this.#channel?.setWindow(rows, cols, 0, 0)
   }
@@ -147,6 +157,7 @@ export class SshExec {
     const o = this.#opts
     channel.on('data', (chunk: Buffer) => { if (!this.#finished) o.onStdout(chunk) })
     channel.stderr.on('data', (chunk: Buffer) => { if (!this.#finished) o.onStderr(chunk) })
+    if (this.#paused) { channel.pause(); channel.stderr.pause() }
     channel.on('error', (err: Error) => o.logger.debug({ err }, 'ssh channel error'))
     channel.stderr.on('error', (err: Error) => o.logger.debug({ err }, 'ssh channel stderr error'))
     channel.on('exit', (code: number | null, signal?: string) => {
@@ -206,6 +217,13 @@ export class SshExec {
 
   #finish (): void {
     if (this.#finished) return
+    // Output already received but held back for a slow reader belongs to the exec: hand it
+    // over before the outcome (read() emits 'data' synchronously).
+    const ch = this.#channel
+    if (ch !== undefined) {
+      while (ch.read() !== null) { /* emitted as 'data' */ }
+      while (ch.stderr.read() !== null) { /* emitted as 'data' */ }
+    }
     this.#finished = true
     clearTimeout(this.#closeWaitTimer)
     const end: SshExecEnd = { exit: this.#exit, failure: this.#exit === undefined ? this.#failure : undefined }
