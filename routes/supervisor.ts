@@ -27,9 +27,16 @@ export interface SupervisorServerOptions {
 
 interface ConnState { pinger: H2Pinger, sessions: Set<SupervisorSession> }
 
-export function createSupervisorServer (opts: SupervisorServerOptions): http2.Http2Server {
+export interface SupervisorServer {
+  server: http2.Http2Server
+  // Shutdown: GOAWAY to every supervisor connection, then cut what has not gone within graceMs.
+  closeAll: (graceMs: number) => Promise<void>
+}
+
+export function createSupervisorServer (opts: SupervisorServerOptions): SupervisorServer {
   const log = opts.logger
   const conns = new WeakMap<Http2Session, ConnState>()
+  const live = new Set<Http2Session>()
   const server = http2.createServer({
     settings: { initialWindowSize: H2_STREAM_WINDOW, maxConcurrentStreams: 100000 },
     maxSessionMemory: 256
@@ -57,7 +64,8 @@ export function createSupervisorServer (opts: SupervisorServerOptions): http2.Ht
       ...(opts.onPingRtt === undefined ? {} : { onRtt: opts.onPingRtt })
     })
     conns.set(session, { pinger, sessions: new Set() })
-    session.once('close', () => pinger.stop())
+    live.add(session)
+    session.once('close', () => { pinger.stop(); live.delete(session) })
   })
 
   server.on('stream', (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => {
@@ -89,9 +97,11 @@ export function createSupervisorServer (opts: SupervisorServerOptions): http2.Ht
   })
 
   function openSession (stream: ServerHttp2Stream, sandboxId: string, conn: ConnState | undefined): void {
+    let sessionInstance: string | undefined
     const session: SupervisorSession = {
       id: randomUUID(),
       sandboxId,
+      get instanceId () { return sessionInstance },
       connectedAt: new Date(),
       send: (msg: GatewayMessage) => {
         if (stream.destroyed || stream.closed || !stream.writable) return false
@@ -120,7 +130,15 @@ export function createSupervisorServer (opts: SupervisorServerOptions): http2.Ht
       decoder.push(chunk, (raw) => {
         const msg = raw as SupervisorMessage
         if (msg.type === 'hello' && !registered) {
+          const instanceId = typeof msg.instanceId === 'string' ? msg.instanceId.slice(0, 128) : undefined
+          if (!opts.registry.mayRegister(sandboxId, instanceId)) {
+            slog.warn({ instanceId }, 'refusing a superseded supervisor while the newer one is connected')
+            session.send({ type: 'rejected', reason: 'superseded: a newer supervisor process serves this sandbox' })
+            stream.end()
+            return
+          }
           registered = true
+          sessionInstance = instanceId
           conn?.sessions.add(session)
           session.send({
             type: 'accepted',
@@ -152,7 +170,15 @@ export function createSupervisorServer (opts: SupervisorServerOptions): http2.Ht
     stream.on('end', () => { if (!stream.destroyed) stream.end() })
   }
 
-  return server
+  const closeAll = async (graceMs: number): Promise<void> => {
+    const closed = new Promise<void>((resolve) => server.close(() => resolve()))
+    for (const s of live) { try { s.close() } catch { /* already closing */ } }
+    await Promise.race([closed, new Promise((resolve) => setTimeout(resolve, graceMs).unref())])
+    for (const s of live) s.destroy()
+    await Promise.race([closed, new Promise((resolve) => setTimeout(resolve, 200).unref())])
+  }
+
+  return { server, closeAll }
 }
 
 function reject (stream: ServerHttp2Stream, status: number, code: string, detail: string): void {

@@ -71,7 +71,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     apiTokens: config.apiTokens,
     ctx: { execs, registry, metrics, heartbeatIntervalMs: config.heartbeatIntervalMs, isClosing: () => closing }
   })
-  const supervisorServer = createSupervisorServer({
+  const { server: supervisorServer, closeAll: closeSupervisorConnections } = createSupervisorServer({
     registry,
     tokenSecrets: [identity.tokenSecret],
     gatewayPublicKey: identity.publicKey,
@@ -122,14 +122,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     setTimeout(() => { for (const ws of sockets) ws.terminate() }, 500).unref()
     registry.close()
     await localSupervisor?.stop()
-    await Promise.allSettled([
-      app.close(),
-      new Promise<void>((resolve) => {
-        supervisorServer.close(() => resolve())
-        // Sessions hold the HTTP/2 server open; end them.
-        setTimeout(resolve, 2000).unref()
-      })
-    ])
+    await Promise.allSettled([app.close(), closeSupervisorConnections(300)])
   }
 
   return { app, supervisorServer, registry, execs, identity, logger, listen, close }

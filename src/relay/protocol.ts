@@ -11,9 +11,10 @@ export type GatewayMessage =
   | { type: 'relay', relayId: string }
   | { type: 'heartbeat' }
   | { type: 'superseded' }
+  | { type: 'rejected', reason: string }
 
 export type SupervisorMessage =
-  | { type: 'hello', sshHostKey?: string | undefined, sshUser?: string | undefined }
+  | { type: 'hello', instanceId?: string | undefined, sshHostKey?: string | undefined, sshUser?: string | undefined }
   | { type: 'heartbeat' }
   | { type: 'relay_failed', relayId: string, reason: string }
 

@@ -11,6 +11,8 @@ import type { GatewayMessage } from './protocol.js'
 export interface SupervisorSession {
   readonly id: string
   readonly sandboxId: string
+  // The supervisor process behind the session (it may reconnect under new sessions).
+  readonly instanceId?: string | undefined
   readonly connectedAt: Date
   send: (msg: GatewayMessage) => boolean
   close: (reason: string) => void
@@ -48,6 +50,8 @@ export class SessionRegistry {
   readonly #sandboxes = new Map<string, SandboxEntry>()
   readonly #pending = new Map<string, PendingRelay>()
   readonly #waiters = new Map<string, Set<Waiter>>()
+  // Per sandbox, supervisor processes that a newer one replaced.
+  readonly #superseded = new Map<string, Set<string>>()
   #closed = false
 
   constructor (opts: SessionRegistryOptions) {
@@ -69,6 +73,16 @@ export class SessionRegistry {
     return n
   }
 
+  // A process that was superseded may not take its sandbox back while the process that replaced
+  // it is connected: two live supervisors would otherwise hand the sandbox back and forth, and
+  // every handover kills the loser's execs.
+  mayRegister (sandboxId: string, instanceId: string | undefined): boolean {
+    if (instanceId === undefined) return true
+    const current = this.#sandboxes.get(sandboxId)?.session
+    if (current === undefined || current.instanceId === instanceId) return true
+    return this.#superseded.get(sandboxId)?.has(instanceId) !== true
+  }
+
   // A newer session for the same sandbox wins: the old one is told and closed, and relays that
   // were waiting are offered again on the new one.
   register (session: SupervisorSession, info: { sshHostKey?: string | undefined, sshUser?: string | undefined } = {}): void {
@@ -79,6 +93,14 @@ export class SessionRegistry {
     entry.lastSeenAt = new Date()
     entry.sshHostKey = info.sshHostKey
     entry.sshUser = info.sshUser
+    const replaced = this.#superseded.get(session.sandboxId) ?? new Set<string>()
+    if (session.instanceId !== undefined) replaced.delete(session.instanceId)
+    if (old !== undefined && old.instanceId !== undefined && old.instanceId !== session.instanceId) {
+      replaced.add(old.instanceId)
+      // Remember a few: enough for restarts, never a growing set.
+      if (replaced.size > 16) replaced.delete(replaced.values().next().value!)
+    }
+    this.#superseded.set(session.sandboxId, replaced)
     if (old !== undefined && old !== session) {
       this.#opts.logger.info({ sandboxId: session.sandboxId, old: old.id, new: session.id }, 'supervisor session superseded')
       old.send({ type: 'superseded' })

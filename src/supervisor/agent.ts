@@ -1,6 +1,7 @@
 import http2, { type ClientHttp2Session, type ClientHttp2Stream } from 'node:http2'
 import net from 'node:net'
 import os from 'node:os'
+import { randomUUID } from 'node:crypto'
 import type { Logger } from 'pino'
 import { H2Pinger } from '../relay/h2-ping.js'
 import {
@@ -41,6 +42,9 @@ export class Supervisor {
   #loop: Promise<void> | undefined
   #wake: (() => void) | undefined
   #relays = new Set<{ destroy: () => void }>()
+  // Tells the gateway which process this is: a process that was superseded may not take its
+  // sandbox back while the newer one is connected.
+  readonly #instanceId = randomUUID()
 
   constructor (opts: SupervisorOptions) {
     this.#opts = opts
@@ -125,7 +129,12 @@ export class Supervisor {
   #holdSession (client: ClientHttp2Session, onAccepted: () => void): Promise<void> {
     const o = this.#opts
     return new Promise<void>((resolve, reject) => {
-      let pinger: H2Pinger | undefined
+      const dead = (reason: string): void => { this.#log.warn({ reason }, 'gateway connection is dead'); setImmediate(() => client.destroy()) }
+      // Liveness from the first byte: a connection that dies before the session is accepted
+      // must not hold this supervisor forever.
+      let pinger = new H2Pinger(client, { intervalMs: DEFAULT_PING_INTERVAL_MS, timeoutMs: DEFAULT_PING_TIMEOUT_MS, onDead: dead })
+      const acceptBound = o.connectTimeoutMs ?? 10_000
+      const acceptTimer = setTimeout(() => dead(`session not accepted within ${acceptBound} ms`), acceptBound)
       let heartbeat: NodeJS.Timeout | undefined
       const req = client.request({
         ':method': 'POST',
@@ -136,14 +145,17 @@ export class Supervisor {
       const send = (msg: SupervisorMessage): void => { if (req.writable) req.write(JSON.stringify(msg) + '\n') }
       const finish = (err?: Error): void => {
         clearInterval(heartbeat)
-        pinger?.stop()
+        clearTimeout(acceptTimer)
+        pinger.stop()
         if (err === undefined) resolve()
         else reject(err)
       }
       req.on('error', (err) => finish(err))
       req.on('close', () => finish())
       client.once('close', () => finish())
-      send({ type: 'hello', sshHostKey: o.sshHostKey ?? this.#embedded?.hostPublicKey, sshUser: o.sshUser ?? os.userInfo().username })
+      send({ type: 'hello', instanceId: this.#instanceId, sshHostKey: o.sshHostKey ?? this.#embedded?.hostPublicKey, sshUser: o.sshUser ?? os.userInfo().username })
+      // The gateway ending its side (shutdown, supersede) ends ours, so the connection can go.
+      req.on('end', () => { if (req.writable) req.end() })
       req.on('response', (headers) => {
         const status = Number(headers[':status'])
         if (status !== 200) {
@@ -155,7 +167,7 @@ export class Supervisor {
         }
         const decoder = new NdjsonDecoder()
         req.on('data', (chunk: Buffer) => {
-          pinger?.touch()
+          pinger.touch()
           decoder.push(chunk, (raw) => {
             const msg = raw as GatewayMessage
             if (msg.type === 'accepted') {
@@ -167,10 +179,12 @@ export class Supervisor {
               }
               // The gateway's own liveness bounds, capped: a gateway that went half-dead is
               // noticed as fast as the gateway would notice us.
+              clearTimeout(acceptTimer)
+              pinger.stop()
               pinger = new H2Pinger(client, {
                 intervalMs: Math.min(msg.pingIntervalMs, DEFAULT_PING_INTERVAL_MS),
                 timeoutMs: Math.min(msg.pingTimeoutMs, DEFAULT_PING_TIMEOUT_MS),
-                onDead: (reason) => { this.#log.warn({ reason }, 'gateway connection is dead'); setImmediate(() => client.destroy()) }
+                onDead: dead
               })
               heartbeat = setInterval(() => send({ type: 'heartbeat' }), msg.heartbeatIntervalMs)
               onAccepted()
@@ -178,7 +192,9 @@ export class Supervisor {
             } else if (msg.type === 'relay') {
               this.#openRelay(client, msg.relayId, send)
             } else if (msg.type === 'superseded') {
-              this.#log.info('session superseded by a newer supervisor')
+              this.#log.warn('another supervisor process took over this sandbox; this one stands by until it goes away')
+            } else if (msg.type === 'rejected') {
+              this.#log.warn({ reason: msg.reason }, 'the gateway refused this session')
             }
           }, (line) => this.#log.warn({ line: line.slice(0, 200) }, 'bad message from gateway'))
         })
