@@ -44,6 +44,8 @@ const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
     res.on('error', () => stop())
     res.on('close', () => stop())
     const position = { stdout: offsets.stdout, stderr: offsets.stderr }
+    // One drain listener per congestion, not per write.
+    let congested = false
     const stop = pumpEvents(entry, { stdoutOffset: offsets.stdout, stderrOffset: offsets.stderr, encoding: req.query.encoding }, ctx.heartbeatIntervalMs, {
       send: (ev, final, endOffset, _raw, drained) => {
         if (res.destroyed) return true
@@ -60,7 +62,10 @@ const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
           ok = res.write(line + '\n')
         }
         if (final) { res.end(); return true }
-        if (!ok) res.once('drain', drained)
+        if (!ok && !congested) {
+          congested = true
+          res.once('drain', () => { congested = false; drained() })
+        }
         return ok
       }
     })
