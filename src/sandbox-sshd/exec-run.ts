@@ -1,9 +1,10 @@
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process'
-import { constants as osConstants, homedir } from 'node:os'
+import { homedir } from 'node:os'
 import type { Logger } from 'pino'
 import type { ServerChannel } from 'ssh2'
-import { exitOutcome, sendExitReport, type ExitOutcome } from './exit-report.js'
+import { afterChannelFlushed, exitOutcome, sendExitReport, type ExitOutcome } from './exit-report.js'
 import { OutputPump } from './output-pump.js'
+import { signalProcessGroup, spawnFailureMessage, type Run, type RunOptions } from './run.js'
 
 // After the child exits its pipes may still hold its last output (up to one pipe buffer, 64 KiB
 // by default, 1 MiB at most without root, plus our stream's read buffer). While a pump is paused
@@ -12,24 +13,15 @@ import { OutputPump } from './output-pump.js'
 // a pump has read more than this since the exit, the rest is a grandchild's and is not waited for.
 const CHILD_TAIL_BYTES = 2 * 1024 * 1024
 
-export interface ExecRunOptions {
-  command: string
-  env: NodeJS.ProcessEnv
-  exitDrainMs: number
-  logger: Logger
-  /** Called once, when the run has reported its exit or was abandoned by the client. */
-  onFinish: () => void
-}
-
 /**
  * One `exec` request: `/bin/sh -c <command>` in its own process group, wired to the channel.
  * Every terminal path (report sent, spawn failure, client gone) ends in #finish, which runs once.
  * The child is never killed by this class: like OpenSSH, a client that goes away leaves the
  * command running with its stdin closed and its output pipes gone.
  */
-export class ExecRun {
+export class ExecRun implements Run {
   readonly #channel: ServerChannel
-  readonly #opts: ExecRunOptions
+  readonly #opts: RunOptions
   readonly #log: Logger
   #child: ChildProcessWithoutNullStreams | undefined
   #pumps: OutputPump[] = []
@@ -39,7 +31,7 @@ export class ExecRun {
   #reporting = false
   #finished = false
 
-  constructor (channel: ServerChannel, opts: ExecRunOptions) {
+  constructor (channel: ServerChannel, opts: RunOptions) {
     this.#channel = channel
     this.#opts = opts
     this.#log = opts.logger
@@ -97,24 +89,12 @@ export class ExecRun {
     child.once('exit', (code, signal) => { this.#onExit(code, signal) })
   }
 
-  /** Delivers a `signal` request (name without "SIG") to the child's whole process group. */
   signal (name: string): void {
-    const signal = `SIG${name.replace(/^SIG/, '')}`
-    if (!Object.hasOwn(osConstants.signals, signal)) {
-      this.#log.debug({ signal: name }, 'ignoring unknown signal')
-      return
-    }
     const pid = this.#child?.pid
     if (pid === undefined || this.#finished) return
-    try {
-      process.kill(-pid, signal)
-    } catch (err) {
-      // ESRCH: the whole group is already gone, which is what the sender wanted anyway.
-      if ((err as NodeJS.ErrnoException).code !== 'ESRCH') this.#log.warn({ err, signal }, 'signal failed')
-    }
+    signalProcessGroup(pid, name, this.#log)
   }
 
-  /** The client closed the channel or the connection: stop talking to it, leave the child be. */
   abort (reason: string): void {
     if (this.#finished) return
     this.#log.debug({ reason, pid: this.#child?.pid }, 'exec abandoned by client')
@@ -164,7 +144,7 @@ export class ExecRun {
     // Stop reading before EOF goes out so nothing can be written after it. A grandchild that
     // still holds the pipes gets EPIPE from now on; it is not killed.
     for (const pump of this.#pumps) pump.stop()
-    this.#afterChannelFlushed(() => {
+    afterChannelFlushed(this.#channel, () => {
       if (this.#finished) return
       sendExitReport(this.#channel, outcome)
       this.#finish()
@@ -181,31 +161,13 @@ export class ExecRun {
       child.stdout.destroy()
       child.stderr.destroy()
     }
-    const message = err instanceof Error ? err.message : String(err)
-    this.#channel.stderr.write(`sandbox-sshd: cannot run command: ${message}\n`)
+    this.#channel.stderr.write(spawnFailureMessage(err))
     // 127 is what a shell reports for a command it could not run.
-    this.#afterChannelFlushed(() => {
+    afterChannelFlushed(this.#channel, () => {
       if (this.#finished) return
       sendExitReport(this.#channel, { code: 127 })
       this.#finish()
     })
-  }
-
-  // Output already handed to the channel may still sit in its buffers waiting for window space;
-  // EOF bypasses those buffers, so wait until both have passed everything to the protocol. A
-  // zero-length write is a barrier: its callback runs after every earlier write has gone out.
-  // A client that never reads again keeps this waiting until it closes the channel (abort).
-  #afterChannelFlushed (then: () => void): void {
-    const channel = this.#channel
-    const state = (channel as unknown as { outgoing: { state: string } }).outgoing.state
-    if (state !== 'open' || !channel.writable || !channel.stderr.writable) {
-      then()
-      return
-    }
-    let pending = 2
-    const done = (): void => { if (--pending === 0) then() }
-    channel.write(Buffer.alloc(0), done)
-    channel.stderr.write(Buffer.alloc(0), done)
   }
 
   #finish (): void {

@@ -22,6 +22,15 @@ export function exitOutcome (code: number | null, signal: NodeJS.Signals | null)
   return { code: code ?? 255 }
 }
 
+/** The same for an exit given as numbers (node-pty's onExit), signal 0 meaning none. */
+export function exitOutcomeOfNumbers (code: number, signal: number): ExitOutcome {
+  if (signal === 0) return { code }
+  const signals = osConstants.signals as Record<string, number>
+  const name = Object.keys(signals).find((key) => signals[key] === signal)
+  // A number Node has no name for still must not look like success: the shell's 128 + N.
+  return name === undefined ? { code: 128 + signal } : exitOutcome(null, name as NodeJS.Signals)
+}
+
 /**
  * Sends EOF, then exit-status or exit-signal, then close: the order OpenSSH and the ancestor
  * daemon use, so the gateway sees the same sequence from every daemon. ssh2's own
@@ -49,4 +58,22 @@ export function sendExitReport (channel: ServerChannel, outcome: ExitOutcome): b
   }
   channel.close()
   return true
+}
+
+/**
+ * Runs `then` once everything already handed to the channel has reached the protocol. Output may
+ * still sit in the channel's buffers waiting for window space, and EOF bypasses those buffers; a
+ * zero-length write on each side is a barrier whose callback runs after every earlier write has
+ * gone out. A client that never reads again keeps this waiting until it closes the channel.
+ */
+export function afterChannelFlushed (channel: ServerChannel, then: () => void): void {
+  const state = (channel as unknown as ChannelInternals).outgoing.state
+  if (state !== 'open' || !channel.writable || !channel.stderr.writable) {
+    then()
+    return
+  }
+  let pending = 2
+  const done = (): void => { if (--pending === 0) then() }
+  channel.write(Buffer.alloc(0), done)
+  channel.stderr.write(Buffer.alloc(0), done)
 }

@@ -3,8 +3,8 @@ import { pino, type Logger } from 'pino'
 import ssh2 from 'ssh2'
 import type { Connection } from 'ssh2'
 import { authenticate, parseAuthorizedKeys, type AuthorizedKey } from './auth.js'
-import type { ExecRun } from './exec-run.js'
 import { loadHostKey } from '../ssh-keys.js'
+import type { Run } from './run.js'
 import { serveSession } from './session.js'
 
 // Default import: Node's ESM loader does not see `Server` and `utils` as named exports of ssh2.
@@ -25,7 +25,8 @@ export interface EmbeddedSshdOptions {
   /**
    * How long to wait for stdout/stderr EOF after the child exits before reporting anyway
    * (default 250). Time the output spends waiting for a slow client does not count against the
-   * command's own last output; see exec-run.ts.
+   * command's own last output; see exec-run.ts. Commands under a pseudo-terminal get node-pty's
+   * fixed 200 ms instead; see pty-run.ts.
    */
   exitDrainMs?: number
 }
@@ -65,7 +66,7 @@ export async function startEmbeddedSshd (opts: EmbeddedSshdOptions): Promise<Emb
       return
     }
     connections.add(conn)
-    const runs = new Set<ExecRun>()
+    const runs = new Set<Run>()
     // Pre-auth failures (bad packets, handshake errors) land here too; none may crash us.
     conn.on('error', (err: Error) => { connLog.debug({ err }, 'ssh connection error') })
     conn.on('authentication', (ctx) => {

@@ -148,20 +148,38 @@ describe.each(targets)('exec through a supervisor to the %s SSH daemon', (target
     expect(res.events.at(-1)).toEqual({ type: 'exit', exitCode: 0, signal: null, timedOut: false })
   })
 
-  it('runs under a pseudo-terminal with the requested size, or refuses it with a clear 502', async () => {
+  it('runs under a pseudo-terminal with the requested size', async () => {
     const r = await execWait(g.publicUrl, sandbox, { command: ['sh', '-c', 'stty size; tty >/dev/null && echo is-a-tty; echo to-stderr >&2'], tty: true, cols: 120, rows: 40 })
-    if (target === 'openssh') {
-      expect(r.status).toBe(200)
-      expect(r.body.exitCode).toBe(0)
-      // Under a tty stdout and stderr merge, and the line discipline turns \n into \r\n.
-      expect(r.body.stdout.replaceAll('\r\n', '\n')).toBe('40 120\nis-a-tty\nto-stderr\n')
-      expect(r.body.stderr).toBe('')
-    } else {
-      // The embedded daemon has no pseudo-terminals yet: an honest refusal, never a fake run.
-      expect(r.status).toBe(502)
-      expect(r.body.code).toBe('ssh_failed')
-      expect(r.body.detail).toContain('pseudo-terminal')
-    }
+    expect(r.status).toBe(200)
+    expect(r.body.exitCode).toBe(0)
+    // Under a tty stdout and stderr merge, and the line discipline turns \n into \r\n.
+    expect(r.body.stdout.replaceAll('\r\n', '\n')).toBe('40 120\nis-a-tty\nto-stderr\n')
+    expect(r.body.stderr).toBe('')
+  })
+
+  it('resizes the pseudo-terminal from the WebSocket', async () => {
+    const id = await execStart(g.publicUrl, sandbox, { command: ['sh', '-c', 'stty size; read x; stty size'], tty: true, interactive: true, cols: 120, rows: 40 })
+    const res = await readWebSocket(g.publicUrl, id, {
+      onOpen: (ws) => {
+        // Only once the first size is out, so the resize cannot overtake it.
+        let seen = ''
+        let sent = false
+        ws.on('message', (data, isBinary) => {
+          if (isBinary || sent) return
+          const event = JSON.parse(data.toString())
+          if (event.type === 'stdout') seen += event.data
+          if (!seen.includes('40 120')) return
+          sent = true
+          ws.send(JSON.stringify({ type: 'resize', cols: 100, rows: 30 }))
+          ws.send(JSON.stringify({ type: 'stdin', data: 'go\n' }))
+        })
+      }
+    })
+    const out = outputOf(res.events, 'stdout').replaceAll('\r\n', '\n')
+    expect(out).toMatch(/^40 120\n/)
+    expect(out.indexOf('30 100\n')).toBeGreaterThan(out.indexOf('40 120\n'))
+    expect(outputOf(res.events, 'stderr')).toBe('')
+    expect(res.events.at(-1)).toEqual({ type: 'exit', exitCode: 0, signal: null, timedOut: false })
   })
 
   it('lists execs and shows the sandbox as connected', async () => {
