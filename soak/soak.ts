@@ -8,14 +8,13 @@ import { describe, expect, it, afterAll } from 'vitest'
 import http from 'node:http'
 import { readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { execFileSync } from 'node:child_process'
-import { userInfo } from 'node:os'
 import v8 from 'node:v8'
 import vm from 'node:vm'
 import WebSocket from 'ws'
 import { startGateway, type TestGateway } from '../test/helpers/gateway.js'
 import { startSupervisorProcess, type SupervisorProcess } from '../test/helpers/supervisor-process.js'
 import { startTcpProxy, type TcpProxy } from '../test/helpers/tcp-proxy.js'
-import { startOpenSshd, type OpenSshd } from '../test/helpers/openssh.js'
+import { startOpenSshd, type OpenSshd, sandboxAccount } from '../test/helpers/openssh.js'
 import { sleep } from '../test/helpers/wait.js'
 import type { GatewayConfig } from '../src/config.js'
 
@@ -389,7 +388,7 @@ function startSupervisor (sb: Omit<Sandbox, 'sup' | 'busy'>): SupervisorProcess 
     gatewayUrl: `http://${sb.proxy.host}:${sb.proxy.port}`,
     sandboxId: sb.id,
     token: g.token(sb.id),
-    ...(sb.sshdProxy === undefined ? {} : { sshTarget: `${sb.sshdProxy.host}:${sb.sshdProxy.port}`, sshUser: userInfo().username })
+    ...(sb.sshdProxy === undefined ? {} : { sshTarget: `${sb.sshdProxy.host}:${sb.sshdProxy.port}`, sshUser: sandboxAccount() })
   })
   allSupervisors.push(sup)
   return sup

@@ -8,6 +8,7 @@ import { ExecManager } from './execs/manager.js'
 import { buildPublicApp } from './http/public-app.js'
 import { Metrics } from './metrics.js'
 import { SessionRegistry } from './relay/sessions.js'
+import { SshPool } from './relay/ssh-pool.js'
 import { createSupervisorServer } from '../routes/supervisor.js'
 import { Supervisor } from './supervisor/agent.js'
 import { signSupervisorToken } from './tokens.js'
@@ -22,6 +23,7 @@ export interface Gateway {
   app: FastifyInstance
   supervisorServer: Http2Server
   registry: SessionRegistry
+  pool: SshPool
   execs: ExecManager
   identity: GatewayIdentity
   logger: Logger
@@ -48,15 +50,23 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     logger: logger.child({ component: 'sessions' })
   })
   let metrics: Metrics | undefined
-  const execs = new ExecManager({
+  const pool = new SshPool({
     registry,
     privateKey: identity.privateKey,
+    keepaliveIntervalMs: config.sshKeepaliveIntervalMs,
+    keepaliveCountMax: config.sshKeepaliveCountMax,
+    readyTimeoutMs: config.sshReadyTimeoutMs,
+    pooling: config.sshPool,
+    channelsPerConnection: config.sshChannelsPerConnection,
+    idleCloseMs: config.sshIdleCloseMs,
+    logger: logger.child({ component: 'ssh' })
+  })
+  const execs = new ExecManager({
+    registry,
+    pool,
     logger: logger.child({ component: 'execs' }),
     retentionBytes: config.retentionBytes,
     execTtlS: config.execTtlS,
-    sshReadyTimeoutMs: config.sshReadyTimeoutMs,
-    sshKeepaliveIntervalMs: config.sshKeepaliveIntervalMs,
-    sshKeepaliveCountMax: config.sshKeepaliveCountMax,
     closeWaitMs: config.closeWaitMs,
     maxPendingRelaysPerSandbox: config.maxPendingRelaysPerSandbox,
     onEnd: (e) => metrics?.execsEnded.inc({ outcome: e.status, code: e.error?.code ?? '' })
@@ -115,6 +125,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     if (closing) return
     closing = true
     await execs.close(config.shutdownGraceMs)
+    pool.close()
     for (const ws of sockets) {
       try { ws.close(CLOSE_GOING_AWAY, 'gateway shutting down') } catch { /* already closed */ }
     }
@@ -125,7 +136,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     await Promise.allSettled([app.close(), closeSupervisorConnections(300)])
   }
 
-  return { app, supervisorServer, registry, execs, identity, logger, listen, close }
+  return { app, supervisorServer, registry, pool, execs, identity, logger, listen, close }
 }
 
 function urlHost (address: string): string {

@@ -1,8 +1,10 @@
 import { randomBytes } from 'node:crypto'
 import type { Logger } from 'pino'
-import ssh2 from 'ssh2'
+import type { ClientChannel } from 'ssh2'
 import { GatewayError } from '../errors.js'
 import { SshExec } from '../relay/ssh-exec.js'
+import { ExecOpenError, type SshConnection } from '../relay/ssh-connection.js'
+import type { Lease, SshPool } from '../relay/ssh-pool.js'
 import { decideOutcome, type Outcome } from '../relay/outcome.js'
 import type { SessionRegistry } from '../relay/sessions.js'
 import { assembleCommand, killScript, type SignalName } from './command.js'
@@ -13,13 +15,10 @@ import type { ValidExec } from './validate.js'
 
 export interface ExecManagerOptions {
   registry: SessionRegistry
-  privateKey: string
+  pool: SshPool
   logger: Logger
   retentionBytes: number
   execTtlS: number
-  sshReadyTimeoutMs: number
-  sshKeepaliveIntervalMs: number
-  sshKeepaliveCountMax: number
   closeWaitMs: number
   maxPendingRelaysPerSandbox: number
   onEnd?: (entry: ExecEntry) => void
@@ -28,7 +27,9 @@ export interface ExecManagerOptions {
 // Per-run state that outlives no run: cleared in run()'s finally.
 interface RunState {
   abort: AbortController
+  // Set once the command's channel is open: the command has started.
   ssh: SshExec | undefined
+  conn: SshConnection | undefined
   queuedStdin: Buffer[]
   stdinEnded: boolean
   queuedSignals: SignalName[]
@@ -77,6 +78,7 @@ export class ExecManager {
     const state: RunState = {
       abort: new AbortController(),
       ssh: undefined,
+      conn: undefined,
       queuedStdin: [],
       stdinEnded: false,
       queuedSignals: [],
@@ -100,7 +102,7 @@ export class ExecManager {
   writeStdin (entry: ExecEntry, data: Buffer): void {
     const state = this.#runs.get(entry)
     if (state === undefined || state.stdinEnded) return
-    if (state.ssh?.started === true) state.ssh.writeStdin(data)
+    if (state.ssh !== undefined) state.ssh.writeStdin(data)
     else state.queuedStdin.push(data)
   }
 
@@ -108,7 +110,7 @@ export class ExecManager {
     const state = this.#runs.get(entry)
     if (state === undefined || state.stdinEnded) return
     state.stdinEnded = true
-    if (state.ssh?.started === true) state.ssh.endStdin()
+    if (state.ssh !== undefined) state.ssh.endStdin()
   }
 
   resize (entry: ExecEntry, cols: number, rows: number): void {
@@ -118,7 +120,7 @@ export class ExecManager {
   signal (entry: ExecEntry, signal: SignalName): void {
     const state = this.#runs.get(entry)
     if (entry.finished || state === undefined) throw new GatewayError('exec_finished', `exec ${entry.id} has already ended`)
-    if (state.ssh?.started === true) void this.#deliverSignal(entry, state.ssh, signal)
+    if (state.ssh !== undefined && state.conn !== undefined) void this.#deliverSignal(entry, state.conn, state.ssh, signal)
     else state.queuedSignals.push(signal)
   }
 
@@ -127,7 +129,7 @@ export class ExecManager {
     this.#execs.delete(entry.id)
     const state = this.#runs.get(entry)
     if (state === undefined) return
-    if (state.ssh?.started === true) void this.#deliverSignal(entry, state.ssh, 'KILL')
+    if (state.ssh !== undefined && state.conn !== undefined) void this.#deliverSignal(entry, state.conn, state.ssh, 'KILL')
     else state.abort.abort(new GatewayError('exec_not_found', `exec ${entry.id} was deleted before it started`))
   }
 
@@ -157,35 +159,42 @@ export class ExecManager {
   async #run (entry: ExecEntry, state: RunState): Promise<void> {
     const o = this.#opts
     const log = o.logger.child({ execId: entry.id, sandboxId: entry.sandboxId })
+    const command = assembleCommand({ command: entry.spec.command, env: entry.spec.env, workdir: entry.spec.workdir, execId: entry.id })
+    const pty = entry.spec.tty ? { cols: entry.spec.cols, rows: entry.spec.rows } : undefined
+    let lease: Lease | undefined
     let outcome: Outcome
     try {
-      const sock = await o.registry.openRelay(entry.sandboxId, state.abort.signal)
-      if (state.abort.signal.aborted) { sock.destroy(); throw state.abort.signal.reason }
-      const sandbox = o.registry.get(entry.sandboxId)
-      const hostKey = sandbox?.sshHostKey
+      let channel: ClientChannel | undefined
+      for (let attempt = 0; channel === undefined; attempt++) {
+        lease = await o.pool.acquire(entry.sandboxId, state.abort.signal, attempt > 0)
+        try {
+          channel = await lease.conn.openExec(command, pty)
+        } catch (err) {
+          lease.release()
+          lease = undefined
+          if (!(err instanceof ExecOpenError)) throw err
+          // Only a command that certainly never started may run on another connection.
+          if (err.neverStarted && attempt === 0) { log.debug({ detail: err.error.detail }, 'channel refused; retrying on a fresh connection'); continue }
+          throw err.error
+        }
+      }
+      if (state.abort.signal.aborted) { channel.close(); throw state.abort.signal.reason }
       const ssh = new SshExec({
-        sock,
-        username: sandbox?.sshUser ?? 'root',
-        privateKey: o.privateKey,
-        hostVerifier: hostKey === undefined ? undefined : hostKeyVerifier(hostKey),
-        command: assembleCommand({ command: entry.spec.command, env: entry.spec.env, workdir: entry.spec.workdir, execId: entry.id }),
-        pty: entry.spec.tty ? { cols: entry.spec.cols, rows: entry.spec.rows } : undefined,
-        keepaliveIntervalMs: o.sshKeepaliveIntervalMs,
-        keepaliveCountMax: o.sshKeepaliveCountMax,
-        readyTimeoutMs: o.sshReadyTimeoutMs,
+        conn: lease!.conn,
+        channel,
         closeWaitMs: o.closeWaitMs,
         logger: log,
-        onStarted: () => this.#onStarted(entry, state, ssh),
         onStdout: (b) => entry.append('stdout', b),
         onStderr: (b) => entry.append('stderr', b)
       })
       state.ssh = ssh
+      state.conn = lease!.conn
       const onFlow = (held: boolean): void => ssh.setPaused(held)
       entry.on('flow', onFlow)
       if (entry.flowHeld) ssh.setPaused(true)
-      ssh.start()
-      ssh.done.finally(() => entry.off('flow', onFlow)).catch(() => {})
+      this.#onStarted(entry, state, ssh)
       const end = await ssh.done
+      entry.off('flow', onFlow)
       outcome = decideOutcome({
         exit: end.exit,
         timedOut: state.timedOut && (end.exit !== undefined || state.killConfirmed),
@@ -194,6 +203,7 @@ export class ExecManager {
     } catch (err) {
       outcome = { kind: 'failed', error: toGatewayError(err, log) }
     } finally {
+      lease?.release()
       clearTimeout(state.timeoutTimer)
       clearTimeout(state.killBoundTimer)
       this.#runs.delete(entry)
@@ -217,7 +227,7 @@ export class ExecManager {
       if (state.stdinEnded) ssh.endStdin()
     }
     state.queuedStdin = []
-    for (const s of state.queuedSignals) void this.#deliverSignal(entry, ssh, s)
+    for (const s of state.queuedSignals) void this.#deliverSignal(entry, state.conn!, ssh, s)
     state.queuedSignals = []
     if (spec.timeoutSeconds > 0) {
       state.timeoutTimer = setTimeout(() => { void this.#onTimeout(entry, state, ssh) }, spec.timeoutSeconds * 1000)
@@ -226,7 +236,7 @@ export class ExecManager {
 
   async #onTimeout (entry: ExecEntry, state: RunState, ssh: SshExec): Promise<void> {
     state.timedOut = true
-    state.killConfirmed = await this.#deliverSignal(entry, ssh, 'KILL')
+    state.killConfirmed = await this.#deliverSignal(entry, state.conn!, ssh, 'KILL')
     // The kill landed (or its report is on the way); never wait on it without a bound.
     state.killBoundTimer = setTimeout(() => {
       ssh.abort(new GatewayError('relay_unavailable', 'the command was killed on timeout but no exit report arrived'))
@@ -234,21 +244,13 @@ export class ExecManager {
   }
 
   // True when the sandbox confirmed it signalled the exec's processes.
-  async #deliverSignal (entry: ExecEntry, ssh: SshExec, signal: SignalName): Promise<boolean> {
-    const code = await ssh.runSide(killScript(entry.id, signal), SIDE_CHANNEL_BOUND_MS)
+  async #deliverSignal (entry: ExecEntry, conn: SshConnection, ssh: SshExec, signal: SignalName): Promise<boolean> {
+    const code = await conn.runSide(killScript(entry.id, signal), SIDE_CHANNEL_BOUND_MS)
     if (code === 0) return true
     // Nothing carried the tag (no /proc, or the process is already gone): ask sshd itself.
     ssh.signalChannel(signal)
     return false
   }
-}
-
-function hostKeyVerifier (publicKey: string): (key: Buffer) => boolean {
-  const parsed = ssh2.utils.parseKey(publicKey)
-  const want = (Array.isArray(parsed) ? parsed[0] : parsed)
-  if (want === undefined || want instanceof Error) return () => false
-  const blob = want.getPublicSSH()
-  return (key: Buffer) => key.equals(blob)
 }
 
 function toGatewayError (err: unknown, log: Logger): GatewayError {

@@ -1,10 +1,9 @@
 import { describe, it, expect, afterEach } from 'vitest'
-import { userInfo } from 'node:os'
 import { createServer, type Socket } from 'node:net'
 import { generateEd25519KeyPair } from '../../src/ssh-keys.js'
 import { startGateway, type TestGateway } from '../helpers/gateway.js'
 import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
-import { startOpenSshd, type OpenSshd } from '../helpers/openssh.js'
+import { startOpenSshd, type OpenSshd, sandboxAccount } from '../helpers/openssh.js'
 import { startScriptedSshd, type ScriptedSshd, type ScriptedExecContext } from '../helpers/scripted-sshd.js'
 import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js'
 import { api, execStart, execWait } from '../helpers/api.js'
@@ -162,7 +161,7 @@ describe('relay and SSH faults', () => {
     const sshd = await openssh(g)
     const proxy: TcpProxy = await startTcpProxy({ targetHost: sshd.host, targetPort: sshd.port })
     cleanups.push(async () => { await proxy.close() })
-    supervisor(g, 'wedge', { sshTarget: `${proxy.host}:${proxy.port}`, sshUser: userInfo().username })
+    supervisor(g, 'wedge', { sshTarget: `${proxy.host}:${proxy.port}`, sshUser: sandboxAccount() })
     await g.waitConnected('wedge')
     const id = await execStart(g.publicUrl, 'wedge', { command: ['sleep', '30'] })
     await waitRunning(g, id)
@@ -178,7 +177,7 @@ describe('relay and SSH faults', () => {
     const g = await gateway({ sshKeepaliveIntervalMs: 200, sshKeepaliveCountMax: 2 })
     const sshd = await openssh(g)
     supervisor(g, 'quiet-embedded')
-    supervisor(g, 'quiet-openssh', { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: userInfo().username })
+    supervisor(g, 'quiet-openssh', { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: sandboxAccount() })
     await g.waitConnected('quiet-embedded')
     await g.waitConnected('quiet-openssh')
     const [a, b] = await Promise.all([
@@ -192,7 +191,7 @@ describe('relay and SSH faults', () => {
   it("OpenSSH: sh -c 'sleep 20 & echo bg; exit 3' → exit 3 within the close wait, despite the background child holding the pipes", async () => {
     const g = await gateway()
     const sshd = await openssh(g)
-    supervisor(g, 'bg', { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: userInfo().username })
+    supervisor(g, 'bg', { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: sandboxAccount() })
     await g.waitConnected('bg')
     const { value: r, ms } = await timed(execWait(g.publicUrl, 'bg', { command: ['sh', '-c', 'sleep 20 & echo bg; exit 3'] }))
     expect(r.body).toMatchObject({ status: 'exited', exitCode: 3, stdout: 'bg\n' })
@@ -280,7 +279,7 @@ describe('SSH setup faults', () => {
     const g = await gateway()
     const sshd = await startOpenSshd({ authorizedKeys: [generateEd25519KeyPair().public] })
     cleanups.push(async () => { await sshd.close() })
-    supervisor(g, 'not-authorized', { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: userInfo().username })
+    supervisor(g, 'not-authorized', { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: sandboxAccount() })
     await g.waitConnected('not-authorized')
     const { value: r, ms } = await timed(execWait(g.publicUrl, 'not-authorized', { command: ['true'] }))
     expect(r.status).toBe(502)

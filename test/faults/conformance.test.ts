@@ -1,6 +1,6 @@
 import { describe, it, expect, afterEach, afterAll } from 'vitest'
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import { tmpdir, userInfo } from 'node:os'
+import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { connect, createServer, type Socket } from 'node:net'
 import WebSocket from 'ws'
@@ -8,7 +8,7 @@ import { startGateway, type TestGateway } from '../helpers/gateway.js'
 import { startGatewayProcess, type GatewayProcess } from '../helpers/gateway-process.js'
 import { startFakeSupervisor, type FakeSupervisor, type FakeSupervisorOptions } from '../helpers/fake-supervisor.js'
 import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
-import { startOpenSshd, type OpenSshd } from '../helpers/openssh.js'
+import { startOpenSshd, type OpenSshd, sandboxAccount } from '../helpers/openssh.js'
 import { startScriptedSshd, type ScriptedSshd, type ScriptedExecContext } from '../helpers/scripted-sshd.js'
 import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js'
 import { api, execStart, execWait, outputOf, readEvents, readWebSocket } from '../helpers/api.js'
@@ -38,6 +38,8 @@ const SLACK = 1500
 // Commands that outlive their exec (a reset relay, a killed gateway) would keep sleeping after
 // the test; each such command records its pid (a process-group leader in both daemons) here.
 const PID_DIR = mkdtempSync(join(tmpdir(), 'egw-conformance-'))
+// Commands on OpenSSH run as the sandbox account and write their pids here.
+chmodSync(PID_DIR, 0o1777)
 const PID_FILE = join(PID_DIR, 'pids')
 writeFileSync(PID_FILE, '')
 function tracked (script: string): string[] {
@@ -277,7 +279,8 @@ describe('supervisor connection faults', () => {
   })
 
   it('pending-relay cap per sandbox → 429 too_many_requests while other sandboxes are unaffected', async () => {
-    const g = await gateway({ maxPendingRelaysPerSandbox: 2, relayOpenTimeoutMs: 20_000 })
+    // One exec per connection, so that every exec needs a relay of its own, pooled or not.
+    const g = await gateway({ maxPendingRelaysPerSandbox: 2, relayOpenTimeoutMs: 20_000, sshChannelsPerConnection: 1 })
     const fake = await fakeSupervisor(g, 'capped', { onRelay: 'ignore' })
     supervisor(g, 'free')
     await g.waitConnected('capped')
@@ -430,7 +433,7 @@ describe('relay faults', () => {
     const g = await gateway()
     const sshd = await openssh(g)
     const proxy = await proxyTo(sshd.host, sshd.port)
-    supervisor(g, 'reset', { sshTarget: `${proxy.host}:${proxy.port}`, sshUser: userInfo().username })
+    supervisor(g, 'reset', { sshTarget: `${proxy.host}:${proxy.port}`, sshUser: sandboxAccount() })
     await g.waitConnected('reset')
     const pending = execWait(g.publicUrl, 'reset', { command: tracked('echo partial; sleep 10') })
     await waitFor(() => g.gw.execs.list({ sandboxId: 'reset' }).some((e) => e.stdout.total === 8), { timeoutMs: 5000, intervalMs: 10 })
@@ -489,7 +492,7 @@ describe('clients', () => {
     const sandbox = `eof-${target}`
     if (target === 'openssh') {
       const sshd = await openssh(g)
-      supervisor(g, sandbox, { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: userInfo().username })
+      supervisor(g, sandbox, { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: sandboxAccount() })
     } else {
       supervisor(g, sandbox)
     }

@@ -25,7 +25,9 @@ export interface TestGateway {
 export async function startGateway (overrides: Partial<GatewayConfig> = {}): Promise<TestGateway> {
   const dataDir = mkdtempSync(join(tmpdir(), 'egw-data-'))
   const identity = loadDataDir(dataDir)
-  const config = defaultGatewayConfig({ dataDir, shutdownGraceMs: 1000, ...overrides })
+  // EXEC_GATEWAY_SSH_POOL=false runs the whole suite with one SSH connection per exec.
+  const pooling = process.env.EXEC_GATEWAY_SSH_POOL === 'false' ? { sshPool: false } : {}
+  const config = defaultGatewayConfig({ dataDir, shutdownGraceMs: 1000, ...pooling, ...overrides })
   const logger = pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' })
   const gw = await buildGateway(config, { logger, identity })
   const { publicUrl, supervisorUrl } = await gw.listen()

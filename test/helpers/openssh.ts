@@ -1,6 +1,6 @@
 // Runs the real OpenSSH sshd (Debian's openssh-server) on a free loopback port for interop tests.
 // test/global-setup.ts makes sure the binary exists; this helper only locates and runs it.
-import { spawn, type ChildProcess } from 'node:child_process'
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { accessSync, constants as fsConstants } from 'node:fs'
 import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { connect, createServer } from 'node:net'
@@ -141,6 +141,28 @@ interface Attempt {
   exited: Promise<void>
 }
 
+export const SANDBOX_ACCOUNT = 'egw-sandbox'
+
+/**
+ * The account commands run as. As root: a dedicated account with /bin/sh, like a sandbox's own
+ * user. Logging in as root would run this machine's root profile (bash sources ~/.bashrc for
+ * sshd commands: here pyenv init, ~100 ms and stray stderr under concurrency) in every exec.
+ * Without root, the current user.
+ */
+export function sandboxAccount(): string {
+  if (process.getuid?.() !== 0) return userInfo().username
+  if (spawnSync('id', ['-u', SANDBOX_ACCOUNT]).status !== 0) {
+    const made = spawnSync('useradd', ['--create-home', '--shell', '/bin/sh', SANDBOX_ACCOUNT], { encoding: 'utf8' })
+    if (made.status !== 0 && spawnSync('id', ['-u', SANDBOX_ACCOUNT]).status !== 0) {
+      throw new Error(`cannot create the test sandbox account ${SANDBOX_ACCOUNT}: ${made.stderr}`)
+    }
+  }
+  // useradd leaves the password field "!" (locked), and sshd without PAM refuses key logins to
+  // locked accounts; "*" means no password, not locked.
+  spawnSync('usermod', ['-p', '*', SANDBOX_ACCOUNT])
+  return SANDBOX_ACCOUNT
+}
+
 export async function startOpenSshd(opts: StartOpenSshdOptions): Promise<OpenSshd> {
   const sshdPath = findSshd()
   if (sshdPath === undefined) {
@@ -149,7 +171,7 @@ export async function startOpenSshd(opts: StartOpenSshdOptions): Promise<OpenSsh
         '(Debian/Ubuntu; `openssh-server` on Fedora/RHEL/Alpine, `openssh` on Arch). test/global-setup.ts does this automatically when run as root.',
     )
   }
-  const user = userInfo().username
+  const user = sandboxAccount()
   // As root sshd insists on its privilege-separation dir, which only the (absent) service unit
   // creates; global-setup makes it too, this covers a file run with another vitest config.
   if (process.getuid?.() === 0) {
@@ -157,6 +179,8 @@ export async function startOpenSshd(opts: StartOpenSshdOptions): Promise<OpenSsh
     await assertAccountNotLocked(user)
   }
   const dir = await mkdtemp(join(tmpdir(), 'exec-gateway-sshd-'))
+  // sshd reads authorized_keys as the account it logs in to.
+  await chmod(dir, 0o755)
   try {
     const keys = generateEd25519KeyPair()
     const hostKeyPath = join(dir, 'ssh_host_ed25519_key')
@@ -164,7 +188,7 @@ export async function startOpenSshd(opts: StartOpenSshdOptions): Promise<OpenSsh
     await writeFile(hostKeyPath, keys.private, { mode: 0o600 })
     await chmod(hostKeyPath, 0o600)
     await writeFile(`${hostKeyPath}.pub`, `${keys.public}\n`, { mode: 0o644 })
-    await writeFile(join(dir, 'authorized_keys'), opts.authorizedKeys.map((k) => k.trim()).join('\n') + '\n', { mode: 0o600 })
+    await writeFile(join(dir, 'authorized_keys'), opts.authorizedKeys.map((k) => k.trim()).join('\n') + '\n', { mode: 0o644 })
     const configPath = join(dir, 'sshd_config')
 
     let log = ''

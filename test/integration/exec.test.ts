@@ -1,8 +1,7 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest'
-import { userInfo } from 'node:os'
 import { startGateway, type TestGateway } from '../helpers/gateway.js'
 import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
-import { startOpenSshd, type OpenSshd } from '../helpers/openssh.js'
+import { startOpenSshd, type OpenSshd, sandboxAccount } from '../helpers/openssh.js'
 import { api, execStart, execWait, outputOf, readEvents, readWebSocket } from '../helpers/api.js'
 import { sleep, waitFor } from '../helpers/wait.js'
 
@@ -25,7 +24,7 @@ describe.each(targets)('exec through a supervisor to the %s SSH daemon', (target
     g = await startGateway()
     if (target === 'openssh') {
       sshd = await startOpenSshd({ authorizedKeys: [g.gw.identity.publicKey] })
-      sup = startSupervisorProcess({ gatewayUrl: g.supervisorUrl, sandboxId: sandbox, token: g.token(sandbox), sshTarget: `${sshd.host}:${sshd.port}`, sshUser: userInfo().username })
+      sup = startSupervisorProcess({ gatewayUrl: g.supervisorUrl, sandboxId: sandbox, token: g.token(sandbox), sshTarget: `${sshd.host}:${sshd.port}`, sshUser: sandboxAccount() })
     } else {
       sup = startSupervisorProcess({ gatewayUrl: g.supervisorUrl, sandboxId: sandbox, token: g.token(sandbox) })
     }

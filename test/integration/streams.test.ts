@@ -1,8 +1,7 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest'
-import { userInfo } from 'node:os'
 import { startGateway, type TestGateway } from '../helpers/gateway.js'
 import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
-import { startOpenSshd, type OpenSshd } from '../helpers/openssh.js'
+import { startOpenSshd, type OpenSshd, sandboxAccount } from '../helpers/openssh.js'
 import { execStart, execWait, outputOf, readEvents, readWebSocket } from '../helpers/api.js'
 import { waitFor } from '../helpers/wait.js'
 
@@ -47,7 +46,7 @@ describe.each(['embedded', 'openssh'] as const)('streams through the %s daemon',
     if (target === 'openssh') sshd = await startOpenSshd({ authorizedKeys: [g.gw.identity.publicKey] })
     sup = startSupervisorProcess({
       gatewayUrl: g.supervisorUrl, sandboxId: sandbox, token: g.token(sandbox),
-      ...(sshd === undefined ? {} : { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: userInfo().username })
+      ...(sshd === undefined ? {} : { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: sandboxAccount() })
     })
     await g.waitConnected(sandbox)
   })

@@ -1,0 +1,167 @@
+import { EventEmitter } from 'node:events'
+import type { Duplex } from 'node:stream'
+import { Client, type ClientChannel } from 'ssh2'
+import type { Logger } from 'pino'
+import { GatewayError } from '../errors.js'
+
+// One SSH connection over one relay stream, carrying one or (pooled) several exec channels.
+// Liveness is SSH keepalive: a wedged relay fails after interval × (countMax + 1). When the
+// connection dies it says why, once ('failure'), and every channel on it ends with that reason.
+
+export interface SshConnectionOptions {
+  sock: Duplex
+  username: string
+  privateKey: string | Buffer
+  hostVerifier?: ((key: Buffer) => boolean) | undefined
+  keepaliveIntervalMs: number
+  keepaliveCountMax: number
+  readyTimeoutMs: number
+  logger: Logger
+}
+
+// A failed exec request, and whether the command certainly never started (its channel never
+// opened), which is the only case where running it on another connection is safe.
+export class ExecOpenError extends Error {
+  readonly error: GatewayError
+  readonly neverStarted: boolean
+  constructor (error: GatewayError, neverStarted: boolean) {
+    super(error.detail)
+    this.error = error
+    this.neverStarted = neverStarted
+  }
+}
+
+export class SshConnection extends EventEmitter {
+  readonly #opts: SshConnectionOptions
+  readonly #client = new Client()
+  readonly ready: Promise<void>
+  #isReady = false
+  #transportClosed = false
+  #failure: GatewayError | undefined
+  #ended = false
+
+  constructor (opts: SshConnectionOptions) {
+    super()
+    this.#opts = opts
+    const client = this.#client
+    opts.sock.on('error', (err) => opts.logger.debug({ err }, 'relay stream error'))
+    this.ready = new Promise<void>((resolve, reject) => {
+      client.once('ready', () => { this.#isReady = true; resolve() })
+      this.once('failure', (err: GatewayError) => reject(err))
+    })
+    // Nobody may be waiting on ready when it fails later; that is not an unhandled rejection.
+    this.ready.catch(() => {})
+    client.on('error', (err: Error & { level?: string }) => this.#onClientError(err))
+    client.on('close', () => this.#onClosed())
+    client.connect({
+      sock: opts.sock,
+      username: opts.username,
+      privateKey: opts.privateKey,
+      ...(opts.hostVerifier === undefined ? {} : { hostVerifier: opts.hostVerifier }),
+      keepaliveInterval: opts.keepaliveIntervalMs,
+      keepaliveCountMax: opts.keepaliveCountMax,
+      readyTimeout: opts.readyTimeoutMs
+    })
+  }
+
+  get failure (): GatewayError | undefined { return this.#failure }
+  get alive (): boolean { return this.#failure === undefined && !this.#ended }
+
+  openExec (command: string, pty: { cols: number, rows: number } | undefined): Promise<ClientChannel> {
+    return new Promise((resolve, reject) => {
+      if (!this.alive) {
+        reject(new ExecOpenError(this.#failure ?? new GatewayError('relay_unavailable', 'the SSH connection is closed'), true))
+        return
+      }
+      this.#client.exec(command, pty === undefined ? {} : { pty: { cols: pty.cols, rows: pty.rows, term: 'xterm-256color' } }, (err, channel) => {
+        if (err === undefined || err === null) { resolve(channel); return }
+        // ssh2 marks a refused channel open with a numeric reason: then nothing ran.
+        const neverStarted = typeof (err as Error & { reason?: unknown }).reason === 'number'
+        // A refusal and a relay that died under the request look alike here; the transport's own
+        // close (if that is what happened) arrives in the same turn.
+        setImmediate(() => reject(new ExecOpenError(this.#transportClosed
+          ? (this.#failure ?? new GatewayError('relay_unavailable', 'the relay closed before the command started'))
+          : new GatewayError('ssh_failed', `the sandbox refused the exec request: ${err.message}`), neverStarted)))
+      })
+    })
+  }
+
+  // Runs a script on a channel of its own; resolves with its exit code, or undefined when it
+  // could not run (connection gone, channel refused) within boundMs.
+  runSide (script: string, boundMs: number): Promise<number | undefined> {
+    return new Promise((resolve) => {
+      if (!this.#isReady || !this.alive) { resolve(undefined); return }
+      let settled = false
+      const settle = (code: number | undefined): void => {
+        if (settled) return
+        settled = true
+        clearTimeout(timer)
+        resolve(code)
+      }
+      const timer = setTimeout(() => settle(undefined), boundMs)
+      try {
+        this.#client.exec(script, (err, ch) => {
+          if (err !== undefined && err !== null) { settle(undefined); return }
+          ch.on('error', () => settle(undefined))
+          ch.on('exit', (code: number | null) => settle(code ?? undefined))
+          ch.on('close', () => settle(undefined))
+          ch.resume()
+          ch.stderr.resume()
+          ch.end()
+        })
+      } catch {
+        settle(undefined)
+      }
+    })
+  }
+
+  // Closes the connection; the relay is cut if the sandbox does not answer the disconnect.
+  end (): void {
+    if (this.#ended) return
+    this.#ended = true
+    try { this.#client.end() } catch { /* already closed */ }
+    const sock = this.#opts.sock
+    if (!sock.destroyed) {
+      const cut = setTimeout(() => sock.destroy(), 1000)
+      cut.unref()
+      sock.once('close', () => clearTimeout(cut))
+    }
+  }
+
+  #fail (err: GatewayError): void {
+    if (this.#failure !== undefined) return
+    this.#failure = err
+    this.emit('failure', err)
+  }
+
+  #onClosed (): void {
+    this.#transportClosed = true
+    this.#fail(new GatewayError('relay_unavailable', this.#isReady
+      ? 'the relay closed before the command reported an exit status'
+      : 'the relay closed during the SSH handshake'))
+  }
+
+  #onClientError (err: Error & { level?: string }): void {
+    this.#opts.logger.debug({ err, level: err.level }, 'ssh client error')
+    if (this.#failure !== undefined) return
+    // ssh2 classifies its errors by `level`; after the handshake a client-timeout can only be
+    // the keepalive giving up.
+    if (this.#isReady && err.level === 'client-timeout') {
+      const { keepaliveIntervalMs: i, keepaliveCountMax: n } = this.#opts
+      this.#fail(new GatewayError('relay_unavailable', `no answer to ${n} SSH keepalives over ${i * (n + 1)} ms: the relay is wedged`))
+    } else if (this.#isReady) {
+      this.#fail(new GatewayError('relay_unavailable', `the relay failed before the command reported an exit status: ${err.message}`))
+    } else if (err.level === 'client-authentication') {
+      this.#fail(new GatewayError('ssh_failed', 'the sandbox SSH daemon rejected the gateway key'))
+    } else if (err.level === 'client-timeout') {
+      this.#fail(new GatewayError('ssh_failed', `SSH handshake not finished within ${this.#opts.readyTimeoutMs} ms`))
+    } else {
+      // A relay that closed mid-handshake also surfaces here; its close arrives in the same turn.
+      setImmediate(() => this.#fail(this.#transportClosed
+        ? new GatewayError('relay_unavailable', `the relay closed during the SSH handshake: ${err.message}`)
+        : new GatewayError('ssh_failed', `SSH handshake failed: ${err.message}`)))
+    }
+    // ssh2 destroys its socket on these errors; make sure nothing is left half-open.
+    if (!this.#isReady) this.end()
+  }
+}
