@@ -1,14 +1,13 @@
 import { describe, it, expect, afterEach } from 'vitest'
 import { createServer, type Socket } from 'node:net'
 import { generateEd25519KeyPair } from '../../src/ssh-keys.js'
-import { startGateway, type TestGateway } from '../helpers/gateway.js'
-import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
-import { startOpenSshd, type OpenSshd, sandboxAccount } from '../helpers/openssh.js'
-import { startScriptedSshd, type ScriptedSshd, type ScriptedExecContext } from '../helpers/scripted-sshd.js'
+import type { TestGateway } from '../helpers/gateway.js'
+import { startOpenSshd, sandboxAccount } from '../helpers/openssh.js'
 import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js'
 import { api, execStart, execWait } from '../helpers/api.js'
 import { sleep, timed, waitFor } from '../helpers/wait.js'
 import type { GatewayConfig } from '../../src/config.js'
+import { createFaultKit } from '../helpers/fault-kit.js'
 
 // The liveness backstops of CONTRACT §5, made to fire for real: stopped and killed supervisor
 // processes, a blackholed TCP link, OpenSSH with a background child, and ssh2 servers scripted
@@ -28,34 +27,15 @@ const KEEPALIVE_BOUND = 300 * (3 + 1)
 const PING_BOUND = 400 + 400
 const SLACK = 1500
 
-const cleanups: Array<() => Promise<void>> = []
+const kit = createFaultKit(FAST)
+const { gateway, supervisor, openssh, scripted } = kit
 afterEach(async () => {
-  while (cleanups.length > 0) await cleanups.pop()!().catch(() => {})
+  await kit.cleanup()
 })
 
-async function gateway (overrides: Partial<GatewayConfig> = {}): Promise<TestGateway> {
-  const g = await startGateway({ ...FAST, ...overrides })
-  cleanups.push(async () => { await g.close() })
-  return g
-}
 
-function supervisor (g: TestGateway, sandboxId: string, extra: { sshTarget?: string, sshUser?: string } = {}): SupervisorProcess {
-  const s = startSupervisorProcess({ gatewayUrl: g.supervisorUrl, sandboxId, token: g.token(sandboxId), ...extra })
-  cleanups.push(async () => { await s.stop() })
-  return s
-}
 
-async function openssh (g: TestGateway): Promise<OpenSshd> {
-  const d = await startOpenSshd({ authorizedKeys: [g.gw.identity.publicKey] })
-  cleanups.push(async () => { await d.close() })
-  return d
-}
 
-async function scripted (onExec: (ctx: ScriptedExecContext) => void): Promise<ScriptedSshd> {
-  const s = await startScriptedSshd({ onExec })
-  cleanups.push(async () => { await s.close() })
-  return s
-}
 
 async function waitRunning (g: TestGateway, id: string): Promise<void> {
   await waitFor(async () => (await api(g.publicUrl, 'GET', `/v1/execs/${id}`)).body.status === 'running', { timeoutMs: 5000, intervalMs: 20 })
@@ -160,7 +140,7 @@ describe('relay and SSH faults', () => {
     const g = await gateway()
     const sshd = await openssh(g)
     const proxy: TcpProxy = await startTcpProxy({ targetHost: sshd.host, targetPort: sshd.port })
-    cleanups.push(async () => { await proxy.close() })
+    kit.defer(async () => { await proxy.close() })
     supervisor(g, 'wedge', { sshTarget: `${proxy.host}:${proxy.port}`, sshUser: sandboxAccount() })
     await g.waitConnected('wedge')
     const id = await execStart(g.publicUrl, 'wedge', { command: ['sleep', '30'] })
@@ -263,7 +243,7 @@ describe('SSH setup faults', () => {
     const sockets = new Set<Socket>()
     const silent = createServer((s) => { sockets.add(s); s.on('error', () => {}) })
     await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve))
-    cleanups.push(async () => { for (const s of sockets) s.destroy(); await new Promise((resolve) => silent.close(resolve)) })
+    kit.defer(async () => { for (const s of sockets) s.destroy(); await new Promise((resolve) => silent.close(resolve)) })
     const port = (silent.address() as { port: number }).port
     supervisor(g, 'mute-sshd', { sshTarget: `127.0.0.1:${port}` })
     await g.waitConnected('mute-sshd')
@@ -278,7 +258,7 @@ describe('SSH setup faults', () => {
   it('OpenSSH that does not authorize the gateway key → 502 ssh_failed, at once', async () => {
     const g = await gateway()
     const sshd = await startOpenSshd({ authorizedKeys: [generateEd25519KeyPair().public] })
-    cleanups.push(async () => { await sshd.close() })
+    kit.defer(async () => { await sshd.close() })
     supervisor(g, 'not-authorized', { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: sandboxAccount() })
     await g.waitConnected('not-authorized')
     const { value: r, ms } = await timed(execWait(g.publicUrl, 'not-authorized', { command: ['true'] }))

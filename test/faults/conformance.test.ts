@@ -4,16 +4,15 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { connect, createServer, type Socket } from 'node:net'
 import WebSocket from 'ws'
-import { startGateway, type TestGateway } from '../helpers/gateway.js'
+import type { TestGateway } from '../helpers/gateway.js'
 import { startGatewayProcess, type GatewayProcess } from '../helpers/gateway-process.js'
-import { startFakeSupervisor, type FakeSupervisor, type FakeSupervisorOptions } from '../helpers/fake-supervisor.js'
 import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
-import { startOpenSshd, type OpenSshd, sandboxAccount } from '../helpers/openssh.js'
-import { startScriptedSshd, type ScriptedSshd, type ScriptedExecContext } from '../helpers/scripted-sshd.js'
-import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js'
+import { sandboxAccount } from '../helpers/openssh.js'
+import { startFakeSupervisor } from '../helpers/fake-supervisor.js'
 import { api, execStart, execWait, outputOf, readEvents, readWebSocket } from '../helpers/api.js'
 import { sleep, timed, waitFor } from '../helpers/wait.js'
 import type { GatewayConfig } from '../../src/config.js'
+import { createFaultKit } from '../helpers/fault-kit.js'
 
 // The fault conformance matrix: one named test per row of "every exec ends within a published
 // bound with its true exit status or an honest 503". Rows already proven in backstops.test.ts
@@ -54,49 +53,19 @@ function killTracked (): void {
   writeFileSync(PID_FILE, '')
 }
 
-const cleanups: Array<() => Promise<void>> = []
+const kit = createFaultKit(FAST)
+const { gateway, supervisor, openssh, scripted, fakeSupervisor, proxyTo } = kit
 afterEach(async () => {
-  while (cleanups.length > 0) await cleanups.pop()!().catch(() => {})
+  await kit.cleanup()
   killTracked()
 })
 afterAll(() => { rmSync(PID_DIR, { recursive: true, force: true }) })
 
-async function gateway (overrides: Partial<GatewayConfig> = {}): Promise<TestGateway> {
-  const g = await startGateway({ ...FAST, ...overrides })
-  cleanups.push(async () => { await g.close() })
-  return g
-}
 
-function supervisor (g: TestGateway, sandboxId: string, extra: { sshTarget?: string, sshUser?: string, gatewayUrl?: string } = {}): SupervisorProcess {
-  const { gatewayUrl, ...rest } = extra
-  const s = startSupervisorProcess({ gatewayUrl: gatewayUrl ?? g.supervisorUrl, sandboxId, token: g.token(sandboxId), ...rest })
-  cleanups.push(async () => { await s.stop() })
-  return s
-}
 
-async function fakeSupervisor (g: TestGateway, sandboxId: string, opts: Omit<FakeSupervisorOptions, 'supervisorUrl' | 'token'> = {}): Promise<FakeSupervisor> {
-  const f = await startFakeSupervisor({ supervisorUrl: g.supervisorUrl, token: g.token(sandboxId), ...opts })
-  cleanups.push(async () => { await f.close() })
-  return f
-}
 
-async function openssh (g: TestGateway): Promise<OpenSshd> {
-  const d = await startOpenSshd({ authorizedKeys: [g.gw.identity.publicKey] })
-  cleanups.push(async () => { await d.close() })
-  return d
-}
 
-async function scripted (onExec: (ctx: ScriptedExecContext) => void): Promise<ScriptedSshd> {
-  const s = await startScriptedSshd({ onExec })
-  cleanups.push(async () => { await s.close() })
-  return s
-}
 
-async function proxyTo (host: string, port: number): Promise<TcpProxy> {
-  const p = await startTcpProxy({ targetHost: host, targetPort: port })
-  cleanups.push(async () => { await p.close() })
-  return p
-}
 
 // A TCP forwarder whose dead connections stay dead: unlike tcp-proxy's global blackhole, a
 // connection blackholed here never carries a byte or a close again, even after new connections
@@ -130,7 +99,7 @@ async function deadEndLink (targetHost: string, targetPort: number): Promise<Dea
       await new Promise((resolve) => server.close(resolve))
     }
   }
-  cleanups.push(link.close)
+  kit.defer(link.close)
   return link
 }
 
@@ -170,7 +139,7 @@ function openWs (baseUrl: string, id: string): Promise<{ ws: WebSocket, events: 
   const events: any[] = []
   ws.on('message', (data, isBinary) => { if (!isBinary) events.push(JSON.parse(data.toString())) })
   ws.on('error', () => {})
-  cleanups.push(async () => { ws.terminate() })
+  kit.defer(async () => { ws.terminate() })
   return new Promise((resolve, reject) => {
     ws.once('open', () => resolve({ ws, events }))
     ws.once('unexpected-response', (_req, res) => reject(new Error(`websocket refused: ${res.statusCode}`)))
@@ -181,7 +150,7 @@ function openWs (baseUrl: string, id: string): Promise<{ ws: WebSocket, events: 
 // An events reader (SSE or NDJSON) that can be aborted mid-exec; `text` grows as bytes arrive.
 async function openEventsReader (baseUrl: string, id: string, accept: string): Promise<{ text: () => string, abort: () => void, done: Promise<void> }> {
   const ctl = new AbortController()
-  cleanups.push(async () => { ctl.abort() })
+  kit.defer(async () => { ctl.abort() })
   const res = await fetch(`${baseUrl}/v1/execs/${id}/events`, { headers: { accept }, signal: ctl.signal })
   expect(res.status).toBe(200)
   let text = ''
@@ -591,13 +560,13 @@ describe('gateway shutdown', () => {
 
   async function gatewayProcess (): Promise<GatewayProcess> {
     const gp = await startGatewayProcess({ shutdownGraceMs: GRACE })
-    cleanups.push(async () => { await gp.stop() })
+    kit.defer(async () => { await gp.stop() })
     return gp
   }
 
   function remoteSupervisor (gp: GatewayProcess, sandboxId: string): SupervisorProcess {
     const s = startSupervisorProcess({ gatewayUrl: gp.supervisorUrl, sandboxId, token: gp.token(sandboxId) })
-    cleanups.push(async () => { await s.stop() })
+    kit.defer(async () => { await s.stop() })
     return s
   }
 
@@ -612,7 +581,7 @@ describe('gateway shutdown', () => {
     remoteSupervisor(gp, 'remote')
     const gone = remoteSupervisor(gp, 'gone')
     const mute = await startFakeSupervisor({ supervisorUrl: gp.supervisorUrl, token: gp.token('mute'), onRelay: 'ignore' })
-    cleanups.push(async () => { await mute.close() })
+    kit.defer(async () => { await mute.close() })
     await sandboxStatus(gp, 'remote', 'connected')
     await sandboxStatus(gp, 'gone', 'connected')
     gone.signal('SIGKILL')

@@ -1,7 +1,6 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest'
-import { startGateway, type TestGateway } from '../helpers/gateway.js'
-import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
-import { startOpenSshd, type OpenSshd, sandboxAccount } from '../helpers/openssh.js'
+import type { TestGateway } from '../helpers/gateway.js'
+import { startSandbox, type TestSandbox } from '../helpers/sandbox.js'
 import { api, execStart, readEvents, readWebSocket } from '../helpers/api.js'
 import { waitFor } from '../helpers/wait.js'
 
@@ -15,26 +14,16 @@ function trapScript (sig: string): string[] {
 }
 
 describe.each(['embedded', 'openssh'] as const)('control through the %s daemon', (target) => {
+  let sb: TestSandbox
   let g: TestGateway
-  let sshd: OpenSshd | undefined
-  let sup: SupervisorProcess
   const sandbox = `control-${target}`
 
   beforeAll(async () => {
-    g = await startGateway()
-    if (target === 'openssh') sshd = await startOpenSshd({ authorizedKeys: [g.gw.identity.publicKey] })
-    sup = startSupervisorProcess({
-      gatewayUrl: g.supervisorUrl, sandboxId: sandbox, token: g.token(sandbox),
-      ...(sshd === undefined ? {} : { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: sandboxAccount() })
-    })
-    await g.waitConnected(sandbox)
+    sb = await startSandbox(target, sandbox)
+    g = sb.g
   })
 
-  afterAll(async () => {
-    await sup?.stop()
-    await g?.close()
-    await sshd?.close()
-  })
+  afterAll(async () => { await sb?.close() })
 
   const ready = async (id: string): Promise<void> => {
     await waitFor(() => g.gw.execs.get(id)!.stdout.total > 0, { timeoutMs: 5000, intervalMs: 20 })

@@ -1,7 +1,6 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest'
-import { startGateway, type TestGateway } from '../helpers/gateway.js'
-import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
-import { startOpenSshd, type OpenSshd, sandboxAccount } from '../helpers/openssh.js'
+import type { TestGateway } from '../helpers/gateway.js'
+import { startSandbox, type TestSandbox } from '../helpers/sandbox.js'
 import { api, execStart, execWait, outputOf, readEvents, readWebSocket } from '../helpers/api.js'
 import { sleep, waitFor } from '../helpers/wait.js'
 
@@ -15,27 +14,16 @@ function alive (pid: number): boolean {
 const targets = ['embedded', 'openssh'] as const
 
 describe.each(targets)('exec through a supervisor to the %s SSH daemon', (target) => {
+  let sb: TestSandbox
   let g: TestGateway
-  let sshd: OpenSshd | undefined
-  let sup: SupervisorProcess
   const sandbox = `sbx-${target}`
 
   beforeAll(async () => {
-    g = await startGateway()
-    if (target === 'openssh') {
-      sshd = await startOpenSshd({ authorizedKeys: [g.gw.identity.publicKey] })
-      sup = startSupervisorProcess({ gatewayUrl: g.supervisorUrl, sandboxId: sandbox, token: g.token(sandbox), sshTarget: `${sshd.host}:${sshd.port}`, sshUser: sandboxAccount() })
-    } else {
-      sup = startSupervisorProcess({ gatewayUrl: g.supervisorUrl, sandboxId: sandbox, token: g.token(sandbox) })
-    }
-    await g.waitConnected(sandbox)
+    sb = await startSandbox(target, sandbox)
+    g = sb.g
   })
 
-  afterAll(async () => {
-    await sup?.stop()
-    await g?.close()
-    await sshd?.close()
-  })
+  afterAll(async () => { await sb?.close() })
 
   it('reports the exit code with stdout and stderr kept apart', async () => {
     const r = await execWait(g.publicUrl, sandbox, { command: ['sh', '-c', 'echo out; echo err >&2; exit 7'] })

@@ -1,7 +1,6 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest'
-import { startGateway, type TestGateway } from '../helpers/gateway.js'
-import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
-import { startOpenSshd, type OpenSshd, sandboxAccount } from '../helpers/openssh.js'
+import type { TestGateway } from '../helpers/gateway.js'
+import { startSandbox, type TestSandbox } from '../helpers/sandbox.js'
 import { execStart, execWait, outputOf, readEvents, readWebSocket } from '../helpers/api.js'
 import { waitFor } from '../helpers/wait.js'
 
@@ -36,26 +35,16 @@ async function readSse (url: string, headers: Record<string, string> = {}, stopA
 }
 
 describe.each(['embedded', 'openssh'] as const)('streams through the %s daemon', (target) => {
+  let sb: TestSandbox
   let g: TestGateway
-  let sshd: OpenSshd | undefined
-  let sup: SupervisorProcess
   const sandbox = `streams-${target}`
 
   beforeAll(async () => {
-    g = await startGateway({ retentionBytes: 1024, heartbeatIntervalMs: 300 })
-    if (target === 'openssh') sshd = await startOpenSshd({ authorizedKeys: [g.gw.identity.publicKey] })
-    sup = startSupervisorProcess({
-      gatewayUrl: g.supervisorUrl, sandboxId: sandbox, token: g.token(sandbox),
-      ...(sshd === undefined ? {} : { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: sandboxAccount() })
-    })
-    await g.waitConnected(sandbox)
+    sb = await startSandbox(target, sandbox, { retentionBytes: 1024, heartbeatIntervalMs: 300 })
+    g = sb.g
   })
 
-  afterAll(async () => {
-    await sup?.stop()
-    await g?.close()
-    await sshd?.close()
-  })
+  afterAll(async () => { await sb?.close() })
 
   it('a reader from offset 0 past retention gets one gap with exact bounds, then exactly the retained bytes', async () => {
     // 5000 bytes: "0000 0001 0002 …" so every byte's position is checkable.

@@ -1,0 +1,65 @@
+import { startGateway, type TestGateway } from './gateway.js'
+import { startSupervisorProcess, type SupervisorProcess } from './supervisor-process.js'
+import { startFakeSupervisor, type FakeSupervisor, type FakeSupervisorOptions } from './fake-supervisor.js'
+import { startOpenSshd, type OpenSshd } from './openssh.js'
+import { startScriptedSshd, type ScriptedSshd, type ScriptedExecContext } from './scripted-sshd.js'
+import { startTcpProxy, type TcpProxy } from './tcp-proxy.js'
+import type { GatewayConfig } from '../../src/config.js'
+
+// What fault tests start, each registered for cleanup in reverse order: call cleanup() in
+// afterEach. Gateways get the suite's fast timing knobs unless a test overrides them.
+
+export interface FaultKit {
+  gateway: (overrides?: Partial<GatewayConfig>) => Promise<TestGateway>
+  supervisor: (g: TestGateway, sandboxId: string, extra?: { sshTarget?: string, sshUser?: string, gatewayUrl?: string }) => SupervisorProcess
+  fakeSupervisor: (g: TestGateway, sandboxId: string, opts?: Omit<FakeSupervisorOptions, 'supervisorUrl' | 'token'>) => Promise<FakeSupervisor>
+  openssh: (g: TestGateway) => Promise<OpenSshd>
+  scripted: (onExec: (ctx: ScriptedExecContext) => void) => Promise<ScriptedSshd>
+  proxyTo: (host: string, port: number) => Promise<TcpProxy>
+  defer: (fn: () => Promise<void> | void) => void
+  cleanup: () => Promise<void>
+}
+
+export function createFaultKit (defaults: Partial<GatewayConfig>): FaultKit {
+  const cleanups: Array<() => Promise<void> | void> = []
+  const defer = (fn: () => Promise<void> | void): void => { cleanups.push(fn) }
+  return {
+    defer,
+    cleanup: async () => {
+      while (cleanups.length > 0) {
+        try { await cleanups.pop()!() } catch { /* best effort: the next resource still goes */ }
+      }
+    },
+    gateway: async (overrides = {}) => {
+      const g = await startGateway({ ...defaults, ...overrides })
+      defer(async () => { await g.close() })
+      return g
+    },
+    supervisor: (g, sandboxId, extra = {}) => {
+      const { gatewayUrl, ...rest } = extra
+      const s = startSupervisorProcess({ gatewayUrl: gatewayUrl ?? g.supervisorUrl, sandboxId, token: g.token(sandboxId), ...rest })
+      defer(async () => { await s.stop() })
+      return s
+    },
+    fakeSupervisor: async (g, sandboxId, opts = {}) => {
+      const f = await startFakeSupervisor({ supervisorUrl: g.supervisorUrl, token: g.token(sandboxId), ...opts })
+      defer(async () => { await f.close() })
+      return f
+    },
+    openssh: async (g) => {
+      const d = await startOpenSshd({ authorizedKeys: [g.gw.identity.publicKey] })
+      defer(async () => { await d.close() })
+      return d
+    },
+    scripted: async (onExec) => {
+      const s = await startScriptedSshd({ onExec })
+      defer(async () => { await s.close() })
+      return s
+    },
+    proxyTo: async (host, port) => {
+      const p = await startTcpProxy({ targetHost: host, targetPort: port })
+      defer(async () => { await p.close() })
+      return p
+    }
+  }
+}
