@@ -6,23 +6,12 @@ import { startOpenSshd, sandboxAccount } from '../helpers/openssh.js'
 import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js'
 import { api, execStart, execWait } from '../helpers/api.js'
 import { sleep, timed, waitFor } from '../helpers/wait.js'
-import type { GatewayConfig } from '../../src/config.js'
-import { createFaultKit } from '../helpers/fault-kit.js'
+import { createFaultKit, FAST } from '../helpers/fault-kit.js'
 
 // The liveness backstops of CONTRACT §5, made to fire for real: stopped and killed supervisor
 // processes, a blackholed TCP link, OpenSSH with a background child, and ssh2 servers scripted
 // to misbehave. Intervals are a few hundred ms; the bounds are asserted with slack.
 
-const FAST: Partial<GatewayConfig> = {
-  sshKeepaliveIntervalMs: 300,
-  sshKeepaliveCountMax: 3,
-  h2PingIntervalMs: 400,
-  h2PingTimeoutMs: 400,
-  closeWaitMs: 500,
-  sessionWaitMs: 1500,
-  relayOpenTimeoutMs: 1500,
-  sshReadyTimeoutMs: 2000
-}
 const KEEPALIVE_BOUND = 300 * (3 + 1)
 const PING_BOUND = 400 + 400
 const SLACK = 1500

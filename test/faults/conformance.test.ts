@@ -11,8 +11,7 @@ import { sandboxAccount } from '../helpers/openssh.js'
 import { startFakeSupervisor } from '../helpers/fake-supervisor.js'
 import { api, execStart, execWait, outputOf, readEvents, readWebSocket } from '../helpers/api.js'
 import { sleep, timed, waitFor } from '../helpers/wait.js'
-import type { GatewayConfig } from '../../src/config.js'
-import { createFaultKit } from '../helpers/fault-kit.js'
+import { createFaultKit, FAST } from '../helpers/fault-kit.js'
 
 // The fault conformance matrix: one named test per row of "every exec ends within a published
 // bound with its true exit status or an honest 503". Rows already proven in backstops.test.ts
@@ -21,16 +20,6 @@ import { createFaultKit } from '../helpers/fault-kit.js'
 // repeated here. Everything is real: supervisor and gateway processes, OpenSSH, TCP proxies,
 // HTTP/2. Intervals are a few hundred ms; bounds are asserted with slack for a 2-core runner.
 
-const FAST: Partial<GatewayConfig> = {
-  sshKeepaliveIntervalMs: 300,
-  sshKeepaliveCountMax: 3,
-  h2PingIntervalMs: 400,
-  h2PingTimeoutMs: 400,
-  closeWaitMs: 500,
-  sessionWaitMs: 1500,
-  relayOpenTimeoutMs: 1500,
-  sshReadyTimeoutMs: 2000
-}
 const PING_BOUND = 400 + 400
 const SLACK = 1500
 

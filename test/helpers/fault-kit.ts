@@ -9,6 +9,18 @@ import type { GatewayConfig } from '../../src/config.js'
 // What fault tests start, each registered for cleanup in reverse order: call cleanup() in
 // afterEach. Gateways get the suite's fast timing knobs unless a test overrides them.
 
+// Liveness knobs a few hundred ms long, so every backstop fires within seconds.
+export const FAST: Partial<GatewayConfig> = {
+  sshKeepaliveIntervalMs: 300,
+  sshKeepaliveCountMax: 3,
+  h2PingIntervalMs: 400,
+  h2PingTimeoutMs: 400,
+  closeWaitMs: 500,
+  sessionWaitMs: 1500,
+  relayOpenTimeoutMs: 1500,
+  sshReadyTimeoutMs: 2000
+}
+
 export interface FaultKit {
   gateway: (overrides?: Partial<GatewayConfig>) => Promise<TestGateway>
   supervisor: (g: TestGateway, sandboxId: string, extra?: { sshTarget?: string, sshUser?: string, gatewayUrl?: string }) => SupervisorProcess
