@@ -164,11 +164,18 @@ export class ExecManager {
     let lease: Lease | undefined
     let outcome: Outcome
     try {
-      let channel: ClientChannel | undefined
-      for (let attempt = 0; channel === undefined; attempt++) {
-        lease = await o.pool.acquire(entry.sandboxId, state.abort.signal, attempt > 0)
+      let ssh: SshExec | undefined
+      for (let attempt = 0; ssh === undefined; attempt++) {
+        const conn = (lease = await o.pool.acquire(entry.sandboxId, state.abort.signal, attempt > 0)).conn
         try {
-          channel = await lease.conn.openExec(command, pty)
+          ssh = await conn.openExec(command, pty, (channel: ClientChannel) => new SshExec({
+            conn,
+            channel,
+            closeWaitMs: o.closeWaitMs,
+            logger: log,
+            onStdout: (b) => entry.append('stdout', b),
+            onStderr: (b) => entry.append('stderr', b)
+          }))
         } catch (err) {
           lease.release()
           lease = undefined
@@ -178,15 +185,7 @@ export class ExecManager {
           throw err.error
         }
       }
-      if (state.abort.signal.aborted) { channel.close(); throw state.abort.signal.reason }
-      const ssh = new SshExec({
-        conn: lease!.conn,
-        channel,
-        closeWaitMs: o.closeWaitMs,
-        logger: log,
-        onStdout: (b) => entry.append('stdout', b),
-        onStderr: (b) => entry.append('stderr', b)
-      })
+      if (state.abort.signal.aborted) { ssh.abort(toGatewayError(state.abort.signal.reason, log)); throw state.abort.signal.reason }
       state.ssh = ssh
       state.conn = lease!.conn
       const onFlow = (held: boolean): void => ssh.setPaused(held)

@@ -67,14 +67,17 @@ export class SshConnection extends EventEmitter {
   get failure (): GatewayError | undefined { return this.#failure }
   get alive (): boolean { return this.#failure === undefined && !this.#ended }
 
-  openExec (command: string, pty: { cols: number, rows: number } | undefined): Promise<ClientChannel> {
+  // `attach` runs inside ssh2's callback, before anything else: on a warm connection the exec's
+  // reply, its output, its exit-status and its close can all arrive in the same read, and an
+  // 'exit' emitted before its listener is attached is lost for good.
+  openExec<T> (command: string, pty: { cols: number, rows: number } | undefined, attach: (channel: ClientChannel) => T): Promise<T> {
     return new Promise((resolve, reject) => {
       if (!this.alive) {
         reject(new ExecOpenError(this.#failure ?? new GatewayError('relay_unavailable', 'the SSH connection is closed'), true))
         return
       }
       this.#client.exec(command, pty === undefined ? {} : { pty: { cols: pty.cols, rows: pty.rows, term: 'xterm-256color' } }, (err, channel) => {
-        if (err === undefined || err === null) { resolve(channel); return }
+        if (err === undefined || err === null) { resolve(attach(channel)); return }
         // ssh2 marks a refused channel open with a numeric reason: then nothing ran.
         const neverStarted = typeof (err as Error & { reason?: unknown }).reason === 'number'
         // A refusal and a relay that died under the request look alike here; the transport's own

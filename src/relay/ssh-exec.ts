@@ -39,6 +39,13 @@ export class SshExec {
     this.#channel = opts.channel
     this.done = new Promise((resolve) => { this.#resolve = resolve })
     const channel = opts.channel
+    // Node destroys a duplex once both of its sides have ended, and ssh2's Channel.destroy()
+    // sends CHANNEL_CLOSE: after our stdin EOF and the sandbox's EOF, that close would reach
+    // sshd before its exit-status, and OpenSSH then drops the status. Rule 5: before the exit
+    // report, EOF only. The channel is closed in #finish, after the report.
+    const states = channel as unknown as { _readableState: { autoDestroy: boolean }, _writableState: { autoDestroy: boolean } }
+    states._readableState.autoDestroy = false
+    states._writableState.autoDestroy = false
     channel.on('data', (chunk: Buffer) => { if (!this.#finished) opts.onStdout(chunk) })
     channel.stderr.on('data', (chunk: Buffer) => { if (!this.#finished) opts.onStderr(chunk) })
     channel.on('error', (err: Error) => opts.logger.debug({ err }, 'ssh channel error'))

@@ -62,6 +62,18 @@ describe('SSH connection pool', () => {
     expect(n).toBeLessThanOrEqual(4)
   })
 
+  it('fast execs on warm connections never lose their exit status (reply, output, exit and close in one read)', async () => {
+    const { g, id } = await opensshSandbox({ sshPool: true })
+    const failures: string[] = []
+    await Promise.all(Array.from({ length: 20 }, async (_, w) => {
+      for (let i = 0; i < 15; i++) {
+        const r = await execWait(g.publicUrl, id, { command: ['sh', '-c', `echo ${w}-${i}; exit ${i}`] })
+        if (r.status !== 200 || r.body.exitCode !== i || r.body.stdout !== `${w}-${i}\n`) failures.push(`${w}-${i}: ${r.status} ${JSON.stringify(r.body).slice(0, 160)}`)
+      }
+    }))
+    expect(failures).toEqual([])
+  })
+
   it('idle connections close after --ssh-idle-close-ms', async () => {
     const { g, id } = await opensshSandbox({ sshPool: true, sshIdleCloseMs: 300 })
     await execWait(g.publicUrl, id, { command: ['true'] })
