@@ -20,6 +20,8 @@ export const CLOSE_POLICY = 1008
 export const CLOSE_ERROR = 1011
 
 const P = ProblemResponse
+const STDOUT_CHANNEL = Buffer.from([1])
+const STDERR_CHANNEL = Buffer.from([2])
 const HIGH_WATER = 1024 * 1024
 const LOW_WATER = 256 * 1024
 
@@ -45,10 +47,12 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
     // exec's flow, and releases it once they fall below LOW_WATER.
     let unsent = 0
     let congested = false
-    const sendCounted = (data: Buffer | string, binaryFrame: boolean, drained: () => void): boolean => {
-      const size = typeof data === 'string' ? Buffer.byteLength(data) : data.length
+    const sendCounted = (data: Buffer | string, binaryFrame: boolean, drained: () => void, channel?: Buffer): boolean => {
+      const size = (typeof data === 'string' ? Buffer.byteLength(data) : data.length) + (channel?.length ?? 0)
       unsent += size
-      socket.send(data, { binary: binaryFrame }, () => {
+      // The channel byte and the bytes go as two fragments of one message: no per-chunk copy.
+      if (channel !== undefined) socket.send(channel, { binary: true, fin: false })
+      socket.send(data, { binary: binaryFrame, fin: true }, () => {
         unsent -= size
         if (congested && unsent <= LOW_WATER) { congested = false; drained() }
       })
@@ -59,10 +63,7 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
       if (socket.readyState !== socket.OPEN) return true
       let ok: boolean
       if (binary && raw !== undefined && (ev.type === 'stdout' || ev.type === 'stderr')) {
-        const frame = Buffer.allocUnsafe(raw.length + 1)
-        frame[0] = ev.type === 'stdout' ? 1 : 2
-        raw.copy(frame, 1)
-        ok = sendCounted(frame, true, drained)
+        ok = sendCounted(raw, true, drained, ev.type === 'stdout' ? STDOUT_CHANNEL : STDERR_CHANNEL)
       } else {
         ok = sendCounted(JSON.stringify(ev), false, drained)
       }

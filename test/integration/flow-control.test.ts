@@ -1,11 +1,11 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest'
 import { createHash, randomBytes } from 'node:crypto'
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import WebSocket from 'ws'
-import { startGateway, type TestGateway } from '../helpers/gateway.js'
-import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
+import type { TestGateway } from '../helpers/gateway.js'
+import { startSandbox, type TestSandbox } from '../helpers/sandbox.js'
 import { execStart } from '../helpers/api.js'
 import { sleep, waitFor } from '../helpers/wait.js'
 
@@ -15,15 +15,17 @@ import { sleep, waitFor } from '../helpers/wait.js'
 
 const SIZE = 200 * 1024 * 1024
 
-describe('flow control', () => {
+describe.each(['embedded', 'openssh'] as const)('flow control through the %s daemon', (daemon) => {
+  let sb: TestSandbox
   let g: TestGateway
-  let sup: SupervisorProcess
   let dir: string
   let file: string
   let digest: string
 
   beforeAll(async () => {
     dir = mkdtempSync(join(tmpdir(), 'egw-flow-'))
+    // OpenSSH runs the command as the sandbox account.
+    chmodSync(dir, 0o755)
     file = join(dir, 'blob')
     const hash = createHash('sha256')
     const block = randomBytes(1024 * 1024)
@@ -34,16 +36,14 @@ describe('flow control', () => {
       blocks.push(b)
       hash.update(b)
     }
-    writeFileSync(file, Buffer.concat(blocks))
     digest = hash.digest('hex')
-    g = await startGateway()
-    sup = startSupervisorProcess({ gatewayUrl: g.supervisorUrl, sandboxId: 'flow', token: g.token('flow') })
-    await g.waitConnected('flow')
+    writeFileSync(file, Buffer.concat(blocks), { mode: 0o644 })
+    sb = await startSandbox(daemon, 'flow')
+    g = sb.g
   })
 
   afterAll(async () => {
-    await sup?.stop()
-    await g?.close()
+    await sb?.close()
     rmSync(dir, { recursive: true, force: true })
   })
 

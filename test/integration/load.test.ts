@@ -67,7 +67,8 @@ describe('load', () => {
     await batch(50, 5)
     await settle()
     const baseline = { resources: resourceCounts(), heap: heapAfterGc() }
-    await batch(500, 10)
+    // LEAK_EXECS=10000 for the full measurement; the suite asserts with 500.
+    await batch(Number(process.env.LEAK_EXECS ?? 500), 10)
     await settle()
     const after = { resources: resourceCounts(), heap: heapAfterGc() }
     expect(g.gw.execs.running).toBe(0)
@@ -77,6 +78,7 @@ describe('load', () => {
     for (const kind of new Set([...Object.keys(baseline.resources), ...Object.keys(after.resources)])) {
       expect(after.resources[kind] ?? 0, `active ${kind} handles (baseline ${baseline.resources[kind] ?? 0})`).toBeLessThanOrEqual((baseline.resources[kind] ?? 0) + 2)
     }
-    expect(after.heap - baseline.heap, 'heap growth after 500 execs, bytes').toBeLessThan(8 * 1024 * 1024)
+    if (process.env.LEAK_EXECS !== undefined) console.log(JSON.stringify({ execs: Number(process.env.LEAK_EXECS), baseline, after }))
+    expect(after.heap - baseline.heap, 'heap growth after the execs, bytes').toBeLessThan(8 * 1024 * 1024)
   }, 180_000)
 })
