@@ -12,7 +12,7 @@
 // It prints a markdown table and writes bench/RESULTS.md (machine, date, exact commands). Goals
 // missed are reported, not failed: the run fails only when something is wrong (a bad exit code,
 // a checksum mismatch, an exec that did not start). Knobs and how to read it: bench/README.md.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { execFileSync, spawn, spawnSync } from 'node:child_process'
 import { createHash, randomBytes } from 'node:crypto'
 import { chmodSync, closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, writeFileSync, writeSync } from 'node:fs'
@@ -61,7 +61,7 @@ const RATE_CLIENTS = intEnv('BENCH_RATE_CLIENTS', 50, 1, 1000)
 const GATEWAY_NODE_OPTIONS = process.env.BENCH_GATEWAY_NODE_OPTIONS ?? ''
 // When set, gateways run with the inspector on a loopback port and each phase writes a CPU
 // profile of the gateway under test (<phase>.cpuprofile, open it in Chrome DevTools) plus a
-// summary (<phase>.top.txt); the held-execs phase also writes a heap snapshot with 1,000 held.
+// summary (<phase>.top.txt); the held-execs phase also writes heap snapshots at 0, 500 and 1,000.
 const PROFILE_DIR = process.env.BENCH_PROFILE_DIR ?? ''
 // More `serve` flags for every gateway, e.g. "--log-level warn".
 const GATEWAY_EXTRA_ARGS = (process.env.BENCH_GATEWAY_ARGS ?? '').split(' ').filter((s) => s !== '')
@@ -123,20 +123,80 @@ async function waitUntil (what: string, timeoutMs: number, pred: () => Promise<b
 
 const LOADAVG_AT_START = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')
 
-// Interference check: CPU the whole machine spent (/proc/stat, all but idle and iowait) minus
-// what this process and every child it reaped spent (/proc/self/stat with cutime and cstime;
-// read after everything is stopped, so gateways, supervisors, sshd and their children count).
-function machineBusyTicks (): number {
-  const f = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number)
-  // user nice system idle iowait irq softirq steal
-  return f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + (f[7] ?? 0)
+// Interference check. Every ~2 s during a phase the bench reads every process's CPU
+// (utime + stime + cutime + cstime, so short-lived children reaped by a long-lived parent count)
+// and adds up what processes that are not its own used: its own are its descendants and its
+// ancestors (vitest, npx), plus sshd session processes that their monitor left to init when the
+// bench's ssh connections ended. PID 1 is left out too (it reaps those orphans).
+interface ProcSample { ticks: number, comm: string, cmd: string }
+class ForeignMeter {
+  readonly #last = new Map<string, number>()
+  readonly #used = new Map<string, { ticks: number, cmd: string }>()
+  readonly #startWall = performance.now()
+  readonly #startBootTicks = Number(readFileSync('/proc/uptime', 'utf8').split(' ')[0]) * CLK_TCK
+  readonly #timer: NodeJS.Timeout
+  #first = true
+
+  constructor () {
+    this.#sample()
+    this.#first = false
+    this.#timer = setInterval(() => this.#sample(), 2000)
+    this.#timer.unref()
+  }
+
+  stop (): { cpuS: number, wallS: number, pct: number, top: string[] } {
+    clearInterval(this.#timer)
+    this.#sample()
+    const wallS = (performance.now() - this.#startWall) / 1000
+    let ticks = 0
+    for (const u of this.#used.values()) ticks += u.ticks
+    const byCmd = new Map<string, number>()
+    for (const u of this.#used.values()) byCmd.set(u.cmd, (byCmd.get(u.cmd) ?? 0) + u.ticks)
+    const top = [...byCmd.entries()].sort((a, b) => b[1] - a[1]).slice(0, 3).filter(([, t]) => t > 0).map(([c, t]) => `${(t / CLK_TCK).toFixed(1)} s ${c}`)
+    return { cpuS: ticks / CLK_TCK, wallS, pct: ticks / CLK_TCK / (wallS * os.availableParallelism()) * 100, top }
+  }
+
+  #sample (): void {
+    const procs = new Map<number, ProcSample & { ppid: number, start: number }>()
+    for (const name of readdirSync('/proc')) {
+      if (!/^\d+$/.test(name)) continue
+      try {
+        const stat = readFileSync(`/proc/${name}/stat`, 'utf8')
+        const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+        procs.set(Number(name), {
+          ticks: Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14]),
+          comm: stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')),
+          cmd: '',
+          ppid: Number(f[1]),
+          start: Number(f[19])
+        })
+      } catch { /* gone */ }
+    }
+    const ours = new Set<number>([1, process.pid])
+    for (let p = process.ppid; p > 1 && !ours.has(p); p = procs.get(p)?.ppid ?? 1) ours.add(p)
+    const children = new Map<number, number[]>()
+    for (const [pid, pr] of procs) { const l = children.get(pr.ppid) ?? []; l.push(pid); children.set(pr.ppid, l) }
+    const walk = (p: number): void => { for (const c of children.get(p) ?? []) { ours.add(c); walk(c) } }
+    walk(process.pid)
+    for (const [pid, pr] of procs) {
+      if (ours.has(pid) || (pr.ppid === 1 && pr.comm === 'sshd')) continue
+      const key = `${pid}:${pr.start}`
+      const last = this.#last.get(key) ?? (this.#first || pr.start < this.#startBootTicks ? undefined : 0)
+      this.#last.set(key, pr.ticks)
+      if (last === undefined) continue
+      const prev = this.#used.get(key)
+      let cmd = prev?.cmd
+      if (cmd === undefined) {
+        try { cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').join(' ').trim().slice(0, 80) } catch { cmd = '' }
+        if (cmd === '') cmd = `[${pr.comm}]`
+      }
+      this.#used.set(key, { ticks: (prev?.ticks ?? 0) + Math.max(0, pr.ticks - last), cmd })
+    }
+  }
 }
-function selfTicksWithChildren (): number {
-  const stat = readFileSync('/proc/self/stat', 'utf8')
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
-  return Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14])
-}
-const RUN_START = { wall: performance.now(), machine: machineBusyTicks(), self: selfTicksWithChildren() }
+
+const interference = { cpuS: 0, capacityS: 0 }
+
 const CLK_TCK = (() => { try { return Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100 } catch { return 100 } })()
 
 function rssKiB (pid: number): number {
@@ -662,6 +722,20 @@ describe('exec-gateway benchmark', () => {
     log(`setup done in ${((Date.now() - started) / 1000).toFixed(1)} s (sshd port ${sshd.port}, user ${sshd.user})`)
   }
 
+  // Per phase: CPU used outside the bench while it ran (see ForeignMeter).
+  let meter: ForeignMeter | undefined
+  beforeEach(() => { meter = new ForeignMeter() })
+  afterEach((ctx) => {
+    if (meter === undefined) return
+    const f = meter.stop()
+    meter = undefined
+    interference.cpuS += f.cpuS
+    interference.capacityS += f.wallS * os.availableParallelism()
+    const line = `CPU used outside the bench during "${ctx.task.name}": ${f.cpuS.toFixed(1)} CPU-s (${f.pct.toFixed(1)} % of the machine)${f.pct > 5 ? ` — **WARNING: these figures are skewed**; top: ${f.top.join('; ')}` : ''}`
+    log(line)
+    notes.push(line)
+  })
+
   afterAll(async () => {
     for (const insp of inspectors.values()) insp.close()
     // Stop in order: the gateways (which close their SSH connections), then supervisors, sshd.
@@ -676,12 +750,10 @@ describe('exec-gateway benchmark', () => {
     if (left.length > 0) log(`killed ${left.length} exec processes that outlived the run`)
     if (tmpDir !== undefined) rmSync(tmpDir, { recursive: true, force: true })
 
-    const wallS = (performance.now() - RUN_START.wall) / 1000
-    const foreignS = Math.max(0, (machineBusyTicks() - RUN_START.machine) - (selfTicksWithChildren() - RUN_START.self)) / CLK_TCK
-    const capacityS = wallS * os.availableParallelism()
-    const interference = `CPU used by processes outside the bench during the run: ${foreignS.toFixed(1)} CPU-s of ${capacityS.toFixed(0)} available (${(foreignS / capacityS * 100).toFixed(1)} %; the kernel's own softirq work for loopback traffic counts here too)`
+    const pct = interference.capacityS === 0 ? 0 : interference.cpuS / interference.capacityS * 100
+    const interferenceLine = `CPU used by processes outside the bench during the measurements: ${interference.cpuS.toFixed(1)} CPU-s of ${interference.capacityS.toFixed(0)} available (${pct.toFixed(1)} %; per phase in the notes)`
     const out = table()
-    process.stdout.write(`\n${out}\n\n${foreignS / capacityS > 0.05 ? 'WARNING: ' : ''}${interference}\n\n`)
+    process.stdout.write(`\n${out}\n\n${pct > 5 ? 'WARNING: ' : ''}${interferenceLine}\n\n`)
     if (failures.length > 0) process.stdout.write(`failures:\n${failures.map((f) => `- ${f}`).join('\n')}\n\n`)
     if (RESULTS_PATH !== '') {
       const doc = [
@@ -694,7 +766,7 @@ describe('exec-gateway benchmark', () => {
         '## Machine',
         '',
         ...machine(),
-        `- ${foreignS / capacityS > 0.05 ? '**warning: something else was using the CPU** — ' : ''}${interference}`,
+        `- ${pct > 5 ? '**warning: something else was using the CPU** — ' : ''}${interferenceLine}`,
         '',
         '## Results',
         '',
@@ -999,14 +1071,16 @@ describe('exec-gateway benchmark', () => {
           return r.body.id as string
         })
         ids.push(...started)
+        let endedEarly: string | undefined
         await waitUntil(`${target} execs running`, 120_000, async () => {
           const r = await httpJson(gw.publicUrl, 'GET', '/v1/execs?sandboxId=hold')
           const mine = new Set(ids)
           const list = (r.body.execs as Array<{ status: string, id: string, error: unknown }>).filter((x) => mine.has(x.id))
           const failed = list.filter((x) => x.status === 'failed' || x.status === 'exited')
-          if (failed.length > 0) throw new Error(`${failed.length} held execs ended early, e.g. ${JSON.stringify(failed[0])}`)
+          if (failed.length > 0) { endedEarly = `${failed.length} held execs ended early, e.g. ${JSON.stringify(failed[0])}`; return true }
           return list.filter((x) => x.status === 'running').length === target
         }, 500)
+        if (endedEarly !== undefined) throw new Error(endedEarly)
         log(`${target} execs running after ${((performance.now() - t0) / 1000).toFixed(1)} s`)
         await sleep(3000)
         const m = await profiled(gw, `hold-${target}-idle`, async () => await measure(`${target} held`))
