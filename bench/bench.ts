@@ -25,17 +25,11 @@ import { startGatewayProcess, type GatewayProcess } from '../test/helpers/gatewa
 import { startSupervisorProcess, type SupervisorProcess } from '../test/helpers/supervisor-process.js'
 import { startOpenSshd, type OpenSshd } from '../test/helpers/openssh.js'
 import { loadDataDir } from '../src/data-dir.js'
+import { intEnv } from '../test/helpers/env.js'
+import { requestJson, type JsonResponse } from '../test/helpers/http.js'
 
 // ---------------------------------------------------------------- knobs
 
-function intEnv (name: string, def: number, min: number, max: number): number {
-  const raw = process.env[name]
-  if (raw === undefined || raw === '') return def
-  if (!/^\d+$/.test(raw)) throw new Error(`${name} must be a whole number, got ${JSON.stringify(raw)}`)
-  const n = Number(raw)
-  if (n < min || n > max) throw new Error(`${name} must be in ${min}..${max}, got ${n}`)
-  return n
-}
 
 const PHASES = ['roundtrip', 'rate', 'throughput', 'hold'] as const
 type Phase = typeof PHASES[number]
@@ -287,30 +281,8 @@ function findSshdConfig (port: number): { pid: number, command: string, config: 
 
 const agent = new http.Agent({ keepAlive: true, maxSockets: 1024 })
 
-interface HttpResult { status: number, body: any }
-
-async function httpJson (base: string, method: string, path: string, body?: unknown, timeoutMs = 120_000): Promise<HttpResult> {
-  const payload = body === undefined ? undefined : JSON.stringify(body)
-  return await new Promise((resolve, reject) => {
-    const req = http.request(base + path, {
-      method,
-      agent,
-      headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) }
-    }, (res) => {
-      const chunks: Buffer[] = []
-      res.on('data', (c: Buffer) => chunks.push(c))
-      res.on('end', () => {
-        const text = Buffer.concat(chunks).toString()
-        let parsed: any = text
-        try { parsed = JSON.parse(text) } catch { /* not JSON */ }
-        resolve({ status: res.statusCode ?? 0, body: parsed })
-      })
-      res.on('error', reject)
-    })
-    req.setTimeout(timeoutMs, () => req.destroy(new Error(`${method} ${path} took over ${timeoutMs} ms`)))
-    req.on('error', reject)
-    req.end(payload)
-  })
+async function httpJson (base: string, method: string, path: string, body?: unknown, timeoutMs = 120_000): Promise<JsonResponse> {
+  return await requestJson(base + path, { method, body, agent, timeoutMs })
 }
 
 // One `true` through the gateway, ?wait=true; returns the round trip in ms.

@@ -17,6 +17,7 @@ import { startTcpProxy, type TcpProxy } from '../test/helpers/tcp-proxy.js'
 import { startOpenSshd, type OpenSshd, sandboxAccount } from '../test/helpers/openssh.js'
 import { sleep } from '../test/helpers/wait.js'
 import type { GatewayConfig } from '../src/config.js'
+import { intEnv } from '../test/helpers/env.js'
 
 declare module 'vitest' {
   interface TaskMeta { soakLine?: string }
@@ -24,14 +25,6 @@ declare module 'vitest' {
 
 // ---------------------------------------------------------------- knobs
 
-function intEnv (name: string, def: number, min: number, max: number): number {
-  const raw = process.env[name]
-  if (raw === undefined || raw === '') return def
-  if (!/^\d+$/.test(raw)) throw new Error(`${name} must be a whole number, got ${JSON.stringify(raw)}`)
-  const n = Number(raw)
-  if (n < min || n > max) throw new Error(`${name} must be in ${min}..${max}, got ${n}`)
-  return n
-}
 
 const DURATION_S = intEnv('SOAK_DURATION_S', 120, 1, 7 * 24 * 3600)
 const AGENTS = intEnv('SOAK_AGENTS', 80, 1, 2000)

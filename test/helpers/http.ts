@@ -1,11 +1,25 @@
 import http from 'node:http'
 
-// A request on a fresh connection that is closed afterwards (agent: false), for tests that
-// count sockets and so cannot have a client connection pool keeping connections open.
-export async function postJsonOnce (url: string, body: unknown): Promise<{ status: number, body: any }> {
-  const payload = JSON.stringify(body)
+// JSON over plain node:http, for callers that must control connections: the load test counts
+// sockets (agent: false, a fresh connection closed afterwards), the bench pools its own.
+
+export interface JsonResponse { status: number, body: any }
+
+export interface RequestJsonOptions {
+  method: string
+  body?: unknown
+  agent: http.Agent | false
+  timeoutMs?: number
+}
+
+export async function requestJson (url: string, opts: RequestJsonOptions): Promise<JsonResponse> {
+  const payload = opts.body === undefined ? undefined : JSON.stringify(opts.body)
   return await new Promise((resolve, reject) => {
-    const req = http.request(url, { method: 'POST', agent: false, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } }, (res) => {
+    const req = http.request(url, {
+      method: opts.method,
+      agent: opts.agent,
+      headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) }
+    }, (res) => {
       const chunks: Buffer[] = []
       res.on('data', (c: Buffer) => chunks.push(c))
       res.on('end', () => {
@@ -16,7 +30,15 @@ export async function postJsonOnce (url: string, body: unknown): Promise<{ statu
       })
       res.on('error', reject)
     })
+    if (opts.timeoutMs !== undefined) {
+      const ms = opts.timeoutMs
+      req.setTimeout(ms, () => req.destroy(new Error(`${opts.method} ${url} took over ${ms} ms`)))
+    }
     req.on('error', reject)
     req.end(payload)
   })
+}
+
+export async function postJsonOnce (url: string, body: unknown): Promise<JsonResponse> {
+  return await requestJson(url, { method: 'POST', body, agent: false })
 }
