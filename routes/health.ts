@@ -4,6 +4,7 @@ import type { RouteContext } from './context.js'
 
 const health: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ctx }) => {
   app.get('/healthz', {
+    config: { openAccess: true },
     schema: {
       tags: ['health'],
       summary: 'Liveness of the gateway process',

@@ -33,15 +33,29 @@ function hostName (hostHeader: string): string {
   return m === null ? hostHeader : m[1]!
 }
 
-// Routes anyone may read even when tokens are required.
-const OPEN_ROUTES = new Set(['/healthz', '/openapi.json'])
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    // Readable without a token even when tokens are required: health, the API description, the
+    // docs and the dashboard's static page (which then asks the user for a token).
+    openAccess?: boolean
+  }
+}
+
+// Routes registered by plugins that cannot set route config.
+const OPEN_ROUTE_PREFIXES = ['/docs']
+
+function isOpenRoute (request: FastifyRequest): boolean {
+  if (request.routeOptions.config?.openAccess === true) return true
+  const url = request.routeOptions.url ?? ''
+  return OPEN_ROUTE_PREFIXES.some((p) => url === p || url.startsWith(p + '/'))
+}
 
 export function installGuard (app: FastifyInstance, apiTokens: readonly string[]): void {
   app.addHook('onRequest', async (request, reply) => {
     // Decided on the route the router matched, never on the raw URL: the router decodes
     // percent-escapes, so "/%761/execs" is a /v1 route too.
     if (apiTokens.length > 0) {
-      if (OPEN_ROUTES.has(request.routeOptions.url ?? '')) return
+      if (isOpenRoute(request)) return
       const token = tokenFrom(request)
       if (token === undefined || !matchesApiToken(apiTokens, token)) {
         return sendProblem(reply, problem('unauthenticated', 'a valid bearer token is required (Authorization: Bearer <token>)'))

@@ -79,7 +79,7 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
   // closed with the response instead of leaking (and holding app.close() open).
   installGuard(app, opts.apiTokens)
 
-  app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger())
+  app.get('/openapi.json', { schema: { hide: true }, config: { openAccess: true } }, async () => app.swagger())
   await registerRoutes(app, { ...opts.ctx, sockets })
   return { app, sockets }
 }
