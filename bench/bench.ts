@@ -592,7 +592,8 @@ function gatewayEnv (inspect: boolean): Record<string, string> {
 }
 
 async function gateway (extraArgs: string[], localSandbox: boolean, inspect = false): Promise<GatewayProcess> {
-  const gw = await startGatewayProcess({ localSandbox, extraArgs: [...extraArgs, ...GATEWAY_EXTRA_ARGS], env: gatewayEnv(inspect), shutdownGraceMs: 2000 })
+  // The bench measures throughput (hundreds of execs/s, 1,000 held at once): exec rate limit off.
+  const gw = await startGatewayProcess({ localSandbox, extraArgs: ['--exec-rate-limit-per-minute', '0', ...extraArgs, ...GATEWAY_EXTRA_ARGS], env: gatewayEnv(inspect), shutdownGraceMs: 2000 })
   startedGateways.push(gw)
   return gw
 }

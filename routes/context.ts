@@ -9,6 +9,8 @@ export interface RouteContext {
   registry: SessionRegistry
   metrics: Metrics
   heartbeatIntervalMs: number
+  // Exec creations per token (per client address without tokens) per minute; 0 = unlimited.
+  execRateLimitPerMinute: number
   // Open WebSockets, closed with 1001 on shutdown.
   sockets: Set<WebSocket>
   isClosing: () => boolean

@@ -1,3 +1,5 @@
+import { createHash } from 'node:crypto'
+import type { FastifyRequest } from 'fastify'
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
 import { GatewayError } from '../src/errors.js'
@@ -20,8 +22,24 @@ export function findExec (ctx: RouteContext, execId: string): ExecEntry {
   return entry
 }
 
+// The key never holds the token itself (the limiter's store may be inspected or logged).
+function rateLimitKey (req: FastifyRequest): string {
+  return req.apiToken === undefined ? `ip:${req.ip}` : `token:${createHash('sha256').update(req.apiToken).digest('base64url').slice(0, 22)}`
+}
+
 const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ctx }) => {
+  const limit = ctx.execRateLimitPerMinute
   app.post('/v1/sandboxes/:sandboxId/execs', {
+    config: limit === 0
+      ? {}
+      : {
+          rateLimit: {
+            max: limit,
+            timeWindow: 60_000,
+            keyGenerator: rateLimitKey,
+            errorResponseBuilder: (_req, c) => new GatewayError('too_many_requests', `more than ${limit} execs a minute for this token; retry in ${Math.max(1, Math.ceil(c.ttl / 1000))} s`)
+          }
+        },
     schema: {
       tags: ['execs'],
       summary: 'Start an exec; with ?wait=true, wait for its end',

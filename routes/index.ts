@@ -13,4 +13,5 @@ export async function registerRoutes (app: FastifyInstance, ctx: RouteContext): 
   await app.register(execs, { ctx })
   await app.register(execEvents, { ctx })
   await app.register(execStream, { ctx })
+  await app.register(import('./dashboard.js'), { ctx })
 }

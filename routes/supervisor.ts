@@ -9,6 +9,7 @@ import {
   type GatewayMessage, type SupervisorMessage
 } from '../src/relay/protocol.js'
 import { verifySupervisorToken } from '../src/tokens.js'
+import type { TlsMaterial } from '../src/credentials.js'
 
 // The supervisor listener. Plain node:http2 rather than Fastify: relays need the raw
 // Http2Stream as an ssh2 socket and the Http2Session for PINGs, and Fastify's compat layer
@@ -16,7 +17,10 @@ import { verifySupervisorToken } from '../src/tokens.js'
 
 export interface SupervisorServerOptions {
   registry: SessionRegistry
-  tokenSecrets: readonly Buffer[]
+  // Read per request: a rotation (SIGHUP) replaces them.
+  tokenSecrets: () => readonly Buffer[]
+  // HTTP/2 over TLS when given (h2c otherwise).
+  tls?: TlsMaterial | undefined
   gatewayPublicKey: string
   heartbeatIntervalMs: number
   pingIntervalMs: number
@@ -28,7 +32,7 @@ export interface SupervisorServerOptions {
 interface ConnState { pinger: H2Pinger, sessions: Set<SupervisorSession> }
 
 export interface SupervisorServer {
-  server: http2.Http2Server
+  server: http2.Http2Server | http2.Http2SecureServer
   // Shutdown: GOAWAY to every supervisor connection, then cut what has not gone within graceMs.
   closeAll: (graceMs: number) => Promise<void>
 }
@@ -37,16 +41,22 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
   const log = opts.logger
   const conns = new WeakMap<Http2Session, ConnState>()
   const live = new Set<Http2Session>()
-  const server = http2.createServer({
+  const h2Options = {
     settings: { initialWindowSize: H2_STREAM_WINDOW, maxConcurrentStreams: 100000 },
     maxSessionMemory: 256
-  })
+  }
+  const server = opts.tls === undefined
+    ? http2.createServer(h2Options)
+    // HTTP/2 only: a supervisor that cannot negotiate h2 by ALPN is refused in the handshake.
+    : http2.createSecureServer({ ...h2Options, cert: opts.tls.cert, key: opts.tls.key, allowHTTP1: false, minVersion: 'TLSv1.2' })
 
+  // The TCP connection (before any TLS): every relay on it carries SSH, so small packets must
+  // not wait for Nagle.
   server.on('connection', (socket: Socket) => {
-    // Every relay on this connection carries SSH: small packets must not wait for Nagle.
     socket.setNoDelay(true)
     socket.on('error', (err) => log.debug({ err }, 'supervisor socket error'))
   })
+  server.on('tlsClientError', (err: Error) => log.warn({ err: err.message }, 'supervisor TLS handshake failed'))
 
   server.on('session', (session: Http2Session) => {
     session.on('error', (err) => log.debug({ err }, 'supervisor connection error'))
@@ -75,10 +85,10 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
     const path = String(headers[':path'] ?? '')
     const auth = String(headers.authorization ?? '')
     const token = auth.startsWith('Bearer ') ? auth.slice(7).trim() : ''
-    const check = verifySupervisorToken(opts.tokenSecrets, token)
+    const check = verifySupervisorToken(opts.tokenSecrets(), token)
     if (!check.ok) {
       // The token itself is never logged.
-      log.warn({ path, reason: check.reason }, 'supervisor request refused')
+      log.warn({ path, reason: check.reason, remoteAddress: stream.session?.socket?.remoteAddress }, 'supervisor request refused')
       reject(stream, 401, 'unauthenticated', `supervisor token refused: ${check.reason}`)
       return
     }

@@ -1,9 +1,11 @@
 import type { AddressInfo } from 'node:net'
-import type { Http2Server } from 'node:http2'
+import type { Http2SecureServer, Http2Server } from 'node:http2'
+import { X509Certificate } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
 import pino, { type Logger } from 'pino'
 import type { GatewayConfig } from './config.js'
 import { loadDataDir, type GatewayIdentity } from './data-dir.js'
+import { Credentials, readTls, type TlsMaterial } from './credentials.js'
 import { ExecManager } from './execs/manager.js'
 import { buildPublicApp } from './http/public-app.js'
 import { Metrics } from './metrics.js'
@@ -21,13 +23,16 @@ export const LOCAL_SANDBOX_ID = 'local'
 
 export interface Gateway {
   app: FastifyInstance
-  supervisorServer: Http2Server
+  supervisorServer: Http2Server | Http2SecureServer
+  credentials: Credentials
   registry: SessionRegistry
   pool: SshPool
   execs: ExecManager
   identity: GatewayIdentity
   logger: Logger
   listen: () => Promise<{ publicUrl: string, supervisorUrl: string }>
+  // SIGHUP: re-read API token file, token secrets and TLS certificates; nothing is dropped.
+  reload: () => void
   close: () => Promise<void>
 }
 
@@ -43,6 +48,9 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     redact: { paths: ['req.headers.authorization', 'headers.authorization', 'token', 'privateKey'], censor: '[redacted]' }
   })
   const identity = opts.identity ?? loadDataDir(config.dataDir)
+  const credentials = new Credentials(config, identity, logger.child({ component: 'credentials' }))
+  const publicTls = config.tls === undefined ? undefined : readTls(config.tls)
+  const supervisorTls = config.supervisorTls === undefined ? undefined : readTls(config.supervisorTls)
   const registry = new SessionRegistry({
     sessionWaitMs: config.sessionWaitMs,
     relayOpenTimeoutMs: config.relayOpenTimeoutMs,
@@ -69,6 +77,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     execTtlS: config.execTtlS,
     closeWaitMs: config.closeWaitMs,
     maxPendingRelaysPerSandbox: config.maxPendingRelaysPerSandbox,
+    maxRunningExecsPerSandbox: config.maxRunningExecsPerSandbox,
     onEnd: (e) => metrics?.execsEnded.inc({ outcome: e.status, code: e.error?.code ?? '' })
   })
   metrics = new Metrics({
@@ -78,12 +87,14 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
   let closing = false
   const { app, sockets } = await buildPublicApp({
     logger,
-    apiTokens: config.apiTokens,
-    ctx: { execs, registry, metrics, heartbeatIntervalMs: config.heartbeatIntervalMs, isClosing: () => closing }
+    apiTokens: () => credentials.apiTokens,
+    tls: publicTls,
+    ctx: { execs, registry, metrics, heartbeatIntervalMs: config.heartbeatIntervalMs, execRateLimitPerMinute: config.execRateLimitPerMinute, isClosing: () => closing }
   })
   const { server: supervisorServer, closeAll: closeSupervisorConnections } = createSupervisorServer({
     registry,
-    tokenSecrets: [identity.tokenSecret],
+    tokenSecrets: () => credentials.tokenSecrets,
+    tls: supervisorTls,
     gatewayPublicKey: identity.publicKey,
     heartbeatIntervalMs: config.heartbeatIntervalMs,
     pingIntervalMs: config.h2PingIntervalMs,
@@ -103,15 +114,18 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
       })
     })
     const sup = supervisorServer.address() as AddressInfo
-    const supervisorUrl = `http://${urlHost(sup.address)}:${sup.port}`
+    const supervisorUrl = `${supervisorTls === undefined ? 'http' : 'https'}://${urlHost(sup.address)}:${sup.port}`
     await app.listen({ host: config.listen.host, port: config.listen.port })
     const pub = app.server.address() as AddressInfo
-    const publicUrl = `http://${urlHost(pub.address)}:${pub.port}`
+    const publicUrl = `${publicTls === undefined ? 'http' : 'https'}://${urlHost(pub.address)}:${pub.port}`
     if (config.localSandbox) {
       localSupervisor = new Supervisor({
         gatewayUrl: supervisorUrl,
         sandboxId: LOCAL_SANDBOX_ID,
         token: signSupervisorToken(identity.tokenSecret, LOCAL_SANDBOX_ID),
+        // The in-process supervisor trusts exactly the certificate this gateway serves, whoever
+        // issued it and whatever names it carries.
+        ...(supervisorTls === undefined ? {} : { tls: { pinnedCertSha256: certFingerprint(supervisorTls) } }),
         logger: logger.child({ component: 'local-supervisor' })
       })
       await localSupervisor.start()
@@ -136,7 +150,24 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     await Promise.allSettled([app.close(), closeSupervisorConnections(300)])
   }
 
-  return { app, supervisorServer, registry, pool, execs, identity, logger, listen, close }
+  const reload = (): void => {
+    const counts = credentials.reload()
+    for (const [server, files, name] of [[app.server, config.tls, 'public'], [supervisorServer, config.supervisorTls, 'supervisor']] as const) {
+      if (files === undefined) continue
+      try {
+        (server as unknown as { setSecureContext: (o: TlsMaterial) => void }).setSecureContext(readTls(files))
+      } catch (err) {
+        logger.error({ listener: name, err: (err as Error).message }, 'cannot reload the TLS certificate; keeping the previous one')
+      }
+    }
+    logger.info(counts, 'credentials reloaded')
+  }
+
+  return { app, supervisorServer, credentials, registry, pool, execs, identity, logger, listen, reload, close }
+}
+
+function certFingerprint (tls: TlsMaterial): string {
+  return new X509Certificate(tls.cert).fingerprint256
 }
 
 function urlHost (address: string): string {

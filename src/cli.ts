@@ -1,12 +1,14 @@
+import { readFileSync } from 'node:fs'
 import pino from 'pino'
+import ssh2 from 'ssh2'
 import {
   ConfigError, dataDirFlags, envName, loadServeConfig, parseFlags, parseHostPort, serveFlags,
   supervisorFlags, type FlagSpec
 } from './config.js'
-import { loadDataDir } from './data-dir.js'
+import { loadDataDir, rotateTokenSecret } from './data-dir.js'
 import { buildGateway } from './app.js'
 import { Supervisor } from './supervisor/agent.js'
-import { signSupervisorToken } from './tokens.js'
+import { sandboxIdOfToken, signSupervisorToken } from './tokens.js'
 
 // argv → command. The only place that touches process.argv, stdout for results and exit codes.
 
@@ -14,6 +16,7 @@ const COMMANDS: Record<string, { summary: string, flags: readonly FlagSpec[], us
   serve: { summary: 'run the gateway (public API + supervisor listener)', flags: serveFlags, usage: 'exec-gateway serve [flags]' },
   supervisor: { summary: 'run the in-sandbox agent that dials the gateway', flags: supervisorFlags, usage: 'exec-gateway supervisor --sandbox-id ID --token TOKEN [flags]' },
   token: { summary: 'print a supervisor token for a sandbox', flags: [...dataDirFlags, { name: 'ttl-s', key: 'ttlS', kind: 'int', default: 0, min: 0, max: 10 * 365 * 24 * 3600, help: 'token lifetime in seconds, 0 = no expiry' }], usage: 'exec-gateway token <sandboxId> [--data-dir DIR] [--ttl-s N]' },
+  'rotate-token-secret': { summary: 'rotate the secret that signs supervisor tokens (old tokens stay valid until --retire)', flags: [...dataDirFlags, { name: 'retire', key: 'retire', kind: 'bool', default: false, help: 'stop accepting tokens signed with the previous secret' }], usage: 'exec-gateway rotate-token-secret [--data-dir DIR] [--retire]' },
   'public-key': { summary: "print the gateway's SSH client public key (for authorized_keys)", flags: dataDirFlags, usage: 'exec-gateway public-key [--data-dir DIR]' }
 }
 
@@ -48,6 +51,7 @@ export async function main (argv: string[]): Promise<void> {
       case 'serve': await serve(rest); return
       case 'supervisor': await supervisor(rest); return
       case 'token': token(rest); return
+      case 'rotate-token-secret': rotate(rest); return
       case 'public-key': publicKey(rest)
     }
   } catch (err) {
@@ -67,6 +71,8 @@ async function serve (argv: string[]): Promise<void> {
   const { publicUrl, supervisorUrl } = await gateway.listen()
   gateway.logger.info({ publicUrl, supervisorUrl, localSandbox: config.localSandbox }, 'listening')
   onShutdownSignal(async () => { await gateway.close() }, config.shutdownGraceMs + 5000, gateway.logger)
+  // Re-read tokens, token secrets and certificates without dropping a connection.
+  process.on('SIGHUP', () => gateway.reload())
 }
 
 async function supervisor (argv: string[]): Promise<void> {
@@ -76,14 +82,27 @@ async function supervisor (argv: string[]): Promise<void> {
   if (flags.token === undefined) throw new ConfigError('--token is required (make one with `exec-gateway token <sandboxId>` on the gateway host)')
   let gatewayUrl: URL
   try { gatewayUrl = new URL(flags.gateway) } catch { throw new ConfigError(`--gateway must be a URL, got ${JSON.stringify(flags.gateway)}`) }
-  if (gatewayUrl.protocol !== 'http:') throw new ConfigError(`--gateway must be an http:// URL, got ${flags.gateway}`)
+  if (gatewayUrl.protocol !== 'http:' && gatewayUrl.protocol !== 'https:') throw new ConfigError(`--gateway must be an http:// or https:// URL, got ${flags.gateway}`)
+  if (flags.ca !== undefined && gatewayUrl.protocol !== 'https:') throw new ConfigError('--ca needs an https:// --gateway')
+  if (flags.sshHostKey !== undefined && flags.sshTarget === undefined) throw new ConfigError('--ssh-host-key goes with --ssh-target (the embedded daemon reports its own key)')
+  const ca = flags.ca === undefined ? undefined : readFlagFile(flags.ca, '--ca')
+  const sshHostKey = flags.sshHostKey === undefined ? undefined : readHostKey(flags.sshHostKey)
+  const tokenSandbox = sandboxIdOfToken(flags.token)
+  if (tokenSandbox !== undefined && tokenSandbox !== flags.sandboxId) {
+    throw new ConfigError(`--token was issued for sandbox ${JSON.stringify(tokenSandbox)}, not ${JSON.stringify(flags.sandboxId)}: a supervisor can only serve the sandbox its token names`)
+  }
   const logger = pino({ level: flags.logLevel, redact: ['token'] })
+  if (flags.sshTarget !== undefined && sshHostKey === undefined) {
+    logger.warn('no --ssh-host-key: the gateway will accept whatever host key answers at --ssh-target')
+  }
   const agent = new Supervisor({
     gatewayUrl: gatewayUrl.toString(),
     sandboxId: flags.sandboxId,
     token: flags.token,
     sshTarget: flags.sshTarget === undefined ? undefined : parseHostPort(flags.sshTarget, '--ssh-target'),
     sshUser: flags.sshUser,
+    sshHostKey,
+    ...(ca === undefined ? {} : { tls: { ca } }),
     logger
   })
   await agent.start()
@@ -99,6 +118,31 @@ function token (argv: string[]): void {
   let t: string
   try { t = signSupervisorToken(identity.tokenSecret, positionals[0]!, expiresAt) } catch (err) { throw new ConfigError((err as Error).message) }
   process.stdout.write(t + '\n')
+}
+
+function rotate (argv: string[]): void {
+  const { flags, positionals } = parseFlags(COMMANDS['rotate-token-secret']!.flags, argv) as unknown as { flags: { dataDir: string, retire: boolean }, positionals: string[] }
+  if (positionals.length > 0) throw new ConfigError('rotate-token-secret takes no arguments')
+  rotateTokenSecret(flags.dataDir, flags.retire ? 'retire' : 'start')
+  process.stdout.write(flags.retire
+    ? 'tokens signed with the previous secret are no longer accepted once the gateway reloads (SIGHUP or restart)\n'
+    : 'new secret in place; `exec-gateway token` now signs with it. Old tokens stay valid until `rotate-token-secret --retire`. Send the gateway SIGHUP (or restart it) to pick this up.\n')
+}
+
+function readFlagFile (path: string, flag: string): Buffer {
+  try { return readFileSync(path) } catch (err) {
+    throw new ConfigError(`${flag} ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
+  }
+}
+
+// An OpenSSH public key file (ssh_host_*_key.pub); passed on as its one-line form.
+function readHostKey (path: string): string {
+  const text = readFlagFile(path, '--ssh-host-key').toString('utf8').trim()
+  const parsed = ssh2.utils.parseKey(text)
+  const key = Array.isArray(parsed) ? parsed[0] : parsed
+  if (key === undefined || key instanceof Error) throw new ConfigError(`--ssh-host-key ${path} is not an SSH public key: ${key instanceof Error ? key.message : 'empty'}`)
+  if (key.isPrivateKey()) throw new ConfigError(`--ssh-host-key ${path} is a private key; give the .pub file`)
+  return `${key.type} ${key.getPublicSSH().toString('base64')}`
 }
 
 function publicKey (argv: string[]): void {

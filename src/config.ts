@@ -1,3 +1,5 @@
+import { readFileSync } from 'node:fs'
+
 // The only reader of process.env. Flags and their EXEC_GATEWAY_* variables are parsed once,
 // validated, and handed on as a frozen, typed object with units in the names.
 
@@ -29,6 +31,13 @@ export const serveFlags = [
   { name: 'supervisor-listen', key: 'supervisorListen', kind: 'string', default: '127.0.0.1:8081', help: 'supervisor HTTP/2 listener address' },
   { name: 'data-dir', key: 'dataDir', kind: 'string', default: './.exec-gateway', help: 'SSH client key and token secret, created 0600 on first run' },
   { name: 'api-token', key: 'apiToken', kind: 'string', help: 'bearer token(s), comma-separated; required for a non-loopback --listen' },
+  { name: 'api-token-file', key: 'apiTokenFile', kind: 'string', help: 'file of bearer tokens, one per line (# comments); added to --api-token, re-read on SIGHUP' },
+  { name: 'tls-cert', key: 'tlsCert', kind: 'string', help: 'PEM certificate (chain) for the public listener; with --tls-key it serves HTTPS and wss' },
+  { name: 'tls-key', key: 'tlsKey', kind: 'string', help: 'PEM private key for --tls-cert' },
+  { name: 'supervisor-tls-cert', key: 'supervisorTlsCert', kind: 'string', help: 'PEM certificate (chain) for the supervisor listener; with --supervisor-tls-key it speaks HTTP/2 over TLS' },
+  { name: 'supervisor-tls-key', key: 'supervisorTlsKey', kind: 'string', help: 'PEM private key for --supervisor-tls-cert' },
+  { name: 'exec-rate-limit-per-minute', key: 'execRateLimitPerMinute', kind: 'int', default: 1200, min: 0, max: 10_000_000, help: 'exec creations per API token (per client address without tokens) per minute, 0 = unlimited; beyond it 429 with Retry-After' },
+  { name: 'max-running-execs-per-sandbox', key: 'maxRunningExecsPerSandbox', kind: 'int', default: 1024, min: 1, max: 1_000_000, help: 'execs a sandbox may have pending or running at once (429 beyond)' },
   { name: 'local-sandbox', key: 'localSandbox', kind: 'bool', default: false, help: 'also run the embedded sandbox "local"' },
   { name: 'session-wait-ms', key: 'sessionWaitMs', kind: 'int', default: 15000, min: 0, max: MAX_MS, help: 'how long an exec waits for a disconnected sandbox' },
   { name: 'relay-open-timeout-ms', key: 'relayOpenTimeoutMs', kind: 'int', default: 10000, min: 1, max: MAX_MS, help: 'bound on the supervisor opening a relay stream' },
@@ -55,6 +64,8 @@ export const supervisorFlags = [
   { name: 'token', key: 'token', kind: 'string', help: 'supervisor token from `exec-gateway token <sandboxId>` (required)' },
   { name: 'ssh-target', key: 'sshTarget', kind: 'string', help: 'bridge relays to this SSH daemon (host:port); default: the embedded daemon' },
   { name: 'ssh-user', key: 'sshUser', kind: 'string', help: 'account the gateway logs in as (default: the user running the supervisor)' },
+  { name: 'ssh-host-key', key: 'sshHostKey', kind: 'string', help: "file with the --ssh-target daemon's public host key (e.g. /etc/ssh/ssh_host_ed25519_key.pub); the gateway then refuses any other key" },
+  { name: 'ca', key: 'ca', kind: 'string', help: 'PEM CA certificate(s) to verify an https:// --gateway against (default: the system CAs)' },
   { name: 'log-level', key: 'logLevel', kind: 'string', default: 'info', help: 'pino level' },
 ] as const satisfies readonly FlagSpec[]
 
@@ -135,10 +146,15 @@ export function isLoopbackHost (host: string): boolean {
 
 export type ServeFlags = ParsedFlags<typeof serveFlags>
 
-export interface GatewayConfig extends Omit<ServeFlags, 'listen' | 'supervisorListen' | 'apiToken'> {
+export interface TlsFiles { certFile: string, keyFile: string }
+
+export interface GatewayConfig extends Omit<ServeFlags, 'listen' | 'supervisorListen' | 'tlsCert' | 'tlsKey' | 'supervisorTlsCert' | 'supervisorTlsKey'> {
   listen: HostPort
   supervisorListen: HostPort
+  // From --api-token and --api-token-file together, as read at start.
   apiTokens: readonly string[]
+  tls: TlsFiles | undefined
+  supervisorTls: TlsFiles | undefined
 }
 
 export function loadServeConfig (argv: readonly string[], env: NodeJS.ProcessEnv = process.env): GatewayConfig {
@@ -150,12 +166,38 @@ export function loadServeConfig (argv: readonly string[], env: NodeJS.ProcessEnv
 export function resolveServeConfig (flags: ServeFlags): GatewayConfig {
   const listen = parseHostPort(flags.listen, '--listen')
   const supervisorListen = parseHostPort(flags.supervisorListen, '--supervisor-listen')
-  const apiTokens = (flags.apiToken ?? '').split(',').map((t) => t.trim()).filter((t) => t !== '')
+  const apiTokens = [...splitTokens(flags.apiToken ?? ''), ...(flags.apiTokenFile === undefined ? [] : readTokenFile(flags.apiTokenFile))]
   if (apiTokens.length === 0 && !isLoopbackHost(listen.host)) {
-    throw new ConfigError(`--listen ${flags.listen} is not a loopback address and no --api-token is set: anyone who can reach it could run commands. Set --api-token (or EXEC_GATEWAY_API_TOKEN), or listen on 127.0.0.1`)
+    throw new ConfigError(`--listen ${flags.listen} is not a loopback address and no --api-token is set: anyone who can reach it could run commands. Set --api-token (or EXEC_GATEWAY_API_TOKEN, or --api-token-file), or listen on 127.0.0.1`)
   }
-  const { listen: _l, supervisorListen: _s, apiToken: _a, ...rest } = flags
-  return Object.freeze({ ...rest, listen, supervisorListen, apiTokens })
+  const tls = tlsPair(flags.tlsCert, flags.tlsKey, '--tls-cert', '--tls-key')
+  const supervisorTls = tlsPair(flags.supervisorTlsCert, flags.supervisorTlsKey, '--supervisor-tls-cert', '--supervisor-tls-key')
+  const { listen: _l, supervisorListen: _s, tlsCert: _c, tlsKey: _k, supervisorTlsCert: _sc, supervisorTlsKey: _sk, ...rest } = flags
+  return Object.freeze({ ...rest, listen, supervisorListen, apiTokens, tls, supervisorTls })
+}
+
+export function splitTokens (value: string): string[] {
+  return value.split(',').map((t) => t.trim()).filter((t) => t !== '')
+}
+
+// One token per line; blank lines and # comments are skipped, so a file can say whose each is.
+export function readTokenFile (path: string): string[] {
+  let text: string
+  try { text = readFileSync(path, 'utf8') } catch (err) {
+    throw new ConfigError(`--api-token-file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
+  }
+  return text.split(/\r?\n/).map((l) => l.trim()).filter((l) => l !== '' && !l.startsWith('#'))
+}
+
+function tlsPair (cert: string | undefined, key: string | undefined, certFlag: string, keyFlag: string): TlsFiles | undefined {
+  if (cert === undefined && key === undefined) return undefined
+  if (cert === undefined || key === undefined) throw new ConfigError(`${certFlag} and ${keyFlag} go together: give both or neither`)
+  for (const [file, flag] of [[cert, certFlag], [key, keyFlag]] as const) {
+    try { readFileSync(file) } catch (err) {
+      throw new ConfigError(`${flag} ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
+    }
+  }
+  return { certFile: cert, keyFile: key }
 }
 
 // Defaults for tests and embedding: every flag's default, loopback listeners on free ports.

@@ -1,4 +1,4 @@
-import { mkdirSync, readFileSync, writeFileSync, existsSync, chmodSync } from 'node:fs'
+import { mkdirSync, readFileSync, writeFileSync, existsSync, chmodSync, renameSync, rmSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import { randomBytes } from 'node:crypto'
 import ssh2 from 'ssh2'
@@ -11,11 +11,15 @@ export interface GatewayIdentity {
   dir: string
   privateKey: string
   publicKey: string
+  // Signs new supervisor tokens.
   tokenSecret: Buffer
+  // Verify supervisor tokens: the current secret, and during a rotation the previous one.
+  tokenSecrets: readonly Buffer[]
 }
 
 const KEY_FILE = 'ssh_client_ed25519'
 const SECRET_FILE = 'token_secret'
+const PREVIOUS_SECRET_FILE = 'token_secret.previous'
 
 export function loadDataDir (dir: string): GatewayIdentity {
   const abs = resolve(dir)
@@ -32,9 +36,41 @@ export function loadDataDir (dir: string): GatewayIdentity {
   chmodSync(secretPath, 0o600)
   const privateKey = readFileSync(keyPath, 'utf8')
   const publicKey = publicKeyOf(privateKey)
-  const tokenSecret = Buffer.from(readFileSync(secretPath, 'utf8').trim(), 'hex')
-  if (tokenSecret.length < 16) throw new Error(`${secretPath} is not a valid token secret`)
-  return { dir: abs, privateKey, publicKey, tokenSecret }
+  const tokenSecret = readSecret(secretPath)
+  const previousPath = join(abs, PREVIOUS_SECRET_FILE)
+  const tokenSecrets = existsSync(previousPath) ? [tokenSecret, readSecret(previousPath)] : [tokenSecret]
+  return { dir: abs, privateKey, publicKey, tokenSecret, tokenSecrets }
+}
+
+function readSecret (path: string): Buffer {
+  const secret = Buffer.from(readFileSync(path, 'utf8').trim(), 'hex')
+  if (secret.length < 16) throw new Error(`${path} is not a valid token secret`)
+  return secret
+}
+
+// Rotation in two steps, so supervisors can be re-tokened without an outage: `start` makes a
+// new signing secret and keeps the old one accepted; `retire` stops accepting the old one. A
+// running gateway picks either up on SIGHUP.
+export function rotateTokenSecret (dir: string, step: 'start' | 'retire'): { previousAccepted: boolean } {
+  const abs = resolve(dir)
+  loadDataDir(abs)
+  const secretPath = join(abs, SECRET_FILE)
+  const previousPath = join(abs, PREVIOUS_SECRET_FILE)
+  if (step === 'retire') {
+    rmSync(previousPath, { force: true })
+    return { previousAccepted: false }
+  }
+  const next = join(abs, SECRET_FILE + '.next')
+  rmSync(next, { force: true })
+  writeFileSync(next, randomBytes(32).toString('hex') + '\n', { mode: 0o600, flag: 'wx' })
+  const previousNext = previousPath + '.next'
+  rmSync(previousNext, { force: true })
+  writeFileSync(previousNext, readFileSync(secretPath), { mode: 0o600, flag: 'wx' })
+  // Renames over the old files, so a gateway reading the directory at any moment sees a
+  // whole current secret (never none, which would make a new one).
+  renameSync(previousNext, previousPath)
+  renameSync(next, secretPath)
+  return { previousAccepted: true }
 }
 
 // OpenSSH one-line form, derived from the private key so the .pub file can never disagree.

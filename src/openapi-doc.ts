@@ -11,7 +11,8 @@ import { generateEd25519KeyPair } from './ssh-keys.js'
 
 export async function generateOpenApiDocument (): Promise<Record<string, unknown>> {
   const pair = generateEd25519KeyPair()
-  const identity = { dir: '', privateKey: pair.private, publicKey: publicKeyOf(pair.private), tokenSecret: randomBytes(32) }
+  const tokenSecret = randomBytes(32)
+  const identity = { dir: '', privateKey: pair.private, publicKey: publicKeyOf(pair.private), tokenSecret, tokenSecrets: [tokenSecret] }
   const gw = await buildGateway(defaultGatewayConfig(), { logger: pino({ level: 'silent' }), identity })
   try {
     await gw.app.ready()

@@ -36,6 +36,13 @@ export function verifySupervisorToken (secrets: readonly Buffer[], token: string
   return { ok: true, sandboxId }
 }
 
+// The sandbox a token names, unverified (the supervisor has no secret): for early, clear errors.
+export function sandboxIdOfToken (token: string): string | undefined {
+  const parts = token.split('.')
+  if (parts.length !== 4 || parts[0] !== PREFIX) return undefined
+  return Buffer.from(parts[1]!, 'base64url').toString()
+}
+
 // API bearer tokens, compared in constant time whatever their length.
 export function matchesApiToken (tokens: readonly string[], given: string): boolean {
   const g = createHmac('sha256', 'api-token').update(given).digest()

@@ -21,6 +21,9 @@ export interface ExecManagerOptions {
   execTtlS: number
   closeWaitMs: number
   maxPendingRelaysPerSandbox: number
+  // Pending + running execs one sandbox may have: one tenant's runaway loop must not take the
+  // gateway's memory and the sandbox's sshd down for everyone.
+  maxRunningExecsPerSandbox?: number
   onEnd?: (entry: ExecEntry) => void
 }
 
@@ -71,6 +74,10 @@ export class ExecManager {
     if (registry.get(sandboxId) === undefined) throw new GatewayError('sandbox_not_found', `no sandbox ${sandboxId} has ever connected`)
     if (registry.pendingCount(sandboxId) >= this.#opts.maxPendingRelaysPerSandbox) {
       throw new GatewayError('too_many_requests', `sandbox ${sandboxId} already has ${this.#opts.maxPendingRelaysPerSandbox} relays waiting to be opened`)
+    }
+    const cap = this.#opts.maxRunningExecsPerSandbox
+    if (cap !== undefined && (registry.get(sandboxId)?.activeExecs ?? 0) >= cap) {
+      throw new GatewayError('too_many_requests', `sandbox ${sandboxId} already has ${cap} execs running (--max-running-execs-per-sandbox); retry when one ends`)
     }
     const id = 'ex_' + randomBytes(12).toString('base64url').replace(/[-_]/g, 'x')
     const entry = new ExecEntry(id, sandboxId, spec, this.#opts.retentionBytes)

@@ -50,16 +50,26 @@ function isOpenRoute (request: FastifyRequest): boolean {
   return OPEN_ROUTE_PREFIXES.some((p) => url === p || url.startsWith(p + '/'))
 }
 
-export function installGuard (app: FastifyInstance, apiTokens: readonly string[]): void {
+// The caller's API token, once checked; rate limits are kept per token.
+declare module 'fastify' {
+  interface FastifyRequest { apiToken?: string }
+}
+
+export function installGuard (app: FastifyInstance, apiTokens: () => readonly string[], scheme: 'http' | 'https'): void {
+  app.decorateRequest('apiToken', undefined)
   app.addHook('onRequest', async (request, reply) => {
     // Decided on the route the router matched, never on the raw URL: the router decodes
     // percent-escapes, so "/%761/execs" is a /v1 route too.
-    if (apiTokens.length > 0) {
+    const tokens = apiTokens()
+    if (tokens.length > 0) {
       if (isOpenRoute(request)) return
       const token = tokenFrom(request)
-      if (token === undefined || !matchesApiToken(apiTokens, token)) {
+      if (token === undefined || !matchesApiToken(tokens, token)) {
+        // Logged so an operator sees probing; the token itself never is.
+        request.log.warn({ ip: request.ip, route: request.routeOptions.url, reason: token === undefined ? 'no token' : 'unknown token' }, 'API request refused')
         return sendProblem(reply, problem('unauthenticated', 'a valid bearer token is required (Authorization: Bearer <token>)'))
       }
+      request.apiToken = token
       return
     }
     const host = request.headers.host ?? ''
@@ -69,7 +79,7 @@ export function installGuard (app: FastifyInstance, apiTokens: readonly string[]
     const isUpgrade = String(request.headers.upgrade ?? '').toLowerCase() === 'websocket'
     const changesState = request.method !== 'GET' && request.method !== 'HEAD' && request.method !== 'OPTIONS'
     const origin = request.headers.origin
-    if ((isUpgrade || changesState) && origin !== undefined && origin !== `http://${host}`) {
+    if ((isUpgrade || changesState) && origin !== undefined && origin !== `${scheme}://${host}`) {
       return sendProblem(reply, problem('permission_denied', `Origin ${origin} is not this gateway's; cross-site requests are refused without --api-token`))
     }
   })

@@ -1,5 +1,6 @@
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify'
 import websocket from '@fastify/websocket'
+import rateLimit from '@fastify/rate-limit'
 import swagger from '@fastify/swagger'
 import { Ajv } from 'ajv'
 import type { Logger } from 'pino'
@@ -13,6 +14,7 @@ import { SandboxSchema } from '../schemas/sandbox.js'
 import { ExecEventSchema } from '../schemas/events.js'
 import { installErrorHandling } from './errors-plugin.js'
 import { installGuard } from './guard.js'
+import type { TlsMaterial } from '../credentials.js'
 
 // The public listener: Fastify (HTTP/1.1 + WebSocket), routes, errors, auth, OpenAPI.
 
@@ -21,7 +23,10 @@ export const WS_MAX_PAYLOAD_BYTES = 1024 * 1024
 
 export interface PublicAppOptions {
   logger: Logger
-  apiTokens: readonly string[]
+  // Read per request: SIGHUP may replace them.
+  apiTokens: () => readonly string[]
+  // HTTPS (and wss) when given.
+  tls?: TlsMaterial | undefined
   ctx: Omit<RouteContext, 'sockets'>
 }
 
@@ -33,6 +38,7 @@ function makeAjv (coerce: boolean): Ajv {
 
 export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: FastifyInstance, sockets: Set<WebSocket> }> {
   const app = Fastify({
+    ...(opts.tls === undefined ? {} : { https: { cert: opts.tls.cert, key: opts.tls.key } }),
     loggerInstance: opts.logger as FastifyBaseLogger,
     bodyLimit: BODY_LIMIT_BYTES,
     forceCloseConnections: true,
@@ -77,7 +83,10 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
 
   // After the websocket plugin, whose hook marks upgrades: a refused upgrade's socket is then
   // closed with the response instead of leaking (and holding app.close() open).
-  installGuard(app, opts.apiTokens)
+  installGuard(app, opts.apiTokens, opts.tls === undefined ? 'http' : 'https')
+  // Only routes that ask for it (exec creation) are limited; the limit runs after the guard,
+  // so it is kept per API token.
+  await app.register(rateLimit, { global: false })
 
   app.get('/openapi.json', { schema: { hide: true }, config: { openAccess: true } }, async () => app.swagger())
   await registerRoutes(app, { ...opts.ctx, sockets })

@@ -156,6 +156,9 @@ export class SshConnection extends EventEmitter {
       this.#fail(new GatewayError('relay_unavailable', `the relay failed before the command reported an exit status: ${err.message}`))
     } else if (err.level === 'client-authentication') {
       this.#fail(new GatewayError('ssh_failed', 'the sandbox SSH daemon rejected the gateway key'))
+    } else if (err.level === 'handshake' && err.message.startsWith('Host denied')) {
+      // Someone else answered on the supervisor's SSH target: never send it a command.
+      this.#fail(new GatewayError('ssh_failed', "the sandbox SSH daemon's host key is not the one its supervisor reported (supervisor --ssh-host-key, or the embedded daemon's own key)"))
     } else if (err.level === 'client-timeout') {
       this.#fail(new GatewayError('ssh_failed', `SSH handshake not finished within ${this.#opts.readyTimeoutMs} ms`))
     } else {

@@ -26,8 +26,19 @@ export const ErrorEventSchema = Type.Object({
   message: Type.String()
 })
 
+// By name: the OpenAPI document publishes each member as a component of its own.
+export const ExecEventMembers = {
+  StdoutEvent: OutputEventSchema('stdout'),
+  StderrEvent: OutputEventSchema('stderr'),
+  GapEvent: GapEventSchema,
+  HeartbeatEvent: HeartbeatEventSchema,
+  ExitEvent: ExitEventSchema,
+  ErrorEvent: ErrorEventSchema
+}
+
 export const ExecEventSchema = Type.Union([
-  OutputEventSchema('stdout'), OutputEventSchema('stderr'), GapEventSchema, HeartbeatEventSchema, ExitEventSchema, ErrorEventSchema
+  ExecEventMembers.StdoutEvent, ExecEventMembers.StderrEvent, ExecEventMembers.GapEvent,
+  ExecEventMembers.HeartbeatEvent, ExecEventMembers.ExitEvent, ExecEventMembers.ErrorEvent
 ], { $id: 'ExecEvent' })
 export type ExecEvent = Static<typeof ExecEventSchema>
 export type FinalEvent = Static<typeof ExitEventSchema> | Static<typeof ErrorEventSchema>

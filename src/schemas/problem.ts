@@ -1,5 +1,5 @@
 import { Type, type Static } from '@sinclair/typebox'
-import { errorTable } from '../errors.js'
+import { errorTable, type ErrorCode } from '../errors.js'
 
 export const ErrorCodeSchema = Type.Union(Object.keys(errorTable).map((c) => Type.Literal(c)), { $id: 'ErrorCode', description: 'stable, machine-readable error code' })
 
@@ -25,4 +25,18 @@ export type ExecErrorBody = Static<typeof ExecErrorSchema>
 export const ProblemResponse = {
   description: 'RFC 9457 problem details; `code` is the stable, machine-readable part',
   content: { 'application/problem+json': { schema: Type.Ref(ProblemSchema) } }
+}
+
+// Marks a response entry built by problemResponse, with the codes it names.
+export const kProblemCodes = Symbol('exec-gateway.problemCodes')
+
+// The same, naming the codes a route can return with that status: clients branch on `code`, so
+// the document says which ones to expect where.
+export function problemResponse (codes: readonly ErrorCode[], why: string, headers?: Record<string, { description: string, type: string }>) {
+  return {
+    description: `${codes.map((c) => `\`${c}\``).join(', ')}: ${why}`,
+    ...(headers === undefined ? {} : { headers }),
+    content: { 'application/problem+json': { schema: Type.Ref(ProblemSchema) } },
+    [kProblemCodes]: codes
+  }
 }

@@ -1,5 +1,6 @@
 import http2, { type ClientHttp2Session, type ClientHttp2Stream } from 'node:http2'
 import net from 'node:net'
+import tls from 'node:tls'
 import os from 'node:os'
 import { randomUUID } from 'node:crypto'
 import type { Logger } from 'pino'
@@ -24,6 +25,9 @@ export interface SupervisorOptions {
   sshUser?: string | undefined
   // The target's host public key (OpenSSH one-line), reported so the gateway can pin it.
   sshHostKey?: string | undefined
+  // For an https:// gateway: CA certificates to verify it against (default: the system CAs),
+  // or a pinned certificate (SHA-256 fingerprint as X509Certificate.fingerprint256 prints it).
+  tls?: { ca?: string | Buffer | undefined, pinnedCertSha256?: string | undefined } | undefined
   logger: Logger
   connectTimeoutMs?: number
 }
@@ -100,10 +104,7 @@ export class Supervisor {
     const client = http2.connect(url, {
       settings: { initialWindowSize: H2_STREAM_WINDOW },
       // Relays carry SSH: no Nagle delay on the connection that multiplexes them.
-      createConnection: () => {
-        const sock = net.connect({ host: url.hostname, port: Number(url.port || 80), noDelay: true })
-        return sock
-      }
+      createConnection: () => this.#dial(url)
     })
     this.#client = client
     client.on('error', (err) => this.#log.debug({ err }, 'gateway connection error'))
@@ -124,6 +125,37 @@ export class Supervisor {
       client.destroy()
       if (this.#client === client) this.#client = undefined
     }
+  }
+
+  #dial (url: URL): net.Socket {
+    const host = url.hostname.replace(/^\[|\]$/g, '')
+    if (url.protocol !== 'https:') return net.connect({ host, port: Number(url.port || 80), noDelay: true })
+    const t = this.#opts.tls
+    const pinned = t?.pinnedCertSha256
+    const sock = tls.connect({
+      host,
+      port: Number(url.port || 443),
+      ALPNProtocols: ['h2'],
+      minVersion: 'TLSv1.2',
+      ...(net.isIP(host) === 0 ? { servername: host } : {}),
+      ...(t?.ca === undefined ? {} : { ca: t.ca }),
+      // A pinned certificate replaces chain and name checks: it is the stronger check.
+      ...(pinned === undefined
+        ? {}
+        : {
+            rejectUnauthorized: false,
+            checkServerIdentity: () => undefined
+          })
+    })
+    sock.setNoDelay(true)
+    if (pinned !== undefined) {
+      // Checked before any byte of ours (the token) is written: HTTP/2 waits for secureConnect.
+      sock.once('secureConnect', () => {
+        const got = sock.getPeerX509Certificate()?.fingerprint256
+        if (got !== pinned) sock.destroy(new Error(`the gateway's TLS certificate ${got ?? '(none)'} is not the pinned ${pinned}`))
+      })
+    }
+    return sock
   }
 
   #holdSession (client: ClientHttp2Session, onAccepted: () => void): Promise<void> {

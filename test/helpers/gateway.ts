@@ -27,7 +27,9 @@ export async function startGateway (overrides: Partial<GatewayConfig> = {}): Pro
   const identity = loadDataDir(dataDir)
   // EXEC_GATEWAY_SSH_POOL=false runs the whole suite with one SSH connection per exec.
   const pooling = process.env.EXEC_GATEWAY_SSH_POOL === 'false' ? { sshPool: false } : {}
-  const config = defaultGatewayConfig({ dataDir, shutdownGraceMs: 1000, ...pooling, ...overrides })
+  // No exec rate limit unless a test asks for one: load, fuzz and soak runs create thousands of
+  // execs a minute from one address, and the limit has its own tests.
+  const config = defaultGatewayConfig({ dataDir, shutdownGraceMs: 1000, execRateLimitPerMinute: 0, ...pooling, ...overrides })
   const logger = pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' })
   const gw = await buildGateway(config, { logger, identity })
   const { publicUrl, supervisorUrl } = await gw.listen()

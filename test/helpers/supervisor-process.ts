@@ -19,12 +19,15 @@ export interface SupervisorProcessOptions {
   token: string
   sshTarget?: string
   sshUser?: string
+  // More `supervisor` flags, appended verbatim.
+  extraArgs?: string[]
 }
 
 export function startSupervisorProcess (opts: SupervisorProcessOptions): SupervisorProcess {
   const args = [BIN, 'supervisor', '--gateway', opts.gatewayUrl, '--sandbox-id', opts.sandboxId, '--token', opts.token, '--log-level', 'debug']
   if (opts.sshTarget !== undefined) args.push('--ssh-target', opts.sshTarget)
   if (opts.sshUser !== undefined) args.push('--ssh-user', opts.sshUser)
+  args.push(...(opts.extraArgs ?? []))
   const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] })
   let out = ''
   const keep = (c: Buffer): void => { out = (out + c.toString()).slice(-64 * 1024) }

@@ -1,0 +1,157 @@
+import type { FastifyInstance, FastifySchema, RouteOptions } from 'fastify'
+import swagger, { type SwaggerTransform, type SwaggerTransformObject } from '@fastify/swagger'
+import swaggerUi from '@fastify/swagger-ui'
+import type { TSchema } from '@sinclair/typebox'
+import type { ErrorCode } from '../errors.js'
+import { ExecEventMembers } from '../schemas/events.js'
+import { BinaryOutputFrameSchema, BinaryStdinFrameSchema, ClientFrameMembers } from '../schemas/frames.js'
+import { kProblemCodes, problemResponse } from '../schemas/problem.js'
+
+// The OpenAPI 3.1 document and its /docs page. The document is generated: @fastify/swagger
+// turns the route schemas into paths, and the two hooks below add what the route schemas
+// cannot say by themselves. Nothing here is written by hand into openapi/openapi.json.
+//
+// - transform (per route): the problem responses that plugins, not handlers, produce (the
+//   guard's 401/403, body parsing's 400/413/415, the error handler's 500), derived from the
+//   same facts those plugins act on; and the WebSocket route, which @fastify/websocket hides.
+// - transformObject (once): the event and frame components, which no HTTP route carries.
+
+const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'])
+
+const DESCRIPTION = `Runs commands in remote sandboxes over a supervisor relay. Every exec ends with its true exit status or an honest 503 within a published bound.
+
+Errors are RFC 9457 \`application/problem+json\` with a stable \`code\`. With \`--api-token\`, every \`/v1\` route needs \`Authorization: Bearer <token>\`; without it the gateway listens on loopback only and refuses foreign \`Host\` and \`Origin\` headers with 403 \`permission_denied\`.
+
+Events (\`ExecEvent\`) are the same on the WebSocket (\`/v1/execs/{execId}/stream\`), in SSE and in NDJSON (\`/v1/execs/{execId}/events\`); the WebSocket's client frames are \`ClientFrame\`, \`BinaryStdinFrame\` and, from the server, \`BinaryOutputFrame\`.`
+
+const STREAM_DESCRIPTION = `Upgrade to a WebSocket (\`Connection: Upgrade\`, \`Upgrade: websocket\`). An unknown exec is a plain HTTP 404 before the upgrade, never an open-then-close.
+
+Server → client: one \`ExecEvent\` per JSON text frame; the last is \`exit\` or \`error\`, then the server closes with 1000 (after exit), 1011 (after error) or 1001 (gateway shutting down). A client frame that breaks the rules closes the socket with 1008 and a reason. Closing the socket detaches; it never kills the exec.
+
+Client → server: \`ClientFrame\` JSON text frames: \`{"type":"stdin","data"}\` (interactive execs only), \`{"type":"eof"}\`, \`{"type":"resize","cols","rows"}\` (tty only), \`{"type":"signal","signal"}\`.
+
+Subprotocols (\`Sec-WebSocket-Protocol\`):
+- \`exec-gateway.v1.binary\` (optional; JSON is the default): output arrives as \`BinaryOutputFrame\`s (channel byte 1 = stdout, 2 = stderr, then the raw bytes) while control events stay JSON text; the client may send \`BinaryStdinFrame\`s (channel byte 0, then stdin bytes). The server selects it when offered.
+- \`exec-gateway.bearer.<base64url(token)>\`: for browsers, which cannot set an \`Authorization\` header on a WebSocket. Offer it next to the data subprotocol; the server reads it and never selects it.`
+
+function problemsFromPlugins (route: RouteOptions, schema: Record<string, unknown>, bodyLimit: number): Record<number, ReturnType<typeof problemResponse>> {
+  const methods = ([] as string[]).concat(route.method)
+  const takesBody = methods.some((m) => BODY_METHODS.has(m))
+  const out: Record<number, ReturnType<typeof problemResponse>> = {}
+  const one = (code: ErrorCode, why: string): ReturnType<typeof problemResponse> => problemResponse([code], why)
+  if (takesBody || schema.params !== undefined || schema.querystring !== undefined || schema.body !== undefined) {
+    out[400] = one('invalid_argument', 'a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON')
+  }
+  if (route.config?.openAccess !== true) {
+    out[401] = one('unauthenticated', 'the gateway runs with --api-token and the request carries no valid bearer token')
+  }
+  out[403] = one('permission_denied', 'the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway\'s own')
+  if (takesBody) {
+    out[413] = one('payload_too_large', `the body is over ${bodyLimit} bytes`)
+    out[415] = one('unsupported_media_type', 'the body is not application/json')
+  }
+  out[500] = one('internal', 'an unexpected error in the gateway; the detail never carries internals')
+  return out
+}
+
+function transformFor (bodyLimit: number): SwaggerTransform {
+  return ({ schema, url, route }) => {
+    const s: Record<string, unknown> = { ...(schema as Record<string, unknown> | undefined) }
+    if (route.websocket === true) {
+      // @fastify/websocket hides its routes; this one is part of the API.
+      delete s.hide
+      s.description ??= STREAM_DESCRIPTION
+    } else if (url === '/openapi.json') {
+      // Registered hidden (it is the document itself); published so CONTRACT §3 is complete.
+      delete s.hide
+      s.tags = ['meta']
+      s.summary = 'This OpenAPI 3.1 document (also committed as openapi/openapi.json)'
+      s.response = { 200: { description: 'the OpenAPI 3.1 document', type: 'object', additionalProperties: true } }
+    }
+    if (s.hide === true) return { schema: s as FastifySchema, url }
+    const declared = (s.response ?? {}) as Record<string, unknown>
+    const fromPlugins = problemsFromPlugins(route, s, bodyLimit)
+    // A route's own problemResponse, which names its codes (e.g. the 500 of an exec's error),
+    // stands; a generic ProblemResponse gives way to the named entry.
+    const response: Record<string, unknown> = { ...declared }
+    for (const [status, entry] of Object.entries(fromPlugins)) {
+      const mine = declared[status] as { [kProblemCodes]?: unknown } | undefined
+      if (mine?.[kProblemCodes] === undefined) response[status] = entry
+    }
+    s.response = response
+    // Open routes answer without a token (health, the document, the docs page).
+    if (route.config?.openAccess === true) s.security = []
+    return { schema: s as FastifySchema, url }
+  }
+}
+
+// TypeBox schemas are JSON Schema already; the document wants them without $id, with local
+// component references, and with `const` as a one-value `enum` like the rest of the document
+// (@fastify/swagger's convertConstToEnum).
+function toComponent (schema: TSchema): Record<string, unknown> {
+  const walk = (value: unknown): unknown => {
+    if (Array.isArray(value)) return value.map(walk)
+    if (value === null || typeof value !== 'object') return value
+    const out: Record<string, unknown> = {}
+    // Object.entries skips TypeBox's symbol keys.
+    for (const [k, v] of Object.entries(value)) {
+      if (k === '$id') continue
+      if (k === 'const') out.enum = [v]
+      else if (k === '$ref') out.$ref = `#/components/schemas/${String(v)}`
+      else out[k] = walk(v)
+    }
+    return out
+  }
+  return walk(schema) as Record<string, unknown>
+}
+
+// A union whose members are told apart by their `type` literal, as a oneOf of named components
+// with a discriminator (so generated clients get one named type per member).
+function discriminatedUnion (members: Record<string, TSchema>, description: string): Record<string, unknown> {
+  const mapping: Record<string, string> = {}
+  for (const [name, member] of Object.entries(members)) {
+    const tag = (member as { properties?: { type?: { const?: unknown } } }).properties?.type?.const
+    if (typeof tag !== 'string') throw new Error(`${name} has no literal "type" to discriminate on`)
+    mapping[tag] = `#/components/schemas/${name}`
+  }
+  return { description, oneOf: Object.values(mapping).map(($ref) => ({ $ref })), discriminator: { propertyName: 'type', mapping } }
+}
+
+const addComponents: SwaggerTransformObject = ({ openapiObject }) => {
+  const doc = openapiObject as { components?: { schemas?: Record<string, unknown> } }
+  doc.components ??= {}
+  const schemas = (doc.components.schemas ??= {})
+  for (const [name, s] of Object.entries({ ...ExecEventMembers, ...ClientFrameMembers })) schemas[name] = toComponent(s)
+  schemas.ExecEvent = discriminatedUnion(ExecEventMembers, 'Server → client event: a JSON text frame on the WebSocket, the `data:` of an SSE event named after its type, or one NDJSON line. Every stream ends with exactly one final event, `exit` or `error`.')
+  schemas.ClientFrame = discriminatedUnion(ClientFrameMembers, 'Client → server JSON text frame on the WebSocket. Anything else closes the socket with 1008 and a reason.')
+  schemas.BinaryOutputFrame = toComponent(BinaryOutputFrameSchema)
+  schemas.BinaryStdinFrame = toComponent(BinaryStdinFrameSchema)
+  return openapiObject
+}
+
+export async function registerOpenApi (app: FastifyInstance): Promise<void> {
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.1.0',
+      info: { title: 'exec-gateway', version: '1', description: DESCRIPTION },
+      tags: [
+        { name: 'execs', description: 'Run commands, follow their output, signal and kill them' },
+        { name: 'sandboxes', description: 'Sandboxes whose supervisor has connected' },
+        { name: 'health', description: 'Liveness and metrics' },
+        { name: 'meta', description: 'This API description' }
+      ],
+      components: {
+        securitySchemes: {
+          bearer: { type: 'http', scheme: 'bearer', description: 'One of the gateway\'s --api-token values. Without --api-token (loopback only) no token is needed.' }
+        }
+      },
+      security: [{ bearer: [] }]
+    },
+    refResolver: { buildLocalReference: (json, _baseUri, _fragment, i) => String(json.$id ?? `def-${i}`) },
+    transform: transformFor(app.initialConfig.bodyLimit ?? 1024 * 1024),
+    transformObject: addComponents
+  })
+  // Served from the package's own copy of swagger-ui: the page works with no network access.
+  // The guard leaves /docs open (OPEN_ROUTE_PREFIXES): it is static, and asks for a token itself.
+  await app.register(swaggerUi, { routePrefix: '/docs' })
+}

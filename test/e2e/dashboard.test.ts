@@ -1,0 +1,248 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { existsSync, mkdirSync } from 'node:fs'
+import { dirname } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { chromium, type Browser, type BrowserContext, type Page, type Request } from 'playwright-core'
+import { startSandbox, type TestSandbox } from '../helpers/sandbox.js'
+import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
+import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js'
+
+// The dashboard in a real headless Chromium, against a real gateway, real supervisor processes
+// and the embedded SSH daemon: what a user sees, down to the bytes in the xterm.js terminal.
+
+const CHROMIUM = '/usr/bin/chromium'
+// Root needs --no-sandbox; the rest keep Chromium off the network, which is closed here.
+const CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync']
+const SCREENSHOT = fileURLToPath(new URL('../../docs/dashboard.png', import.meta.url))
+const TOKEN = 'secret-token'
+const WAIT = { timeout: 20_000, polling: 50 }
+
+interface DashboardWindow { dashboard: { terminalText: () => Promise<string>, execId: string | undefined } }
+
+describe('dashboard', () => {
+  let browser: Browser | undefined
+  let sb: TestSandbox | undefined
+  let locked: TestSandbox | undefined
+  let doomed: SupervisorProcess | undefined
+  let proxy: TcpProxy | undefined
+  const contexts: BrowserContext[] = []
+
+  beforeAll(async () => {
+    if (!existsSync(CHROMIUM)) {
+      throw new Error(`${CHROMIUM} is missing: the dashboard tests drive a real Chromium. Install it with \`apt-get install -y chromium\` (Debian/Ubuntu; test/global-setup.ts does it when run as root), then run the tests again.`)
+    }
+    browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS })
+    // A short session wait, so an exec on a sandbox whose supervisor died fails within the test.
+    sb = await startSandbox('embedded', 'box', { sessionWaitMs: 1000 })
+  })
+
+  afterAll(async () => {
+    for (const c of contexts) await c.close().catch(() => undefined)
+    await browser?.close()
+    await proxy?.close()
+    await doomed?.stop()
+    await locked?.close()
+    await sb?.close()
+  })
+
+  // A fresh profile per test: nothing (a saved token, say) leaks from one test into another.
+  async function openDashboard (url: string): Promise<Page> {
+    const context = await browser!.newContext({ viewport: { width: 1280, height: 760 } })
+    contexts.push(context)
+    const page = await context.newPage()
+    await page.goto(url + '/')
+    await page.locator('#terminal .xterm').waitFor()
+    return page
+  }
+
+  async function chooseSandbox (page: Page, id: string): Promise<void> {
+    const row = page.locator(`[data-testid="sandbox"][data-sandbox-id="${id}"]`)
+    await row.waitFor()
+    await row.locator('input[type="radio"]').check()
+  }
+
+  async function run (page: Page, command: string, opts: { tty?: boolean } = {}): Promise<void> {
+    await page.getByLabel('Command', { exact: true }).fill(command)
+    await page.getByLabel('tty', { exact: true }).setChecked(opts.tty ?? false)
+    await page.getByRole('button', { name: 'Run', exact: true }).click()
+  }
+
+  async function postOf (page: Page, sandboxId: string): Promise<Request> {
+    return await page.waitForRequest((r) => r.method() === 'POST' && r.url().endsWith(`/v1/sandboxes/${sandboxId}/execs`))
+  }
+
+  async function statusIs (page: Page, text: string): Promise<void> {
+    await page.waitForFunction((t) => document.getElementById('exec-status')?.textContent === t, text, WAIT)
+  }
+
+  async function terminalText (page: Page): Promise<string> {
+    return await page.evaluate(async () => await (window as unknown as DashboardWindow).dashboard.terminalText())
+  }
+
+  async function statusText (page: Page): Promise<string> {
+    return await page.locator('#exec-status').innerText()
+  }
+
+  it('runs a shell line on the chosen sandbox and shows its output live, then exit 7', async () => {
+    const page = await openDashboard(sb!.g.publicUrl)
+    const row = page.locator('[data-testid="sandbox"][data-sandbox-id="box"]')
+    await row.waitFor()
+    expect(await row.getAttribute('data-status')).toBe('connected')
+    expect(await row.locator('.active').innerText()).toBe('0 active')
+    await chooseSandbox(page, 'box')
+
+    const [posted] = await Promise.all([postOf(page, 'box'), run(page, 'for i in 1 2 3; do echo line$i; sleep 0.5; done; exit 7')])
+    expect(posted.postDataJSON()).toMatchObject({ command: ['sh', '-c', 'for i in 1 2 3; do echo line$i; sleep 0.5; done; exit 7'], tty: false })
+
+    // Read in the page at the moment line1 is in the terminal: the exec must still be running.
+    const atLine1 = await page.waitForFunction(async () => {
+      const text = await (window as unknown as DashboardWindow).dashboard.terminalText()
+      return text.includes('line1') ? { text, status: document.getElementById('exec-status')!.textContent } : false
+    }, undefined, WAIT)
+    const seen = await atLine1.jsonValue() as { text: string, status: string }
+    expect(seen.status).toBe('running')
+    expect(seen.text).not.toContain('line3')
+
+    await statusIs(page, 'exit 7')
+    expect((await terminalText(page)).split('\n')).toEqual(['line1', 'line2', 'line3'])
+    expect(await page.locator('#error').isHidden()).toBe(true)
+    const execId = await page.locator('#exec-id').innerText()
+    await page.locator(`[data-testid="recent-exec"][data-exec-id="${execId}"]`).waitFor()
+
+    mkdirSync(dirname(SCREENSHOT), { recursive: true })
+    await page.screenshot({ path: SCREENSHOT })
+  })
+
+  it('runs a tty exec in the xterm.js terminal, with keystrokes as stdin', async () => {
+    const page = await openDashboard(sb!.g.publicUrl)
+    await chooseSandbox(page, 'box')
+
+    const [posted] = await Promise.all([postOf(page, 'box'), run(page, 'tty; stty size', { tty: true })])
+    const body = posted.postDataJSON() as { tty: boolean, interactive: boolean, cols: number, rows: number }
+    expect(body).toMatchObject({ tty: true, interactive: true })
+    expect(body.cols).toBeGreaterThan(20)
+    expect(body.rows).toBeGreaterThan(5)
+    await statusIs(page, 'exit 0')
+    // What xterm.js rendered on screen, not only what it parsed.
+    const rendered = await page.locator('#terminal .xterm-rows').innerText()
+    expect(rendered).toMatch(/\/dev\/pts\/\d+/)
+    expect(rendered).toContain(`${body.rows} ${body.cols}`)
+
+    await run(page, 'printf "name? "; read -r name; echo "hello, $name"', { tty: true })
+    await page.waitForFunction(async () => (await (window as unknown as DashboardWindow).dashboard.terminalText()).includes('name?'), undefined, WAIT)
+    await page.locator('#terminal').click()
+    await page.keyboard.type('dashboard')
+    await page.keyboard.press('Enter')
+    await statusIs(page, 'exit 0')
+    expect(await terminalText(page)).toContain('hello, dashboard')
+  })
+
+  it('reconnects after the connection is cut mid-exec and shows every line exactly once', async () => {
+    const port = Number(new URL(sb!.g.publicUrl).port)
+    proxy = await startTcpProxy({ targetHost: '127.0.0.1', targetPort: port })
+    const page = await openDashboard(`http://${proxy.host}:${proxy.port}`)
+    const sockets: string[] = []
+    page.on('websocket', (ws) => sockets.push(ws.url()))
+    await chooseSandbox(page, 'box')
+
+    await run(page, 'for i in $(seq 1 40); do echo n$i; sleep 0.1; done')
+    await page.waitForFunction(async () => /(^|\n)n8(\n|$)/.test(await (window as unknown as DashboardWindow).dashboard.terminalText()), undefined, WAIT)
+    proxy.resetAll()
+
+    await statusIs(page, 'exit 0')
+    const lines = (await terminalText(page)).split('\n')
+    expect(lines).toEqual(Array.from({ length: 40 }, (_, i) => `n${i + 1}`))
+    expect(Number(await page.locator('#connection').getAttribute('data-reconnects'))).toBeGreaterThanOrEqual(1)
+    // The socket after the cut resumed from the bytes already shown, not from the start.
+    expect(sockets.length).toBeGreaterThanOrEqual(2)
+    const resumed = new URL(sockets[sockets.length - 1]!).searchParams
+    expect(Number(resumed.get('stdoutOffset'))).toBeGreaterThanOrEqual('n1\n'.length * 8)
+    expect(resumed.get('stderrOffset')).toBe('0')
+  })
+
+  it('with --api-token: shows the 401 until a token is saved, then runs with it', async () => {
+    locked = await startSandbox('embedded', 'locked', { apiTokens: [TOKEN] })
+    const base = locked.g.publicUrl
+    // The page and xterm.js are readable without a token; the API and unknown paths are not.
+    for (const path of ['/', '/app.js', '/style.css', '/assets/xterm/lib/xterm.mjs', '/assets/xterm/css/xterm.css', '/assets/xterm-addon-fit/lib/addon-fit.mjs']) {
+      expect((await fetch(base + path)).status, path).toBe(200)
+    }
+    expect((await fetch(`${base}/v1/sandboxes`)).status).toBe(401)
+    expect((await fetch(`${base}/v1/no-such-route`)).status).toBe(401)
+    expect((await fetch(`${base}/assets/xterm/package.json`)).status).not.toBe(200)
+    const openapi = await (await fetch(`${base}/openapi.json`)).json() as { paths: Record<string, unknown> }
+    expect(Object.keys(openapi.paths).filter((p) => !p.startsWith('/v1/') && !['/healthz', '/metrics'].includes(p))).toEqual([])
+
+    const page = await openDashboard(base)
+    const error = page.locator('#error')
+    await error.waitFor()
+    expect(await error.innerText()).toContain('401 unauthenticated')
+    expect(await page.locator('[data-testid="sandbox"]').count()).toBe(0)
+
+    await page.getByLabel('API token').fill(TOKEN)
+    await page.getByRole('button', { name: 'Save token' }).click()
+    await chooseSandbox(page, 'locked')
+    expect(await error.isHidden()).toBe(true)
+    await run(page, 'echo authorized')
+    await statusIs(page, 'exit 0')
+    expect(await terminalText(page)).toBe('authorized')
+
+    // Kept across reloads; forgetting it makes the next request fail with the problem shown.
+    await page.reload()
+    expect(await page.getByLabel('API token').inputValue()).toBe(TOKEN)
+    await chooseSandbox(page, 'locked')
+    await page.getByRole('button', { name: 'Forget' }).click()
+    await error.waitFor()
+    await run(page, 'echo refused')
+    await statusIs(page, '401 unauthenticated')
+    expect(await error.innerText()).toMatch(/^run: 401 unauthenticated: .*bearer token/)
+  })
+
+  it('reopens a recent exec from the list with its output from the start and its status', async () => {
+    const page = await openDashboard(sb!.g.publicUrl)
+    await chooseSandbox(page, 'box')
+    await run(page, 'echo reopen-me; echo to-stderr >&2; exit 3')
+    await statusIs(page, 'exit 3')
+    const first = await page.locator('#exec-id').innerText()
+    await run(page, 'echo something-else')
+    await statusIs(page, 'exit 0')
+    expect(await terminalText(page)).toBe('something-else')
+
+    const sockets: string[] = []
+    page.on('websocket', (ws) => sockets.push(ws.url()))
+    const item = page.locator(`[data-testid="recent-exec"][data-exec-id="${first}"]`)
+    expect(await item.locator('.badge').innerText()).toBe('exit 3')
+    await item.click()
+    await statusIs(page, 'exit 3')
+    expect(await page.locator('#exec-id').innerText()).toBe(first)
+    const text = await terminalText(page)
+    expect(text).toContain('reopen-me')
+    expect(text).toContain('to-stderr')
+    expect(text).not.toContain('something-else')
+    const attach = new URL(sockets[0]!).searchParams
+    expect([attach.get('stdoutOffset'), attach.get('stderrOffset')]).toEqual(['0', '0'])
+  })
+
+  it('shows 503 relay_unavailable when the supervisor dies mid-exec, then 503 sandbox_unavailable', async () => {
+    doomed = startSupervisorProcess({ gatewayUrl: sb!.g.supervisorUrl, sandboxId: 'doomed', token: sb!.g.token('doomed') })
+    await sb!.g.waitConnected('doomed')
+    const page = await openDashboard(sb!.g.publicUrl)
+    await chooseSandbox(page, 'doomed')
+    await run(page, 'echo started; sleep 30')
+    await page.waitForFunction(async () => (await (window as unknown as DashboardWindow).dashboard.terminalText()).includes('started'), undefined, WAIT)
+    expect(await statusText(page)).toBe('running')
+
+    doomed.signal('SIGKILL')
+    await statusIs(page, '503 relay_unavailable')
+    expect(await page.locator('#error').innerText()).toMatch(/503 relay_unavailable: \S/)
+    // The output that arrived before the failure stays on screen.
+    expect(await terminalText(page)).toBe('started')
+    await page.waitForFunction(() => document.querySelector('[data-sandbox-id="doomed"]')?.getAttribute('data-status') === 'disconnected', undefined, WAIT)
+
+    await run(page, 'echo never')
+    await statusIs(page, '503 sandbox_unavailable')
+    expect(await page.locator('#error').innerText()).toContain('503 sandbox_unavailable')
+    expect(await terminalText(page)).toBe('')
+  })
+})
