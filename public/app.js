@@ -266,6 +266,8 @@ async function reconnect (a) {
 }
 
 function onOutput (a, frame) {
+  // Output means the command has started, whatever the last poll said.
+  if (el.status.dataset.state === 'pending') setStatus('running', 'running')
   const channel = frame[0]
   const bytes = frame.subarray(1)
   if (channel === 1) {
@@ -483,6 +485,10 @@ async function refreshRecent () {
     const { execs } = await api('GET', 'v1/execs')
     execs.sort((a, b) => (a.createdAt < b.createdAt ? 1 : a.createdAt > b.createdAt ? -1 : 0))
     renderRecent(execs.slice(0, RECENT_LIMIT))
+    // pending → running has no event of its own; the exec record says when it happened.
+    const a = current
+    const mine = a === undefined ? undefined : execs.find((ex) => ex.id === a.id)
+    if (mine !== undefined && !a.final && mine.status === 'running' && el.status.dataset.state === 'pending') setStatus('running', 'running')
     pollOk()
   } catch (err) {
     pollFailed('recent execs', err)
@@ -526,6 +532,8 @@ void poll()
 // For scripts and tests driving the page: what the terminal shows, once parsed.
 window.dashboard = {
   async terminalText () { await terminalFlushed(); return terminalText() },
+  // Synchronous, for polling: what xterm.js has parsed so far.
+  textNow: terminalText,
   get execId () { return current?.id },
   get bytesSeen () { return current === undefined ? undefined : { stdout: current.stdoutSeen, stderr: current.stderrSeen } }
 }

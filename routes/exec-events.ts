@@ -4,7 +4,7 @@ import { pumpEvents } from '../src/http/event-pump.js'
 import { AttachQuerySchema, ExecParamsSchema } from '../src/schemas/exec.js'
 import { ExecEventSchema } from '../src/schemas/events.js'
 import { ProblemResponse } from '../src/schemas/problem.js'
-import { findExec } from './execs.js'
+import { EXEC_NOT_FOUND, findExec } from './execs.js'
 import type { RouteContext } from './context.js'
 
 // The exec's events for curl and SDKs: SSE when the client accepts text/event-stream, NDJSON
@@ -27,7 +27,7 @@ const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
       params: ExecParamsSchema,
       querystring: AttachQuerySchema,
       produces: ['text/event-stream', 'application/x-ndjson'],
-      response: { 200: Type.Ref(ExecEventSchema), 400: P, 401: P, 403: P, 404: P }
+      response: { 200: Type.Ref(ExecEventSchema, { description: 'one ExecEvent per NDJSON line or SSE event, until the final exit or error' }), 400: P, 401: P, 403: P, 404: EXEC_NOT_FOUND }
     }
   }, async (req, reply) => {
     const entry = findExec(ctx, req.params.execId)

@@ -6,7 +6,7 @@ import type { ExecEntry } from '../src/execs/exec-entry.js'
 import { pumpEvents } from '../src/http/event-pump.js'
 import { AttachQuerySchema, ExecParamsSchema } from '../src/schemas/exec.js'
 import { ProblemResponse } from '../src/schemas/problem.js'
-import { findExec } from './execs.js'
+import { EXEC_NOT_FOUND, findExec } from './execs.js'
 import type { RouteContext } from './context.js'
 
 // WebSocket attach. JSON text events by default; with the exec-gateway.v1.binary subprotocol,
@@ -20,6 +20,10 @@ export const CLOSE_POLICY = 1008
 export const CLOSE_ERROR = 1011
 
 const P = ProblemResponse
+const SWITCHING = Type.Null({
+  description: 'switching to the WebSocket protocol',
+  headers: { 'Sec-WebSocket-Protocol': { type: 'string', description: `${BINARY_SUBPROTOCOL} when the client offered it; absent otherwise (a bearer subprotocol is never selected)` } }
+})
 const STDOUT_CHANNEL = Buffer.from([1])
 const STDERR_CHANNEL = Buffer.from([2])
 const HIGH_WATER = 1024 * 1024
@@ -33,7 +37,7 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
       summary: 'WebSocket attach: the exec\'s events, and stdin/eof/resize/signal frames',
       params: ExecParamsSchema,
       querystring: AttachQuerySchema,
-      response: { 101: Type.Null({ description: 'switching to the WebSocket protocol' }), 401: P, 403: P, 404: P }
+      response: { 101: SWITCHING, 400: P, 401: P, 403: P, 404: EXEC_NOT_FOUND }
     },
     // A plain HTTP 404 before the upgrade, not an open-then-close, for an unknown exec.
     preValidation: async (req) => { findExec(ctx, (req.params as { execId: string }).execId) }

@@ -9,12 +9,16 @@ import {
   CreateExecQuerySchema, ExecParamsSchema, ExecRequestSchema, ExecResultSchema, ExecSchema,
   ListExecsQuerySchema, SignalRequestSchema
 } from '../src/schemas/exec.js'
-import { ProblemResponse } from '../src/schemas/problem.js'
+import { ProblemResponse, problemResponse } from '../src/schemas/problem.js'
 import { SandboxParamsSchema } from '../src/schemas/sandbox.js'
 import { sendProblem } from '../src/http/errors-plugin.js'
 import type { RouteContext } from './context.js'
 
 const P = ProblemResponse
+export const EXEC_NOT_FOUND = problemResponse(['exec_not_found'], 'no such exec: unknown, deleted, or past --exec-ttl-s')
+// Documentation only: the handler sets these headers itself.
+const LOCATION = { Location: { type: 'string', description: 'the exec\'s URL, /v1/execs/{execId}' } }
+const RETRY_AFTER = { 'Retry-After': { type: 'integer', description: 'seconds until the rate limit lets the token create execs again (rate limit only)' } }
 
 export function findExec (ctx: RouteContext, execId: string): ExecEntry {
   const entry = ctx.execs.get(execId)
@@ -48,9 +52,16 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
       querystring: CreateExecQuerySchema,
       body: ExecRequestSchema,
       response: {
-        200: Type.Ref(ExecResultSchema),
-        201: Type.Ref(ExecSchema),
-        400: P, 401: P, 403: P, 404: P, 413: P, 415: P, 429: P, 500: P, 502: P, 503: P, 504: P
+        200: { description: 'wait=true: the command reported its exit status or exit signal', headers: LOCATION, content: { 'application/json': { schema: Type.Ref(ExecResultSchema) } } },
+        201: { description: 'the exec is created and runs in the background', headers: LOCATION, content: { 'application/json': { schema: Type.Ref(ExecSchema) } } },
+        400: P, 401: P, 403: P,
+        404: problemResponse(['sandbox_not_found', 'exec_not_found'], 'no supervisor for this sandbox has ever connected; with wait=true also: the exec was deleted before it started'),
+        413: P, 415: P,
+        429: problemResponse(['too_many_requests'], 'over the per-token exec rate limit (with Retry-After), or the sandbox already has too many execs running or relays waiting to be opened; with wait=true also as the exec\'s error', RETRY_AFTER),
+        500: problemResponse(['internal'], 'an unexpected error in the gateway, or (wait=true) while running the exec'),
+        502: problemResponse(['ssh_failed'], 'wait=true: the SSH handshake or authentication with the sandbox\'s daemon failed'),
+        503: problemResponse(['sandbox_unavailable', 'relay_unavailable', 'shutting_down'], 'the gateway is shutting down; with wait=true also: no supervisor session within --session-wait-ms, or the relay failed before the command reported an exit status'),
+        504: problemResponse(['relay_open_timeout'], 'wait=true: the supervisor did not open the relay within --relay-open-timeout-ms')
       }
     }
   }, async (req, reply) => {
@@ -81,7 +92,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
       tags: ['execs'],
       summary: 'One exec: status, exit code or error',
       params: ExecParamsSchema,
-      response: { 200: Type.Ref(ExecSchema), 401: P, 403: P, 404: P }
+      response: { 200: Type.Ref(ExecSchema), 401: P, 403: P, 404: EXEC_NOT_FOUND }
     }
   }, async (req) => findExec(ctx, req.params.execId).toJSON())
 
@@ -91,7 +102,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
       summary: 'Send a signal to the exec\'s processes',
       params: ExecParamsSchema,
       body: SignalRequestSchema,
-      response: { 202: Type.Object({ execId: Type.String(), signal: Type.String() }), 400: P, 401: P, 403: P, 404: P, 409: P }
+      response: { 202: Type.Object({ execId: Type.String(), signal: Type.String() }), 400: P, 401: P, 403: P, 404: EXEC_NOT_FOUND, 409: problemResponse(['exec_finished'], 'the exec has already ended') }
     }
   }, async (req, reply) => {
     const entry = findExec(ctx, req.params.execId)
@@ -104,7 +115,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
       tags: ['execs'],
       summary: 'Kill a running exec and forget it',
       params: ExecParamsSchema,
-      response: { 204: Type.Null(), 401: P, 403: P, 404: P }
+      response: { 204: Type.Null({ description: 'killed (when it was running) and forgotten' }), 401: P, 403: P, 404: EXEC_NOT_FOUND }
     }
   }, async (req, reply) => {
     ctx.execs.remove(findExec(ctx, req.params.execId))

@@ -2,7 +2,7 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
 import { GatewayError } from '../src/errors.js'
 import type { SandboxEntry } from '../src/relay/sessions.js'
-import { ProblemResponse as P } from '../src/schemas/problem.js'
+import { ProblemResponse as P, problemResponse } from '../src/schemas/problem.js'
 import { SandboxParamsSchema, SandboxSchema, type Sandbox } from '../src/schemas/sandbox.js'
 import type { RouteContext } from './context.js'
 
@@ -30,7 +30,7 @@ const sandboxes: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, 
       tags: ['sandboxes'],
       summary: 'One sandbox',
       params: SandboxParamsSchema,
-      response: { 200: Type.Ref(SandboxSchema), 401: P, 403: P, 404: P }
+      response: { 200: Type.Ref(SandboxSchema), 401: P, 403: P, 404: problemResponse(['sandbox_not_found'], 'no supervisor for this sandbox has ever connected') }
     }
   }, async (req) => {
     const e = ctx.registry.get(req.params.sandboxId)

@@ -99,6 +99,7 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
       // The token's sandbox must own the relay: a supervisor can only serve its own sandbox.
       stream.respond({ ':status': 200, 'content-type': 'application/octet-stream' })
       if (!opts.registry.claimRelay(relayId, check.sandboxId, stream)) {
+        log.warn({ sandboxId: check.sandboxId, relayId: relayId.slice(0, 64) }, 'relay claim refused: no such relay pending for this sandbox')
         stream.close(http2.constants.NGHTTP2_REFUSED_STREAM)
       }
       return

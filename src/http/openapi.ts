@@ -117,7 +117,9 @@ function discriminatedUnion (members: Record<string, TSchema>, description: stri
   return { description, oneOf: Object.values(mapping).map(($ref) => ({ $ref })), discriminator: { propertyName: 'type', mapping } }
 }
 
-const addComponents: SwaggerTransformObject = ({ openapiObject }) => {
+const addComponents: SwaggerTransformObject = (documentObject) => {
+  if (!('openapiObject' in documentObject)) throw new Error('the gateway documents itself as OpenAPI 3.1, not Swagger 2')
+  const openapiObject = documentObject.openapiObject
   const doc = openapiObject as { components?: { schemas?: Record<string, unknown> } }
   doc.components ??= {}
   const schemas = (doc.components.schemas ??= {})

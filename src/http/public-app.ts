@@ -1,7 +1,6 @@
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify'
 import websocket from '@fastify/websocket'
 import rateLimit from '@fastify/rate-limit'
-import swagger from '@fastify/swagger'
 import { Ajv } from 'ajv'
 import type { Logger } from 'pino'
 import type { WebSocket } from 'ws'
@@ -14,6 +13,7 @@ import { SandboxSchema } from '../schemas/sandbox.js'
 import { ExecEventSchema } from '../schemas/events.js'
 import { installErrorHandling } from './errors-plugin.js'
 import { installGuard } from './guard.js'
+import { registerOpenApi } from './openapi.js'
 import type { TlsMaterial } from '../credentials.js'
 
 // The public listener: Fastify (HTTP/1.1 + WebSocket), routes, errors, auth, OpenAPI.
@@ -58,19 +58,7 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
   // Only JSON bodies: anything else is 415, not a string that fails validation as a 400.
   app.removeContentTypeParser(['text/plain'])
 
-  await app.register(swagger, {
-    openapi: {
-      openapi: '3.1.0',
-      info: {
-        title: 'exec-gateway',
-        version: '1',
-        description: 'Runs commands in remote sandboxes over a supervisor relay. Every exec ends with its true exit status or an honest 503 within a published bound.'
-      },
-      components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer' } } },
-      security: [{ bearer: [] }]
-    },
-    refResolver: { buildLocalReference: (json, _baseUri, _fragment, i) => String(json.$id ?? `def-${i}`) }
-  })
+  await registerOpenApi(app)
 
   const sockets = new Set<WebSocket>()
   await app.register(websocket, {

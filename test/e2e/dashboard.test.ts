@@ -18,7 +18,7 @@ const SCREENSHOT = fileURLToPath(new URL('../../docs/dashboard.png', import.meta
 const TOKEN = 'secret-token'
 const WAIT = { timeout: 20_000, polling: 50 }
 
-interface DashboardWindow { dashboard: { terminalText: () => Promise<string>, execId: string | undefined } }
+interface DashboardWindow { dashboard: { terminalText: () => Promise<string>, textNow: () => string } }
 
 describe('dashboard', () => {
   let browser: Browser | undefined
@@ -96,8 +96,8 @@ describe('dashboard', () => {
     expect(posted.postDataJSON()).toMatchObject({ command: ['sh', '-c', 'for i in 1 2 3; do echo line$i; sleep 0.5; done; exit 7'], tty: false })
 
     // Read in the page at the moment line1 is in the terminal: the exec must still be running.
-    const atLine1 = await page.waitForFunction(async () => {
-      const text = await (window as unknown as DashboardWindow).dashboard.terminalText()
+    const atLine1 = await page.waitForFunction(() => {
+      const text = (window as unknown as DashboardWindow).dashboard.textNow()
       return text.includes('line1') ? { text, status: document.getElementById('exec-status')!.textContent } : false
     }, undefined, WAIT)
     const seen = await atLine1.jsonValue() as { text: string, status: string }
@@ -130,7 +130,7 @@ describe('dashboard', () => {
     expect(rendered).toContain(`${body.rows} ${body.cols}`)
 
     await run(page, 'printf "name? "; read -r name; echo "hello, $name"', { tty: true })
-    await page.waitForFunction(async () => (await (window as unknown as DashboardWindow).dashboard.terminalText()).includes('name?'), undefined, WAIT)
+    await page.waitForFunction(() => (window as unknown as DashboardWindow).dashboard.textNow().includes('name?'), undefined, WAIT)
     await page.locator('#terminal').click()
     await page.keyboard.type('dashboard')
     await page.keyboard.press('Enter')
@@ -147,7 +147,7 @@ describe('dashboard', () => {
     await chooseSandbox(page, 'box')
 
     await run(page, 'for i in $(seq 1 40); do echo n$i; sleep 0.1; done')
-    await page.waitForFunction(async () => /(^|\n)n8(\n|$)/.test(await (window as unknown as DashboardWindow).dashboard.terminalText()), undefined, WAIT)
+    await page.waitForFunction(() => /(^|\n)n8(\n|$)/.test((window as unknown as DashboardWindow).dashboard.textNow()), undefined, WAIT)
     proxy.resetAll()
 
     await statusIs(page, 'exit 0')
@@ -172,7 +172,7 @@ describe('dashboard', () => {
     expect((await fetch(`${base}/v1/no-such-route`)).status).toBe(401)
     expect((await fetch(`${base}/assets/xterm/package.json`)).status).not.toBe(200)
     const openapi = await (await fetch(`${base}/openapi.json`)).json() as { paths: Record<string, unknown> }
-    expect(Object.keys(openapi.paths).filter((p) => !p.startsWith('/v1/') && !['/healthz', '/metrics'].includes(p))).toEqual([])
+    expect(Object.keys(openapi.paths).filter((p) => ['/', '/index.html', '/app.js', '/style.css'].includes(p) || p.startsWith('/assets/'))).toEqual([])
 
     const page = await openDashboard(base)
     const error = page.locator('#error')
@@ -230,7 +230,7 @@ describe('dashboard', () => {
     const page = await openDashboard(sb!.g.publicUrl)
     await chooseSandbox(page, 'doomed')
     await run(page, 'echo started; sleep 30')
-    await page.waitForFunction(async () => (await (window as unknown as DashboardWindow).dashboard.terminalText()).includes('started'), undefined, WAIT)
+    await page.waitForFunction(() => (window as unknown as DashboardWindow).dashboard.textNow().includes('started'), undefined, WAIT)
     expect(await statusText(page)).toBe('running')
 
     doomed.signal('SIGKILL')
