@@ -14,6 +14,10 @@ const BEARER_PREFIX = 'exec-gateway.bearer.'
 const RECONNECT_MIN_MS = 200
 const RECONNECT_MAX_MS = 3000
 const RECENT_LIMIT = 25
+// The gateway sends a heartbeat after 15 s of silence (its default), so a socket silent for this
+// long is a dead link that TCP has not noticed (a sleeping laptop, a dropped NAT entry): drop
+// it and resume, rather than wait forever for output that cannot arrive.
+const SILENCE_MS = 45_000
 
 const $ = (id) => document.getElementById(id)
 const el = {
@@ -150,8 +154,9 @@ const RESET = new Uint8Array([0x1b, 0x5b, 0x30, 0x6d]) // ESC[0m
 // terminal (the offsets a reconnect resumes from, so nothing is shown twice), and its socket.
 let current
 
-function setStatus (state, text) {
+function setStatus (state, text, ok = state !== 'failed') {
   el.status.dataset.state = state
+  el.status.dataset.ok = String(ok)
   el.status.textContent = text
 }
 
@@ -181,6 +186,7 @@ function attach (exec) {
     final: false,
     ws: undefined,
     timer: undefined,
+    watchdog: undefined,
     failures: 0,
     reconnects: 0
   }
@@ -199,13 +205,28 @@ function detach () {
   current = undefined
   if (a === undefined) return
   clearTimeout(a.timer)
-  if (a.ws !== undefined) {
-    a.ws.onclose = null
-    a.ws.onmessage = null
-    a.ws.close(1000, 'detached')
-  }
+  abandon(a)
   setConnection('idle', '')
   el.kill.disabled = true
+}
+
+// Closes the socket without waiting for its close handshake, which a dead link never completes.
+function abandon (a) {
+  clearTimeout(a.watchdog)
+  const ws = a.ws
+  a.ws = undefined
+  if (ws === undefined) return
+  ws.onopen = ws.onmessage = ws.onclose = null
+  ws.close(1000, 'detached')
+}
+
+function armWatchdog (a) {
+  clearTimeout(a.watchdog)
+  a.watchdog = setTimeout(() => {
+    if (a !== current || a.final) return
+    abandon(a)
+    scheduleReconnect(a)
+  }, SILENCE_MS)
 }
 
 function connect (a) {
@@ -215,6 +236,7 @@ function connect (a) {
   ws.binaryType = 'arraybuffer'
   a.ws = ws
   setConnection(a.reconnects === 0 ? 'connecting' : 'reconnecting', a.reconnects === 0 ? 'connecting…' : 'reconnecting…')
+  armWatchdog(a)
   ws.onopen = () => {
     setConnection('open', a.reconnects === 0 ? 'live' : `live (reconnected ${a.reconnects}×)`)
     // The window may have changed size while the socket was down.
@@ -222,11 +244,13 @@ function connect (a) {
   }
   ws.onmessage = (m) => {
     a.failures = 0
+    armWatchdog(a)
     if (typeof m.data === 'string') onEvent(a, JSON.parse(m.data))
     else onOutput(a, new Uint8Array(m.data))
   }
   ws.onclose = () => {
     if (a !== current) return
+    clearTimeout(a.watchdog)
     a.ws = undefined
     if (a.final) { setConnection('closed', 'ended'); return }
     // Dropped before the final event: the exec goes on without us; resume where we stopped.
@@ -304,7 +328,7 @@ function onEvent (a, ev) {
       return
     case 'exit':
       a.final = true
-      setStatus('exited', outcomeText(ev))
+      setStatus('exited', outcomeText(ev), ev.exitCode === 0 && ev.signal === null && !ev.timedOut)
       finished(a)
       return
     case 'error':
@@ -316,6 +340,7 @@ function onEvent (a, ev) {
 }
 
 function finished (a) {
+  clearTimeout(a.watchdog)
   el.kill.disabled = true
   setConnection('closed', 'ended')
   void terminalFlushed()
@@ -453,8 +478,13 @@ function summary (ex) {
   return ex.status
 }
 
+let recentShown = ''
 function renderRecent (execs) {
   el.noRecent.hidden = execs.length > 0
+  // Rebuilt only when something changed, so a poll never swaps a button out from under a click.
+  const key = JSON.stringify(execs.map((ex) => [ex.id, summary(ex)]))
+  if (key === recentShown) return
+  recentShown = key
   const items = execs.map((ex) => {
     const li = document.createElement('li')
     const b = document.createElement('button')

@@ -35,12 +35,17 @@ export interface SupervisorServer {
   server: http2.Http2Server | http2.Http2SecureServer
   // Shutdown: GOAWAY to every supervisor connection, then cut what has not gone within graceMs.
   closeAll: (graceMs: number) => Promise<void>
+  // Ends the sessions whose token is no longer accepted (secret retired, token expired).
+  closeRevoked: () => number
 }
 
 export function createSupervisorServer (opts: SupervisorServerOptions): SupervisorServer {
   const log = opts.logger
   const conns = new WeakMap<Http2Session, ConnState>()
   const live = new Set<Http2Session>()
+  // Every open session stream with a check of the token it was opened with.
+  const tokenChecks = new Map<SupervisorSession, () => string | undefined>()
+  const sessionStreams = new WeakMap<SupervisorSession, ServerHttp2Stream>()
   const h2Options = {
     settings: { initialWindowSize: H2_STREAM_WINDOW, maxConcurrentStreams: 100000 },
     maxSessionMemory: 256
@@ -93,7 +98,7 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
       return
     }
     if (headers[':method'] !== 'POST') { reject(stream, 405, 'method_not_allowed', 'use POST'); return }
-    if (path === SESSION_PATH) { openSession(stream, check.sandboxId, conn); return }
+    if (path === SESSION_PATH) { openSession(stream, check.sandboxId, conn, token); return }
     if (path.startsWith(RELAY_PATH_PREFIX)) {
       const relayId = path.slice(RELAY_PATH_PREFIX.length)
       // The token's sandbox must own the relay: a supervisor can only serve its own sandbox.
@@ -107,7 +112,7 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
     reject(stream, 404, 'not_found', `no supervisor route ${path}`)
   })
 
-  function openSession (stream: ServerHttp2Stream, sandboxId: string, conn: ConnState | undefined): void {
+  function openSession (stream: ServerHttp2Stream, sandboxId: string, conn: ConnState | undefined, token: string): void {
     let sessionInstance: string | undefined
     const session: SupervisorSession = {
       id: randomUUID(),
@@ -131,7 +136,19 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
     }
     const slog = log.child({ sandboxId, sessionId: session.id })
     stream.respond({ ':status': 200, 'content-type': 'application/x-ndjson' })
-    const heartbeat = setInterval(() => session.send({ type: 'heartbeat' }), opts.heartbeatIntervalMs)
+    // A session lives no longer than its token: an expired token (or a retired secret) ends it,
+    // and the supervisor's reconnect is then refused, so the sandbox shows as disconnected.
+    const revokedReason = (): string | undefined => {
+      const c = verifySupervisorToken(opts.tokenSecrets(), token)
+      return c.ok ? undefined : c.reason
+    }
+    tokenChecks.set(session, revokedReason)
+    sessionStreams.set(session, stream)
+    const heartbeat = setInterval(() => {
+      const reason = revokedReason()
+      if (reason !== undefined) { revoke(session, stream, reason); return }
+      session.send({ type: 'heartbeat' })
+    }, opts.heartbeatIntervalMs)
     heartbeat.unref()
     let registered = false
     const decoder = new NdjsonDecoder()
@@ -171,6 +188,7 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
     })
     const end = (): void => {
       clearInterval(heartbeat)
+      tokenChecks.delete(session)
       conn?.sessions.delete(session)
       if (registered) {
         opts.registry.unregister(session)
@@ -181,6 +199,27 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
     stream.on('end', () => { if (!stream.destroyed) stream.end() })
   }
 
+  function revoke (session: SupervisorSession, stream: ServerHttp2Stream, reason: string): void {
+    log.warn({ sandboxId: session.sandboxId, sessionId: session.id, reason }, 'ending a supervisor session: its token is no longer accepted')
+    session.send({ type: 'rejected', reason: `supervisor token no longer accepted: ${reason}` })
+    tokenChecks.delete(session)
+    // The whole connection goes: its relays (and the warm SSH connections over them) were
+    // opened on the same token's authority.
+    const conn = stream.session
+    setImmediate(() => conn?.destroy())
+  }
+
+  const closeRevoked = (): number => {
+    let n = 0
+    for (const [session, check] of [...tokenChecks]) {
+      const reason = check()
+      if (reason === undefined) continue
+      const stream = sessionStreams.get(session)
+      if (stream !== undefined) { revoke(session, stream, reason); n++ }
+    }
+    return n
+  }
+
   const closeAll = async (graceMs: number): Promise<void> => {
     const closed = new Promise<void>((resolve) => server.close(() => resolve()))
     for (const s of live) { try { s.close() } catch { /* already closing */ } }
@@ -189,7 +228,7 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
     await Promise.race([closed, new Promise((resolve) => setTimeout(resolve, 200).unref())])
   }
 
-  return { server, closeAll }
+  return { server, closeAll, closeRevoked }
 }
 
 function reject (stream: ServerHttp2Stream, status: number, code: string, detail: string): void {

@@ -91,7 +91,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     tls: publicTls,
     ctx: { execs, registry, metrics, heartbeatIntervalMs: config.heartbeatIntervalMs, execRateLimitPerMinute: config.execRateLimitPerMinute, isClosing: () => closing }
   })
-  const { server: supervisorServer, closeAll: closeSupervisorConnections } = createSupervisorServer({
+  const { server: supervisorServer, closeAll: closeSupervisorConnections, closeRevoked } = createSupervisorServer({
     registry,
     tokenSecrets: () => credentials.tokenSecrets,
     tls: supervisorTls,
@@ -160,7 +160,8 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
         logger.error({ listener: name, err: (err as Error).message }, 'cannot reload the TLS certificate; keeping the previous one')
       }
     }
-    logger.info(counts, 'credentials reloaded')
+    const revokedSessions = closeRevoked()
+    logger.info({ ...counts, revokedSessions }, 'credentials reloaded')
   }
 
   return { app, supervisorServer, credentials, registry, pool, execs, identity, logger, listen, reload, close }

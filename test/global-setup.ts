@@ -42,6 +42,19 @@ function installOpenSsh(): void {
   throw new Error('[global-setup] `apt-get install -y openssh-server` failed (see output above)')
 }
 
+// The dashboard's end-to-end tests drive Debian's Chromium (playwright-core brings no browser).
+const CHROMIUM = '/usr/bin/chromium'
+
+function installChromium(): void {
+  const install = ['install', '-y', 'chromium']
+  if (!aptListsPresent() && !run('apt-get', ['update'])) {
+    throw new Error('[global-setup] `apt-get update` failed; install Chromium by hand: apt-get install -y chromium')
+  }
+  if (run('apt-get', install)) return
+  if (run('apt-get', ['update']) && run('apt-get', install)) return
+  throw new Error('[global-setup] `apt-get install -y chromium` failed (see output above)')
+}
+
 export function setup(): void {
   if (!existsSync(CLI)) {
     throw new Error(`${CLI} is missing: run \`npm run build\` first (npm test does it for you)`)
@@ -62,6 +75,19 @@ export function setup(): void {
     const found = findSshd()
     if (found === undefined) throw new Error('[global-setup] openssh-server was installed but sshd is still not at /usr/sbin/sshd')
     console.log(`[global-setup] installed ${found}`)
+  }
+
+  if (!existsSync(CHROMIUM)) {
+    if (!isRoot) {
+      throw new Error(
+        `Chromium is required by the dashboard tests (test/e2e) and was not found at ${CHROMIUM}. ` +
+          'Install it with `sudo apt-get install -y chromium` (Debian/Ubuntu), then run the tests again.',
+      )
+    }
+    console.log('[global-setup] Chromium not found: installing chromium with apt-get')
+    installChromium()
+    if (!existsSync(CHROMIUM)) throw new Error(`[global-setup] chromium was installed but ${CHROMIUM} is still missing; install it with \`apt-get install -y chromium\``)
+    console.log(`[global-setup] installed ${CHROMIUM}`)
   }
 
   // sshd running as root insists on its privilege-separation directory; the package creates it

@@ -262,7 +262,14 @@ export class Supervisor {
       }, { endStream: false })
       stream = s
       s.on('response', (headers) => {
-        if (Number(headers[':status']) !== 200) { log.warn({ status: headers[':status'] }, 'gateway refused the relay'); handle.destroy() }
+        const status = Number(headers[':status'])
+        if (status !== 200) {
+          log.warn({ status }, 'gateway refused the relay')
+          // Said on the session, so the exec fails now instead of at the relay-open bound
+          // (a retired token secret refuses relays while the session lives on).
+          send({ type: 'relay_failed', relayId, reason: `the gateway refused the relay stream (HTTP ${status}${status === 401 ? ': this supervisor\'s token is no longer accepted' : ''})` })
+          handle.destroy()
+        }
       })
       bridge(tcp, s, log)
     })

@@ -1,4 +1,4 @@
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { existsSync, mkdirSync } from 'node:fs'
 import { dirname } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -27,6 +27,8 @@ describe('dashboard', () => {
   let doomed: SupervisorProcess | undefined
   let proxy: TcpProxy | undefined
   const contexts: BrowserContext[] = []
+  // Uncaught exceptions in the page fail the test that caused them.
+  let pageErrors: string[] = []
 
   beforeAll(async () => {
     if (!existsSync(CHROMIUM)) {
@@ -46,11 +48,18 @@ describe('dashboard', () => {
     await sb?.close()
   })
 
+  afterEach(() => {
+    const errors = pageErrors
+    pageErrors = []
+    expect(errors).toEqual([])
+  })
+
   // A fresh profile per test: nothing (a saved token, say) leaks from one test into another.
   async function openDashboard (url: string): Promise<Page> {
     const context = await browser!.newContext({ viewport: { width: 1280, height: 760 } })
     contexts.push(context)
     const page = await context.newPage()
+    page.on('pageerror', (err) => pageErrors.push(String(err)))
     await page.goto(url + '/')
     await page.locator('#terminal .xterm').waitFor()
     return page
@@ -149,6 +158,7 @@ describe('dashboard', () => {
     await run(page, 'for i in $(seq 1 40); do echo n$i; sleep 0.1; done')
     await page.waitForFunction(() => /(^|\n)n8(\n|$)/.test((window as unknown as DashboardWindow).dashboard.textNow()), undefined, WAIT)
     proxy.resetAll()
+    expect(await statusText(page)).toBe('running')
 
     await statusIs(page, 'exit 0')
     const lines = (await terminalText(page)).split('\n')
@@ -224,10 +234,18 @@ describe('dashboard', () => {
     expect([attach.get('stdoutOffset'), attach.get('stderrOffset')]).toEqual(['0', '0'])
   })
 
-  it('shows 503 relay_unavailable when the supervisor dies mid-exec, then 503 sandbox_unavailable', async () => {
+  it('shows signal KILL from the Kill button, 503 relay_unavailable when the supervisor dies mid-exec, then 503 sandbox_unavailable', async () => {
     doomed = startSupervisorProcess({ gatewayUrl: sb!.g.supervisorUrl, sandboxId: 'doomed', token: sb!.g.token('doomed') })
     await sb!.g.waitConnected('doomed')
     const page = await openDashboard(sb!.g.publicUrl)
+    // The Kill button's outcome first, on the healthy sandbox: a signal is an outcome, not an error.
+    await chooseSandbox(page, 'box')
+    await run(page, 'echo waiting; sleep 30')
+    await page.waitForFunction(() => (window as unknown as DashboardWindow).dashboard.textNow().includes('waiting'), undefined, WAIT)
+    await page.getByRole('button', { name: 'Kill', exact: true }).click()
+    await statusIs(page, 'signal KILL')
+    expect(await page.locator('#error').isHidden()).toBe(true)
+
     await chooseSandbox(page, 'doomed')
     await run(page, 'echo started; sleep 30')
     await page.waitForFunction(() => (window as unknown as DashboardWindow).dashboard.textNow().includes('started'), undefined, WAIT)

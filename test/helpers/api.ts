@@ -1,4 +1,5 @@
 import WebSocket from 'ws'
+import { createGatewayClient, type Encoding, type ExecEvent, type ExecRequest } from '../../sdk/index.js'
 
 // Plain HTTP and WebSocket clients against a live gateway, as a user's code would talk to it.
 
@@ -16,27 +17,44 @@ export async function api<T = any> (baseUrl: string, method: string, path: strin
   return { status: res.status, headers: res.headers, body: parsed as T, text }
 }
 
+// Exec creation and /events go through the SDK (sdk/index.ts), so every test that uses these
+// helpers also exercises the generated client against the real gateway.
+
+type Query = { encoding?: Encoding, stdoutOffset?: number, stderrOffset?: number }
+
+// The helpers take the query as text ("&encoding=base64", "?stdoutOffset=4"); the SDK wants it typed.
+function parseQuery (query: string): Query {
+  const out: Query = {}
+  for (const [k, v] of new URLSearchParams(query.replace(/^[?&]/, ''))) {
+    if (k === 'encoding' && (v === 'utf8' || v === 'base64')) out.encoding = v
+    else if ((k === 'stdoutOffset' || k === 'stderrOffset') && /^\d+$/.test(v)) out[k] = Number(v)
+    else throw new Error(`test helper: query parameter ${k}=${v} is not supported; call api() for raw requests`)
+  }
+  return out
+}
+
 export async function execWait (baseUrl: string, sandboxId: string, req: Record<string, unknown>, query = ''): Promise<ApiResponse> {
-  return await api(baseUrl, 'POST', `/v1/sandboxes/${sandboxId}/execs?wait=true${query}`, req)
+  const { encoding } = parseQuery(query)
+  const { data, error, response } = await createGatewayClient({ baseUrl }).runAndWait(sandboxId, req as ExecRequest, { ...(encoding === undefined ? {} : { encoding }) })
+  const body: any = data ?? error
+  return { status: response.status, headers: response.headers, body, text: typeof body === 'string' ? body : JSON.stringify(body) }
 }
 
 export async function execStart (baseUrl: string, sandboxId: string, req: Record<string, unknown>): Promise<string> {
-  const r = await api(baseUrl, 'POST', `/v1/sandboxes/${sandboxId}/execs`, req)
-  if (r.status !== 201) throw new Error(`exec start failed: ${r.status} ${r.text}`)
-  return r.body.id as string
+  const { data, error, response } = await createGatewayClient({ baseUrl }).POST('/v1/sandboxes/{sandboxId}/execs', {
+    params: { path: { sandboxId } },
+    body: req as ExecRequest
+  })
+  if (response.status !== 201 || data === undefined) throw new Error(`exec start failed: ${response.status} ${JSON.stringify(error)}`)
+  return data.id
 }
 
 // Every event of /events until it ends.
 export async function readEvents (baseUrl: string, execId: string, accept = 'application/x-ndjson', query = ''): Promise<any[]> {
-  const res = await fetch(`${baseUrl}/v1/execs/${execId}/events${query}`, { headers: { accept } })
-  const text = await res.text()
-  if (accept.includes('event-stream')) {
-    return text.split('\n\n').filter((b) => b.trim() !== '').map((block) => {
-      const data = block.split('\n').find((l) => l.startsWith('data: '))!
-      return JSON.parse(data.slice(6))
-    })
-  }
-  return text.split('\n').filter((l) => l.trim() !== '').map((l) => JSON.parse(l))
+  const events: ExecEvent[] = []
+  const format = accept.includes('event-stream') ? 'sse' : 'ndjson'
+  for await (const ev of createGatewayClient({ baseUrl }).streamEvents(execId, { format, ...parseQuery(query) })) events.push(ev)
+  return events
 }
 
 export interface WsResult { events: any[], closeCode: number, closeReason: string, binary: Buffer[] }
