@@ -14,6 +14,9 @@ import type { RouteContext } from './context.js'
 // JSON. Closing the socket detaches; only DELETE or a signal ends the exec.
 
 export const BINARY_SUBPROTOCOL = 'exec-gateway.v1.binary'
+// JSON frames (the default) by name: browsers that offer a bearer subprotocol fail the
+// handshake unless the server selects one of the offered protocols, so they offer this too.
+export const JSON_SUBPROTOCOL = 'exec-gateway.v1.json'
 export const CLOSE_NORMAL = 1000
 export const CLOSE_GOING_AWAY = 1001
 export const CLOSE_POLICY = 1008
@@ -22,7 +25,7 @@ export const CLOSE_ERROR = 1011
 const P = ProblemResponse
 const SWITCHING = Type.Null({
   description: 'switching to the WebSocket protocol',
-  headers: { 'Sec-WebSocket-Protocol': { type: 'string', description: `${BINARY_SUBPROTOCOL} when the client offered it; absent otherwise (a bearer subprotocol is never selected)` } }
+  headers: { 'Sec-WebSocket-Protocol': { type: 'string', description: `${BINARY_SUBPROTOCOL} when the client offered it, else ${JSON_SUBPROTOCOL} when offered; absent otherwise (a bearer subprotocol is never selected)` } }
 })
 const STDOUT_CHANNEL = Buffer.from([1])
 const STDERR_CHANNEL = Buffer.from([2])

@@ -6,7 +6,7 @@ import type { Logger } from 'pino'
 import type { WebSocket } from 'ws'
 import { registerRoutes } from '../../routes/index.js'
 import type { RouteContext } from '../../routes/context.js'
-import { BINARY_SUBPROTOCOL } from '../../routes/exec-stream.js'
+import { BINARY_SUBPROTOCOL, JSON_SUBPROTOCOL } from '../../routes/exec-stream.js'
 import { ExecErrorSchema, ProblemSchema } from '../schemas/problem.js'
 import { ExecRequestSchema, ExecResultSchema, ExecSchema, SignalRequestSchema } from '../schemas/exec.js'
 import { SandboxSchema } from '../schemas/sandbox.js'
@@ -65,7 +65,7 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
     options: {
       maxPayload: WS_MAX_PAYLOAD_BYTES,
       // Only the data subprotocol is ever selected; a bearer subprotocol is read, never echoed.
-      handleProtocols: (protocols: Set<string>) => protocols.has(BINARY_SUBPROTOCOL) ? BINARY_SUBPROTOCOL : false
+      handleProtocols: (protocols: Set<string>) => protocols.has(BINARY_SUBPROTOCOL) ? BINARY_SUBPROTOCOL : protocols.has(JSON_SUBPROTOCOL) ? JSON_SUBPROTOCOL : false
     }
   })
 

@@ -246,3 +246,30 @@ describe('relays belong to their sandbox', () => {
     }
   })
 })
+
+describe('browser-style WebSocket auth', () => {
+  it('offering the JSON data subprotocol next to the bearer one: the server selects the data one, never the bearer', async () => {
+    const { startSandbox } = await import('../helpers/sandbox.js')
+    const { default: WebSocket } = await import('ws')
+    const s = await startSandbox('embedded', 'ws-auth', { apiTokens: ['browser-token'] })
+    try {
+      const start = await runWait(s.g.publicUrl, 'ws-auth', ['sh', '-c', 'echo hi; exit 6'], 'browser-token')
+      expect(start.body.exitCode).toBe(6)
+      const bearer = 'exec-gateway.bearer.' + Buffer.from('browser-token').toString('base64url')
+      const ws = new WebSocket(`${s.g.publicUrl.replace(/^http/, 'ws')}/v1/execs/${start.body.id as string}/stream`, ['exec-gateway.v1.json', bearer])
+      const events: any[] = []
+      ws.on('message', (d) => events.push(JSON.parse(d.toString())))
+      const selected = await new Promise<string>((resolve, reject) => {
+        ws.on('open', () => resolve(ws.protocol))
+        ws.on('unexpected-response', (_q, r) => reject(new Error(`refused ${r.statusCode ?? 0}`)))
+        ws.on('error', reject)
+      })
+      if (ws.readyState !== WebSocket.CLOSED) await new Promise((resolve) => ws.on('close', resolve))
+      expect(selected).toBe('exec-gateway.v1.json')
+      expect(events.map((e) => e.type)).toEqual(['stdout', 'exit'])
+      expect(events[1]).toMatchObject({ exitCode: 6 })
+    } finally {
+      await s.close()
+    }
+  })
+})
