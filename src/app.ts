@@ -45,7 +45,7 @@ export interface BuildOptions {
 export async function buildGateway (config: GatewayConfig, opts: BuildOptions = {}): Promise<Gateway> {
   const logger = opts.logger ?? pino({
     level: config.logLevel,
-    redact: { paths: ['req.headers.authorization', 'headers.authorization', 'token', 'privateKey'], censor: '[redacted]' }
+    redact: { paths: ['req.headers.authorization', 'headers.authorization', '*.authorization', 'token', '*.token', 'apiToken', 'privateKey', 'tokenSecret', 'tokenSecrets'], censor: '[redacted]' }
   })
   const identity = opts.identity ?? loadDataDir(config.dataDir)
   const credentials = new Credentials(config, identity, logger.child({ component: 'credentials' }))
