@@ -21,6 +21,7 @@ export type SignalName = Schemas['SignalRequest']['signal']
 export type Encoding = 'utf8' | 'base64'
 
 export const BINARY_SUBPROTOCOL = 'exec-gateway.v1.binary'
+export const JSON_SUBPROTOCOL = 'exec-gateway.v1.json'
 export const BEARER_SUBPROTOCOL_PREFIX = 'exec-gateway.bearer.'
 
 export interface GatewayClientOptions {

@@ -987,9 +987,10 @@ export interface paths {
          *
          *     Client → server: `ClientFrame` JSON text frames: `{"type":"stdin","data"}` (interactive execs only), `{"type":"eof"}`, `{"type":"resize","cols","rows"}` (tty only), `{"type":"signal","signal"}`.
          *
-         *     Subprotocols (`Sec-WebSocket-Protocol`):
-         *     - `exec-gateway.v1.binary` (optional; JSON is the default): output arrives as `BinaryOutputFrame`s (channel byte 1 = stdout, 2 = stderr, then the raw bytes) while control events stay JSON text; the client may send `BinaryStdinFrame`s (channel byte 0, then stdin bytes). The server selects it when offered.
-         *     - `exec-gateway.bearer.<base64url(token)>`: for browsers, which cannot set an `Authorization` header on a WebSocket. Offer it next to the data subprotocol; the server reads it and never selects it.
+         *     Subprotocols (`Sec-WebSocket-Protocol`), all optional:
+         *     - `exec-gateway.v1.binary`: output arrives as `BinaryOutputFrame`s (channel byte 1 = stdout, 2 = stderr, then the raw bytes) while control events stay JSON text; the client may send `BinaryStdinFrame`s (channel byte 0, then stdin bytes). Selected when offered.
+         *     - `exec-gateway.v1.json`: the default JSON text frames, by name. Selected when offered without the binary one.
+         *     - `exec-gateway.bearer.<base64url(token)>`: for browsers, which cannot set an `Authorization` header on a WebSocket. Offer it next to a data subprotocol (a browser fails the handshake when the server selects none of the offered ones); the server reads it and never selects it.
          */
         get: {
             parameters: {
@@ -1009,7 +1010,7 @@ export interface paths {
                 /** @description switching to the WebSocket protocol */
                 101: {
                     headers: {
-                        /** @description exec-gateway.v1.binary when the client offered it; absent otherwise (a bearer subprotocol is never selected) */
+                        /** @description exec-gateway.v1.binary when the client offered it, else exec-gateway.v1.json when offered; absent otherwise (a bearer subprotocol is never selected) */
                         "Sec-WebSocket-Protocol"?: string;
                         [name: string]: unknown;
                     };

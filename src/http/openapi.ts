@@ -2,10 +2,12 @@ import type { FastifyInstance, FastifySchema, RouteOptions } from 'fastify'
 import swagger, { type SwaggerTransform, type SwaggerTransformObject } from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
 import type { TSchema } from '@sinclair/typebox'
+import { BINARY_SUBPROTOCOL, JSON_SUBPROTOCOL } from '../../routes/exec-stream.js'
 import type { ErrorCode } from '../errors.js'
 import { ExecEventMembers } from '../schemas/events.js'
 import { BinaryOutputFrameSchema, BinaryStdinFrameSchema, ClientFrameMembers } from '../schemas/frames.js'
 import { kProblemCodes, problemResponse } from '../schemas/problem.js'
+import { BEARER_SUBPROTOCOL_PREFIX } from './guard.js'
 
 // The OpenAPI 3.1 document and its /docs page. The document is generated: @fastify/swagger
 // turns the route schemas into paths, and the two hooks below add what the route schemas
@@ -30,9 +32,10 @@ Server → client: one \`ExecEvent\` per JSON text frame; the last is \`exit\` o
 
 Client → server: \`ClientFrame\` JSON text frames: \`{"type":"stdin","data"}\` (interactive execs only), \`{"type":"eof"}\`, \`{"type":"resize","cols","rows"}\` (tty only), \`{"type":"signal","signal"}\`.
 
-Subprotocols (\`Sec-WebSocket-Protocol\`):
-- \`exec-gateway.v1.binary\` (optional; JSON is the default): output arrives as \`BinaryOutputFrame\`s (channel byte 1 = stdout, 2 = stderr, then the raw bytes) while control events stay JSON text; the client may send \`BinaryStdinFrame\`s (channel byte 0, then stdin bytes). The server selects it when offered.
-- \`exec-gateway.bearer.<base64url(token)>\`: for browsers, which cannot set an \`Authorization\` header on a WebSocket. Offer it next to the data subprotocol; the server reads it and never selects it.`
+Subprotocols (\`Sec-WebSocket-Protocol\`), all optional:
+- \`${BINARY_SUBPROTOCOL}\`: output arrives as \`BinaryOutputFrame\`s (channel byte 1 = stdout, 2 = stderr, then the raw bytes) while control events stay JSON text; the client may send \`BinaryStdinFrame\`s (channel byte 0, then stdin bytes). Selected when offered.
+- \`${JSON_SUBPROTOCOL}\`: the default JSON text frames, by name. Selected when offered without the binary one.
+- \`${BEARER_SUBPROTOCOL_PREFIX}<base64url(token)>\`: for browsers, which cannot set an \`Authorization\` header on a WebSocket. Offer it next to a data subprotocol (a browser fails the handshake when the server selects none of the offered ones); the server reads it and never selects it.`
 
 function problemsFromPlugins (route: RouteOptions, schema: Record<string, unknown>, bodyLimit: number): Record<number, ReturnType<typeof problemResponse>> {
   const methods = ([] as string[]).concat(route.method)

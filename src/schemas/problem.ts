@@ -22,6 +22,8 @@ export const ExecErrorSchema = Type.Object({
 export type ExecErrorBody = Static<typeof ExecErrorSchema>
 
 // Response entry for every problem status a route can return, with the media type it really has.
+// In the document, src/http/openapi.ts replaces it with named codes for the statuses that
+// plugins produce (400, 401, 403, 413, 415, 500); a handler's own statuses use problemResponse.
 export const ProblemResponse = {
   description: 'RFC 9457 problem details; `code` is the stable, machine-readable part',
   content: { 'application/problem+json': { schema: Type.Ref(ProblemSchema) } }

@@ -1,7 +1,10 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest'
 import { execFile } from 'node:child_process'
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
+import { Ajv } from 'ajv'
 import { startSandbox, type TestSandbox } from '../helpers/sandbox.js'
 import {
   createGatewayClient, endOffset, GatewayProblemError, isFinal,
@@ -13,6 +16,18 @@ import {
 // no longer matches the gateway fails this file at run time and the type check before it.
 
 const root = fileURLToPath(new URL('../..', import.meta.url))
+
+// What the gateway really sends must also fit the committed document's components (the SDK's
+// types only hold as long as it does).
+const document = JSON.parse(readFileSync(join(root, 'openapi/openapi.json'), 'utf8')) as { components: unknown }
+const ajv = new Ajv({ strict: false, validateFormats: false, allErrors: true })
+ajv.addSchema({ $id: 'openapi', components: document.components })
+
+function conforms (component: string, value: unknown): void {
+  const validate = ajv.getSchema(`openapi#/components/schemas/${component}`)
+  if (validate === undefined) throw new Error(`no component ${component}`)
+  expect(validate(value), `${component} ${JSON.stringify(value)}: ${ajv.errorsText(validate.errors)}`).toBe(true)
+}
 
 async function collect (events: AsyncIterable<ExecEvent>): Promise<ExecEvent[]> {
   const out: ExecEvent[] = []
@@ -50,6 +65,7 @@ describe('the SDK against the embedded SSH daemon', () => {
     const list = await client.GET('/v1/sandboxes')
     expect(list.response.status).toBe(200)
     expect(list.data?.sandboxes).toContainEqual(expect.objectContaining({ id: sandbox, status: 'connected' }))
+    for (const s of list.data!.sandboxes) conforms('Sandbox', s)
     const one = await client.GET('/v1/sandboxes/{sandboxId}', { params: { path: { sandboxId: sandbox } } })
     expect(one.data).toMatchObject({ id: sandbox, status: 'connected', activeExecs: 0 })
   })
@@ -60,6 +76,7 @@ describe('the SDK against the embedded SSH daemon', () => {
     expect(response.status).toBe(200)
     expect(data).toMatchObject({ status: 'exited', exitCode: 7, signal: null, timedOut: false, error: null, stdout: 'out\n', stderr: 'ü', stderrBytes: 2 })
     expect(response.headers.get('location')).toBe(`/v1/execs/${data!.id}`)
+    conforms('ExecResult', data)
     const b64 = await client.runAndWait(sandbox, { command: ['printf', '\\377\\000'] }, { encoding: 'base64' })
     expect(Buffer.from(b64.data!.stdout, 'base64')).toEqual(Buffer.from([0xff, 0]))
   })
@@ -69,6 +86,7 @@ describe('the SDK against the embedded SSH daemon', () => {
     expect(missing.response.status).toBe(404)
     expect(missing.response.headers.get('content-type')).toMatch(/^application\/problem\+json/)
     expect(missing.error).toMatchObject({ status: 404, code: 'exec_not_found', title: 'Exec not found' })
+    conforms('Problem', missing.error)
     const noSandbox = await client.runAndWait('sdk-nowhere', { command: ['true'] })
     expect(noSandbox.error?.code).toBe('sandbox_not_found')
     const invalid = await client.POST('/v1/sandboxes/{sandboxId}/execs', { params: { path: { sandboxId: sandbox } }, body: { command: [] } })
@@ -96,9 +114,11 @@ describe('the SDK against the embedded SSH daemon', () => {
     expect(output(ndjson, 'stderr')).toBe('XYZ')
     expect(ndjson.at(-1)).toEqual({ type: 'exit', exitCode: 3, signal: null, timedOut: false })
     expect(ndjson.filter(isFinal)).toHaveLength(1)
+    for (const ev of ndjson) conforms('ExecEvent', ev)
 
     const exec = await client.GET('/v1/execs/{execId}', { params: { path: { execId: id } } })
     expect(exec.data).toMatchObject({ status: 'exited', exitCode: 3, stdoutBytes: 6, stderrBytes: 3 })
+    conforms('Exec', exec.data)
     const lastOut = ndjson.filter((e): e is OutputEvent => e.type === 'stdout').at(-1)!
     expect(endOffset(lastOut)).toBe(exec.data!.stdoutBytes)
 

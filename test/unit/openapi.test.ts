@@ -1,5 +1,6 @@
 import { describe, it, expect, afterAll } from 'vitest'
 import { execFile } from 'node:child_process'
+import { request } from 'node:http'
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -8,6 +9,7 @@ import { promisify } from 'node:util'
 import { generateOpenApiDocument, serializeOpenApi } from '../../src/openapi-doc.js'
 import { errorTable, isErrorCode } from '../../src/errors.js'
 import { ExecEventSchema, ExecEventMembers } from '../../src/schemas/events.js'
+import WebSocket from 'ws'
 import { startGateway, type TestGateway } from '../helpers/gateway.js'
 
 // openapi/openapi.json and sdk/schema.ts are generated from the route schemas; they must never
@@ -82,7 +84,7 @@ describe('OpenAPI document', () => {
 
   it('has every route of CONTRACT §3 with every problem it can return', () => {
     const documented = Object.entries(doc.paths).flatMap(([path, ops]) => Object.keys(ops).map((m) => `${m.toUpperCase()} ${path}`))
-    expect(documented.sort()).toEqual(Object.keys(PROBLEMS).sort())
+    expect(documented.sort(), 'a new or removed route? list it in PROBLEMS with every problem status it can return').toEqual(Object.keys(PROBLEMS).sort())
     for (const [key, statuses] of Object.entries(PROBLEMS)) {
       const responses = operation(key).responses
       expect(Object.keys(responses).map(Number).filter((s) => s >= 400), key).toEqual(statuses)
@@ -129,6 +131,7 @@ describe('OpenAPI document', () => {
     expect(op.responses['101']!.content).toBeUndefined()
     expect(op.parameters?.map((p) => `${p.in}:${p.name}`).sort()).toEqual(['path:execId', 'query:encoding', 'query:stderrOffset', 'query:stdoutOffset'])
     expect(op.description).toContain('exec-gateway.v1.binary')
+    expect(op.description).toContain('exec-gateway.v1.json')
     expect(op.description).toContain('exec-gateway.bearer.<base64url(token)>')
     for (const code of ['1000', '1011', '1001', '1008']) expect(op.description).toContain(code)
   })
@@ -194,5 +197,42 @@ describe('/docs', () => {
     const spec = await fetch(`${g.publicUrl}/docs/json`)
     expect(spec.status).toBe(200)
     expect(await spec.json()).toEqual(doc)
+  })
+})
+
+// The problems the document adds from plugins rather than handlers, seen for real.
+describe('problems documented from the plugins', () => {
+  let g: TestGateway | undefined
+  afterAll(async () => { await g?.close() })
+
+  it('400 on the WebSocket route, 415 on DELETE, 403 on an open route', async () => {
+    g = await startGateway({ localSandbox: true })
+    const created = await fetch(`${g.publicUrl}/v1/sandboxes/local/execs`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ command: ['sleep', '30'] }) })
+    const { id } = await created.json() as { id: string }
+
+    const upgrade = await new Promise<{ status: number, type: string, body: string }>((resolve, reject) => {
+      const ws = new WebSocket(`${g!.publicUrl.replace(/^http/, 'ws')}/v1/execs/${id}/stream?stdoutOffset=-1`)
+      ws.on('unexpected-response', (_req, res) => {
+        let body = ''
+        res.on('data', (d: Buffer) => { body += d.toString() })
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, type: String(res.headers['content-type']), body }))
+      })
+      ws.on('open', () => { ws.close(); reject(new Error('upgraded with an invalid offset')) })
+      ws.on('error', () => {})
+    })
+    expect(upgrade.status).toBe(400)
+    expect(upgrade.type).toMatch(/^application\/problem\+json/)
+    expect(JSON.parse(upgrade.body)).toMatchObject({ code: 'invalid_argument' })
+
+    const textBody = await fetch(`${g.publicUrl}/v1/execs/${id}`, { method: 'DELETE', headers: { 'content-type': 'text/plain' }, body: 'x' })
+    expect(textBody.status).toBe(415)
+    expect(await textBody.json()).toMatchObject({ code: 'unsupported_media_type' })
+    expect((await fetch(`${g.publicUrl}/v1/execs/${id}`, { method: 'DELETE' })).status).toBe(204)
+
+    const url = new URL(g.publicUrl)
+    const foreign = await new Promise<number>((resolve, reject) => {
+      request({ host: url.hostname, port: url.port, path: '/healthz', headers: { host: 'rebound.example' } }, (res) => { res.resume(); resolve(res.statusCode ?? 0) }).on('error', reject).end()
+    })
+    expect(foreign).toBe(403)
   })
 })
