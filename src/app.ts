@@ -67,7 +67,12 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     pooling: config.sshPool,
     channelsPerConnection: config.sshChannelsPerConnection,
     idleCloseMs: config.sshIdleCloseMs,
-    logger: logger.child({ component: 'ssh' })
+    logger: logger.child({ component: 'ssh' }),
+    observer: {
+      relayOpened: (s) => metrics?.relayOpen.observe(s),
+      sshHandshake: (s, outcome) => metrics?.sshHandshake.observe({ outcome }, s),
+      relayFailed: (reason) => metrics?.relayFailures.inc({ reason })
+    }
   })
   const execs = new ExecManager({
     registry,
@@ -78,11 +83,17 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     closeWaitMs: config.closeWaitMs,
     maxPendingRelaysPerSandbox: config.maxPendingRelaysPerSandbox,
     maxRunningExecsPerSandbox: config.maxRunningExecsPerSandbox,
-    onEnd: (e) => metrics?.execsEnded.inc({ outcome: e.status, code: e.error?.code ?? '' })
+    onEnd: (e) => metrics?.execsEnded.inc({ outcome: e.status, code: e.error?.code ?? '' }),
+    onBytes: (stream, n) => metrics?.bytes.inc({ stream }, n)
   })
   metrics = new Metrics({
     activeExecs: () => execs.running,
-    sessions: () => registry.list().filter((s) => s.session !== undefined).length
+    sessions: () => registry.list().filter((s) => s.session !== undefined).length,
+    sandboxes: () => {
+      const all = registry.list()
+      const connected = all.filter((s) => s.session !== undefined).length
+      return { connected, disconnected: all.length - connected }
+    }
   })
   let closing = false
   const { app, sockets } = await buildPublicApp({

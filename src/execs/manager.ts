@@ -25,6 +25,8 @@ export interface ExecManagerOptions {
   // gateway's memory and the sandbox's sshd down for everyone.
   maxRunningExecsPerSandbox?: number
   onEnd?: (entry: ExecEntry) => void
+  // Bytes of command output received and of stdin sent, for metrics.
+  onBytes?: (stream: 'stdout' | 'stderr' | 'stdin', n: number) => void
 }
 
 // Per-run state that outlives no run: cleared in run()'s finally.
@@ -109,6 +111,7 @@ export class ExecManager {
   writeStdin (entry: ExecEntry, data: Buffer): void {
     const state = this.#runs.get(entry)
     if (state === undefined || state.stdinEnded) return
+    this.#opts.onBytes?.('stdin', data.length)
     if (state.ssh !== undefined) state.ssh.writeStdin(data)
     else state.queuedStdin.push(data)
   }
@@ -180,8 +183,8 @@ export class ExecManager {
             channel,
             closeWaitMs: o.closeWaitMs,
             logger: log,
-            onStdout: (b) => entry.append('stdout', b),
-            onStderr: (b) => entry.append('stderr', b)
+            onStdout: (b) => { o.onBytes?.('stdout', b.length); entry.append('stdout', b) },
+            onStderr: (b) => { o.onBytes?.('stderr', b.length); entry.append('stderr', b) }
           }))
         } catch (err) {
           lease.release()
@@ -225,7 +228,7 @@ export class ExecManager {
     entry.markStarted()
     const spec = entry.spec
     if (!spec.interactive) {
-      if (spec.stdin !== undefined) ssh.writeStdin(spec.stdin)
+      if (spec.stdin !== undefined) { this.#opts.onBytes?.('stdin', spec.stdin.length); ssh.writeStdin(spec.stdin) }
       state.stdinEnded = true
       ssh.endStdin()
     } else {

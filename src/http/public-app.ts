@@ -11,7 +11,8 @@ import { ExecErrorSchema, ProblemSchema } from '../schemas/problem.js'
 import { ExecRequestSchema, ExecResultSchema, ExecSchema, SignalRequestSchema } from '../schemas/exec.js'
 import { SandboxSchema } from '../schemas/sandbox.js'
 import { ExecEventSchema } from '../schemas/events.js'
-import { installErrorHandling } from './errors-plugin.js'
+import { installErrorHandling, sendProblem } from './errors-plugin.js'
+import { problem } from '../errors.js'
 import { installGuard } from './guard.js'
 import { registerOpenApi } from './openapi.js'
 import type { TlsMaterial } from '../credentials.js'
@@ -42,7 +43,8 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
     loggerInstance: opts.logger as FastifyBaseLogger,
     bodyLimit: BODY_LIMIT_BYTES,
     forceCloseConnections: true,
-    return503OnClosing: true
+    // Answered below as a problem (Fastify's own 503 is plain JSON without a code).
+    return503OnClosing: false
   })
   const strict = makeAjv(false)
   const coercing = makeAjv(true)
@@ -55,6 +57,13 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
   app.setValidatorCompiler(({ schema, httpPart }) => (httpPart === 'body' ? strict : coercing).compile(schema))
 
   installErrorHandling(app)
+  let closing = false
+  app.addHook('preClose', async () => { closing = true })
+  app.addHook('onRequest', async (_request, reply) => {
+    if (!closing) return
+    reply.header('connection', 'close')
+    return sendProblem(reply, problem('shutting_down', 'the gateway is shutting down'))
+  })
   // Only JSON bodies: anything else is 415, not a string that fails validation as a 400.
   app.removeContentTypeParser(['text/plain'])
 

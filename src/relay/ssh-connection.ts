@@ -118,6 +118,9 @@ export class SshConnection extends EventEmitter {
     })
   }
 
+  // True once end() was called: a close after that is ours, not a failure of the relay.
+  get endedByUs (): boolean { return this.#ended }
+
   // Closes the connection; the relay is cut if the sandbox does not answer the disconnect.
   end (): void {
     if (this.#ended) return

@@ -20,6 +20,14 @@ export interface SshPoolOptions {
   channelsPerConnection: number
   idleCloseMs: number
   logger: Logger
+  observer?: PoolObserver | undefined
+}
+
+// What the pool reports for metrics: how long relays and handshakes take, and why they fail.
+export interface PoolObserver {
+  relayOpened: (seconds: number) => void
+  sshHandshake: (seconds: number, outcome: 'ok' | 'failed') => void
+  relayFailed: (reason: string) => void
 }
 
 export interface Lease {
@@ -99,7 +107,17 @@ export class SshPool {
 
   async #open (sandboxId: string, m: Member): Promise<SshConnection> {
     const o = this.#opts
-    const sock = await o.registry.openRelay(sandboxId, this.#closing.signal)
+    const obs = o.observer
+    const relayStart = performance.now()
+    let sock
+    try {
+      sock = await o.registry.openRelay(sandboxId, this.#closing.signal)
+    } catch (err) {
+      obs?.relayFailed(GatewayError.is(err) ? err.code : 'aborted')
+      throw err
+    }
+    obs?.relayOpened((performance.now() - relayStart) / 1000)
+    const handshakeStart = performance.now()
     const sandbox = o.registry.get(sandboxId)
     const conn = new SshConnection({
       sock,
@@ -113,13 +131,19 @@ export class SshPool {
     })
     m.conn = conn
     // A dead connection leaves the pool at once; its channels end on their own.
-    conn.once('failure', () => { m.dead = true; this.#remove(sandboxId, m) })
+    conn.once('failure', (err: GatewayError) => {
+      m.dead = true
+      this.#remove(sandboxId, m)
+      if (!conn.endedByUs) obs?.relayFailed(err.code)
+    })
     try {
       await conn.ready
     } catch (err) {
+      obs?.sshHandshake((performance.now() - handshakeStart) / 1000, 'failed')
       conn.end()
       throw err
     }
+    obs?.sshHandshake((performance.now() - handshakeStart) / 1000, 'ok')
     return conn
   }
 
