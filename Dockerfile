@@ -21,11 +21,13 @@ RUN apt-get update \
 # than downloading a header tarball.
 ENV npm_config_nodedir=/usr/local
 WORKDIR /app
-COPY package.json package-lock.json tsconfig.json ./
+COPY package.json package-lock.json tsconfig.json tsconfig.sdk.json ./
 # Sources come before `npm ci` because the package's `prepare` script runs the build during it.
 COPY bin ./bin
 COPY src ./src
 COPY routes ./routes
+COPY sdk ./sdk
+COPY public ./public
 COPY openapi ./openapi
 RUN --mount=type=cache,target=/root/.npm npm ci
 # Explicit, in case a future npm stops running `prepare` on ci; cheap when already built.
@@ -47,6 +49,8 @@ COPY --from=build --chown=root:root /app/node_modules ./node_modules
 COPY --from=build --chown=root:root /app/bin ./bin
 COPY --from=build --chown=root:root /app/dist ./dist
 COPY --from=build --chown=root:root /app/openapi ./openapi
+# The dashboard's page (xterm.js comes from node_modules).
+COPY --from=build --chown=root:root /app/public ./public
 # The data dir holds the gateway's SSH client key and token secret; it must be writable by `node`
 # and survive container replacement.
 RUN mkdir -p /data && chown node:node /data && chmod 0700 /data
