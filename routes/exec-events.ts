@@ -1,5 +1,6 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
+import { GatewayError } from '../src/errors.js'
 import { pumpEvents } from '../src/http/event-pump.js'
 import { AttachQuerySchema, ExecParamsSchema } from '../src/schemas/exec.js'
 import { ExecEventSchema } from '../src/schemas/events.js'
@@ -15,7 +16,21 @@ const P = ProblemResponse
 
 function parseLastEventId (value: unknown): { stdout: number, stderr: number } | undefined {
   const m = /^(\d+)-(\d+)$/.exec(String(value ?? ''))
-  return m === null ? undefined : { stdout: Number(m[1]), stderr: Number(m[2]) }
+  if (m === null) return undefined
+  const stdout = Number(m[1])
+  const stderr = Number(m[2])
+  // Ids this gateway wrote are exact byte counts; a number past 2^53 is not one of them, and
+  // resuming from it would echo "1e+23" back in the next id.
+  return Number.isSafeInteger(stdout) && Number.isSafeInteger(stderr) ? { stdout, stderr } : undefined
+}
+
+// JSON Schema's "integer" admits 1e23 (coerced from the query string); byte offsets cannot be
+// that large, and SSE ids would carry it back as "1e+23-0". Shared with the WebSocket route.
+export function checkOffsets (query: { stdoutOffset?: number | undefined, stderrOffset?: number | undefined }): void {
+  for (const name of ['stdoutOffset', 'stderrOffset'] as const) {
+    const v = query[name]
+    if (v !== undefined && !Number.isSafeInteger(v)) throw new GatewayError('invalid_argument', `querystring ${name}: must be <= ${Number.MAX_SAFE_INTEGER}`)
+  }
 }
 
 const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ctx }) => {
@@ -31,6 +46,7 @@ const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
     }
   }, async (req, reply) => {
     const entry = findExec(ctx, req.params.execId)
+    checkOffsets(req.query)
     const sse = String(req.headers.accept ?? '').includes('text/event-stream')
     const resume = sse ? parseLastEventId(req.headers['last-event-id']) : undefined
     const offsets = { stdout: resume?.stdout ?? req.query.stdoutOffset ?? 0, stderr: resume?.stderr ?? req.query.stderrOffset ?? 0 }

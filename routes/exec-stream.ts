@@ -1,12 +1,15 @@
+import type { IncomingMessage } from 'node:http'
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
 import type { WebSocket, RawData } from 'ws'
+import { GatewayError } from '../src/errors.js'
 import { SIGNALS, type SignalName } from '../src/execs/command.js'
 import type { ExecEntry } from '../src/execs/exec-entry.js'
 import { pumpEvents } from '../src/http/event-pump.js'
 import { AttachQuerySchema, ExecParamsSchema } from '../src/schemas/exec.js'
 import { ProblemResponse } from '../src/schemas/problem.js'
 import { EXEC_NOT_FOUND, findExec } from './execs.js'
+import { checkOffsets } from './exec-events.js'
 import type { RouteContext } from './context.js'
 
 // WebSocket attach. JSON text events by default; with the exec-gateway.v1.binary subprotocol,
@@ -43,7 +46,12 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
       response: { 101: SWITCHING, 400: P, 401: P, 403: P, 404: EXEC_NOT_FOUND }
     },
     // A plain HTTP 404 before the upgrade, not an open-then-close, for an unknown exec.
-    preValidation: async (req) => { findExec(ctx, (req.params as { execId: string }).execId) }
+    preValidation: async (req) => {
+      findExec(ctx, (req.params as { execId: string }).execId)
+      const why = upgradeProblem(req.raw)
+      if (why !== undefined) throw new GatewayError('invalid_argument', why)
+    },
+    preHandler: async (req) => { checkOffsets(req.query) }
   }, (socket, req) => {
     const entry = ctx.execs.get(req.params.execId)
     if (entry === undefined) { socket.close(CLOSE_POLICY, 'exec not found'); return }
@@ -84,11 +92,38 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
   })
 }
 
+// ws checks the handshake itself but refuses a bad one with a text/html 400, and
+// @fastify/websocket answers a GET without an upgrade with an empty 404: both are refused here
+// first, as problems like every other refusal. The checks are ws's own (websocket-server.js).
+const WS_KEY = /^[+/0-9A-Za-z]{22}==$/
+const TOKEN = "[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+const PROTOCOL_LIST = new RegExp(`^${TOKEN}(?:[ \\t]*,[ \\t]*${TOKEN})*$`)
+
+// Node sets `upgrade` on a request it hands to 'upgrade' listeners (@types/node omits it).
+function upgradeProblem (raw: IncomingMessage & { upgrade?: boolean }): string | undefined {
+  const h = raw.headers
+  if (raw.upgrade !== true) return 'this is a WebSocket endpoint: send Connection: Upgrade and Upgrade: websocket (or read /v1/execs/{execId}/events)'
+  if (String(h.upgrade).toLowerCase() !== 'websocket') return `Upgrade: must be websocket, got ${JSON.stringify(h.upgrade)}`
+  const key = h['sec-websocket-key']
+  if (typeof key !== 'string' || !WS_KEY.test(key)) return 'Sec-WebSocket-Key: must be 16 bytes in base64'
+  const version = Number(h['sec-websocket-version'])
+  if (version !== 13 && version !== 8) return 'Sec-WebSocket-Version: must be 13'
+  const offered = h['sec-websocket-protocol']
+  if (offered !== undefined) {
+    const names = offered.split(',').map((p) => p.trim())
+    if (!PROTOCOL_LIST.test(offered) || new Set(names).size !== names.length) return 'Sec-WebSocket-Protocol: must be a comma-separated list of distinct tokens'
+  }
+  return undefined
+}
+
 function refuse (socket: WebSocket, why: string): void {
   socket.close(CLOSE_POLICY, why.slice(0, 120))
 }
 
 function onClientFrame (ctx: RouteContext, entry: ExecEntry, socket: WebSocket, data: RawData, isBinary: boolean): void {
+  // ws still delivers frames that arrive while it closes: after a refusal (or the final event)
+  // nothing the client sends may reach the exec any more.
+  if (socket.readyState !== socket.OPEN) return
   const buf = Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data as ArrayBuffer)
   if (isBinary) {
     if (buf[0] !== 0) { refuse(socket, 'binary frames from the client must start with channel byte 0 (stdin)'); return }

@@ -76,7 +76,8 @@ export async function startCanary (baseUrl: string, sandboxId: string): Promise<
       if (closed !== undefined) throw new Error(`canary websocket closed early: ${closed.code} ${closed.reason}`)
       ws.send(JSON.stringify({ type: 'eof' }))
       await closedP
-      if (closed?.code !== 1000) throw new Error(`canary websocket closed with ${closed?.code} ${closed?.reason}`)
+      const end = closed as { code: number, reason: string } | undefined
+      if (end?.code !== 1000) throw new Error(`canary websocket closed with ${end?.code} ${end?.reason}`)
       if (received !== sent) throw new Error(`canary echo differs: sent ${sent.length} chars, got ${received.length}`)
       const last = events.at(-1)
       if (JSON.stringify(last) !== JSON.stringify({ type: 'exit', exitCode: ECHO_EXIT, signal: null, timedOut: false })) throw new Error(`canary echo ended with ${JSON.stringify(last)}`)

@@ -48,6 +48,12 @@ function dechunk (buf: Buffer): Buffer {
 }
 
 function parse (raw: Buffer): RawResponse | undefined {
+  // Interim answers (100 Continue for an Expect header) precede the real one.
+  while (/^HTTP\/1\.[01] 1(0[02-9]|[1-9]\d) /.test(raw.subarray(0, 13).toString('latin1'))) {
+    const interimEnd = raw.indexOf('\r\n\r\n')
+    if (interimEnd < 0) return undefined
+    raw = raw.subarray(interimEnd + 4)
+  }
   const end = raw.indexOf('\r\n\r\n')
   if (end < 0) return undefined
   const head = raw.subarray(0, end).toString('latin1').split('\r\n')
@@ -67,8 +73,9 @@ function parse (raw: Buffer): RawResponse | undefined {
 }
 
 // Resolves with the response once the server has sent it and closed (Connection: close), or
-// as soon as the head of a 101 arrives (the socket is then dropped). Rejects when the server
-// neither answers nor closes within timeoutMs, or closes without answering.
+// as soon as the head of a 101 arrives (the socket is then dropped), or with status 0 when the
+// server closed the connection without a byte of answer. Rejects when the server neither
+// answers nor closes within timeoutMs, on a socket error, or on a truncated answer.
 export async function rawRequest (target: RawTarget, req: RawRequest): Promise<RawResponse> {
   const body = req.body === undefined ? undefined : Buffer.isBuffer(req.body) ? req.body : Buffer.from(req.body, 'utf8')
   const lines: Buffer[] = [Buffer.concat([Buffer.from(`${req.method} `, 'latin1'), Buffer.isBuffer(req.path) ? req.path : Buffer.from(req.path, 'utf8'), Buffer.from(' HTTP/1.1\r\n', 'latin1')])]
@@ -96,7 +103,8 @@ export async function rawRequest (target: RawTarget, req: RawRequest): Promise<R
       try { res = parse(raw) } catch (e) { reject(e as Error); return }
       // A server may answer early (413, 400) and reset the rest of our upload: the answer counts.
       if (res !== undefined) resolve(res)
-      else reject(err ?? new Error(`connection closed without a response to ${req.method} ${String(req.path).slice(0, 200)}`))
+      else if (err === undefined && raw.length === 0) resolve({ status: 0, headers: {}, body: raw, text: '', json: undefined })
+      else reject(err ?? new Error(`connection closed mid-response to ${req.method} ${String(req.path).slice(0, 200)}: ${JSON.stringify(raw.subarray(0, 200).toString('latin1'))}`))
     }
     sock.on('data', (c: Buffer) => {
       chunks.push(c)
