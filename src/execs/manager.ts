@@ -7,7 +7,7 @@ import { ExecOpenError, type SshConnection } from '../relay/ssh-connection.js'
 import type { Lease, SshPool } from '../relay/ssh-pool.js'
 import { decideOutcome, type Outcome } from '../relay/outcome.js'
 import type { SessionRegistry } from '../relay/sessions.js'
-import { assembleCommand, killScript, type SignalName } from './command.js'
+import { assembleCommand, killScript, shellQuote, type SignalName } from './command.js'
 import { ExecEntry } from './exec-entry.js'
 import type { ValidExec } from './validate.js'
 
@@ -45,6 +45,22 @@ interface RunState {
 }
 
 const SIDE_CHANNEL_BOUND_MS = 5000
+// Longer command lines are staged as a file first (see SshConnection.stage): ssh2's server
+// refuses packets over 35,000 bytes, and the exec request carries the whole line.
+export const INLINE_COMMAND_MAX_BYTES = 32_000
+
+// The staged script deletes itself, then runs the line; its `exec` replaces the shell as usual,
+// so signals and exit statuses are the same as for a line sent inline.
+async function stageCommand (conn: SshConnection, line: string): Promise<string> {
+  let path: string
+  try {
+    path = await conn.stage(Buffer.from(`rm -f -- "$0"\n${line}\n`), SIDE_CHANNEL_BOUND_MS)
+  } catch (err) {
+    // Nothing ran: the exec may try again on another connection.
+    throw new ExecOpenError(GatewayError.is(err) ? err : new GatewayError('ssh_failed', String(err)), true)
+  }
+  return `exec /bin/sh ${shellQuote(path)}`
+}
 
 export class ExecManager {
   readonly #opts: ExecManagerOptions
@@ -178,7 +194,8 @@ export class ExecManager {
       for (let attempt = 0; ssh === undefined; attempt++) {
         const conn = (lease = await o.pool.acquire(entry.sandboxId, state.abort.signal, attempt > 0)).conn
         try {
-          ssh = await conn.openExec(command, pty, (channel: ClientChannel) => new SshExec({
+          const line = Buffer.byteLength(command) <= INLINE_COMMAND_MAX_BYTES ? command : await stageCommand(conn, command)
+          ssh = await conn.openExec(line, pty, (channel: ClientChannel) => new SshExec({
             conn,
             channel,
             closeWaitMs: o.closeWaitMs,

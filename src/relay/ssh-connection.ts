@@ -53,6 +53,9 @@ export class SshConnection extends EventEmitter {
     this.ready.catch(() => {})
     client.on('error', (err: Error & { level?: string }) => this.#onClientError(err))
     client.on('close', () => this.#onClosed())
+    // The sandbox ending its side (ssh2's server does so on a packet it refuses) leaves ssh2's
+    // client half-open with its keepalive stopped: without this, the exec would wait forever.
+    client.on('end', () => { this.#onClosed(); if (!opts.sock.destroyed) setImmediate(() => opts.sock.destroy()) })
     client.connect({
       sock: opts.sock,
       username: opts.username,
@@ -76,7 +79,7 @@ export class SshConnection extends EventEmitter {
         reject(new ExecOpenError(this.#failure ?? new GatewayError('relay_unavailable', 'the SSH connection is closed'), true))
         return
       }
-      this.#client.exec(command, pty === undefined ? {} : { pty: { cols: pty.cols, rows: pty.rows, term: 'xterm-256color' } }, (err, channel) => {
+      const onReply = (err: Error | undefined, channel: ClientChannel): void => {
         if (err === undefined || err === null) { resolve(attach(channel)); return }
         // ssh2 marks a refused channel open with a numeric reason: then nothing ran.
         const neverStarted = typeof (err as Error & { reason?: unknown }).reason === 'number'
@@ -85,31 +88,60 @@ export class SshConnection extends EventEmitter {
         setImmediate(() => reject(new ExecOpenError(this.#transportClosed
           ? (this.#failure ?? new GatewayError('relay_unavailable', 'the relay closed before the command started'))
           : new GatewayError('ssh_failed', `the sandbox refused the exec request: ${err.message}`), neverStarted)))
-      })
+      }
+      try {
+        this.#client.exec(command, pty === undefined ? {} : { pty: { cols: pty.cols, rows: pty.rows, term: 'xterm-256color' } }, onReply)
+      } catch (err) {
+        // ssh2 throws ("Not connected") when its transport went away without telling us.
+        const failure = new GatewayError('relay_unavailable', `the SSH connection is unusable: ${(err as Error).message}`)
+        this.#fail(failure)
+        reject(new ExecOpenError(failure, true))
+      }
     })
   }
 
   // Runs a script on a channel of its own; resolves with its exit code, or undefined when it
   // could not run (connection gone, channel refused) within boundMs.
-  runSide (script: string, boundMs: number): Promise<number | undefined> {
+  async runSide (script: string, boundMs: number): Promise<number | undefined> {
+    return (await this.#side(script, boundMs, undefined))?.code
+  }
+
+  // Writes `content` to a new private file in the sandbox's temp dir and resolves with its path.
+  // Command lines too long for one SSH packet (ssh2 servers refuse packets over 35,000 bytes) or
+  // for one argv string of `sh -c` (Linux: 128 KiB) travel this way, as channel data.
+  async stage (content: Buffer, boundMs: number): Promise<string> {
+    const script = 'umask 077 && f=$(mktemp "${TMPDIR:-/tmp}/exec-gateway.XXXXXXXXXX") && cat > "$f" && printf %s "$f"'
+    const r = await this.#side(script, boundMs, content)
+    const path = r?.stdout.trim() ?? ''
+    if (r === undefined || r.code !== 0 || !path.startsWith('/')) {
+      throw this.#failure ?? new GatewayError('ssh_failed', `could not stage the command line in the sandbox (exit ${String(r?.code)}): ${r === undefined ? 'no answer within ' + boundMs + ' ms' : r.stdout.slice(0, 200)}`)
+    }
+    return path
+  }
+
+  #side (script: string, boundMs: number, input: Buffer | undefined): Promise<{ code: number | undefined, stdout: string } | undefined> {
     return new Promise((resolve) => {
       if (!this.#isReady || !this.alive) { resolve(undefined); return }
       let settled = false
-      const settle = (code: number | undefined): void => {
+      let stdout = ''
+      let code: number | undefined
+      const settle = (result: { code: number | undefined, stdout: string } | undefined): void => {
         if (settled) return
         settled = true
         clearTimeout(timer)
-        resolve(code)
+        resolve(result)
       }
       const timer = setTimeout(() => settle(undefined), boundMs)
       try {
         this.#client.exec(script, (err, ch) => {
           if (err !== undefined && err !== null) { settle(undefined); return }
           ch.on('error', () => settle(undefined))
-          ch.on('exit', (code: number | null) => settle(code ?? undefined))
-          ch.on('close', () => settle(undefined))
-          ch.resume()
+          ch.on('data', (b: Buffer) => { if (stdout.length < 4096) stdout += b.toString('utf8') })
+          ch.on('exit', (c: number | null) => { code = c ?? undefined })
+          // The exit status can arrive before the last output: settle on close.
+          ch.on('close', () => settle({ code, stdout }))
           ch.stderr.resume()
+          if (input !== undefined) ch.write(input)
           ch.end()
         })
       } catch {
