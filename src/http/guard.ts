@@ -60,6 +60,10 @@ export function installGuard (app: FastifyInstance, apiTokens: () => readonly st
   app.addHook('onRequest', async (request, reply) => {
     // Decided on the route the router matched, never on the raw URL: the router decodes
     // percent-escapes, so "/%761/execs" is a /v1 route too.
+    // HTTP/1.1 requires Host (RFC 9112 §3.2); Node was told not to refuse it itself.
+    if (request.headers.host === undefined && request.raw.httpVersion === '1.1') {
+      return sendProblem(reply, problem('invalid_argument', 'an HTTP/1.1 request needs a Host header'))
+    }
     const tokens = apiTokens()
     if (tokens.length > 0) {
       if (isOpenRoute(request)) return

@@ -1,3 +1,4 @@
+import type { Server as HttpServer } from 'node:http'
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify'
 import websocket from '@fastify/websocket'
 import rateLimit from '@fastify/rate-limit'
@@ -14,6 +15,7 @@ import { ExecEventSchema } from '../schemas/events.js'
 import { installErrorHandling, sendProblem } from './errors-plugin.js'
 import { problem } from '../errors.js'
 import { installGuard } from './guard.js'
+import { clientErrorHandler, frameworkErrors, installServerRefusals } from './transport-refusals.js'
 import { registerOpenApi } from './openapi.js'
 import type { TlsMaterial } from '../credentials.js'
 
@@ -38,8 +40,12 @@ function makeAjv (coerce: boolean): Ajv {
 }
 
 export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: FastifyInstance, sockets: Set<WebSocket> }> {
+  // HTTP/1.1 without Host is refused by the guard as a problem, not by Node as a bare 400.
+  const serverOptions = { requireHostHeader: false }
   const app = Fastify({
-    ...(opts.tls === undefined ? {} : { https: { cert: opts.tls.cert, key: opts.tls.key } }),
+    ...(opts.tls === undefined ? { http: serverOptions } : { https: { ...serverOptions, cert: opts.tls.cert, key: opts.tls.key } }),
+    frameworkErrors,
+    clientErrorHandler,
     loggerInstance: opts.logger as FastifyBaseLogger,
     bodyLimit: BODY_LIMIT_BYTES,
     forceCloseConnections: true,
@@ -57,6 +63,7 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
   app.setValidatorCompiler(({ schema, httpPart }) => (httpPart === 'body' ? strict : coercing).compile(schema))
 
   installErrorHandling(app)
+  installServerRefusals(app.server as unknown as HttpServer)
   let closing = false
   app.addHook('preClose', async () => { closing = true })
   app.addHook('onRequest', async (_request, reply) => {
@@ -71,6 +78,14 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
 
   const sockets = new Set<WebSocket>()
   await app.register(websocket, {
+    // ws has already sent its close frame (1009 too big, 1007 bad UTF-8, 1002 protocol) when it
+    // reports a client's error; terminating here would cut that frame off. Only a socket still
+    // open (an error of ours) is closed, with 1011.
+    errorHandler: (error, socket, request) => {
+      const fromClient = typeof (error as { code?: unknown }).code === 'string' && String((error as { code?: unknown }).code).startsWith('WS_ERR_')
+      request.log[fromClient ? 'debug' : 'warn']({ err: error }, 'websocket error')
+      if (socket.readyState === socket.OPEN) socket.close(1011, 'internal error')
+    },
     options: {
       maxPayload: WS_MAX_PAYLOAD_BYTES,
       // Only the data subprotocol is ever selected; a bearer subprotocol is read, never echoed.

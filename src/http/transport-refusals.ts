@@ -1,0 +1,46 @@
+import type { Server as HttpServer, IncomingMessage, ServerResponse } from 'node:http'
+import type { Socket } from 'node:net'
+import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify'
+import { problem, type Problem } from '../errors.js'
+import { sendProblem } from './errors-plugin.js'
+
+// Requests refused before any route runs (by Node's parser, Fastify's router, or methods Node
+// handles itself) still get a problem+json with a stable code, like every other refusal.
+
+function body (status: number, title: string, detail: string): string {
+  const p: Problem = { ...problem('invalid_argument', detail), status, title }
+  return JSON.stringify(p)
+}
+
+function rawResponse (status: number, reason: string, title: string, detail: string): string {
+  const b = body(status, title, detail)
+  return `HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(b)}\r\nconnection: close\r\n\r\n${b}`
+}
+
+// Fastify's router: malformed percent-escapes, over-long path parameters.
+export function frameworkErrors (err: FastifyError, _req: FastifyRequest, reply: FastifyReply): void {
+  void sendProblem(reply, problem('invalid_argument', err.code === 'FST_ERR_MAX_PARAM_LENGTH' ? 'a path parameter is too long' : `malformed request: ${err.message}`))
+}
+
+// Node's HTTP parser: malformed requests and header sections too large to read.
+export function clientErrorHandler (err: Error & { code?: string }, socket: Socket): void {
+  if (!socket.writable || (err.code === 'ECONNRESET')) { socket.destroy(); return }
+  const tooLarge = err.code === 'HPE_HEADER_OVERFLOW'
+  socket.end(tooLarge
+    ? rawResponse(431, 'Request Header Fields Too Large', 'Request header fields too large', 'the request headers are too large')
+    : rawResponse(400, 'Bad Request', 'Invalid argument', `malformed HTTP request (${err.code ?? 'parse error'})`))
+}
+
+export function installServerRefusals (server: HttpServer): void {
+  // Expect other than 100-continue.
+  server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => {
+    const b = body(417, 'Expectation failed', `Expect: ${String(req.headers.expect)} is not supported`)
+    res.writeHead(417, { 'content-type': 'application/problem+json', connection: 'close' }).end(b)
+  })
+  // This is not a proxy.
+  server.on('connect', (_req: IncomingMessage, socket: Socket) => {
+    const b = JSON.stringify(problem('method_not_allowed', 'CONNECT is not supported: this is not a proxy'))
+    socket.on('error', () => {})
+    socket.end(`HTTP/1.1 405 Method Not Allowed\r\ncontent-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(b)}\r\nconnection: close\r\n\r\n${b}`)
+  })
+}
