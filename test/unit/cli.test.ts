@@ -134,7 +134,7 @@ describe('usage errors and help', () => {
   it('--help lists the commands', () => {
     const res = cli(['--help'])
     expect(res.status).toBe(0)
-    for (const c of ['serve', 'supervisor', 'token', 'public-key']) expect(res.stdout).toContain(c)
+    for (const c of ['serve', 'supervisor', 'token', 'rotate-token-secret', 'public-key']) expect(res.stdout).toContain(c)
   })
 
   it('serve --help lists every flag with its EXEC_GATEWAY_* variable', () => {
@@ -153,12 +153,15 @@ describe('usage errors and help', () => {
   it('supervisor --help and token --help list their flags', () => {
     const sup = cli(['supervisor', '--help'])
     expect(sup.status).toBe(0)
-    for (const f of ['--gateway', '--sandbox-id', '--token', '--ssh-target', '--ssh-user']) expect(sup.stdout).toContain(f)
+    for (const f of ['--gateway', '--sandbox-id', '--token', '--ssh-target', '--ssh-user', '--ssh-host-key', '--ca']) expect(sup.stdout).toContain(f)
     expect(sup.stdout).toContain('EXEC_GATEWAY_SANDBOX_ID')
     const tok = cli(['token', '--help'])
     expect(tok.status).toBe(0)
     expect(tok.stdout).toContain('--data-dir')
     expect(tok.stdout).toContain('EXEC_GATEWAY_DATA_DIR')
+    const rot = cli(['rotate-token-secret', '--help'])
+    expect(rot.status).toBe(0)
+    for (const f of ['--data-dir', '--retire']) expect(rot.stdout).toContain(f)
   })
 
   it('an unknown command exits 2', () => {
