@@ -1,4 +1,3 @@
-import type { IncomingMessage } from 'node:http'
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
 import type { WebSocket, RawData } from 'ws'
@@ -6,6 +5,7 @@ import { GatewayError } from '../src/errors.js'
 import { SIGNALS, type SignalName } from '../src/execs/command.js'
 import type { ExecEntry } from '../src/execs/exec-entry.js'
 import { pumpEvents } from '../src/http/event-pump.js'
+import { upgradeProblem } from '../src/http/transport-refusals.js'
 import { AttachQuerySchema, ExecParamsSchema } from '../src/schemas/exec.js'
 import { ProblemResponse } from '../src/schemas/problem.js'
 import { EXEC_NOT_FOUND, findExec } from './execs.js'
@@ -90,30 +90,6 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
     socket.on('close', () => { stop(); ctx.sockets.delete(socket) })
     socket.on('message', (data: RawData, isBinary: boolean) => onClientFrame(ctx, entry, socket, data, isBinary))
   })
-}
-
-// ws checks the handshake itself but refuses a bad one with a text/html 400, and
-// @fastify/websocket answers a GET without an upgrade with an empty 404: both are refused here
-// first, as problems like every other refusal. The checks are ws's own (websocket-server.js).
-const WS_KEY = /^[+/0-9A-Za-z]{22}==$/
-const TOKEN = "[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-const PROTOCOL_LIST = new RegExp(`^${TOKEN}(?:[ \\t]*,[ \\t]*${TOKEN})*$`)
-
-// Node sets `upgrade` on a request it hands to 'upgrade' listeners (@types/node omits it).
-function upgradeProblem (raw: IncomingMessage & { upgrade?: boolean }): string | undefined {
-  const h = raw.headers
-  if (raw.upgrade !== true) return 'this is a WebSocket endpoint: send Connection: Upgrade and Upgrade: websocket (or read /v1/execs/{execId}/events)'
-  if (String(h.upgrade).toLowerCase() !== 'websocket') return `Upgrade: must be websocket, got ${JSON.stringify(h.upgrade)}`
-  const key = h['sec-websocket-key']
-  if (typeof key !== 'string' || !WS_KEY.test(key)) return 'Sec-WebSocket-Key: must be 16 bytes in base64'
-  const version = Number(h['sec-websocket-version'])
-  if (version !== 13 && version !== 8) return 'Sec-WebSocket-Version: must be 13'
-  const offered = h['sec-websocket-protocol']
-  if (offered !== undefined) {
-    const names = offered.split(',').map((p) => p.trim())
-    if (!PROTOCOL_LIST.test(offered) || new Set(names).size !== names.length) return 'Sec-WebSocket-Protocol: must be a comma-separated list of distinct tokens'
-  }
-  return undefined
 }
 
 function refuse (socket: WebSocket, why: string): void {

@@ -15,7 +15,7 @@ import { ExecEventSchema } from '../schemas/events.js'
 import { installErrorHandling, sendProblem } from './errors-plugin.js'
 import { problem } from '../errors.js'
 import { installGuard } from './guard.js'
-import { clientErrorHandler, frameworkErrors, installServerRefusals } from './transport-refusals.js'
+import { clientErrorHandler, frameworkErrors, installServerRefusals, upgradeProblem } from './transport-refusals.js'
 import { registerOpenApi } from './openapi.js'
 import type { TlsMaterial } from '../credentials.js'
 
@@ -96,6 +96,12 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
   // After the websocket plugin, whose hook marks upgrades: a refused upgrade's socket is then
   // closed with the response instead of leaking (and holding app.close() open).
   installGuard(app, opts.apiTokens, opts.tls === undefined ? 'http' : 'https')
+  // On any route: ws would refuse a malformed handshake itself, as text/html.
+  app.addHook('onRequest', async (request, reply) => {
+    if ((request.raw as { upgrade?: boolean }).upgrade !== true) return
+    const why = upgradeProblem(request.raw)
+    if (why !== undefined) return sendProblem(reply, problem('invalid_argument', why))
+  })
   // Only routes that ask for it (exec creation) are limited; the limit runs after the guard,
   // so it is kept per API token.
   await app.register(rateLimit, { global: false })

@@ -44,3 +44,27 @@ export function installServerRefusals (server: HttpServer): void {
     socket.end(`HTTP/1.1 405 Method Not Allowed\r\ncontent-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(b)}\r\nconnection: close\r\n\r\n${b}`)
   })
 }
+
+// ws checks the handshake itself but refuses a bad one with a text/html 400, and
+// @fastify/websocket answers a GET without an upgrade with an empty 404: both are refused here
+// first, as problems like every other refusal. The checks are ws's own (websocket-server.js).
+const WS_KEY = /^[+/0-9A-Za-z]{22}==$/
+const TOKEN = "[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+const PROTOCOL_LIST = new RegExp(`^${TOKEN}(?:[ \\t]*,[ \\t]*${TOKEN})*$`)
+
+// Node sets `upgrade` on a request it hands to 'upgrade' listeners (@types/node omits it).
+export function upgradeProblem (raw: IncomingMessage & { upgrade?: boolean }): string | undefined {
+  const h = raw.headers
+  if (raw.upgrade !== true) return 'this is a WebSocket endpoint: send Connection: Upgrade and Upgrade: websocket (or read /v1/execs/{execId}/events)'
+  if (String(h.upgrade).toLowerCase() !== 'websocket') return `Upgrade: must be websocket, got ${JSON.stringify(h.upgrade)}`
+  const key = h['sec-websocket-key']
+  if (typeof key !== 'string' || !WS_KEY.test(key)) return 'Sec-WebSocket-Key: must be 16 bytes in base64'
+  const version = Number(h['sec-websocket-version'])
+  if (version !== 13 && version !== 8) return 'Sec-WebSocket-Version: must be 13'
+  const offered = h['sec-websocket-protocol']
+  if (offered !== undefined) {
+    const names = offered.split(',').map((p) => p.trim())
+    if (!PROTOCOL_LIST.test(offered) || new Set(names).size !== names.length) return 'Sec-WebSocket-Protocol: must be a comma-separated list of distinct tokens'
+  }
+  return undefined
+}

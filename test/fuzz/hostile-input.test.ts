@@ -508,6 +508,13 @@ describe('hostile input against a gateway with the embedded SSH daemon', () => {
     expect(Buffer.from(ok.body.stdout, 'base64').toString('hex')).toBe('f09f9880')
   })
 
+  it('answers a malformed upgrade on a route that is not a WebSocket with a problem (seed 935545915)', async () => {
+    const res = await rawRequest(target, { method: 'GET', path: '/healthz', headers: [['Upgrade', 'websocket'], ['Connection', 'Upgrade']] })
+    expectAnswer(res, 'upgrade without a key on /healthz', {})
+    expect(res.status).toBe(400)
+    expect(res.json.detail).toMatch(/Sec-WebSocket-Key/)
+  })
+
   it('answers a plain GET on the WebSocket route with a problem, not an empty 404', async () => {
     const res = await rawRequest(target, { method: 'GET', path: `/v1/execs/${doneId}/stream` })
     expectAnswer(res, 'plain GET /stream', {})
