@@ -57,8 +57,9 @@ RUN mkdir -p /data && chown node:node /data && chmod 0700 /data
 VOLUME /data
 USER node
 EXPOSE 8080 8081
-# /healthz needs no token, and a request to 127.0.0.1 passes the loopback Host check.
+# /healthz needs no token, and a request to 127.0.0.1 passes the loopback Host check; with
+# --tls-cert the check speaks HTTPS (liveness only: the certificate is not what it tests).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-  CMD ["node", "-e", "const p=(process.env.EXEC_GATEWAY_LISTEN||'').split(':').pop()||'8080';fetch('http://127.0.0.1:'+p+'/healthz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
+  CMD ["node", "-e", "const tls=!!process.env.EXEC_GATEWAY_TLS_CERT;const port=(process.env.EXEC_GATEWAY_LISTEN||'').split(':').pop()||'8080';require(tls?'https':'http').get({host:'127.0.0.1',port,path:'/healthz',rejectUnauthorized:false},(r)=>process.exit(r.statusCode===200?0:1)).on('error',()=>process.exit(1))"]
 # node directly (not npm or a shell) so SIGTERM reaches the gateway and its graceful shutdown runs.
 CMD ["node", "bin/exec-gateway.js", "serve"]
