@@ -2,7 +2,8 @@ import type { AddressInfo } from 'node:net'
 import type { Http2SecureServer, Http2Server } from 'node:http2'
 import { X509Certificate } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
-import pino, { type Logger } from 'pino'
+import type { Logger } from 'pino'
+import { createLogger } from './logger.js'
 import type { GatewayConfig } from './config.js'
 import { loadDataDir, type GatewayIdentity } from './data-dir.js'
 import { Credentials, readTls, type TlsMaterial } from './credentials.js'
@@ -43,10 +44,7 @@ export interface BuildOptions {
 }
 
 export async function buildGateway (config: GatewayConfig, opts: BuildOptions = {}): Promise<Gateway> {
-  const logger = opts.logger ?? pino({
-    level: config.logLevel,
-    redact: { paths: ['req.headers.authorization', 'headers.authorization', '*.authorization', 'token', '*.token', 'apiToken', 'privateKey', 'tokenSecret', 'tokenSecrets'], censor: '[redacted]' }
-  })
+  const logger = opts.logger ?? createLogger(config.logLevel)
   const identity = opts.identity ?? loadDataDir(config.dataDir)
   const credentials = new Credentials(config, identity, logger.child({ component: 'credentials' }))
   const publicTls = config.tls === undefined ? undefined : readTls(config.tls)

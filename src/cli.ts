@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs'
-import pino from 'pino'
+import type pino from 'pino'
+import { createLogger } from './logger.js'
 import ssh2 from 'ssh2'
 import {
   ConfigError, dataDirFlags, envName, loadServeConfig, parseFlags, parseHostPort, serveFlags,
@@ -91,7 +92,7 @@ async function supervisor (argv: string[]): Promise<void> {
   if (tokenSandbox !== undefined && tokenSandbox !== flags.sandboxId) {
     throw new ConfigError(`--token was issued for sandbox ${JSON.stringify(tokenSandbox)}, not ${JSON.stringify(flags.sandboxId)}: a supervisor can only serve the sandbox its token names`)
   }
-  const logger = pino({ level: flags.logLevel, redact: ['token'] })
+  const logger = createLogger(flags.logLevel)
   if (flags.sshTarget !== undefined && sshHostKey === undefined) {
     logger.warn('no --ssh-host-key: the gateway will accept whatever host key answers at --ssh-target')
   }
