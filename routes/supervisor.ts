@@ -43,9 +43,9 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
   const log = opts.logger
   const conns = new WeakMap<Http2Session, ConnState>()
   const live = new Set<Http2Session>()
-  // Every open session stream with a check of the token it was opened with.
-  const tokenChecks = new Map<SupervisorSession, () => string | undefined>()
-  const sessionStreams = new WeakMap<SupervisorSession, ServerHttp2Stream>()
+  // Every open session, with a check of the token it was opened with that ends the session when
+  // the token is no longer accepted (returns true then).
+  const tokenChecks = new Map<SupervisorSession, () => boolean>()
   const h2Options = {
     settings: { initialWindowSize: H2_STREAM_WINDOW, maxConcurrentStreams: 100000 },
     maxSessionMemory: 256
@@ -138,16 +138,14 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
     stream.respond({ ':status': 200, 'content-type': 'application/x-ndjson' })
     // A session lives no longer than its token: an expired token (or a retired secret) ends it,
     // and the supervisor's reconnect is then refused, so the sandbox shows as disconnected.
-    const revokedReason = (): string | undefined => {
+    const revokeIfRefused = (): boolean => {
       const c = verifySupervisorToken(opts.tokenSecrets(), token)
-      return c.ok ? undefined : c.reason
+      if (!c.ok) revoke(session, stream, c.reason)
+      return !c.ok
     }
-    tokenChecks.set(session, revokedReason)
-    sessionStreams.set(session, stream)
+    tokenChecks.set(session, revokeIfRefused)
     const heartbeat = setInterval(() => {
-      const reason = revokedReason()
-      if (reason !== undefined) { revoke(session, stream, reason); return }
-      session.send({ type: 'heartbeat' })
+      if (!revokeIfRefused()) session.send({ type: 'heartbeat' })
     }, opts.heartbeatIntervalMs)
     heartbeat.unref()
     let registered = false
@@ -209,16 +207,7 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
     setImmediate(() => conn?.destroy())
   }
 
-  const closeRevoked = (): number => {
-    let n = 0
-    for (const [session, check] of [...tokenChecks]) {
-      const reason = check()
-      if (reason === undefined) continue
-      const stream = sessionStreams.get(session)
-      if (stream !== undefined) { revoke(session, stream, reason); n++ }
-    }
-    return n
-  }
+  const closeRevoked = (): number => [...tokenChecks.values()].filter((revokeIfRefused) => revokeIfRefused()).length
 
   const closeAll = async (graceMs: number): Promise<void> => {
     const closed = new Promise<void>((resolve) => server.close(() => resolve()))

@@ -7,14 +7,15 @@ import { sendProblem } from './errors-plugin.js'
 // Requests refused before any route runs (by Node's parser, Fastify's router, or methods Node
 // handles itself) still get a problem+json with a stable code, like every other refusal.
 
-function body (status: number, title: string, detail: string): string {
-  const p: Problem = { ...problem('invalid_argument', detail), status, title }
-  return JSON.stringify(p)
+// Statuses HTTP itself decides (431, 417) with the code of their kind of mistake.
+function protocolProblem (status: number, title: string, detail: string): Problem {
+  return { ...problem('invalid_argument', detail), status, title }
 }
 
-function rawResponse (status: number, reason: string, title: string, detail: string): string {
-  const b = body(status, title, detail)
-  return `HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(b)}\r\nconnection: close\r\n\r\n${b}`
+// A whole response, for sockets that Node hands over without a ServerResponse.
+function rawResponse (p: Problem, reason: string): string {
+  const b = JSON.stringify(p)
+  return `HTTP/1.1 ${p.status} ${reason}\r\ncontent-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(b)}\r\nconnection: close\r\n\r\n${b}`
 }
 
 // Fastify's router: malformed percent-escapes, over-long path parameters.
@@ -27,21 +28,20 @@ export function clientErrorHandler (err: Error & { code?: string }, socket: Sock
   if (!socket.writable || (err.code === 'ECONNRESET')) { socket.destroy(); return }
   const tooLarge = err.code === 'HPE_HEADER_OVERFLOW'
   socket.end(tooLarge
-    ? rawResponse(431, 'Request Header Fields Too Large', 'Request header fields too large', 'the request headers are too large')
-    : rawResponse(400, 'Bad Request', 'Invalid argument', `malformed HTTP request (${err.code ?? 'parse error'})`))
+    ? rawResponse(protocolProblem(431, 'Request header fields too large', 'the request headers are too large'), 'Request Header Fields Too Large')
+    : rawResponse(problem('invalid_argument', `malformed HTTP request (${err.code ?? 'parse error'})`), 'Bad Request'))
 }
 
 export function installServerRefusals (server: HttpServer): void {
   // Expect other than 100-continue.
   server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => {
-    const b = body(417, 'Expectation failed', `Expect: ${String(req.headers.expect)} is not supported`)
-    res.writeHead(417, { 'content-type': 'application/problem+json', connection: 'close' }).end(b)
+    const p = protocolProblem(417, 'Expectation failed', `Expect: ${String(req.headers.expect)} is not supported`)
+    res.writeHead(417, { 'content-type': 'application/problem+json', connection: 'close' }).end(JSON.stringify(p))
   })
   // This is not a proxy.
   server.on('connect', (_req: IncomingMessage, socket: Socket) => {
-    const b = JSON.stringify(problem('method_not_allowed', 'CONNECT is not supported: this is not a proxy'))
     socket.on('error', () => {})
-    socket.end(`HTTP/1.1 405 Method Not Allowed\r\ncontent-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(b)}\r\nconnection: close\r\n\r\n${b}`)
+    socket.end(rawResponse(problem('method_not_allowed', 'CONNECT is not supported: this is not a proxy'), 'Method Not Allowed'))
   })
 }
 

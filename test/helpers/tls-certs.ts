@@ -16,7 +16,7 @@ export interface CertDir {
   remove: () => void
 }
 
-const LOOPBACK_NAMES = [
+const LOOPBACK_NAMES: Array<{ type: 2, value: string } | { type: 7, ip: string }> = [
   { type: 2, value: 'localhost' },
   { type: 7, ip: '127.0.0.1' },
   { type: 7, ip: '::1' }

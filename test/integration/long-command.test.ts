@@ -6,17 +6,15 @@ import { startSandbox, type Daemon, type TestSandbox } from '../helpers/sandbox.
 import { createFaultKit, FAST } from '../helpers/fault-kit.js'
 import { INLINE_COMMAND_MAX_BYTES } from '../../src/execs/manager.js'
 import { MAX_COMMAND_LINE_BYTES } from '../../src/execs/command.js'
+import { api, type ApiResponse } from '../helpers/api.js'
 
 // Command lines up to the contract's 262,144 bytes work on both daemons: ssh2's server refuses
 // SSH packets over 35,000 bytes and Linux refuses a single argv string over 128 KiB, so long
 // lines are staged as a file over a channel first. And a sandbox that half-closes the relay
 // ends the exec with a 503 instead of leaving it waiting forever.
 
-async function wait (s: TestSandbox, body: unknown, query = ''): Promise<{ status: number, body: any }> {
-  const res = await fetch(`${s.g.publicUrl}/v1/sandboxes/${s.id}/execs?wait=true${query}`, {
-    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body)
-  })
-  return { status: res.status, body: await res.json() }
+async function wait (s: TestSandbox, body: unknown, query = ''): Promise<ApiResponse> {
+  return await api(s.g.publicUrl, 'POST', `/v1/sandboxes/${s.id}/execs?wait=true${query}`, body)
 }
 
 function stagedFiles (): string[] {

@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { startSandbox, type TestSandbox } from '../helpers/sandbox.js'
 import { startSupervisorProcess } from '../helpers/supervisor-process.js'
 import { waitFor } from '../helpers/wait.js'
+import { api } from '../helpers/api.js'
 
 // /metrics scraped after real execs through a real supervisor: every family the dashboards and
 // alerts rely on is there and moved by what actually happened.
@@ -26,12 +27,7 @@ async function scrape (url: string, token?: string): Promise<{ status: number, t
 }
 
 async function run (s: TestSandbox, sandboxId: string, body: unknown): Promise<any> {
-  const res = await fetch(`${s.g.publicUrl}/v1/sandboxes/${sandboxId}/execs?wait=true`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', authorization: 'Bearer metrics-token' },
-    body: JSON.stringify(body)
-  })
-  return await res.json()
+  return (await api(s.g.publicUrl, 'POST', `/v1/sandboxes/${sandboxId}/execs?wait=true`, body, { authorization: 'Bearer metrics-token' })).body
 }
 
 describe('/metrics after real execs', () => {

@@ -17,6 +17,7 @@ import { defaultGatewayConfig } from '../../src/config.js'
 import { loadDataDir } from '../../src/data-dir.js'
 import { signSupervisorToken } from '../../src/tokens.js'
 import { RELAY_PATH_PREFIX } from '../../src/relay/protocol.js'
+import { api, type ApiResponse } from '../helpers/api.js'
 
 // API tokens from files and their reload, supervisor token rotation, forged supervisors and
 // cross-sandbox relay claims, and what the logs say about refused tokens (never the token).
@@ -33,13 +34,8 @@ async function status (url: string, token?: string): Promise<number> {
   return res.status
 }
 
-async function runWait (publicUrl: string, sandboxId: string, command: string[], token?: string): Promise<{ status: number, body: any }> {
-  const res = await fetch(`${publicUrl}/v1/sandboxes/${sandboxId}/execs?wait=true`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', ...(token === undefined ? {} : { authorization: `Bearer ${token}` }) },
-    body: JSON.stringify({ command })
-  })
-  return { status: res.status, body: await res.json() }
+async function runWait (publicUrl: string, sandboxId: string, command: string[], token?: string): Promise<ApiResponse> {
+  return await api(publicUrl, 'POST', `/v1/sandboxes/${sandboxId}/execs?wait=true`, { command }, token === undefined ? {} : { authorization: `Bearer ${token}` })
 }
 
 function count (haystack: string, needle: string): number {

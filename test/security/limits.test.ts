@@ -11,17 +11,13 @@ import { waitFor } from '../helpers/wait.js'
 import { generateEd25519KeyPair } from '../../src/ssh-keys.js'
 import { publicKeyOf } from '../../src/data-dir.js'
 import { WS_MAX_PAYLOAD_BYTES } from '../../src/http/public-app.js'
+import { api, type ApiResponse } from '../helpers/api.js'
 
 // Per-token rate limit on exec creation, the running-exec cap per sandbox, the WebSocket
 // payload bound, and the SSH host key a supervisor reports for an OpenSSH target.
 
-async function post (url: string, body: unknown, token?: string): Promise<{ status: number, headers: Headers, body: any }> {
-  const res = await fetch(url, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', ...(token === undefined ? {} : { authorization: `Bearer ${token}` }) },
-    body: JSON.stringify(body)
-  })
-  return { status: res.status, headers: res.headers, body: await res.json() }
+async function post (url: string, body: unknown, token?: string): Promise<ApiResponse> {
+  return await api(url, 'POST', '', body, token === undefined ? {} : { authorization: `Bearer ${token}` })
 }
 
 describe('exec creation rate limit, per API token', () => {
