@@ -2,7 +2,8 @@ import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process'
 import { homedir } from 'node:os'
 import type { Logger } from 'pino'
 import type { ServerChannel } from 'ssh2'
-import { afterChannelFlushed, exitOutcome, sendExitReport, type ExitOutcome } from './exit-report.js'
+import { ChannelOutput } from './channel-output.js'
+import { exitOutcome, sendExitReport, type ExitOutcome } from './exit-report.js'
 import { OutputPump } from './output-pump.js'
 import { signalProcessGroup, spawnFailureMessage, type Run, type RunOptions } from './run.js'
 
@@ -21,6 +22,8 @@ const CHILD_TAIL_BYTES = 2 * 1024 * 1024
  */
 export class ExecRun implements Run {
   readonly #channel: ServerChannel
+  // Both output streams go through this one writer (see ChannelOutput for the ssh2 bug it avoids).
+  readonly #output: ChannelOutput
   readonly #opts: RunOptions
   readonly #log: Logger
   #child: ChildProcessWithoutNullStreams | undefined
@@ -33,6 +36,7 @@ export class ExecRun implements Run {
 
   constructor (channel: ServerChannel, opts: RunOptions) {
     this.#channel = channel
+    this.#output = new ChannelOutput(channel)
     this.#opts = opts
     this.#log = opts.logger
   }
@@ -81,8 +85,8 @@ export class ExecRun implements Run {
 
     const onChange = (): void => { this.#onPumpChange() }
     this.#pumps = [
-      new OutputPump(child.stdout, channel, onChange),
-      new OutputPump(child.stderr, channel.stderr, onChange),
+      new OutputPump(child.stdout, this.#output.stdout, onChange),
+      new OutputPump(child.stderr, this.#output.stderr, onChange),
     ]
     // 'exit', not 'close': 'close' waits for the pipes, which a background grandchild can hold
     // open for as long as it lives.
@@ -144,7 +148,7 @@ export class ExecRun implements Run {
     // Stop reading before EOF goes out so nothing can be written after it. A grandchild that
     // still holds the pipes gets EPIPE from now on; it is not killed.
     for (const pump of this.#pumps) pump.stop()
-    afterChannelFlushed(this.#channel, () => {
+    this.#output.flush(() => {
       if (this.#finished) return
       sendExitReport(this.#channel, outcome)
       this.#finish()
@@ -161,9 +165,9 @@ export class ExecRun implements Run {
       child.stdout.destroy()
       child.stderr.destroy()
     }
-    this.#channel.stderr.write(spawnFailureMessage(err))
+    this.#output.stderr.write(spawnFailureMessage(err))
     // 127 is what a shell reports for a command it could not run.
-    afterChannelFlushed(this.#channel, () => {
+    this.#output.flush(() => {
       if (this.#finished) return
       sendExitReport(this.#channel, { code: 127 })
       this.#finish()
