@@ -9,6 +9,7 @@ import { decideOutcome, type Outcome } from '../relay/outcome.js'
 import type { SessionRegistry } from '../relay/sessions.js'
 import { assembleCommand, killScript, shellQuote, type SignalName } from './command.js'
 import { ExecEntry } from './exec-entry.js'
+import { RunTimers } from './run-timers.js'
 import type { ValidExec } from './validate.js'
 
 // Exec records and their runs: relay → SSH → outcome. Routes call this; it calls the relay core.
@@ -38,10 +39,11 @@ interface RunState {
   queuedStdin: Buffer[]
   stdinEnded: boolean
   queuedSignals: SignalName[]
-  timeoutTimer: NodeJS.Timeout | undefined
-  killBoundTimer: NodeJS.Timeout | undefined
+  // The run's only timers; disposed in run()'s finally.
+  timers: RunTimers
   timedOut: boolean
-  killConfirmed: boolean
+  // The timeout's kill, read once the channel is done: whether the sandbox confirmed it.
+  timeoutKill: Promise<boolean> | undefined
 }
 
 const SIDE_CHANNEL_BOUND_MS = 5000
@@ -107,10 +109,9 @@ export class ExecManager {
       queuedStdin: [],
       stdinEnded: false,
       queuedSignals: [],
-      timeoutTimer: undefined,
-      killBoundTimer: undefined,
+      timers: new RunTimers(),
       timedOut: false,
-      killConfirmed: false
+      timeoutKill: undefined
     }
     this.#runs.set(entry, state)
     registry.addActive(sandboxId, 1)
@@ -150,13 +151,17 @@ export class ExecManager {
     else state.queuedSignals.push(signal)
   }
 
-  // DELETE: kill what runs, forget the record at once.
+  // DELETE: kill what runs, forget the record at once. The run, and with it the sandbox's slot,
+  // ends within a bound even when no exit report ever comes (a wedged daemon, a lost channel).
   remove (entry: ExecEntry): void {
     this.#execs.delete(entry.id)
     const state = this.#runs.get(entry)
     if (state === undefined) return
-    if (state.ssh !== undefined && state.conn !== undefined) void this.#deliverSignal(entry, state.conn, state.ssh, 'KILL')
-    else state.abort.abort(new GatewayError('exec_not_found', `exec ${entry.id} was deleted before it started`))
+    if (state.ssh !== undefined && state.conn !== undefined) {
+      void this.#killWithinBound(entry, state, state.ssh, 'the exec was deleted and no exit report arrived after the kill')
+    } else {
+      state.abort.abort(new GatewayError('exec_not_found', `exec ${entry.id} was deleted before it started`))
+    }
   }
 
   sweep (now = Date.now()): void {
@@ -221,17 +226,19 @@ export class ExecManager {
       this.#onStarted(entry, state, ssh)
       const end = await ssh.done
       entry.off('flow', onFlow)
+      // The kill's own answer is bounded (SIDE_CHANNEL_BOUND_MS): wait for it rather than read a
+      // flag it may not have set yet.
+      const killConfirmed = state.timedOut && end.exit === undefined ? await (state.timeoutKill ?? false) : false
       outcome = decideOutcome({
         exit: end.exit,
-        timedOut: state.timedOut && (end.exit !== undefined || state.killConfirmed),
+        timedOut: state.timedOut && (end.exit !== undefined || killConfirmed),
         failure: end.failure
       })
     } catch (err) {
       outcome = { kind: 'failed', error: toGatewayError(err, log) }
     } finally {
       lease?.release()
-      clearTimeout(state.timeoutTimer)
-      clearTimeout(state.killBoundTimer)
+      state.timers.dispose()
       this.#runs.delete(entry)
       o.registry.addActive(entry.sandboxId, -1)
     }
@@ -256,17 +263,21 @@ export class ExecManager {
     for (const s of state.queuedSignals) void this.#deliverSignal(entry, state.conn!, ssh, s)
     state.queuedSignals = []
     if (spec.timeoutSeconds > 0) {
-      state.timeoutTimer = setTimeout(() => { void this.#onTimeout(entry, state, ssh) }, spec.timeoutSeconds * 1000)
+      state.timers.arm('timeout', spec.timeoutSeconds * 1000, () => {
+        state.timedOut = true
+        state.timeoutKill = this.#killWithinBound(entry, state, ssh, 'the command was killed on timeout but no exit report arrived')
+      })
     }
   }
 
-  async #onTimeout (entry: ExecEntry, state: RunState, ssh: SshExec): Promise<void> {
-    state.timedOut = true
-    state.killConfirmed = await this.#deliverSignal(entry, state.conn!, ssh, 'KILL')
-    // The kill landed (or its report is on the way); never wait on it without a bound.
-    state.killBoundTimer = setTimeout(() => {
-      ssh.abort(new GatewayError('relay_unavailable', 'the command was killed on timeout but no exit report arrived'))
-    }, this.#opts.closeWaitMs + 2000)
+  // KILL, then never wait on its report without a bound. The bound is armed through the run's
+  // timers, so a kill answered after the run ended arms nothing.
+  async #killWithinBound (entry: ExecEntry, state: RunState, ssh: SshExec, why: string): Promise<boolean> {
+    const confirmed = await this.#deliverSignal(entry, state.conn!, ssh, 'KILL')
+    state.timers.arm('killBound', this.#opts.closeWaitMs + 2000, () => {
+      ssh.abort(new GatewayError('relay_unavailable', why))
+    })
+    return confirmed
   }
 
   // True when the sandbox confirmed it signalled the exec's processes.

@@ -258,6 +258,28 @@ describe('embedded sshd: exec', () => {
     expect(received).toEqual(sizes)
   })
 
+  // ssh2's window-adjust handler resumed a stale stdout chunk instead of a parked stderr write
+  // (see src/sandbox-sshd/channel-output.ts): these hung forever, or delivered stdout twice.
+  it.each([
+    { name: '4 MiB of stdout, then a line of stderr', command: 'head -c 4194304 /dev/zero; echo done >&2', out: 4194304, err: 5 },
+    { name: '3 MiB of stderr, then a line of stdout', command: 'head -c 3145728 /dev/zero >&2; echo done', out: 5, err: 3145728 },
+    { name: '12 MiB of stdout, 3 MiB of stderr, a line of stdout, exit 3', command: 'head -c 12582912 /dev/zero; head -c 3000000 /dev/zero >&2; echo x; exit 3', out: 12582914, err: 3000000 },
+    { name: 'interleaved 1 MiB bursts on both streams', command: 'for i in 1 2 3 4 5 6; do head -c 1048576 /dev/zero; head -c 1048576 /dev/zero >&2; done; echo end >&2', out: 6 * 1048576, err: 6 * 1048576 + 4 },
+  ])('delivers $name exactly, with its exit status, to a client that holds output back for 1 s', async ({ command, out, err }) => {
+    const client = await connected()
+    const res = await run(client, command, {
+      onChannel: (channel) => {
+        channel.pause()
+        channel.stderr.pause()
+        setTimeout(() => { channel.resume(); channel.stderr.resume() }, 1000)
+      },
+    })
+    expect(res.stdout.length).toBe(out)
+    expect(res.stderr.length).toBe(err)
+    expect(res.code).toBe(command.includes('exit 3') ? 3 : 0)
+    expect(res.events).toEqual(['exit', 'close'])
+  }, 30_000)
+
   it('reports spawn failures on stderr with exit status 127', async () => {
     const client = await connected()
     const res = await run(client, 'echo a\0b')
