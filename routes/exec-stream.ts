@@ -4,6 +4,7 @@ import type { WebSocket, RawData } from 'ws'
 import { GatewayError } from '../src/errors.js'
 import { SIGNALS, type SignalName } from '../src/execs/command.js'
 import type { ExecEntry } from '../src/execs/exec-entry.js'
+import { STDIN_BUFFER_MAX_BYTES } from '../src/execs/stdin-flow.js'
 import { pumpEvents } from '../src/http/event-pump.js'
 import { upgradeProblem } from '../src/http/transport-refusals.js'
 import { AttachQuerySchema, ExecParamsSchema } from '../src/schemas/exec.js'
@@ -34,6 +35,7 @@ const STDOUT_CHANNEL = Buffer.from([1])
 const STDERR_CHANNEL = Buffer.from([2])
 const HIGH_WATER = 1024 * 1024
 const LOW_WATER = 256 * 1024
+const STDIN_OVERFLOW = `stdin overflow: the exec already holds ${STDIN_BUFFER_MAX_BYTES} bytes of stdin beyond its pause mark`
 
 const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ctx }) => {
   app.get('/v1/execs/:execId/stream', {
@@ -58,6 +60,27 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
     const binary = socket.protocol === BINARY_SUBPROTOCOL
     ctx.sockets.add(socket)
     socket.on('error', (err) => req.log.debug({ err }, 'websocket error'))
+    // While the exec cannot take this socket's stdin, the socket is not read, so TCP
+    // backpressure reaches the client. stdinWait, set while paused, cancels that wait.
+    let stdinWait: (() => void) | undefined
+    const stopWaiting = (): void => { stdinWait?.(); stdinWait = undefined }
+    // A paused socket would not read the client's close frame, and ws would then hold the
+    // connection for its 30 s close timeout.
+    const close = (code: number, why: string): void => {
+      stopWaiting()
+      socket.resume()
+      socket.close(code, why)
+    }
+    const client: FrameClient = {
+      refuse: (why) => close(CLOSE_POLICY, why.slice(0, 120)),
+      writeStdin: (bytes) => {
+        const result = ctx.execs.writeStdin(entry, bytes)
+        if (result === 'overflow') { close(CLOSE_POLICY, STDIN_OVERFLOW); return }
+        if (result !== 'paused' || stdinWait !== undefined) return
+        socket.pause()
+        stdinWait = ctx.execs.onStdinWritable(entry, () => { stdinWait = undefined; socket.resume() })
+      }
+    }
     // Bytes handed to ws whose write has not completed: above HIGH_WATER the reader holds the
     // exec's flow, and releases it once they fall below LOW_WATER.
     let unsent = 0
@@ -83,28 +106,31 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
         ok = sendCounted(JSON.stringify(ev), false, drained)
       }
       // A gateway going down says so with 1001, whatever it cut off.
-      if (ev.type === 'error') socket.close(ev.code === 'shutting_down' ? CLOSE_GOING_AWAY : CLOSE_ERROR, ev.code)
-      else if (final) socket.close(CLOSE_NORMAL, 'exec ended')
+      if (ev.type === 'error') close(ev.code === 'shutting_down' ? CLOSE_GOING_AWAY : CLOSE_ERROR, ev.code)
+      else if (final) close(CLOSE_NORMAL, 'exec ended')
       return ok
     } })
-    socket.on('close', () => { stop(); ctx.sockets.delete(socket) })
-    socket.on('message', (data: RawData, isBinary: boolean) => onClientFrame(ctx, entry, socket, data, isBinary))
+    socket.on('close', () => { stop(); stopWaiting(); ctx.sockets.delete(socket) })
+    socket.on('message', (data: RawData, isBinary: boolean) => onClientFrame(ctx, entry, socket, client, data, isBinary))
   })
 }
 
-function refuse (socket: WebSocket, why: string): void {
-  socket.close(CLOSE_POLICY, why.slice(0, 120))
+// What a client frame may do to its socket.
+interface FrameClient {
+  // Closes with 1008 and the reason.
+  refuse: (why: string) => void
+  writeStdin: (bytes: Buffer) => void
 }
 
-function onClientFrame (ctx: RouteContext, entry: ExecEntry, socket: WebSocket, data: RawData, isBinary: boolean): void {
+function onClientFrame (ctx: RouteContext, entry: ExecEntry, socket: WebSocket, client: FrameClient, data: RawData, isBinary: boolean): void {
   // ws still delivers frames that arrive while it closes: after a refusal (or the final event)
   // nothing the client sends may reach the exec any more.
   if (socket.readyState !== socket.OPEN) return
   const buf = Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data as ArrayBuffer)
   if (isBinary) {
-    if (buf[0] !== 0) { refuse(socket, 'binary frames from the client must start with channel byte 0 (stdin)'); return }
-    if (!entry.spec.interactive) { refuse(socket, 'stdin frames need an exec created with interactive: true'); return }
-    ctx.execs.writeStdin(entry, buf.subarray(1))
+    if (buf[0] !== 0) { client.refuse('binary frames from the client must start with channel byte 0 (stdin)'); return }
+    if (!entry.spec.interactive) { client.refuse('stdin frames need an exec created with interactive: true'); return }
+    client.writeStdin(buf.subarray(1))
     return
   }
   let msg: Record<string, unknown>
@@ -113,14 +139,14 @@ function onClientFrame (ctx: RouteContext, entry: ExecEntry, socket: WebSocket, 
     if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new Error('not an object')
     msg = parsed as Record<string, unknown>
   } catch {
-    refuse(socket, 'frames must be JSON objects with a "type"')
+    client.refuse('frames must be JSON objects with a "type"')
     return
   }
   switch (msg.type) {
     case 'stdin':
-      if (!entry.spec.interactive) { refuse(socket, 'stdin frames need an exec created with interactive: true'); return }
-      if (typeof msg.data !== 'string') { refuse(socket, 'stdin frames need a string "data"'); return }
-      ctx.execs.writeStdin(entry, Buffer.from(msg.data, 'utf8'))
+      if (!entry.spec.interactive) { client.refuse('stdin frames need an exec created with interactive: true'); return }
+      if (typeof msg.data !== 'string') { client.refuse('stdin frames need a string "data"'); return }
+      client.writeStdin(Buffer.from(msg.data, 'utf8'))
       return
     case 'eof':
       ctx.execs.endStdin(entry)
@@ -128,7 +154,7 @@ function onClientFrame (ctx: RouteContext, entry: ExecEntry, socket: WebSocket, 
     case 'resize': {
       const { cols, rows } = msg
       if (!Number.isInteger(cols) || !Number.isInteger(rows) || (cols as number) < 1 || (rows as number) < 1 || (cols as number) > 10000 || (rows as number) > 10000) {
-        refuse(socket, 'resize needs integer cols and rows in 1..10000')
+        client.refuse('resize needs integer cols and rows in 1..10000')
         return
       }
       ctx.execs.resize(entry, cols as number, rows as number)
@@ -136,13 +162,13 @@ function onClientFrame (ctx: RouteContext, entry: ExecEntry, socket: WebSocket, 
     }
     case 'signal':
       if (typeof msg.signal !== 'string' || !(SIGNALS as readonly string[]).includes(msg.signal)) {
-        refuse(socket, `signal must be one of ${SIGNALS.join(', ')}`)
+        client.refuse(`signal must be one of ${SIGNALS.join(', ')}`)
         return
       }
       if (!entry.finished) ctx.execs.signal(entry, msg.signal as SignalName)
       return
     default:
-      refuse(socket, 'unknown frame type; use stdin, eof, resize or signal')
+      client.refuse('unknown frame type; use stdin, eof, resize or signal')
   }
 }
 

@@ -10,6 +10,7 @@ import type { SessionRegistry } from '../relay/sessions.js'
 import { assembleCommand, killScript, shellQuote, type SignalName } from './command.js'
 import { ExecEntry } from './exec-entry.js'
 import { RunTimers } from './run-timers.js'
+import { StdinFlow, type StdinWrite } from './stdin-flow.js'
 import type { ValidExec } from './validate.js'
 
 // Exec records and their runs: relay → SSH → outcome. Routes call this; it calls the relay core.
@@ -36,8 +37,8 @@ interface RunState {
   // Set once the command's channel is open: the command has started.
   ssh: SshExec | undefined
   conn: SshConnection | undefined
-  queuedStdin: Buffer[]
-  stdinEnded: boolean
+  // Queued until the command starts, then the channel's; bounded either way.
+  stdin: StdinFlow
   queuedSignals: SignalName[]
   // The run's only timers; disposed in run()'s finally.
   timers: RunTimers
@@ -106,8 +107,7 @@ export class ExecManager {
       abort: new AbortController(),
       ssh: undefined,
       conn: undefined,
-      queuedStdin: [],
-      stdinEnded: false,
+      stdin: new StdinFlow(),
       queuedSignals: [],
       timers: new RunTimers(),
       timedOut: false,
@@ -125,19 +125,28 @@ export class ExecManager {
     await new Promise<void>((resolve) => entry.once('end', () => resolve()))
   }
 
-  writeStdin (entry: ExecEntry, data: Buffer): void {
+  // 'paused': stop reading from this writer until onStdinWritable's callback; 'overflow': the
+  // bytes were refused (see StdinFlow).
+  writeStdin (entry: ExecEntry, data: Buffer): StdinWrite {
     const state = this.#runs.get(entry)
-    if (state === undefined || state.stdinEnded) return
-    this.#opts.onBytes?.('stdin', data.length)
-    if (state.ssh !== undefined) state.ssh.writeStdin(data)
-    else state.queuedStdin.push(data)
+    if (state === undefined || state.stdin.ended) return 'accepted'
+    const result = state.stdin.write(data)
+    if (result !== 'overflow') this.#opts.onBytes?.('stdin', data.length)
+    return result
+  }
+
+  // Calls resume once, never synchronously, when a writer told 'paused' may write again (also
+  // when the run is over); returns the function that cancels it.
+  onStdinWritable (entry: ExecEntry, resume: () => void): () => void {
+    const state = this.#runs.get(entry)
+    if (state !== undefined) return state.stdin.onWritable(resume)
+    let cancelled = false
+    queueMicrotask(() => { if (!cancelled) resume() })
+    return () => { cancelled = true }
   }
 
   endStdin (entry: ExecEntry): void {
-    const state = this.#runs.get(entry)
-    if (state === undefined || state.stdinEnded) return
-    state.stdinEnded = true
-    if (state.ssh !== undefined) state.ssh.endStdin()
+    this.#runs.get(entry)?.stdin.end()
   }
 
   resize (entry: ExecEntry, cols: number, rows: number): void {
@@ -251,15 +260,9 @@ export class ExecManager {
   #onStarted (entry: ExecEntry, state: RunState, ssh: SshExec): void {
     entry.markStarted()
     const spec = entry.spec
-    if (!spec.interactive) {
-      if (spec.stdin !== undefined) { this.#opts.onBytes?.('stdin', spec.stdin.length); ssh.writeStdin(spec.stdin) }
-      state.stdinEnded = true
-      ssh.endStdin()
-    } else {
-      for (const b of state.queuedStdin) ssh.writeStdin(b)
-      if (state.stdinEnded) ssh.endStdin()
-    }
-    state.queuedStdin = []
+    if (!spec.interactive && spec.stdin !== undefined) { this.#opts.onBytes?.('stdin', spec.stdin.length); ssh.writeStdin(spec.stdin) }
+    state.stdin.start(ssh)
+    if (!spec.interactive) state.stdin.end()
     for (const s of state.queuedSignals) void this.#deliverSignal(entry, state.conn!, ssh, s)
     state.queuedSignals = []
     if (spec.timeoutSeconds > 0) {

@@ -31,6 +31,9 @@ export class SshExec {
   #finished = false
   #channelClosed = false
   #resolve!: (end: SshExecEnd) => void
+  // Writers waiting for the channel to take the stdin it holds; the channel's one 'drain'
+  // listener, or the end of the exec, calls them.
+  readonly #drainWaiters = new Set<() => void>()
   readonly #onConnFailure: (err: GatewayError) => void
   readonly done: Promise<SshExecEnd>
 
@@ -50,6 +53,7 @@ export class SshExec {
     channel.stderr.on('data', (chunk: Buffer) => { if (!this.#finished) opts.onStderr(chunk) })
     channel.on('error', (err: Error) => opts.logger.debug({ err }, 'ssh channel error'))
     channel.stderr.on('error', (err: Error) => opts.logger.debug({ err }, 'ssh channel stderr error'))
+    channel.on('drain', () => this.#wakeDrainWaiters())
     channel.on('exit', (code: number | null, signal?: string) => {
       if (this.#exit !== undefined) return
       this.#exit = code !== null && code !== undefined ? { code } : { signal: normalizeSignalName(signal ?? 'UNKNOWN') }
@@ -68,15 +72,37 @@ export class SshExec {
 
   get exitReport (): ExitReport | undefined { return this.#exit }
 
+  // False once the channel holds its high-water mark of stdin that the sandbox's window has
+  // not taken yet; onStdinDrain then says when it has. Stdin for a finished exec is dropped:
+  // a closed channel would hold it forever.
   writeStdin (data: Buffer): boolean {
     const ch = this.#channel
-    if (!ch.writable) return true
+    if (this.#finished || !ch.writable) return true
     return ch.write(data)
+  }
+
+  get stdinBuffered (): number { return this.#channel.writableLength }
+  get stdinHighWater (): number { return this.#channel.writableHighWaterMark }
+
+  onStdinDrain (cb: () => void): () => void {
+    if (this.#finished) {
+      let cancelled = false
+      queueMicrotask(() => { if (!cancelled) cb() })
+      return () => { cancelled = true }
+    }
+    this.#drainWaiters.add(cb)
+    return () => { this.#drainWaiters.delete(cb) }
   }
 
   // EOF only: a channel close before the exit report would let the sandbox drop the exit status.
   endStdin (): void {
     if (this.#channel.writable) this.#channel.end()
+  }
+
+  #wakeDrainWaiters (): void {
+    const waiters = [...this.#drainWaiters]
+    this.#drainWaiters.clear()
+    for (const w of waiters) w()
   }
 
   // Stops (or restarts) reading the channel: ssh2 then stops adjusting the SSH window, so the
@@ -133,6 +159,8 @@ export class SshExec {
     if (!this.#channelClosed && this.#opts.conn.alive) {
       try { ch.close() } catch { /* connection going away */ }
     }
+    // A finished channel never drains: nobody may wait on it.
+    this.#wakeDrainWaiters()
     this.#resolve({ exit: this.#exit, failure: this.#exit === undefined ? this.#failure : undefined })
   }
 }
