@@ -3,7 +3,7 @@ import type { GatewayError } from '../errors.js'
 import type { Outcome } from '../relay/outcome.js'
 import type { Exec, ExecResult } from '../schemas/exec.js'
 import type { ExecEvent, FinalEvent } from '../schemas/events.js'
-import { OutputJournal, utf8CompleteLength } from './journal.js'
+import { continuationPrefix, interleave, OutputJournal, utf8CompleteLength, type JournalChunk } from './journal.js'
 import type { ValidExec } from './validate.js'
 
 // One exec: its record, its two output journals, and the readers attached to it. Every way of
@@ -128,51 +128,34 @@ export class ExecEntry extends EventEmitter {
     }
   }
 
-  // Replays what is held from the given offsets, then follows live output, then the one final
-  // event. Returns the detach function; `send` is never called after it. Output events come
-  // with the byte offset just past them (their text length can differ from their byte count).
-  attach (opts: AttachOptions, send: (ev: ExecEvent, endOffset?: number, raw?: Buffer) => void): () => void {
+  // Replays what is held from the given offsets, in the order it arrived across both streams
+  // (so a reloaded terminal shows what the live one showed), then follows live output, then
+  // the one final event. Returns the detach function; `send` is never called after it. Output
+  // events come with the byte offset just past them (their text length can differ from their
+  // byte count).
+  attach (opts: AttachOptions, send: SendEvent): () => void {
     const encoding = opts.encoding ?? 'utf8'
-    const carry: Record<StreamName, { offset: number, data: Buffer } | undefined> = { stdout: undefined, stderr: undefined }
-    let detached = false
-    const emitChunk = (stream: StreamName, offset: number, data: Buffer, flush: boolean): void => {
-      if (encoding === 'binary') { send({ type: stream, offset, data: '' }, offset + data.length, data); return }
-      if (encoding === 'base64') { send({ type: stream, offset, data: data.toString('base64') }, offset + data.length); return }
-      const held = carry[stream]
-      let start = offset
-      let bytes = data
-      if (held !== undefined) { start = held.offset; bytes = Buffer.concat([held.data, data]) }
-      const cut = flush ? bytes.length : utf8CompleteLength(bytes)
-      carry[stream] = cut < bytes.length ? { offset: start + cut, data: Buffer.from(bytes.subarray(cut)) } : undefined
-      if (cut > 0) send({ type: stream, offset: start, data: bytes.subarray(0, cut).toString('utf8') }, start + cut)
+    const replays = STREAMS.map((stream) => ({ stream, ...this[stream].replayFrom(startOffset(opts, stream)) }))
+    const output = new ReaderOutput(encoding, send, { stdout: replays[0].begin, stderr: replays[1].begin })
+    for (const r of replays) {
+      if (r.gap !== undefined) send({ type: 'gap', stream: r.stream, from: r.gap.from, to: r.gap.to + (encoding === 'utf8' ? orphanBytes(r.chunks) : 0) })
     }
-    const flushCarry = (): void => {
-      for (const s of ['stdout', 'stderr'] as const) {
-        const held = carry[s]
-        if (held !== undefined) { carry[s] = undefined; emitChunk(s, held.offset, held.data, true) }
-      }
-    }
-    for (const stream of ['stdout', 'stderr'] as const) {
-      const from = stream === 'stdout' ? opts.stdoutOffset : opts.stderrOffset
-      const { gap, chunks } = this[stream].readFrom(from ?? 0)
-      // Retention cuts bytes, not characters: as text, the half character after a gap is part
-      // of the gap, so data never starts with a broken character.
-      if (gap !== undefined && encoding === 'utf8') gap.to += dropLeadingContinuation(chunks)
-      if (gap !== undefined) send({ type: 'gap', stream, from: gap.from, to: gap.to })
-      for (const c of chunks) emitChunk(stream, c.offset, c.data, false)
-    }
+    for (const c of interleave(replays)) output.write(c.stream, c)
     const final = this.finalEvent()
-    if (final !== undefined) {
-      flushCarry()
-      send(final)
-      return () => {}
-    }
+    if (final === undefined) return this.#follow(output, send)
+    output.flush()
+    send(final)
+    return () => {}
+  }
+
+  #follow (output: ReaderOutput, send: SendEvent): () => void {
+    let detached = false
     const onOutput = (stream: StreamName, offset: number, data: Buffer): void => {
-      if (!detached) emitChunk(stream, offset, data, false)
+      if (!detached) output.write(stream, { offset, data })
     }
     const onEnd = (ev: FinalEvent): void => {
       if (detached) return
-      flushCarry()
+      output.flush()
       detach()
       send(ev)
     }
@@ -187,23 +170,96 @@ export class ExecEntry extends EventEmitter {
   }
 }
 
-// How many UTF-8 continuation bytes (at most 3) a buffer starts with.
-function continuationPrefix (buf: Buffer): number {
-  let n = 0
-  while (n < 3 && n < buf.length && (buf[n]! & 0xc0) === 0x80) n++
-  return n
+type SendEvent = (ev: ExecEvent, endOffset?: number, raw?: Buffer) => void
+
+const STREAMS = ['stdout', 'stderr'] as const
+
+function startOffset (opts: AttachOptions, stream: StreamName): number {
+  return (stream === 'stdout' ? opts.stdoutOffset : opts.stderrOffset) ?? 0
 }
 
-// Drops the continuation bytes at the head of a replay (in place); returns how many.
-function dropLeadingContinuation (chunks: Array<{ offset: number, data: Buffer }>): number {
-  let dropped = 0
-  while (chunks.length > 0 && dropped < 3) {
-    const first = chunks[0]!
-    const n = Math.min(continuationPrefix(first.data), 3 - dropped)
-    if (n === 0) break
-    dropped += n
-    if (n === first.data.length) chunks.shift()
-    else { chunks[0] = { offset: first.offset + n, data: first.data.subarray(n) }; break }
+// One reader's output events in its encoding. Bytes (base64, binary) go out exactly as held;
+// text goes through one Utf8Framer per stream, since each stream has its own characters in
+// flight however the two interleave.
+class ReaderOutput {
+  readonly #encoding: AttachEncoding
+  readonly #send: SendEvent
+  readonly #text: Record<StreamName, Utf8Framer>
+
+  constructor (encoding: AttachEncoding, send: SendEvent, begins: Record<StreamName, number>) {
+    this.#encoding = encoding
+    this.#send = send
+    this.#text = { stdout: new Utf8Framer(begins.stdout), stderr: new Utf8Framer(begins.stderr) }
   }
-  return dropped
+
+  write (stream: StreamName, chunk: JournalChunk): void {
+    const end = chunk.offset + chunk.data.length
+    if (this.#encoding === 'binary') this.#send({ type: stream, offset: chunk.offset, data: '' }, end, chunk.data)
+    else if (this.#encoding === 'base64') this.#send({ type: stream, offset: chunk.offset, data: chunk.data.toString('base64') }, end)
+    else this.#sendText(stream, this.#text[stream].push(chunk))
+  }
+
+  // The output has ended: a character still waiting for its end never gets it.
+  flush (): void {
+    for (const stream of STREAMS) this.#sendText(stream, this.#text[stream].flush())
+  }
+
+  #sendText (stream: StreamName, chunk: JournalChunk | undefined): void {
+    if (chunk === undefined) return
+    this.#send({ type: stream, offset: chunk.offset, data: chunk.data.toString('utf8') }, chunk.offset + chunk.data.length)
+  }
+}
+
+// Cuts one stream's bytes into whole UTF-8 characters. A character split across chunks waits
+// for its end, so events never split one. A reader that begins past byte 0 may begin inside a
+// character: the continuation bytes it would start with belong to a character it cannot be
+// sent whole, so they are dropped (the next event's offset says where the text resumes)
+// instead of going out as U+FFFD. That holds for bytes that are still to arrive too, when the
+// reader begins at the end of what is held.
+class Utf8Framer {
+  #carry: JournalChunk | undefined
+  #orphans: number
+
+  constructor (begin: number) {
+    this.#orphans = begin > 0 ? 3 : 0
+  }
+
+  // The whole characters this chunk completes, if any.
+  push (chunk: JournalChunk): JournalChunk | undefined {
+    const fresh = this.#dropOrphans(chunk)
+    if (fresh.data.length === 0) return undefined
+    const held = this.#carry
+    const start = held?.offset ?? fresh.offset
+    const bytes = held === undefined ? fresh.data : Buffer.concat([held.data, fresh.data])
+    const cut = utf8CompleteLength(bytes)
+    // A copy, so a held half character does not pin the journal's whole chunk.
+    this.#carry = cut < bytes.length ? { offset: start + cut, data: Buffer.from(bytes.subarray(cut)) } : undefined
+    return cut > 0 ? { offset: start, data: bytes.subarray(0, cut) } : undefined
+  }
+
+  flush (): JournalChunk | undefined {
+    const held = this.#carry
+    this.#carry = undefined
+    return held
+  }
+
+  #dropOrphans (chunk: JournalChunk): JournalChunk {
+    if (this.#orphans === 0) return chunk
+    const n = Math.min(continuationPrefix(chunk.data), this.#orphans)
+    // Anything but a continuation byte is a character boundary: from there on, nothing is dropped.
+    this.#orphans = n === chunk.data.length ? this.#orphans - n : 0
+    return n === 0 ? chunk : { offset: chunk.offset + n, data: chunk.data.subarray(n) }
+  }
+}
+
+// The continuation bytes a text replay starts with (at most 3): after a gap, Utf8Framer drops
+// them, so they are reported as part of the gap and the first event starts where it ends.
+function orphanBytes (chunks: readonly JournalChunk[]): number {
+  let n = 0
+  for (const c of chunks) {
+    const k = Math.min(continuationPrefix(c.data), 3 - n)
+    n += k
+    if (k < c.data.length || n === 3) break
+  }
+  return n
 }

@@ -3,9 +3,24 @@
 
 export interface JournalChunk { offset: number, data: Buffer }
 
+// A chunk stamped with when it arrived. Offsets only order one stream; replaying stdout and
+// stderr as they were streamed live needs an order across journals, so every append to any
+// journal takes the next stamp, and the chunks of two journals interleave by it.
+export interface SequencedChunk extends JournalChunk { seq: number }
+
+export interface JournalGap { from: number, to: number }
+
+// What a reader starting at some offset gets: `begin` is the offset of the first byte it can
+// be sent (the requested offset, or the oldest byte held when that is later).
+export interface JournalReplay { begin: number, gap: JournalGap | undefined, chunks: SequencedChunk[] }
+
+// Process-wide rather than per exec so that stamps from any two journals compare; one number
+// per chunk held, so it costs no more memory than the chunks themselves.
+let nextSeq = 0
+
 export class OutputJournal {
   readonly #retention: number
-  #chunks: JournalChunk[] = []
+  #chunks: SequencedChunk[] = []
   #retained = 0
   #total = 0
 
@@ -20,27 +35,36 @@ export class OutputJournal {
   get start (): number { return this.#total - this.#retained }
 
   append (data: Buffer): JournalChunk {
-    const chunk = { offset: this.#total, data }
+    const offset = this.#total
+    // An empty chunk would replay as an empty event.
+    if (data.length === 0) return { offset, data }
     this.#total += data.length
-    this.#chunks.push(chunk)
+    this.#chunks.push({ offset, data, seq: nextSeq++ })
     this.#retained += data.length
     this.#trim()
-    return chunk
+    return { offset, data }
   }
 
-  // Chunks from `offset` on; `gap` when part of what was asked for is no longer held.
-  readFrom (offset: number): { gap: { from: number, to: number } | undefined, chunks: JournalChunk[] } {
+  // Chunks from `offset` on, with their arrival stamps; `gap` when part of what was asked for
+  // is no longer held.
+  replayFrom (offset: number): JournalReplay {
     const from = Math.max(0, Math.min(offset, this.#total))
     const start = this.start
     const gap = from < start ? { from, to: start } : undefined
     const begin = Math.max(from, start)
-    const chunks: JournalChunk[] = []
+    const chunks: SequencedChunk[] = []
     for (const c of this.#chunks) {
       const end = c.offset + c.data.length
       if (end <= begin) continue
-      chunks.push(c.offset >= begin ? c : { offset: begin, data: c.data.subarray(begin - c.offset) })
+      chunks.push(c.offset >= begin ? c : { offset: begin, data: c.data.subarray(begin - c.offset), seq: c.seq })
     }
-    return { gap, chunks }
+    return { begin, gap, chunks }
+  }
+
+  // The bytes alone, for readers of one stream that need no order across streams.
+  readFrom (offset: number): { gap: JournalGap | undefined, chunks: JournalChunk[] } {
+    const { gap, chunks } = this.replayFrom(offset)
+    return { gap, chunks: chunks.map(({ offset, data }) => ({ offset, data })) }
   }
 
   // What is held, joined: the tail of the output, and whether its beginning was dropped.
@@ -48,6 +72,7 @@ export class OutputJournal {
     return { data: Buffer.concat(this.#chunks.map((c) => c.data), this.#retained), truncated: this.start > 0 }
   }
 
+  // A chunk cut at the front keeps its stamp: its remaining bytes still arrived then.
   #trim (): void {
     while (this.#retained > this.#retention) {
       const first = this.#chunks[0]!
@@ -56,11 +81,31 @@ export class OutputJournal {
         this.#chunks.shift()
         this.#retained -= first.data.length
       } else {
-        this.#chunks[0] = { offset: first.offset + excess, data: first.data.subarray(excess) }
+        this.#chunks[0] = { offset: first.offset + excess, data: first.data.subarray(excess), seq: first.seq }
         this.#retained -= excess
       }
     }
   }
+}
+
+export type Tagged<K extends string> = SequencedChunk & { stream: K }
+
+// The chunks of several replays in the order they arrived. Each replay is already in arrival
+// order, so this is a merge, linear in the number of chunks.
+export function interleave<K extends string> (replays: ReadonlyArray<{ stream: K, chunks: readonly SequencedChunk[] }>): Array<Tagged<K>> {
+  return replays
+    .map(({ stream, chunks }) => chunks.map((c) => ({ ...c, stream })))
+    .reduce(mergeBySeq, [])
+}
+
+function mergeBySeq<T extends { seq: number }> (a: readonly T[], b: readonly T[]): T[] {
+  const out: T[] = []
+  let i = 0
+  let j = 0
+  while (i < a.length && j < b.length) out.push(a[i]!.seq < b[j]!.seq ? a[i++]! : b[j++]!)
+  while (i < a.length) out.push(a[i++]!)
+  while (j < b.length) out.push(b[j++]!)
+  return out
 }
 
 // Length of the longest prefix of buf that ends on a UTF-8 character boundary, so that a
@@ -73,5 +118,12 @@ export function utf8CompleteLength (buf: Buffer): number {
     const need = b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : b >= 0xc0 ? 2 : 1
     return need > back ? n - back : n
   }
+  return n
+}
+
+// How many UTF-8 continuation bytes (at most 3, the most a character has) a buffer starts with.
+export function continuationPrefix (buf: Buffer): number {
+  let n = 0
+  while (n < 3 && n < buf.length && (buf[n]! & 0xc0) === 0x80) n++
   return n
 }

@@ -1,7 +1,7 @@
 // src/execs/journal.ts and src/execs/exec-entry.ts: byte offsets, retention, gaps, UTF-8 safe
 // events, and the one final event.
 import { describe, expect, it } from 'vitest'
-import { OutputJournal, utf8CompleteLength } from '../../src/execs/journal.js'
+import { interleave, OutputJournal, utf8CompleteLength } from '../../src/execs/journal.js'
 import { ExecEntry } from '../../src/execs/exec-entry.js'
 import { validateExecRequest } from '../../src/execs/validate.js'
 import { GatewayError } from '../../src/errors.js'
@@ -427,5 +427,241 @@ describe('ExecEntry', () => {
     entry.append('stdout', Buffer.alloc(0))
     expect(events).toEqual([])
     expect(entry.stdout.total).toBe(0)
+  })
+})
+
+// ---- Issue 11: replays keep the interleaving; resume never invents characters ----------------
+
+describe('OutputJournal arrival order', () => {
+  it('stamps every append in arrival order, across journals', () => {
+    const out = new OutputJournal(1024)
+    const err = new OutputJournal(1024)
+    out.append(b('1'))
+    err.append(b('2'))
+    out.append(b('3'))
+    err.append(b('4'))
+    const seqs = [...out.replayFrom(0).chunks, ...err.replayFrom(0).chunks].sort((x, y) => x.seq - y.seq)
+    expect(seqs.map((c) => c.data.toString())).toEqual(['1', '2', '3', '4'])
+  })
+
+  it('replayFrom says where the replay begins: the offset asked for, or the oldest byte held', () => {
+    const j = new OutputJournal(4)
+    j.append(b('abcdef')) // keeps cdef
+    expect(j.replayFrom(0)).toMatchObject({ begin: 2, gap: { from: 0, to: 2 } })
+    expect(j.replayFrom(3)).toMatchObject({ begin: 3, gap: undefined })
+    expect(j.replayFrom(99)).toMatchObject({ begin: 6, gap: undefined, chunks: [] })
+  })
+
+  it('interleave merges replays by arrival; a chunk cut by trimming or by the offset keeps its place', () => {
+    const out = new OutputJournal(3)
+    const err = new OutputJournal(1024)
+    out.append(b('o1'))
+    err.append(b('e1'))
+    out.append(b('o2')) // stdout keeps "1o2": "o1" is cut to "1", still before "e1"
+    err.append(b('e2'))
+    out.append(b('')) // an empty append holds nothing, so replays nothing
+    const merged = interleave([{ stream: 'stdout', chunks: out.replayFrom(0).chunks }, { stream: 'stderr', chunks: err.replayFrom(1).chunks }])
+    expect(merged.map((c) => [c.stream, c.offset, c.data.toString()])).toEqual([
+      ['stdout', 1, '1'],
+      ['stderr', 1, '1'],
+      ['stdout', 2, 'o2'],
+      ['stderr', 2, 'e2'],
+    ])
+  })
+
+  it('trimming drops a chunk together with its stamp', () => {
+    const out = new OutputJournal(2)
+    const err = new OutputJournal(1024)
+    out.append(b('aa'))
+    err.append(b('x'))
+    out.append(b('bb')) // "aa" is gone
+    const merged = interleave([{ stream: 'stdout', chunks: out.replayFrom(0).chunks }, { stream: 'stderr', chunks: err.replayFrom(0).chunks }])
+    expect(merged.map((c) => c.data.toString())).toEqual(['x', 'bb'])
+  })
+})
+
+interface Recorded { ev: ExecEvent, end: number | undefined, raw: string | undefined }
+
+function record (entry: ExecEntry, opts: Parameters<ExecEntry['attach']>[0] = {}): Recorded[] {
+  const got: Recorded[] = []
+  entry.attach(opts, (ev, end, raw) => { got.push({ ev, end, raw: raw?.toString('hex') }) })
+  return got
+}
+
+const outputs = (got: Recorded[]): Array<[string, number, string]> =>
+  got.flatMap(({ ev }) => ev.type === 'stdout' || ev.type === 'stderr' ? [[ev.type, ev.offset, ev.data] as [string, number, string]] : [])
+
+const ENCODINGS = ['utf8', 'base64', 'binary'] as const
+
+describe('ExecEntry replays in arrival order', () => {
+  it('a finished exec replays stdout and stderr interleaved as they were streamed live, in every encoding', () => {
+    for (const encoding of ENCODINGS) {
+      const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+      const live = record(entry, { encoding })
+      entry.append('stdout', b('1'))
+      entry.append('stderr', b('2'))
+      entry.append('stdout', b('3'))
+      entry.append('stderr', b('4'))
+      entry.finish(EXIT0)
+      const replay = record(entry, { encoding })
+      expect(replay, encoding).toEqual(live)
+      expect(live.map((r) => r.ev.type), encoding).toEqual(['stdout', 'stderr', 'stdout', 'stderr', 'exit'])
+    }
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    for (const [s, d] of [['stdout', '1'], ['stderr', '2'], ['stdout', '3'], ['stderr', '4']] as const) entry.append(s, b(d))
+    expect(outputs(record(entry))).toEqual([['stdout', 0, '1'], ['stderr', 0, '2'], ['stdout', 1, '3'], ['stderr', 1, '4']])
+  })
+
+  it('attach while running: what is held in arrival order, then live output, then the final event', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    entry.append('stdout', b('1'))
+    entry.append('stderr', b('2'))
+    entry.append('stdout', b('3'))
+    const got = record(entry)
+    entry.append('stderr', b('4'))
+    entry.append('stdout', b('5'))
+    entry.finish(EXIT0)
+    expect(outputs(got)).toEqual([['stdout', 0, '1'], ['stderr', 0, '2'], ['stdout', 1, '3'], ['stderr', 1, '4'], ['stdout', 2, '5']])
+    expect(got.at(-1)!.ev.type).toBe('exit')
+  })
+
+  it('a resume from offsets replays what follows them, still interleaved', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    for (const [s, d] of [['stdout', 'o1'], ['stderr', 'e1'], ['stdout', 'o2'], ['stderr', 'e2'], ['stdout', 'o3']] as const) entry.append(s, b(d))
+    entry.finish(EXIT0)
+    expect(outputs(record(entry, { stdoutOffset: 2, stderrOffset: 0 }))).toEqual([['stderr', 0, 'e1'], ['stdout', 2, 'o2'], ['stderr', 2, 'e2'], ['stdout', 4, 'o3']])
+    expect(outputs(record(entry, { stdoutOffset: 3, stderrOffset: 4 }))).toEqual([['stdout', 3, '2'], ['stdout', 4, 'o3']])
+  })
+
+  it('UTF-8 carries stay per stream while the streams interleave; live and replay agree', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    const live = record(entry)
+    const euro = b('€') // e2 82 ac
+    entry.append('stdout', Buffer.concat([b('a'), EMOJI.subarray(0, 1)]))
+    entry.append('stderr', Buffer.concat([b('x'), euro.subarray(0, 2)]))
+    entry.append('stdout', EMOJI.subarray(1, 3))
+    entry.append('stderr', Buffer.concat([euro.subarray(2), b('y')]))
+    entry.append('stdout', Buffer.concat([EMOJI.subarray(3), b('b')]))
+    entry.finish(EXIT0)
+    expect(outputs(live)).toEqual([['stdout', 0, 'a'], ['stderr', 0, 'x'], ['stderr', 1, '€y'], ['stdout', 1, '😀b']])
+    expect(record(entry)).toEqual(live)
+  })
+
+  it('incomplete characters at the end are flushed before the final event, live and in replay alike', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    const live = record(entry)
+    entry.append('stderr', EMOJI.subarray(0, 2))
+    entry.append('stdout', b('ok'))
+    entry.finish(EXIT0)
+    expect(live.map((r) => r.ev.type)).toEqual(['stdout', 'stderr', 'exit'])
+    expect(record(entry)).toEqual(live)
+  })
+
+  it('gaps come first, once per stream, then the retained chunks in arrival order', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 4)
+    for (const [s, d] of [['stdout', 'abcd'], ['stderr', 'ABCD'], ['stdout', 'ef'], ['stderr', 'EF'], ['stdout', 'gh']] as const) entry.append(s, b(d))
+    entry.finish(EXIT0)
+    const got = record(entry)
+    expect(got.map((r) => r.ev)).toEqual([
+      { type: 'gap', stream: 'stdout', from: 0, to: 4 },
+      { type: 'gap', stream: 'stderr', from: 0, to: 2 },
+      { type: 'stderr', offset: 2, data: 'CD' },
+      { type: 'stdout', offset: 4, data: 'ef' },
+      { type: 'stderr', offset: 4, data: 'EF' },
+      { type: 'stdout', offset: 6, data: 'gh' },
+      { type: 'exit', exitCode: 0, signal: null, timedOut: false },
+    ])
+  })
+
+  it('random interleaved multi-byte output: every replay, from any event boundary, is the live stream from there', () => {
+    let seed = 7
+    const rand = (n: number): number => { seed = (seed * 1103515245 + 12345) & 0x7fffffff; return seed % n }
+    const alphabet = ['a', 'é', '€', '😀', '\n']
+    for (let round = 0; round < 20; round++) {
+      const entry = new ExecEntry('ex_r', 'sbx', spec, 1 << 20)
+      const live = record(entry)
+      const pending: Record<'stdout' | 'stderr', Buffer> = { stdout: Buffer.alloc(0), stderr: Buffer.alloc(0) }
+      for (const s of ['stdout', 'stderr'] as const) pending[s] = b(Array.from({ length: 40 }, () => alphabet[rand(alphabet.length)]).join(''))
+      while (pending.stdout.length + pending.stderr.length > 0) {
+        const s = pending.stdout.length === 0 ? 'stderr' : pending.stderr.length === 0 ? 'stdout' : rand(2) === 0 ? 'stdout' : 'stderr'
+        const n = 1 + rand(Math.min(7, pending[s].length))
+        entry.append(s, pending[s].subarray(0, n))
+        pending[s] = pending[s].subarray(n)
+      }
+      entry.finish(EXIT0)
+      expect(record(entry)).toEqual(live)
+      const ends = { stdout: [0], stderr: [0] }
+      for (const r of live) if ((r.ev.type === 'stdout' || r.ev.type === 'stderr') && r.end !== undefined) ends[r.ev.type].push(r.end)
+      const from = { stdout: ends.stdout[rand(ends.stdout.length)]!, stderr: ends.stderr[rand(ends.stderr.length)]! }
+      const expected = live.filter(({ ev }) => !((ev.type === 'stdout' || ev.type === 'stderr') && ev.offset < from[ev.type]))
+      expect(record(entry, { stdoutOffset: from.stdout, stderrOffset: from.stderr }), JSON.stringify(from)).toEqual(expected)
+    }
+  })
+})
+
+describe('ExecEntry resume inside a character', () => {
+  // 'aé€😀b': a=0, é=1..2, €=3..5, 😀=6..9, b=10; 11 bytes.
+  const TEXT = 'aé€😀b'
+  const BYTES = b(TEXT)
+  const nextBoundary = (o: number): number => { let n = o; while (n < BYTES.length && (BYTES[n]! & 0xc0) === 0x80) n++; return n }
+
+  function finishedEntry (): ExecEntry {
+    const entry = new ExecEntry('ex_u', 'sbx', spec, 1024)
+    // Split mid-character and interleaved with stderr, so resumes cross carries and streams.
+    for (const [s, from, to] of [['stdout', 0, 2], ['stderr', 0, 0], ['stdout', 2, 4], ['stdout', 4, 7], ['stderr', 0, 0], ['stdout', 7, 11]] as const) {
+      entry.append(s, s === 'stdout' ? BYTES.subarray(from, to) : b('e'))
+    }
+    entry.finish(EXIT0)
+    return entry
+  }
+
+  it('starts at the next character boundary, says so in the offset, and never sends U+FFFD', () => {
+    const entry = finishedEntry()
+    for (let o = 0; o <= BYTES.length; o++) {
+      const got = record(entry, { stdoutOffset: o, stderrOffset: 2 })
+      const out = got.filter((r) => r.ev.type === 'stdout').map((r) => r.ev as { offset: number, data: string })
+      const boundary = nextBoundary(o)
+      expect(got.some((r) => r.ev.type === 'gap'), `offset ${o}`).toBe(false)
+      expect(out.map((e) => e.data).join(''), `offset ${o}`).toBe(BYTES.subarray(boundary).toString('utf8'))
+      expect(out.map((e) => e.data).join(''), `offset ${o}`).not.toContain('\uFFFD')
+      if (boundary < BYTES.length) expect(out[0]!.offset, `offset ${o}`).toBe(boundary)
+      else expect(out, `offset ${o}`).toEqual([])
+    }
+  })
+
+  it('a reader that begins inside a character whose end has not arrived drops its continuation bytes as they arrive', () => {
+    const entry = new ExecEntry('ex_u', 'sbx', spec, 1024)
+    entry.append('stdout', Buffer.concat([b('a'), EMOJI.subarray(0, 2)])) // 3 bytes: a f0 9f
+    const got = record(entry, { stdoutOffset: 2 })
+    entry.append('stdout', EMOJI.subarray(2, 3))
+    entry.append('stderr', b('e'))
+    entry.append('stdout', Buffer.concat([EMOJI.subarray(3), b('b')]))
+    entry.append('stdout', b('c'))
+    entry.finish(EXIT0)
+    expect(outputs(got)).toEqual([['stderr', 0, 'e'], ['stdout', 5, 'b'], ['stdout', 6, 'c']])
+    expect(got.find((r) => r.ev.type === 'stdout')!.end).toBe(6)
+  })
+
+  it('a resume at a boundary drops nothing, not even later bytes that are not UTF-8', () => {
+    const entry = new ExecEntry('ex_u', 'sbx', spec, 1024)
+    entry.append('stdout', b('ab'))
+    entry.append('stdout', Buffer.from([0x80, 0x63]))
+    entry.finish(EXIT0)
+    expect(outputs(record(entry, { stdoutOffset: 1 }))).toEqual([['stdout', 1, 'b'], ['stdout', 2, '\uFFFDc']])
+    // From byte 0 nothing precedes the output: stray continuation bytes there are the output's own.
+    const raw = new ExecEntry('ex_r', 'sbx', spec, 1024)
+    raw.append('stdout', Buffer.from([0x80, 0x61]))
+    expect(outputs(record(raw))).toEqual([['stdout', 0, '\uFFFDa']])
+  })
+
+  it('base64 and binary readers start exactly at the offset, inside a character too', () => {
+    const entry = finishedEntry()
+    for (let o = 0; o <= BYTES.length; o++) {
+      const b64 = record(entry, { stdoutOffset: o, encoding: 'base64' }).filter((r) => r.ev.type === 'stdout').map((r) => r.ev as { offset: number, data: string })
+      expect(Buffer.concat(b64.map((e) => Buffer.from(e.data, 'base64'))).equals(BYTES.subarray(o)), `base64 ${o}`).toBe(true)
+      if (o < BYTES.length) expect(b64[0]!.offset, `base64 ${o}`).toBe(o)
+      const bin = record(entry, { stdoutOffset: o, encoding: 'binary' }).filter((r) => r.ev.type === 'stdout')
+      expect(bin.map((r) => r.raw).join(''), `binary ${o}`).toBe(BYTES.subarray(o).toString('hex'))
+    }
   })
 })
