@@ -1,0 +1,93 @@
+// The soak's knobs (from the environment, see soak/README.md), the gateway's short liveness
+// settings and the bounds derived from them, and the seeded randomness every plan draws from.
+import type { GatewayConfig } from '../src/config.js'
+import { intEnv } from '../test/helpers/env.js'
+
+export const DURATION_S = intEnv('SOAK_DURATION_S', 120, 1, 7 * 24 * 3600)
+export const AGENTS = intEnv('SOAK_AGENTS', 80, 1, 2000)
+export const SANDBOXES = intEnv('SOAK_SANDBOXES', 8, 1, 64)
+export const OPENSSH_SANDBOXES = Math.min(SANDBOXES, intEnv('SOAK_OPENSSH', 1, 0, 64))
+export const SLACK_MS = intEnv('SOAK_SLACK_MS', 10_000, 0, 600_000)
+export const MIN_TRUE_EXITS = intEnv('SOAK_MIN_EXECS', 50, 0, 1_000_000_000)
+export const CHAOS_MIN_MS = intEnv('SOAK_CHAOS_MIN_MS', 2000, 100, 600_000)
+export const CHAOS_MAX_MS = intEnv('SOAK_CHAOS_MAX_MS', 5000, CHAOS_MIN_MS, 600_000)
+// Percent of execs that take one of the large shapes (bursts, late and paused readers, stdin
+// floods) instead of the classic script; the first exec of the first agents takes each of them
+// once, so that every run has at least one of each.
+export const SHAPES_PCT = intEnv('SOAK_SHAPES_PCT', 8, 0, 100)
+export const DUMP_PATH = process.env.SOAK_DUMP ?? ''
+export const HEAP_SNAPSHOT_PATH = process.env.SOAK_HEAP_SNAPSHOT ?? ''
+export const SEED = process.env.SOAK_SEED !== undefined && process.env.SOAK_SEED !== '' ? process.env.SOAK_SEED : String(Date.now() % 1_000_000_000)
+export const MAX_EXECS_PER_AGENT = 100_000
+export const RUN_ID = `${process.pid}-${Date.now()}`
+
+export const ALL_FAULT_KINDS = ['kill', 'stop', 'blackhole', 'reset', 'wedge'] as const
+export type FaultKind = typeof ALL_FAULT_KINDS[number]
+export const FAULT_KINDS: FaultKind[] = (() => {
+  const raw = process.env.SOAK_FAULTS
+  if (raw === undefined || raw === '') return [...ALL_FAULT_KINDS]
+  if (raw === 'none') return []
+  const kinds = raw.split(',').map((s) => s.trim()).filter((s) => s !== '')
+  for (const k of kinds) if (!(ALL_FAULT_KINDS as readonly string[]).includes(k)) throw new Error(`SOAK_FAULTS: unknown fault kind ${k} (use ${ALL_FAULT_KINDS.join(',')} or none)`)
+  return kinds as FaultKind[]
+})()
+
+const MIB = 1024 * 1024
+
+// Short liveness knobs so that faults resolve in seconds.
+export const KNOBS = {
+  sshKeepaliveIntervalMs: 1000,
+  sshKeepaliveCountMax: 3,
+  h2PingIntervalMs: 1000,
+  h2PingTimeoutMs: 1000,
+  closeWaitMs: 500,
+  sessionWaitMs: 5000,
+  relayOpenTimeoutMs: 5000,
+  sshReadyTimeoutMs: 5000,
+  // Short, so that the sweeper runs during the soak and RSS shows retention, not accumulation.
+  execTtlS: 30,
+  // The default, spelled out: readers that attach after the end expect a gap past it.
+  retentionBytes: 8 * MIB
+} satisfies Partial<GatewayConfig>
+
+export const KEEPALIVE_BOUND_MS = KNOBS.sshKeepaliveIntervalMs * (KNOBS.sshKeepaliveCountMax + 1)
+export const PING_BOUND_MS = KNOBS.h2PingIntervalMs + KNOBS.h2PingTimeoutMs
+export const DETECTION_BOUND_MS = Math.max(KEEPALIVE_BOUND_MS, PING_BOUND_MS, KNOBS.sessionWaitMs, KNOBS.relayOpenTimeoutMs, KNOBS.sshReadyTimeoutMs)
+// A fault that lasts longer than this must have been detected by the gateway (ping / keepalive
+// bound plus margin); a running exec that still reports an exit through it "survived" it.
+export const MUST_DETECT_MS: Record<FaultKind, number> = { kill: 0, reset: 0, stop: PING_BOUND_MS + 1500, blackhole: PING_BOUND_MS + 1500, wedge: KEEPALIVE_BOUND_MS + 1500 }
+
+// ---------------------------------------------------------------- seeded randomness
+
+export type Rand = () => number
+function hash32 (s: string): number {
+  let h = 0x811c9dc5
+  for (let i = 0; i < s.length; i++) { h ^= s.charCodeAt(i); h = Math.imul(h, 0x01000193) }
+  return h >>> 0
+}
+// mulberry32; next32 gives the raw 32 bits, for filling byte buffers.
+function mulberry (seed: string): { next32: () => number } {
+  let a = hash32(seed)
+  return {
+    next32: () => {
+      a = (a + 0x6D2B79F5) | 0
+      let t = Math.imul(a ^ (a >>> 15), 1 | a)
+      t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t
+      return (t ^ (t >>> 14)) >>> 0
+    }
+  }
+}
+export function rng (seed: string): Rand {
+  const m = mulberry(seed)
+  return () => m.next32() / 4294967296
+}
+export const pick = <T>(r: Rand, xs: readonly T[]): T => xs[Math.floor(r() * xs.length)]!
+// An integer in [lo, hi].
+export const between = (r: Rand, lo: number, hi: number): number => lo + Math.floor(r() * (hi - lo + 1))
+// n seeded bytes (any value 0..255).
+export function seededBytes (seed: string, n: number): Buffer {
+  const m = mulberry(seed)
+  const buf = Buffer.allocUnsafe(Math.ceil(n / 4) * 4)
+  for (let i = 0; i < buf.length; i += 4) buf.writeUInt32LE(m.next32(), i)
+  return buf.subarray(0, n)
+}
