@@ -57,6 +57,9 @@ const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
       'cache-control': 'no-store',
       'x-accel-buffering': 'no'
     })
+    // Node holds the head until the first body write: a silent exec would leave the client
+    // without its 200 until the first output or heartbeat, and client timeouts fire on healthy execs.
+    res.flushHeaders()
     res.on('error', () => stop())
     res.on('close', () => stop())
     const position = { stdout: offsets.stdout, stderr: offsets.stderr }

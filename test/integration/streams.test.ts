@@ -122,3 +122,24 @@ describe.each(['embedded', 'openssh'] as const)('streams through the %s daemon',
     expect(g.gw.execs.get(id)!.listenerCount('output')).toBe(0)
   })
 })
+
+describe('event streams', () => {
+  it('answers /events with its 200 and headers at once, before a silent command has printed anything (SSE and NDJSON)', async () => {
+    // The default heartbeat (15 s): nothing but the flushed head can answer within the bound.
+    const sb = await startSandbox('embedded', 'streams-head')
+    const g = sb.g
+    try {
+    const id = await execStart(g.publicUrl, 'streams-head', { command: ['sh', '-c', 'sleep 3; echo hi'] })
+    for (const accept of ['text/event-stream', 'application/x-ndjson']) {
+      const ac = new AbortController()
+      const started = performance.now()
+      const res = await fetch(`${g.publicUrl}/v1/execs/${id}/events`, { headers: { accept }, signal: ac.signal })
+      const ms = performance.now() - started
+      ac.abort()
+      expect(res.status).toBe(200)
+      expect(res.headers.get('content-type')).toContain(accept)
+      expect(ms).toBeLessThan(1000)
+    }
+    } finally { await sb.close() }
+  })
+})
