@@ -28,6 +28,10 @@ export class SshExec {
   #exit: ExitReport | undefined
   #failure: GatewayError | undefined
   #closeWaitTimer: NodeJS.Timeout | undefined
+  // What is left of the close wait, and since when it runs: it runs only while we read.
+  #closeWaitLeftMs: number
+  #closeWaitSince = 0
+  #paused = false
   #finished = false
   #channelClosed = false
   #resolve!: (end: SshExecEnd) => void
@@ -39,6 +43,7 @@ export class SshExec {
 
   constructor (opts: SshExecOptions) {
     this.#opts = opts
+    this.#closeWaitLeftMs = opts.closeWaitMs
     this.#channel = opts.channel
     this.done = new Promise((resolve) => { this.#resolve = resolve })
     const channel = opts.channel
@@ -58,7 +63,7 @@ export class SshExec {
       if (this.#exit !== undefined) return
       this.#exit = code !== null && code !== undefined ? { code } : { signal: normalizeSignalName(signal ?? 'UNKNOWN') }
       // Total bound, not per message: a sandbox that trickles data must not hold the exec open.
-      this.#closeWaitTimer = setTimeout(() => this.#finish(), opts.closeWaitMs)
+      if (!this.#paused) this.#runCloseWait()
     })
     // 'close' comes after the readable side ended; let stderr's last push run first.
     channel.on('close', () => {
@@ -107,10 +112,32 @@ export class SshExec {
 
   // Stops (or restarts) reading the channel: ssh2 then stops adjusting the SSH window, so the
   // sandbox stops sending and the command blocks on its writes.
+  // The close wait stands still meanwhile: OpenSSH sends exit-status as soon as the command exits
+  // and the output still in its buffers after it, which cannot come while we keep the window shut.
   setPaused (paused: boolean): void {
-    if (this.#finished) return
+    if (this.#finished || paused === this.#paused) return
+    this.#paused = paused
     const ch = this.#channel
-    if (paused) { ch.pause(); ch.stderr.pause() } else { ch.resume(); ch.stderr.resume() }
+    if (paused) {
+      ch.pause(); ch.stderr.pause()
+      this.#holdCloseWait()
+    } else {
+      ch.resume(); ch.stderr.resume()
+      if (this.#exit !== undefined) this.#runCloseWait()
+    }
+  }
+
+  #runCloseWait (): void {
+    if (this.#closeWaitTimer !== undefined || this.#finished) return
+    this.#closeWaitSince = performance.now()
+    this.#closeWaitTimer = setTimeout(() => this.#finish(), this.#closeWaitLeftMs)
+  }
+
+  #holdCloseWait (): void {
+    if (this.#closeWaitTimer === undefined) return
+    clearTimeout(this.#closeWaitTimer)
+    this.#closeWaitTimer = undefined
+    this.#closeWaitLeftMs = Math.max(0, this.#closeWaitLeftMs - (performance.now() - this.#closeWaitSince))
   }
 
   resize (cols: number, rows: number): void {

@@ -20,6 +20,7 @@
 // only program i of that seed; ORACLE_CONCURRENCY (default 6) cases at a time;
 // ORACLE_MAX_FAILURES (default 6) stops starting new cases after that many failures;
 // ORACLE_SHRINK_S (default 90, 0 = off) seconds to shrink the first failing program.
+import { setMaxListeners } from 'node:events'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import fc from 'fast-check'
 import type WebSocket from 'ws'
@@ -191,6 +192,8 @@ class HangError extends Error {}
  */
 async function bounded<T> (ms: number, what: string, fn: (signal: AbortSignal) => Promise<T>, diagnose: () => Promise<string>): Promise<T> {
   const ac = new AbortController()
+  // One case's readers, polls and requests all listen on this signal at once.
+  setMaxListeners(0, ac.signal)
   let timer: NodeJS.Timeout | undefined
   let timedOut = false
   const deadline = new Promise<never>((_resolve, reject) => {

@@ -3,6 +3,7 @@
 // violation noticed on the way (offsets that skip or repeat, events after the final one, a gap
 // after data, an SSE id that disagrees with the offsets, ...). Every reader takes an AbortSignal
 // and lets go of its connection when it fires, so a case that hangs can be abandoned cleanly.
+import { setMaxListeners } from 'node:events'
 import WebSocket from 'ws'
 import { STREAMS, type StreamName } from './programs.js'
 
@@ -244,6 +245,7 @@ async function readHttpEvents (baseUrl: string, execId: string, opts: ReadOption
   const col = new EventCollector(opts.offsets, opts.encoding)
   // Aborted by the case's bound or by leaving on purpose.
   const leave = new AbortController()
+  setMaxListeners(0, leave.signal)
   const onOuterAbort = (): void => leave.abort(opts.signal.reason)
   if (opts.signal.aborted) onOuterAbort()
   else opts.signal.addEventListener('abort', onOuterAbort, { once: true })
