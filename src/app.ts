@@ -10,6 +10,7 @@ import { Credentials, readTls, type TlsMaterial } from './credentials.js'
 import { ExecManager } from './execs/manager.js'
 import { buildPublicApp } from './http/public-app.js'
 import { Metrics } from './metrics.js'
+import { Refusals } from './refusals.js'
 import { SessionRegistry } from './relay/sessions.js'
 import { SshPool } from './relay/ssh-pool.js'
 import { createSupervisorServer } from '../routes/supervisor.js'
@@ -29,6 +30,7 @@ export interface Gateway {
   registry: SessionRegistry
   pool: SshPool
   execs: ExecManager
+  refusals: Refusals
   identity: GatewayIdentity
   logger: Logger
   listen: () => Promise<{ publicUrl: string, supervisorUrl: string }>
@@ -49,6 +51,9 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
   const credentials = new Credentials(config, identity, logger.child({ component: 'credentials' }))
   const publicTls = config.tls === undefined ? undefined : readTls(config.tls)
   const supervisorTls = config.supervisorTls === undefined ? undefined : readTls(config.supervisorTls)
+  // One per gateway: the listener, the sessions and the SSH client count and log what a sandbox
+  // sent that was refused, at a rate no sandbox can raise.
+  const refusals = new Refusals({ logger: logger.child({ component: 'refusals' }), linesPerMinute: config.sandboxLogLinesPerMinute })
   const registry = new SessionRegistry({
     sessionWaitMs: config.sessionWaitMs,
     relayOpenTimeoutMs: config.relayOpenTimeoutMs,
@@ -92,7 +97,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
       const connected = all.filter((s) => s.session !== undefined).length
       return { connected, disconnected: all.length - connected }
     }
-  })
+  }, refusals)
   let closing = false
   const { app, sockets } = await buildPublicApp({
     logger,
@@ -157,6 +162,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     registry.close()
     await localSupervisor?.stop()
     await Promise.allSettled([app.close(), closeSupervisorConnections(300)])
+    refusals.close()
   }
 
   const reload = (): void => {
@@ -173,7 +179,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     logger.info({ ...counts, revokedSessions }, 'credentials reloaded')
   }
 
-  return { app, supervisorServer, credentials, registry, pool, execs, identity, logger, listen, reload, close }
+  return { app, supervisorServer, credentials, registry, pool, execs, refusals, identity, logger, listen, reload, close }
 }
 
 function certFingerprint (tls: TlsMaterial): string {

@@ -55,6 +55,19 @@ export const serveFlags = [
   { name: 'max-pending-relays-per-sandbox', key: 'maxPendingRelaysPerSandbox', kind: 'int', default: 32, min: 1, max: 100000, help: 'relays a sandbox may have waiting to be opened (429 beyond)' },
   { name: 'heartbeat-interval-ms', key: 'heartbeatIntervalMs', kind: 'int', default: 15000, min: 10, max: MAX_MS, help: 'heartbeat event after this long without other events, and supervisor session heartbeats' },
   { name: 'shutdown-grace-ms', key: 'shutdownGraceMs', kind: 'int', default: 10000, min: 0, max: MAX_MS, help: 'on SIGTERM, how long running execs may finish before they are cut off' },
+  // Budgets that keep one hostile sandbox from hurting the gateway or the other sandboxes.
+  { name: 'retention-bytes-per-sandbox', key: 'retentionBytesPerSandbox', kind: 'int', default: 268435456, min: 1024, max: 64 * 1024 * 1024 * 1024, help: "output retained across all of one sandbox's execs; beyond it the oldest finished execs' output is dropped first" },
+  { name: 'retention-bytes-total', key: 'retentionBytesTotal', kind: 'int', default: 1073741824, min: 1024, max: 1024 * 1024 * 1024 * 1024, help: 'output retained across all sandboxes; beyond it the sandbox holding the most gives up its oldest first' },
+  { name: 'max-session-streams-per-sandbox', key: 'maxSessionStreamsPerSandbox', kind: 'int', default: 4, min: 1, max: 1000, help: 'supervisor session streams one sandbox may hold open at once (a restart overlaps its old session briefly)' },
+  { name: 'supervisor-max-streams-per-connection', key: 'supervisorMaxStreamsPerConnection', kind: 'int', default: 4096, min: 2, max: 1_000_000, help: 'concurrent HTTP/2 streams one supervisor connection may open (session + relays)' },
+  { name: 'supervisor-refused-streams-per-minute', key: 'supervisorRefusedStreamsPerMinute', kind: 'int', default: 256, min: 1, max: 1_000_000, help: 'refused streams (bad token, unknown route, unclaimed relay) one connection may cause per minute before it is closed' },
+  { name: 'supervisor-auth-timeout-ms', key: 'supervisorAuthTimeoutMs', kind: 'int', default: 10000, min: 1, max: MAX_MS, help: 'a supervisor connection that has not presented a valid token within this is closed' },
+  { name: 'max-unauthenticated-connections', key: 'maxUnauthenticatedConnections', kind: 'int', default: 256, min: 1, max: 1_000_000, help: 'supervisor connections without a valid token yet, at once; newer ones are closed at once' },
+  { name: 'session-line-max-bytes', key: 'sessionLineMaxBytes', kind: 'int', default: 65536, min: 1024, max: 16 * 1024 * 1024, help: 'bytes of one unfinished supervisor session message; a longer line ends the session' },
+  { name: 'session-messages-per-second', key: 'sessionMessagesPerSecond', kind: 'int', default: 50, min: 1, max: 1_000_000, help: 'supervisor session messages per second (bursts of twice that); beyond it the session is ended' },
+  { name: 'ssh-max-rekeys-per-minute', key: 'sshMaxRekeysPerMinute', kind: 'int', default: 10, min: 1, max: 100_000, help: 'key exchanges a sandbox SSH daemon may start per connection per minute; beyond it the connection fails' },
+  { name: 'ssh-max-refused-channel-opens', key: 'sshMaxRefusedChannelOpens', kind: 'int', default: 16, min: 0, max: 100_000, help: 'channels a sandbox SSH daemon may try to open towards the gateway (all refused) before its connection fails' },
+  { name: 'sandbox-log-lines-per-minute', key: 'sandboxLogLinesPerMinute', kind: 'int', default: 60, min: 1, max: 1_000_000, help: 'log lines one sandbox can cause per minute; the rest are counted and summarised' },
   { name: 'log-level', key: 'logLevel', kind: 'string', default: 'info', help: 'pino level: fatal, error, warn, info, debug, trace, silent' },
 ] as const satisfies readonly FlagSpec[]
 

@@ -1,4 +1,5 @@
 import client from 'prom-client'
+import { refusalReasons, type Refusals } from './refusals.js'
 
 // Prometheus metrics of one gateway instance (its own registry, so tests can run several).
 // Names and labels are part of what operators alert on: change them only with a note.
@@ -43,7 +44,17 @@ export class Metrics {
     registers: [this.registry]
   })
 
-  constructor (gauges: { activeExecs: () => number, sessions: () => number, sandboxes: () => { connected: number, disconnected: number } }) {
+  readonly refusals = new client.Counter({
+    name: 'exec_gateway_sandbox_refusals_total',
+    help: 'messages, streams, connections and SSH packets from sandboxes (or unauthenticated peers) that the gateway refused, by reason',
+    labelNames: ['reason'] as const,
+    registers: [this.registry]
+  })
+
+  constructor (gauges: { activeExecs: () => number, sessions: () => number, sandboxes: () => { connected: number, disconnected: number } }, refusals?: Refusals) {
+    // Every reason from zero, so that an alert on a rate sees the first refusal.
+    for (const reason of refusalReasons) this.refusals.inc({ reason }, 0)
+    refusals?.observe((reason) => this.refusals.inc({ reason }))
     new client.Gauge({ name: 'exec_gateway_active_execs', help: 'execs not yet ended', registers: [this.registry], collect () { this.set(gauges.activeExecs()) } })
     new client.Gauge({ name: 'exec_gateway_supervisor_sessions', help: 'connected supervisor sessions', registers: [this.registry], collect () { this.set(gauges.sessions()) } })
     new client.Gauge({
