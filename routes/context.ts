@@ -13,5 +13,9 @@ export interface RouteContext {
   execRateLimitPerMinute: number
   // Open WebSockets, closed with 1001 on shutdown.
   sockets: Set<WebSocket>
-  isClosing: () => boolean
+  // 'ready' once both listeners are up (and the embedded sandbox with them); 'draining' from
+  // the first step of shutdown. /readyz answers from it, for load balancers.
+  readiness: () => Readiness
 }
+
+export type Readiness = 'starting' | 'ready' | 'draining'

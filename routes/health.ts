@@ -12,6 +12,20 @@ const health: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { c
     }
   }, async () => ({ status: 'ok' as const }))
 
+  const Readiness = Type.Object({ status: Type.Union([Type.Literal('ready'), Type.Literal('starting'), Type.Literal('draining')]) })
+  app.get('/readyz', {
+    config: { openAccess: true },
+    schema: {
+      tags: ['health'],
+      summary: 'Whether this gateway takes new work (for load balancers)',
+      description: '200 once both listeners are up (and the embedded local sandbox, when it runs); 503 while the gateway starts or drains (from the first step of a SIGTERM).',
+      response: { 200: Readiness, 503: Readiness }
+    }
+  }, async (_req, reply) => {
+    const status = ctx.readiness()
+    return await reply.code(status === 'ready' ? 200 : 503).send({ status })
+  })
+
   app.get('/metrics', {
     schema: { tags: ['health'], summary: 'Prometheus metrics', produces: ['text/plain'], response: { 200: Type.String() } }
   }, async (_req, reply) => {

@@ -17,6 +17,7 @@ import { createSupervisorServer } from '../routes/supervisor.js'
 import { Supervisor } from './supervisor/agent.js'
 import { signSupervisorToken } from './tokens.js'
 import { CLOSE_GOING_AWAY } from '../routes/exec-stream.js'
+import type { Readiness } from '../routes/context.js'
 
 // buildGateway(config) assembles the gateway; it never listens by itself. listen() binds both
 // listeners (and starts the embedded sandbox), close() shuts everything down within the grace.
@@ -99,11 +100,12 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     }
   }, refusals)
   let closing = false
+  let readiness: Readiness = 'starting'
   const { app, sockets } = await buildPublicApp({
     logger,
     apiTokens: () => credentials.apiTokens,
     tls: publicTls,
-    ctx: { execs, registry, metrics, heartbeatIntervalMs: config.heartbeatIntervalMs, execRateLimitPerMinute: config.execRateLimitPerMinute, isClosing: () => closing }
+    ctx: { execs, registry, metrics, heartbeatIntervalMs: config.heartbeatIntervalMs, execRateLimitPerMinute: config.execRateLimitPerMinute, readiness: () => readiness }
   })
   const { server: supervisorServer, closeAll: closeSupervisorConnections, closeRevoked } = createSupervisorServer({
     registry,
@@ -146,12 +148,14 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
       // The local sandbox is usable as soon as listen() returns.
       await registry.waitForSession(LOCAL_SANDBOX_ID)
     }
+    if (!closing) readiness = 'ready'
     return { publicUrl, supervisorUrl }
   }
 
   const close = async (): Promise<void> => {
     if (closing) return
     closing = true
+    readiness = 'draining'
     await execs.close(config.shutdownGraceMs)
     pool.close()
     for (const ws of sockets) {

@@ -66,9 +66,11 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
   installServerRefusals(app.server as unknown as HttpServer)
   let closing = false
   app.addHook('preClose', async () => { closing = true })
-  app.addHook('onRequest', async (_request, reply) => {
+  app.addHook('onRequest', async (request, reply) => {
     if (!closing) return
     reply.header('connection', 'close')
+    // A load balancer's probe gets the same answer as from the route while the gateway drains.
+    if (request.url === '/readyz') return await reply.code(503).send({ status: 'draining' })
     return sendProblem(reply, problem('shutting_down', 'the gateway is shutting down'))
   })
   // Only JSON bodies: anything else is 415, not a string that fails validation as a 400.

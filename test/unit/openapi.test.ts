@@ -28,6 +28,7 @@ interface OpenApiDoc { openapi: string, paths: Record<string, Record<string, Ope
 // is parsed, 500 everywhere, and what each handler adds.
 const PROBLEMS: Record<string, number[]> = {
   'GET /healthz': [403, 500],
+  'GET /readyz': [403, 500],
   'GET /metrics': [401, 403, 500],
   'GET /openapi.json': [403, 500],
   'GET /v1/sandboxes': [401, 403, 500],
@@ -40,6 +41,9 @@ const PROBLEMS: Record<string, number[]> = {
   'POST /v1/execs/{execId}/signal': [400, 401, 403, 404, 409, 413, 415, 500],
   'DELETE /v1/execs/{execId}': [400, 401, 403, 404, 413, 415, 500]
 }
+
+// Statuses that are an answer, not a problem: /readyz's 503 is the probe saying "not now".
+const NOT_PROBLEMS: Record<string, number[]> = { 'GET /readyz': [503] }
 
 function operation (key: string): Operation {
   const [method, path] = key.split(' ') as [string, string]
@@ -87,7 +91,7 @@ describe('OpenAPI document', () => {
     expect(documented.sort(), 'a new or removed route? list it in PROBLEMS with every problem status it can return').toEqual(Object.keys(PROBLEMS).sort())
     for (const [key, statuses] of Object.entries(PROBLEMS)) {
       const responses = operation(key).responses
-      expect(Object.keys(responses).map(Number).filter((s) => s >= 400), key).toEqual(statuses)
+      expect(Object.keys(responses).map(Number).filter((s) => s >= 400 && !(NOT_PROBLEMS[key] ?? []).includes(s)), key).toEqual(statuses)
       for (const status of statuses) {
         const r = responses[String(status)]!
         expect(r.content, `${key} ${status}`).toEqual({ 'application/problem+json': { schema: { $ref: '#/components/schemas/Problem' } } })
@@ -121,7 +125,7 @@ describe('OpenAPI document', () => {
   })
 
   it('marks the open routes as needing no token', () => {
-    for (const key of ['GET /healthz', 'GET /openapi.json']) expect(operation(key).security, key).toEqual([])
+    for (const key of ['GET /healthz', 'GET /readyz', 'GET /openapi.json']) expect(operation(key).security, key).toEqual([])
     for (const key of Object.keys(PROBLEMS).filter((k) => k.includes('/v1/') || k.includes('/metrics'))) expect(operation(key).security, key).toBeUndefined()
   })
 
