@@ -4,6 +4,7 @@ import { execFileSync } from 'node:child_process'
 import { readFileSync } from 'node:fs'
 import v8 from 'node:v8'
 import vm from 'node:vm'
+import { median } from '../test/helpers/stats.js'
 import { ALL_FAULT_KINDS, MUST_DETECT_MS, type FaultKind } from './knobs.js'
 import { SHAPES } from './plans.js'
 import { HONEST_503, type Observation } from './execs.js'
@@ -52,11 +53,6 @@ export function judge (obs: Observation): Verdict {
   else if (obs.outcome === 'exit') v.category = 'true'
   else v.category = HONEST_503.has(obs.code ?? '') ? '503' : 'honest'
   return v
-}
-
-export function percentile (xs: number[], p: number): number {
-  const s = [...xs].sort((a, b) => a - b)
-  return s[Math.min(s.length - 1, Math.floor(p * s.length))]!
 }
 
 export function codeVersion (): string {
@@ -115,7 +111,7 @@ export function verdictTables (verdicts: Verdict[]): string[] {
     [label, vs.length, count(vs, 'true'), count(vs, '503'), count(vs, 'honest'), count(vs, 'hung'), count(vs, 'wrong')]
   const rowFor = (label: string, vs: Verdict[]): Array<string | number> => {
     const det = vs.map((v) => v.detectMs).filter((x): x is number => x !== undefined)
-    return [...counts(label, vs), vs.filter((v) => v.survived !== undefined).length, det.length === 0 ? '-' : `${percentile(det, 0.5)}/${Math.max(...det)}`]
+    return [...counts(label, vs), vs.filter((v) => v.survived !== undefined).length, det.length === 0 ? '-' : `${median(det)}/${Math.max(...det)}`]
   }
   const cols = ['execs', 'true exit', '503', '502/504/429', 'hung', 'wrong']
   const rows = kinds.map((k) => rowFor(k, verdicts.filter((v) => v.kind === k))).filter((r) => r[1] !== 0 || r[0] === 'none')

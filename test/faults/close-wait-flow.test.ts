@@ -1,7 +1,6 @@
 import { createHash } from 'node:crypto'
 import { afterEach, describe, expect, it } from 'vitest'
-import WebSocket from 'ws'
-import { execStart } from '../helpers/api.js'
+import { execStart, openPausedBinaryReader } from '../helpers/api.js'
 import { createFaultKit, FAST } from '../helpers/fault-kit.js'
 import { sleep, waitFor } from '../helpers/wait.js'
 
@@ -35,30 +34,17 @@ describe('close wait and flow control', () => {
     await g.waitConnected('tail')
     const id = await execStart(g.publicUrl, 'tail', { command: ['anything'] })
     const entry = g.gw.execs.get(id)!
-    const ws = new WebSocket(`${g.publicUrl.replace('http', 'ws')}/v1/execs/${id}/stream`, ['exec-gateway.v1.binary'])
-    const hash = createHash('sha256')
-    let received = 0
-    let final: any
-    let paused = false
-    const closed = new Promise<number>((resolve, reject) => {
-      ws.on('error', reject)
-      ws.on('close', (code) => resolve(code))
-    })
-    ws.on('message', (data: Buffer, isBinary) => {
-      if (!isBinary) { final = JSON.parse(data.toString()); return }
-      hash.update(data.subarray(1))
-      received += data.length - 1
-      if (!paused) { paused = true; ws.pause() }
-    })
+    // Paused from its first frame on.
+    const reader = openPausedBinaryReader(g.publicUrl, id, { pauseAtBytes: 0 })
     await waitFor(() => entry.flowHeld, { timeoutMs: 10_000 })
     // Ten close waits with the window shut and the exit status in.
     await sleep(FAST.closeWaitMs! * 10)
     expect(entry.status).toBe('running')
-    ws.resume()
-    expect(await closed).toBe(1000)
-    expect(final).toEqual({ type: 'exit', exitCode: 5, signal: null, timedOut: false })
-    expect(received).toBe(SIZE)
-    expect(hash.digest('hex')).toBe(digest)
+    reader.ws.resume()
+    expect(await reader.closed).toBe(1000)
+    expect(reader.final).toEqual({ type: 'exit', exitCode: 5, signal: null, timedOut: false })
+    expect(reader.received).toBe(SIZE)
+    expect(reader.sha256()).toBe(digest)
     expect(entry.toJSON()).toMatchObject({ status: 'exited', exitCode: 5, stdoutBytes: SIZE })
   }, 60_000)
 })

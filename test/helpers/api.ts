@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto'
 import WebSocket from 'ws'
 import { createGatewayClient, type Encoding, type ExecEvent, type ExecRequest } from '../../sdk/index.js'
 
@@ -78,4 +79,47 @@ export async function readWebSocket (baseUrl: string, execId: string, opts: { qu
 
 export function outputOf (events: any[], stream: 'stdout' | 'stderr'): string {
   return events.filter((e) => e.type === stream).map((e) => e.data).join('')
+}
+
+export interface PausedBinaryReader {
+  readonly ws: WebSocket
+  // Resolves with the close code.
+  readonly closed: Promise<number>
+  readonly paused: boolean
+  // Bytes of output received so far, channel bytes not counted.
+  readonly received: number
+  // The last JSON text frame: the final event, once the stream has ended.
+  readonly final: unknown
+  // Of every output byte received; call once, after the close.
+  sha256: () => string
+}
+
+// A reader of an exec's stream in binary frames that stops reading (ws.pause()) once pauseAtBytes
+// have arrived, so the gateway's window to the sandbox closes, until the caller resumes it.
+// onFrame sees each binary frame before it is counted.
+export function openPausedBinaryReader (baseUrl: string, execId: string, opts: { pauseAtBytes: number, onFrame?: (frame: Buffer) => void }): PausedBinaryReader {
+  const ws = new WebSocket(`${baseUrl.replace('http', 'ws')}/v1/execs/${execId}/stream`, ['exec-gateway.v1.binary'])
+  const hash = createHash('sha256')
+  let received = 0
+  let final: unknown
+  let paused = false
+  const closed = new Promise<number>((resolve, reject) => {
+    ws.on('error', reject)
+    ws.on('close', (code) => resolve(code))
+  })
+  ws.on('message', (data: Buffer, isBinary: boolean) => {
+    if (!isBinary) { final = JSON.parse(data.toString()); return }
+    opts.onFrame?.(data)
+    hash.update(data.subarray(1))
+    received += data.length - 1
+    if (!paused && received >= opts.pauseAtBytes) { paused = true; ws.pause() }
+  })
+  return {
+    ws,
+    closed,
+    get paused () { return paused },
+    get received () { return received },
+    get final () { return final },
+    sha256: () => hash.digest('hex')
+  }
 }

@@ -3,10 +3,9 @@ import { createHash, randomBytes } from 'node:crypto'
 import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import WebSocket from 'ws'
 import type { TestGateway } from '../helpers/gateway.js'
 import { startSandbox, type TestSandbox } from '../helpers/sandbox.js'
-import { execStart } from '../helpers/api.js'
+import { execStart, openPausedBinaryReader } from '../helpers/api.js'
 import { sleep, waitFor } from '../helpers/wait.js'
 
 // CONTRACT §4 flow control: while a reader is attached the gateway reads from the sandbox no
@@ -50,29 +49,11 @@ describe.each(['embedded', 'openssh'] as const)('flow control through the %s dae
   it('200 MiB to a binary WebSocket reader that pauses for 5 s arrives byte-exact, and the gateway holds the command back', async () => {
     const id = await execStart(g.publicUrl, 'flow', { command: ['cat', file] })
     const entry = g.gw.execs.get(id)!
-    const ws = new WebSocket(`${g.publicUrl.replace('http', 'ws')}/v1/execs/${id}/stream`, ['exec-gateway.v1.binary'])
-    const hash = createHash('sha256')
-    let received = 0
-    let final: any
-    let paused = false
+    const reader = openPausedBinaryReader(g.publicUrl, id, { pauseAtBytes: 16 * 1024 * 1024, onFrame: (data) => { expect(data[0]).toBe(1) } })
     let rssBefore = 0
     let rssPeak = 0
     const sample = setInterval(() => { rssPeak = Math.max(rssPeak, process.memoryUsage().rss) }, 50)
-    const closed = new Promise<number>((resolve, reject) => {
-      ws.on('error', reject)
-      ws.on('close', (code) => resolve(code))
-    })
-    ws.on('message', (data: Buffer, isBinary) => {
-      if (!isBinary) { final = JSON.parse(data.toString()); return }
-      expect(data[0]).toBe(1)
-      hash.update(data.subarray(1))
-      received += data.length - 1
-      if (!paused && received >= 16 * 1024 * 1024) {
-        paused = true
-        ws.pause()
-      }
-    })
-    await waitFor(() => paused, { timeoutMs: 30_000 })
+    await waitFor(() => reader.paused, { timeoutMs: 30_000 })
     global.gc?.()
     rssBefore = process.memoryUsage().rss
     rssPeak = rssBefore
@@ -82,13 +63,13 @@ describe.each(['embedded', 'openssh'] as const)('flow control through the %s dae
     // Held back: the command produced at most a few windows more while nobody read.
     expect(entry.stdout.total - producedAtPause).toBeLessThan(16 * 1024 * 1024)
     expect(entry.status).toBe('running')
-    ws.resume()
-    const code = await closed
+    reader.ws.resume()
+    const code = await reader.closed
     clearInterval(sample)
     expect(code).toBe(1000)
-    expect(final).toEqual({ type: 'exit', exitCode: 0, signal: null, timedOut: false })
-    expect(received).toBe(SIZE)
-    expect(hash.digest('hex')).toBe(digest)
+    expect(reader.final).toEqual({ type: 'exit', exitCode: 0, signal: null, timedOut: false })
+    expect(reader.received).toBe(SIZE)
+    expect(reader.sha256()).toBe(digest)
     expect(rssPeak - rssBefore, 'gateway (and client) RSS growth while paused and after').toBeLessThan(64 * 1024 * 1024)
   }, 120_000)
 

@@ -119,6 +119,19 @@ function flood (ws: WebSocket, framing: Framing, total: number): Flood {
   }
 }
 
+// Binary sockets on one exec, all created before anything is awaited, so that the caller's
+// finally can terminate every one of them.
+function binarySockets (g: TestGateway, execId: string, count: number): WebSocket[] {
+  return Array.from({ length: count }, () => openSocket(g, execId, ['exec-gateway.v1.binary']))
+}
+
+// Once every socket is open, a binary flood of `each` bytes on each, all started together. No
+// socket can close before the caller's next line runs (no I/O between), so it may watch for that.
+async function floodWhenOpen (sockets: WebSocket[], each: number): Promise<Flood[]> {
+  await Promise.all(sockets.map(opened))
+  return sockets.map((ws) => flood(ws, 'binary', each))
+}
+
 // What this process (the gateway and the client) holds after a full collection: buffered
 // stdin would show here, the garbage a flood leaves behind would not (RSS is too noisy).
 // Array buffers are released after the collection that finds them dead: collect twice.
@@ -188,15 +201,12 @@ describe.each(['embedded', 'openssh'] as const)('stdin flow control through the 
     const id = await execStart(g.publicUrl, sandbox, { command: ['sh', '-c', `sleep 3; head -c ${2 * each} | wc -c`], interactive: true, timeoutSeconds: 60 })
     await waitRunning(g, id)
     const startedAt = Date.now()
-    const a = openSocket(g, id, ['exec-gateway.v1.binary'])
-    const b = openSocket(g, id, ['exec-gateway.v1.binary'])
+    const [a, b] = binarySockets(g, id, 2)
     const outA = collectStdout(a, 'binary')
     try {
-      await Promise.all([opened(a), opened(b)])
+      const [fa, fb] = await floodWhenOpen([a, b], each)
       const endA = closed(a, 50_000)
       const endB = closed(b, 50_000)
-      const fa = flood(a, 'binary', each)
-      const fb = flood(b, 'binary', each)
       await sleep(Math.max(0, startedAt + 2500 - Date.now()))
       expect(fa.flushed, 'socket a while the command slept').toBeLessThan(each * 3 / 4)
       expect(fb.flushed, 'socket b while the command slept').toBeLessThan(each * 3 / 4)
@@ -216,14 +226,11 @@ describe.each(['embedded', 'openssh'] as const)('stdin flow control through the 
   it('a socket held back when the exec ends still closes at once (1000 after exit); one that leaves while held back only detaches', async () => {
     const id = await execStart(g.publicUrl, sandbox, { command: ['sh', '-c', 'sleep 30'], interactive: true, timeoutSeconds: 60 })
     await waitRunning(g, id)
-    const leaving = openSocket(g, id, ['exec-gateway.v1.binary'])
-    const held = openSocket(g, id, ['exec-gateway.v1.binary'])
+    const [leaving, held] = binarySockets(g, id, 2)
     const out = collectStdout(held, 'binary')
     try {
-      await Promise.all([opened(leaving), opened(held)])
+      const [fl, fh] = await floodWhenOpen([leaving, held], 32 * MiB)
       const end = closed(held, 10_000)
-      const fl = flood(leaving, 'binary', 32 * MiB)
-      const fh = flood(held, 'binary', 32 * MiB)
       await sleep(1500)
       expect(fl.flushed).toBeLessThan(24 * MiB)
       expect(fh.flushed).toBeLessThan(24 * MiB)
@@ -292,9 +299,8 @@ describe.each(['embedded', 'openssh'] as const)('stdin flow control through the 
       const doomed = await execStart(g.publicUrl, sandbox, { command: ['cat'], interactive: true })
       const d = openSocket(g, doomed, ['exec-gateway.v1.binary'])
       try {
-        await opened(d)
+        const [fd] = await floodWhenOpen([d], 32 * MiB)
         const endD = closed(d, 10_000)
-        const fd = flood(d, 'binary', 32 * MiB)
         await sleep(500)
         expect(fd.flushed).toBeLessThan(24 * MiB)
         const t0 = Date.now()

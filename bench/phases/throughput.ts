@@ -1,0 +1,104 @@
+// Phase 3: stdout throughput of the random file to a WebSocket reader (binary frames and base64
+// JSON), every byte sha256-checked, against `ssh … cat`; and where the CPU goes meanwhile.
+import { closeSync, openSync } from 'node:fs'
+import os from 'node:os'
+import { expect } from 'vitest'
+import { median } from '../../test/helpers/stats.js'
+import type { StreamMode, StreamRun } from '../clients.js'
+import { BINARY_SUBPROTOCOL, FILE_MIB, GOALS, TPUT_REPS } from '../knobs.js'
+import { CLK_TCK, cpuTicksOfAll, processTree } from '../proc.js'
+import { fixed, log } from '../report.js'
+import type { World } from '../world.js'
+
+// CPU seconds of one gateway transfer: the gateway, the supervisor, the sshd side (pooled session
+// processes and their `cat`), and this process (the WebSocket client).
+interface Cpu { gateway: number, supervisor: number, sshd: number, client: number, wallS: number }
+
+const mbps = (bytes: number, t: number): number => bytes / 1e6 / (t / 1000)
+
+export async function throughput (world: World): Promise<void> {
+  const { api, profiler, results } = world
+  const e = world.setup
+  const devNull = openSync('/dev/null', 'w')
+  const t = { ssh: [] as number[], binary: [] as number[], base64: [] as number[], sshPipedStream: [] as number[], binaryStream: [] as number[] }
+  const check = (what: string, r: StreamRun): void => {
+    expect(r.bytes, `${what}: bytes received`).toBe(e.fileBytes)
+    expect(r.sha256, `${what}: sha256 of the bytes received`).toBe(e.fileSha256)
+  }
+  const cpu: Record<StreamMode, Cpu[]> = { binary: [], base64: [] }
+  const supA = e.supervisors[0]!
+  const measured = async (mode: StreamMode): Promise<StreamRun> => {
+    const sshdPids = processTree(e.sshdPid)
+    const b = { gateway: cpuTicksOfAll([e.gwA.pid]), supervisor: cpuTicksOfAll([supA.pid]), sshd: cpuTicksOfAll(sshdPids) }
+    const c0 = process.cpuUsage()
+    const r = await profiler.profiled(e.gwA, `throughput-${mode}`, async () => await api.websocketCat(e.gwA.publicUrl, 'ossh', e.file, mode))
+    const c1 = process.cpuUsage(c0)
+    cpu[mode].push({
+      gateway: (cpuTicksOfAll([e.gwA.pid]) - b.gateway) / CLK_TCK,
+      supervisor: (cpuTicksOfAll([supA.pid]) - b.supervisor) / CLK_TCK,
+      sshd: (cpuTicksOfAll(sshdPids) - b.sshd) / CLK_TCK,
+      client: (c1.user + c1.system) / 1e6,
+      wallS: r.ms / 1000
+    })
+    return r
+  }
+  try {
+    // Warm-up: page cache, pools, JIT.
+    await e.ssh.run(['cat', e.file], { stdoutFd: devNull })
+    check('warm-up binary', await api.websocketCat(e.gwA.publicUrl, 'ossh', e.file, 'binary'))
+    for (let rep = 0; rep < TPUT_REPS; rep++) {
+      const s = await e.ssh.run(['cat', e.file], { stdoutFd: devNull })
+      if (s.code !== 0) throw new Error(`ssh cat exited ${s.code}: ${s.stderr}`)
+      t.ssh.push(s.ms)
+      const bin = await measured('binary')
+      check('binary', bin)
+      t.binary.push(bin.ms)
+      t.binaryStream.push(bin.streamMs)
+      const piped = await e.ssh.catPiped(e.file)
+      check('ssh piped', piped)
+      t.sshPipedStream.push(piped.streamMs)
+      const b64 = await measured('base64')
+      check('base64', b64)
+      t.base64.push(b64.ms)
+      const f = (x: number): string => mbps(e.fileBytes, x).toFixed(0)
+      log(`throughput rep ${rep + 1}: ssh>/dev/null ${f(s.ms)}, binary ${f(bin.ms)} (stream ${f(bin.streamMs)}, ${bin.frames} frames), ssh|sha256 stream ${f(piped.streamMs)}, base64 ${f(b64.ms)} (${b64.frames} frames) MB/s`)
+    }
+  } finally {
+    closeSync(devNull)
+  }
+  for (const mode of ['binary', 'base64'] as const) {
+    const avg = (k: keyof Cpu): number => cpu[mode].reduce((a, c) => a + c[k], 0) / cpu[mode].length
+    const line = `CPU seconds during one ${mode} transfer of ${FILE_MIB} MiB (mean of ${cpu[mode].length}, wall ${avg('wallS').toFixed(2)} s, ${os.availableParallelism()} cores): gateway ${avg('gateway').toFixed(2)}, supervisor ${avg('supervisor').toFixed(2)}, sshd + cat ${avg('sshd').toFixed(2)}, WebSocket client (bench process) ${avg('client').toFixed(2)}; total ${(avg('gateway') + avg('supervisor') + avg('sshd') + avg('client')).toFixed(2)} of ${(avg('wallS') * os.availableParallelism()).toFixed(2)} available`
+    log(line)
+    results.notes.push(line)
+  }
+  const ssh = mbps(e.fileBytes, median(t.ssh))
+  const bin = mbps(e.fileBytes, median(t.binary))
+  const b64 = mbps(e.fileBytes, median(t.base64))
+  const binStream = mbps(e.fileBytes, median(t.binaryStream))
+  const sshStream = mbps(e.fileBytes, median(t.sshPipedStream))
+  const peer = `\`ssh … cat\` > /dev/null: ${ssh.toFixed(0)} MB/s`
+  results.rows.push({
+    what: `stdout throughput, ${FILE_MIB} MiB random, gateway → WebSocket \`${BINARY_SUBPROTOCOL}\` (OpenSSH via supervisor; end to end, median of ${TPUT_REPS}, sha256 checked)`,
+    gateway: `${bin.toFixed(0)} MB/s`,
+    peer,
+    ratio: fixed(bin / ssh, 2),
+    goal: `≥ ${GOALS.binaryThroughputRatio.toFixed(2)}`,
+    met: bin / ssh >= GOALS.binaryThroughputRatio
+  })
+  results.rows.push({
+    what: 'stdout throughput, the same as JSON text events `?encoding=base64` (end to end, sha256 checked)',
+    gateway: `${b64.toFixed(0)} MB/s`,
+    peer,
+    ratio: fixed(b64 / ssh, 2),
+    goal: '—'
+  })
+  results.rows.push({
+    what: 'stdout streaming rate only (first byte → end, no connection setup), binary WebSocket vs `ssh … cat` piped into the bench process; both sha256 checked',
+    gateway: `${binStream.toFixed(0)} MB/s`,
+    peer: `\`ssh … cat\` piped into a sha256 in the bench process: ${sshStream.toFixed(0)} MB/s`,
+    ratio: fixed(binStream / sshStream, 2),
+    goal: '—'
+  })
+  results.notes.push(`throughput: MB = 10^6 bytes. End to end = gateway: POST to WebSocket close; ssh: spawn to exit (so it includes ssh's connection setup, see the round trip rows). Streaming rate = first output byte to the end. ${TPUT_REPS} interleaved repetitions after one warm-up`)
+}
