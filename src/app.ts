@@ -72,6 +72,9 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     channelsPerConnection: config.sshChannelsPerConnection,
     idleCloseMs: config.sshIdleCloseMs,
     logger: logger.child({ component: 'ssh' }),
+    refusals,
+    maxRekeysPerMinute: config.sshMaxRekeysPerMinute,
+    maxRefusedChannelOpens: config.sshMaxRefusedChannelOpens,
     observer: {
       relayOpened: (s) => metrics?.relayOpen.observe(s),
       sshHandshake: (s, outcome) => metrics?.sshHandshake.observe({ outcome }, s),
@@ -83,6 +86,8 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     pool,
     logger: logger.child({ component: 'execs' }),
     retentionBytes: config.retentionBytes,
+    retentionBytesPerSandbox: config.retentionBytesPerSandbox,
+    retentionBytesTotal: config.retentionBytesTotal,
     execTtlS: config.execTtlS,
     closeWaitMs: config.closeWaitMs,
     maxPendingRelaysPerSandbox: config.maxPendingRelaysPerSandbox,
@@ -97,7 +102,8 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
       const all = registry.list()
       const connected = all.filter((s) => s.session !== undefined).length
       return { connected, disconnected: all.length - connected }
-    }
+    },
+    retainedBytes: () => execs.retainedBytes
   }, refusals)
   let closing = false
   let readiness: Readiness = 'starting'

@@ -51,12 +51,13 @@ export class Metrics {
     registers: [this.registry]
   })
 
-  constructor (gauges: { activeExecs: () => number, sessions: () => number, sandboxes: () => { connected: number, disconnected: number } }, refusals?: Refusals) {
+  constructor (gauges: { activeExecs: () => number, sessions: () => number, sandboxes: () => { connected: number, disconnected: number }, retainedBytes: () => number }, refusals?: Refusals) {
     // Every reason from zero, so that an alert on a rate sees the first refusal.
     for (const reason of refusalReasons) this.refusals.inc({ reason }, 0)
     refusals?.observe((reason) => this.refusals.inc({ reason }))
     new client.Gauge({ name: 'exec_gateway_active_execs', help: 'execs not yet ended', registers: [this.registry], collect () { this.set(gauges.activeExecs()) } })
     new client.Gauge({ name: 'exec_gateway_supervisor_sessions', help: 'connected supervisor sessions', registers: [this.registry], collect () { this.set(gauges.sessions()) } })
+    new client.Gauge({ name: 'exec_gateway_retained_bytes', help: 'exec output held for replays and results, across all sandboxes (bounded by --retention-bytes-total)', registers: [this.registry], collect () { this.set(gauges.retainedBytes()) } })
     new client.Gauge({
       name: 'exec_gateway_sandboxes',
       help: 'known sandboxes by status',

@@ -4,6 +4,7 @@ import type { Outcome } from '../relay/outcome.js'
 import type { Exec, ExecResult } from '../schemas/exec.js'
 import type { ExecEvent, FinalEvent } from '../schemas/events.js'
 import { continuationPrefix, interleave, OutputJournal, utf8CompleteLength, type JournalChunk } from './journal.js'
+import type { RetentionBudget, RetentionTicket } from './retention-budget.js'
 import type { ValidExec } from './validate.js'
 
 // One exec: its record, its two output journals, and the readers attached to it. Every way of
@@ -34,8 +35,12 @@ export class ExecEntry extends EventEmitter {
   // Readers that cannot keep up. While any holds the flow, the exec reads from the sandbox no
   // faster than they drain (the SSH window closes and the command blocks on its writes).
   readonly #holders = new Set<object>()
+  // What this exec holds counts against its sandbox's and the gateway's retention budgets,
+  // which may take its oldest bytes to make room for others.
+  readonly #ticket: RetentionTicket | undefined
+  #discarded = false
 
-  constructor (id: string, sandboxId: string, spec: ValidExec, retentionBytes: number) {
+  constructor (id: string, sandboxId: string, spec: ValidExec, retentionBytes: number, budget?: RetentionBudget) {
     super()
     this.setMaxListeners(0)
     this.id = id
@@ -43,7 +48,11 @@ export class ExecEntry extends EventEmitter {
     this.spec = spec
     this.stdout = new OutputJournal(retentionBytes)
     this.stderr = new OutputJournal(retentionBytes)
+    this.#ticket = budget?.open(sandboxId, this)
   }
+
+  // Bytes held in both journals.
+  get retained (): number { return this.stdout.retained + this.stderr.retained }
 
   get finished (): boolean { return this.outcome !== undefined }
 
@@ -67,10 +76,43 @@ export class ExecEntry extends EventEmitter {
     this.emit('started')
   }
 
+  // Live readers get the chunk itself, never the journal's copy of it: the budget may drop it
+  // from the journal before they are called, and they still see every byte, with no gap.
   append (stream: StreamName, data: Buffer): void {
     if (this.finished || data.length === 0) return
-    const chunk = this[stream].append(data)
+    const journal = this[stream]
+    const before = journal.retained
+    const chunk = journal.append(data)
+    if (this.#discarded) journal.dropOldest(Infinity)
+    else this.#ticket?.grew(journal.retained - before)
     this.emit('output', stream, chunk.offset, chunk.data)
+  }
+
+  // Frees up to n of the oldest bytes across both streams, in the order they arrived, so what
+  // is left replays as the newest part of what a live reader saw. For the budget; returns the
+  // bytes freed.
+  dropOldest (n: number): number {
+    let freed = 0
+    while (freed < n) {
+      const out = this.stdout.oldestSeq
+      const err = this.stderr.oldestSeq
+      if (out === undefined && err === undefined) break
+      freed += err === undefined || (out !== undefined && out < err)
+        ? this.stdout.dropOldest(n - freed, err)
+        : this.stderr.dropOldest(n - freed, out)
+    }
+    return freed
+  }
+
+  // The record is forgotten (DELETE, or its TTL passed): its output stops counting against
+  // the budgets and is not kept. A run that has not ended yet still streams live to readers
+  // already attached.
+  discard (): void {
+    if (this.#discarded) return
+    this.#discarded = true
+    this.#ticket?.release()
+    this.stdout.dropOldest(Infinity)
+    this.stderr.dropOldest(Infinity)
   }
 
   finish (outcome: Outcome): void {
@@ -78,6 +120,7 @@ export class ExecEntry extends EventEmitter {
     this.outcome = outcome
     this.status = outcome.kind === 'failed' ? 'failed' : 'exited'
     this.endedAt = new Date()
+    this.#ticket?.finished()
     this.emit('end', this.finalEvent()!)
   }
 

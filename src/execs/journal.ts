@@ -1,5 +1,7 @@
 // The output of one stream of one exec, addressed by byte offset. It keeps the newest
-// retentionBytes for late joiners and replays; everything older is reported as a gap.
+// retentionBytes for late joiners and replays; everything older is reported as a gap. The
+// sandbox's and the gateway's retention budgets (retention-budget.ts) may take more, oldest
+// first, through dropOldest: such a start is a gap like any other.
 
 export interface JournalChunk { offset: number, data: Buffer }
 
@@ -34,6 +36,13 @@ export class OutputJournal {
   // Offset of the oldest byte still held.
   get start (): number { return this.#total - this.#retained }
 
+  // Bytes held.
+  get retained (): number { return this.#retained }
+
+  // Arrival stamp of the oldest byte held: an exec drops across its two journals in the order
+  // their bytes arrived.
+  get oldestSeq (): number | undefined { return this.#chunks[0]?.seq }
+
   append (data: Buffer): JournalChunk {
     const offset = this.#total
     // An empty chunk would replay as an empty event.
@@ -41,8 +50,14 @@ export class OutputJournal {
     this.#total += data.length
     this.#chunks.push({ offset, data, seq: nextSeq++ })
     this.#retained += data.length
-    this.#trim()
+    this.#dropFront(this.#retained - this.#retention, Infinity)
     return { offset, data }
+  }
+
+  // Frees up to n of the oldest bytes held, but none that arrived at or after `untilSeq`;
+  // returns how many it freed. Offsets are untouched: what was dropped replays as a gap.
+  dropOldest (n: number, untilSeq = Infinity): number {
+    return this.#dropFront(n, untilSeq)
   }
 
   // Chunks from `offset` on, with their arrival stamps; `gap` when part of what was asked for
@@ -73,18 +88,22 @@ export class OutputJournal {
   }
 
   // A chunk cut at the front keeps its stamp: its remaining bytes still arrived then.
-  #trim (): void {
-    while (this.#retained > this.#retention) {
+  #dropFront (n: number, untilSeq: number): number {
+    let freed = 0
+    while (freed < n && this.#chunks.length > 0) {
       const first = this.#chunks[0]!
-      const excess = this.#retained - this.#retention
-      if (first.data.length <= excess) {
+      if (first.seq >= untilSeq) break
+      const want = n - freed
+      if (first.data.length <= want) {
         this.#chunks.shift()
-        this.#retained -= first.data.length
+        freed += first.data.length
       } else {
-        this.#chunks[0] = { offset: first.offset + excess, data: first.data.subarray(excess), seq: first.seq }
-        this.#retained -= excess
+        this.#chunks[0] = { offset: first.offset + want, data: first.data.subarray(want), seq: first.seq }
+        freed += want
       }
     }
+    this.#retained -= freed
+    return freed
   }
 }
 

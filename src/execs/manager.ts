@@ -9,6 +9,7 @@ import { decideOutcome, type Outcome } from '../relay/outcome.js'
 import type { SessionRegistry } from '../relay/sessions.js'
 import { assembleCommand, killScript, shellQuote, type SignalName } from './command.js'
 import { ExecEntry } from './exec-entry.js'
+import { RetentionBudget } from './retention-budget.js'
 import { RunTimers } from './run-timers.js'
 import { StdinFlow, type StdinWrite } from './stdin-flow.js'
 import type { ValidExec } from './validate.js'
@@ -20,6 +21,10 @@ export interface ExecManagerOptions {
   pool: SshPool
   logger: Logger
   retentionBytes: number
+  // Output retained across all of one sandbox's execs, and across all sandboxes (see
+  // RetentionBudget); unbounded when absent.
+  retentionBytesPerSandbox?: number
+  retentionBytesTotal?: number
   execTtlS: number
   closeWaitMs: number
   maxPendingRelaysPerSandbox: number
@@ -70,10 +75,12 @@ export class ExecManager {
   readonly #execs = new Map<string, ExecEntry>()
   readonly #runs = new Map<ExecEntry, RunState>()
   readonly #sweeper: NodeJS.Timeout
+  readonly #budget: RetentionBudget
   #closing = false
 
   constructor (opts: ExecManagerOptions) {
     this.#opts = opts
+    this.#budget = new RetentionBudget({ perSandbox: opts.retentionBytesPerSandbox ?? Infinity, total: opts.retentionBytesTotal ?? Infinity })
     this.#sweeper = setInterval(() => this.sweep(), Math.min(opts.execTtlS * 1000, 60_000))
     this.#sweeper.unref()
   }
@@ -88,6 +95,9 @@ export class ExecManager {
 
   get size (): number { return this.#execs.size }
   get running (): number { return this.#runs.size }
+  // Output bytes held for replays and results, across all execs.
+  get retainedBytes (): number { return this.#budget.retained }
+  retainedBytesBy (sandboxId: string): number { return this.#budget.retainedBy(sandboxId) }
 
   create (sandboxId: string, spec: ValidExec): ExecEntry {
     if (this.#closing) throw new GatewayError('shutting_down', 'the gateway is shutting down')
@@ -101,7 +111,7 @@ export class ExecManager {
       throw new GatewayError('too_many_requests', `sandbox ${sandboxId} already has ${cap} execs running (--max-running-execs-per-sandbox); retry when one ends`)
     }
     const id = 'ex_' + randomBytes(12).toString('base64url').replace(/[-_]/g, 'x')
-    const entry = new ExecEntry(id, sandboxId, spec, this.#opts.retentionBytes)
+    const entry = new ExecEntry(id, sandboxId, spec, this.#opts.retentionBytes, this.#budget)
     this.#execs.set(id, entry)
     const state: RunState = {
       abort: new AbortController(),
@@ -164,6 +174,7 @@ export class ExecManager {
   // ends within a bound even when no exit report ever comes (a wedged daemon, a lost channel).
   remove (entry: ExecEntry): void {
     this.#execs.delete(entry.id)
+    entry.discard()
     const state = this.#runs.get(entry)
     if (state === undefined) return
     if (state.ssh !== undefined && state.conn !== undefined) {
@@ -176,7 +187,10 @@ export class ExecManager {
   sweep (now = Date.now()): void {
     const cutoff = now - this.#opts.execTtlS * 1000
     for (const [id, e] of this.#execs) {
-      if (e.endedAt !== undefined && e.endedAt.getTime() <= cutoff) this.#execs.delete(id)
+      if (e.endedAt !== undefined && e.endedAt.getTime() <= cutoff) {
+        this.#execs.delete(id)
+        e.discard()
+      }
     }
   }
 

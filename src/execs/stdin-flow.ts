@@ -3,7 +3,9 @@
 // - before the command starts, in a queue: a writer is told to pause once the queue holds
 //   PENDING_STDIN_HIGH_WATER bytes, and resumes when the command starts and the queue moved on;
 // - after, in the SSH channel: a writer is told to pause while the channel holds its
-//   high-water mark that the sandbox's window has not taken yet, and resumes on its 'drain'.
+//   high-water mark that the sandbox's window has not taken yet, and resumes on its 'drain';
+//   and, for a daemon that opens its window wide but never reads, while the relay stream holds
+//   as much that the supervisor has not read (the sink says so: SshExec.writeStdin).
 // A writer crosses the mark by up to one frame, and a paused one still delivers the frames of
 // the socket read it was in; several writers add up. Once more than STDIN_BUFFER_MAX_BYTES
 // beyond the mark is held, a write is refused ('overflow'): no number of clients can grow the
@@ -19,7 +21,9 @@ export type StdinWrite = 'accepted' | 'paused' | 'overflow'
 
 // The started command's stdin (SshExec).
 export interface StdinSink {
-  // False once the sink holds its high-water mark; it then calls onStdinDrain's callbacks.
+  // False once the sink (the channel, or the relay under it) holds its high-water mark; it
+  // then calls onStdinDrain's callbacks. stdinBuffered is the channel's: the relay is shared
+  // by the execs of a pooled connection, and its pause alone bounds it.
   writeStdin: (data: Buffer) => boolean
   endStdin: () => void
   readonly stdinBuffered: number

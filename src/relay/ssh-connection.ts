@@ -3,10 +3,15 @@ import type { Duplex } from 'node:stream'
 import { Client, type ClientChannel } from 'ssh2'
 import type { Logger } from 'pino'
 import { GatewayError } from '../errors.js'
+import type { RefusalReason, Refusals } from '../refusals.js'
+import { boundedText } from './bounded-text.js'
+import { GATEWAY_KEX, installSshGuard } from './ssh-guard.js'
 
 // One SSH connection over one relay stream, carrying one or (pooled) several exec channels.
 // Liveness is SSH keepalive: a wedged relay fails after interval × (countMax + 1). When the
 // connection dies it says why, once ('failure'), and every channel on it ends with that reason.
+// The daemon at the other end runs in the sandbox and may be hostile: ssh-guard.ts holds it to
+// the protocol, and every string of its that reaches a record or a log is bounded.
 
 export interface SshConnectionOptions {
   sock: Duplex
@@ -17,7 +22,18 @@ export interface SshConnectionOptions {
   keepaliveCountMax: number
   readyTimeoutMs: number
   logger: Logger
+  sandboxId: string
+  refusals: Refusals
+  maxRekeysPerMinute: number
+  maxRefusedChannelOpens: number
 }
+
+// Stdin the sandbox's SSH window lets through goes straight into the relay stream. A daemon
+// that grants a huge window and never reads its relay would have the gateway hold all of it
+// there: past this, writers are paused as they are for a full channel (the same 2 MiB).
+export const RELAY_STDIN_HIGH_WATER = 2 * 1024 * 1024
+// Replies to the daemon's requests that the relay has not taken; past this it is failed.
+const RELAY_BACKLOG_MAX = 16 * 1024 * 1024
 
 // A failed exec request, and whether the command certainly never started (its channel never
 // opened), which is the only case where running it on another connection is safe.
@@ -39,12 +55,18 @@ export class SshConnection extends EventEmitter {
   #transportClosed = false
   #failure: GatewayError | undefined
   #ended = false
+  readonly #relayDrainWaiters = new Set<() => void>()
 
   constructor (opts: SshConnectionOptions) {
     super()
     this.#opts = opts
     const client = this.#client
-    opts.sock.on('error', (err) => opts.logger.debug({ err }, 'relay stream error'))
+    opts.sock.on('error', (err) => opts.logger.debug({ err: boundedText(err.message) }, 'relay stream error'))
+    opts.sock.on('drain', () => {
+      const waiters = [...this.#relayDrainWaiters]
+      this.#relayDrainWaiters.clear()
+      for (const w of waiters) w()
+    })
     this.ready = new Promise<void>((resolve, reject) => {
       client.once('ready', () => { this.#isReady = true; resolve() })
       this.once('failure', (err: GatewayError) => reject(err))
@@ -63,12 +85,39 @@ export class SshConnection extends EventEmitter {
       ...(opts.hostVerifier === undefined ? {} : { hostVerifier: opts.hostVerifier }),
       keepaliveInterval: opts.keepaliveIntervalMs,
       keepaliveCountMax: opts.keepaliveCountMax,
-      readyTimeout: opts.readyTimeoutMs
+      readyTimeout: opts.readyTimeoutMs,
+      algorithms: { kex: GATEWAY_KEX }
     })
+    try {
+      installSshGuard(client, {
+        maxRekeysPerMinute: opts.maxRekeysPerMinute,
+        maxRefusedChannelOpens: opts.maxRefusedChannelOpens,
+        relayBacklog: () => opts.sock.writableLength,
+        maxRelayBacklog: RELAY_BACKLOG_MAX,
+        refuse: (reason, message, fields) => opts.refusals.refuse(reason, opts.sandboxId, message, fields),
+        fail: (reason, detail, fields) => this.#violation(reason, detail, fields)
+      })
+    } catch (err) {
+      opts.sock.destroy()
+      throw err
+    }
   }
 
   get failure (): GatewayError | undefined { return this.#failure }
   get alive (): boolean { return this.#failure === undefined && !this.#ended }
+
+  // True while the relay holds RELAY_STDIN_HIGH_WATER or more that it has not taken; a 'drain'
+  // is then certain to come (or the relay dies, and every exec on it ends).
+  get relayBacklogged (): boolean {
+    const sock = this.#opts.sock
+    return sock.writableNeedDrain && sock.writableLength >= RELAY_STDIN_HIGH_WATER
+  }
+
+  // Calls cb once when the relay has taken all it held; returns the function that cancels it.
+  onRelayDrain (cb: () => void): () => void {
+    this.#relayDrainWaiters.add(cb)
+    return () => { this.#relayDrainWaiters.delete(cb) }
+  }
 
   // `attach` runs inside ssh2's callback, before anything else: on a warm connection the exec's
   // reply, its output, its exit-status and its close can all arrive in the same read, and an
@@ -87,13 +136,13 @@ export class SshConnection extends EventEmitter {
         // close (if that is what happened) arrives in the same turn.
         setImmediate(() => reject(new ExecOpenError(this.#transportClosed
           ? (this.#failure ?? new GatewayError('relay_unavailable', 'the relay closed before the command started'))
-          : new GatewayError('ssh_failed', `the sandbox refused the exec request: ${err.message}`), neverStarted)))
+          : new GatewayError('ssh_failed', `the sandbox refused the exec request: ${boundedText(err.message)}`), neverStarted)))
       }
       try {
         this.#client.exec(command, pty === undefined ? {} : { pty: { cols: pty.cols, rows: pty.rows, term: 'xterm-256color' } }, onReply)
       } catch (err) {
         // ssh2 throws ("Not connected") when its transport went away without telling us.
-        const failure = new GatewayError('relay_unavailable', `the SSH connection is unusable: ${(err as Error).message}`)
+        const failure = new GatewayError('relay_unavailable', `the SSH connection is unusable: ${boundedText((err as Error).message)}`)
         this.#fail(failure)
         reject(new ExecOpenError(failure, true))
       }
@@ -114,7 +163,7 @@ export class SshConnection extends EventEmitter {
     const r = await this.#side(script, boundMs, content)
     const path = r?.stdout.trim() ?? ''
     if (r === undefined || r.code !== 0 || !path.startsWith('/')) {
-      throw this.#failure ?? new GatewayError('ssh_failed', `could not stage the command line in the sandbox (exit ${String(r?.code)}): ${r === undefined ? 'no answer within ' + boundMs + ' ms' : r.stdout.slice(0, 200)}`)
+      throw this.#failure ?? new GatewayError('ssh_failed', `could not stage the command line in the sandbox (exit ${String(r?.code)}): ${r === undefined ? 'no answer within ' + boundMs + ' ms' : boundedText(r.stdout, 200)}`)
     }
     return path
   }
@@ -172,6 +221,15 @@ export class SshConnection extends EventEmitter {
     this.emit('failure', err)
   }
 
+  // The daemon broke the protocol: counted, logged at the sandbox's rate, and the relay cut at
+  // once, so nothing more it sent is parsed.
+  #violation (reason: RefusalReason, detail: string, fields: Record<string, unknown> = {}): void {
+    if (this.#failure !== undefined) return
+    this.#opts.refusals.refuse(reason, this.#opts.sandboxId, `${detail}; the SSH connection is closed`, fields)
+    this.#fail(new GatewayError('ssh_failed', detail))
+    this.#opts.sock.destroy()
+  }
+
   #onClosed (): void {
     this.#transportClosed = true
     this.#fail(new GatewayError('relay_unavailable', this.#isReady
@@ -180,7 +238,9 @@ export class SshConnection extends EventEmitter {
   }
 
   #onClientError (err: Error & { level?: string }): void {
-    this.#opts.logger.debug({ err, level: err.level }, 'ssh client error')
+    // ssh2's messages carry the daemon's own strings (a disconnect's description, say).
+    const message = boundedText(err.message)
+    this.#opts.logger.debug({ err: message, level: err.level }, 'ssh client error')
     if (this.#failure !== undefined) return
     // ssh2 classifies its errors by `level`; after the handshake a client-timeout can only be
     // the keepalive giving up.
@@ -188,7 +248,7 @@ export class SshConnection extends EventEmitter {
       const { keepaliveIntervalMs: i, keepaliveCountMax: n } = this.#opts
       this.#fail(new GatewayError('relay_unavailable', `no answer to ${n} SSH keepalives over ${i * (n + 1)} ms: the relay is wedged`))
     } else if (this.#isReady) {
-      this.#fail(new GatewayError('relay_unavailable', `the relay failed before the command reported an exit status: ${err.message}`))
+      this.#fail(new GatewayError('relay_unavailable', `the relay failed before the command reported an exit status: ${message}`))
     } else if (err.level === 'client-authentication') {
       this.#fail(new GatewayError('ssh_failed', 'the sandbox SSH daemon rejected the gateway key'))
     } else if (err.level === 'handshake' && err.message.startsWith('Host denied')) {
@@ -196,11 +256,15 @@ export class SshConnection extends EventEmitter {
       this.#fail(new GatewayError('ssh_failed', "the sandbox SSH daemon's host key is not the one its supervisor reported (supervisor --ssh-host-key, or the embedded daemon's own key)"))
     } else if (err.level === 'client-timeout') {
       this.#fail(new GatewayError('ssh_failed', `SSH handshake not finished within ${this.#opts.readyTimeoutMs} ms`))
+    } else if (err.level === 'handshake') {
+      // ssh2's verdict on what the daemon offered (no common key exchange, say): the daemon's
+      // close that follows must not turn it into a relay failure.
+      this.#fail(new GatewayError('ssh_failed', `SSH handshake failed: ${message}`))
     } else {
       // A relay that closed mid-handshake also surfaces here; its close arrives in the same turn.
       setImmediate(() => this.#fail(this.#transportClosed
-        ? new GatewayError('relay_unavailable', `the relay closed during the SSH handshake: ${err.message}`)
-        : new GatewayError('ssh_failed', `SSH handshake failed: ${err.message}`)))
+        ? new GatewayError('relay_unavailable', `the relay closed during the SSH handshake: ${message}`)
+        : new GatewayError('ssh_failed', `SSH handshake failed: ${message}`)))
     }
     // ssh2 destroys its socket on these errors; make sure nothing is left half-open.
     if (!this.#isReady) this.end()

@@ -1,8 +1,9 @@
 import type { ClientChannel } from 'ssh2'
 import type { Logger } from 'pino'
 import { GatewayError } from '../errors.js'
-import { normalizeSignalName, type ExitReport } from './outcome.js'
+import { exitReportFrom, type ExitReport } from './outcome.js'
 import type { SshConnection } from './ssh-connection.js'
+import { kExitRejected } from './ssh-guard.js'
 
 // One exec: one channel on an SSH connection. After the exit report the channel close is
 // awaited for closeWaitMs in total, then the recorded status stands; a connection that dies
@@ -38,6 +39,7 @@ export class SshExec {
   // Writers waiting for the channel to take the stdin it holds; the channel's one 'drain'
   // listener, or the end of the exec, calls them.
   readonly #drainWaiters = new Set<() => void>()
+  #cancelRelayDrain: (() => void) | undefined
   readonly #onConnFailure: (err: GatewayError) => void
   readonly done: Promise<SshExecEnd>
 
@@ -59,9 +61,14 @@ export class SshExec {
     channel.on('error', (err: Error) => opts.logger.debug({ err }, 'ssh channel error'))
     channel.stderr.on('error', (err: Error) => opts.logger.debug({ err }, 'ssh channel stderr error'))
     channel.on('drain', () => this.#wakeDrainWaiters())
-    channel.on('exit', (code: number | null, signal?: string) => {
-      if (this.#exit !== undefined) return
-      this.#exit = code !== null && code !== undefined ? { code } : { signal: normalizeSignalName(signal ?? 'UNKNOWN') }
+    // The guard lets through only the first well-formed report; this is the last word on what
+    // becomes an exit (a uint32 status, or a signal name in the SSH grammar) all the same.
+    channel.on(kExitRejected, (detail: string) => this.#fail(new GatewayError('ssh_failed', detail)))
+    channel.on('exit', (code: unknown, signal?: unknown) => {
+      if (this.#exit !== undefined || this.#finished) return
+      const report = exitReportFrom(code, signal)
+      if ('invalid' in report) { this.#fail(new GatewayError('ssh_failed', report.invalid)); return }
+      this.#exit = report
       // Total bound, not per message: a sandbox that trickles data must not hold the exec open.
       if (!this.#paused) this.#runCloseWait()
     })
@@ -78,12 +85,19 @@ export class SshExec {
   get exitReport (): ExitReport | undefined { return this.#exit }
 
   // False once the channel holds its high-water mark of stdin that the sandbox's window has
-  // not taken yet; onStdinDrain then says when it has. Stdin for a finished exec is dropped:
-  // a closed channel would hold it forever.
+  // not taken yet, or the relay holds as much that the supervisor has not read (a daemon that
+  // opens its window wide and never reads); onStdinDrain then says when it has. Stdin for a
+  // finished exec is dropped: a closed channel would hold it forever.
   writeStdin (data: Buffer): boolean {
     const ch = this.#channel
     if (this.#finished || !ch.writable) return true
-    return ch.write(data)
+    if (!ch.write(data)) return false
+    if (!this.#opts.conn.relayBacklogged) return true
+    this.#cancelRelayDrain ??= this.#opts.conn.onRelayDrain(() => {
+      this.#cancelRelayDrain = undefined
+      this.#wakeDrainWaiters()
+    })
+    return false
   }
 
   get stdinBuffered (): number { return this.#channel.writableLength }
@@ -187,6 +201,8 @@ export class SshExec {
       try { ch.close() } catch { /* connection going away */ }
     }
     // A finished channel never drains: nobody may wait on it.
+    this.#cancelRelayDrain?.()
+    this.#cancelRelayDrain = undefined
     this.#wakeDrainWaiters()
     this.#resolve({ exit: this.#exit, failure: this.#exit === undefined ? this.#failure : undefined })
   }

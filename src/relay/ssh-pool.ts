@@ -2,6 +2,7 @@ import type { Logger } from 'pino'
 import ssh2 from 'ssh2'
 import type { SessionRegistry } from './sessions.js'
 import { GatewayError } from '../errors.js'
+import type { Refusals } from '../refusals.js'
 import { SshConnection } from './ssh-connection.js'
 
 // Warm SSH connections per sandbox. A fresh connection costs a relay, a handshake and (with
@@ -20,6 +21,10 @@ export interface SshPoolOptions {
   channelsPerConnection: number
   idleCloseMs: number
   logger: Logger
+  // What a hostile sandbox SSH daemon sends that is refused, counted and logged per sandbox.
+  refusals: Refusals
+  maxRekeysPerMinute: number
+  maxRefusedChannelOpens: number
   observer?: PoolObserver | undefined
 }
 
@@ -127,7 +132,11 @@ export class SshPool {
       keepaliveIntervalMs: o.keepaliveIntervalMs,
       keepaliveCountMax: o.keepaliveCountMax,
       readyTimeoutMs: o.readyTimeoutMs,
-      logger: o.logger.child({ sandboxId })
+      logger: o.logger.child({ sandboxId }),
+      sandboxId,
+      refusals: o.refusals,
+      maxRekeysPerMinute: o.maxRekeysPerMinute,
+      maxRefusedChannelOpens: o.maxRefusedChannelOpens
     })
     m.conn = conn
     // A dead connection leaves the pool at once; its channels end on their own.

@@ -665,3 +665,120 @@ describe('ExecEntry resume inside a character', () => {
     }
   })
 })
+
+// ---- Issue 17: the retention budgets take bytes from the front; offsets stay exact ------------
+
+describe('OutputJournal.dropOldest', () => {
+  it('frees whole and cut chunks from the front; what is left keeps its offsets; the start is a gap', () => {
+    const j = new OutputJournal(1024)
+    j.append(b('abc'))
+    j.append(b('defg'))
+    j.append(b('hi'))
+    expect(j.retained).toBe(9)
+    expect(j.dropOldest(5)).toBe(5) // "abc" whole, "de" of "defg"
+    expect(j.start).toBe(5)
+    expect(j.total).toBe(9)
+    expect(j.retained).toBe(4)
+    expect(j.readFrom(0)).toEqual({ gap: { from: 0, to: 5 }, chunks: [{ offset: 5, data: b('fg') }, { offset: 7, data: b('hi') }] })
+    expect(j.tail()).toEqual({ data: b('fghi'), truncated: true })
+    // Appends go on at the next offset, and the gap does not move.
+    expect(j.append(b('j'))).toEqual({ offset: 9, data: b('j') })
+    expect(j.readFrom(2).gap).toEqual({ from: 2, to: 5 })
+  })
+
+  it('never frees more than it holds; down to nothing, the whole output is one gap', () => {
+    const j = new OutputJournal(1024)
+    j.append(b('abcdef'))
+    expect(j.dropOldest(100)).toBe(6)
+    expect(j.dropOldest(1)).toBe(0)
+    expect(j.retained).toBe(0)
+    expect(j.oldestSeq).toBeUndefined()
+    expect(j.replayFrom(0)).toEqual({ begin: 6, gap: { from: 0, to: 6 }, chunks: [] })
+    expect(j.tail()).toEqual({ data: Buffer.alloc(0), truncated: true })
+  })
+
+  it('stops at the first chunk that arrived at or after untilSeq, and a cut chunk keeps its stamp', () => {
+    const out = new OutputJournal(1024)
+    const err = new OutputJournal(1024)
+    out.append(b('o1'))
+    err.append(b('e1'))
+    out.append(b('o2'))
+    const o1 = out.oldestSeq!
+    expect(out.dropOldest(100, err.oldestSeq)).toBe(2) // only "o1" came before "e1"
+    expect(out.readFrom(0).chunks).toEqual([{ offset: 2, data: b('o2') }])
+    const o2 = out.oldestSeq!
+    expect(o2).toBeGreaterThan(o1)
+    expect(out.dropOldest(1)).toBe(1)
+    expect(out.oldestSeq).toBe(o2)
+  })
+
+  it('own retention and drops together: start is always total minus retained, replays byte-exact', () => {
+    let seed = 7
+    const rand = (n: number): number => { seed = (seed * 1103515245 + 12345) & 0x7fffffff; return seed % n }
+    const j = new OutputJournal(64)
+    let all = Buffer.alloc(0)
+    for (let i = 0; i < 400; i++) {
+      const chunk = Buffer.from(Array.from({ length: rand(30) }, () => rand(256)))
+      j.append(chunk)
+      all = Buffer.concat([all, chunk])
+      if (rand(3) === 0) j.dropOldest(rand(40))
+      expect(j.total).toBe(all.length)
+      expect(j.retained).toBeLessThanOrEqual(64)
+      expect(j.start).toBe(all.length - j.retained)
+      const from = rand(all.length + 1)
+      const r = j.readFrom(from)
+      expect(r.gap).toEqual(from < j.start ? { from, to: j.start } : undefined)
+      expect(joinChunks(r.chunks).equals(all.subarray(Math.max(from, j.start)))).toBe(true)
+    }
+  })
+})
+
+describe('ExecEntry.dropOldest and discard', () => {
+  it('drops across both streams in the order the bytes arrived', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    entry.append('stdout', b('o1'))
+    entry.append('stderr', b('e1'))
+    entry.append('stdout', b('o2'))
+    entry.append('stderr', b('e2'))
+    expect(entry.retained).toBe(8)
+    expect(entry.dropOldest(3)).toBe(3) // "o1", then "e" of "e1"
+    expect(entry.stdout.readFrom(0)).toEqual({ gap: { from: 0, to: 2 }, chunks: [{ offset: 2, data: b('o2') }] })
+    expect(entry.stderr.readFrom(0)).toEqual({ gap: { from: 0, to: 1 }, chunks: [{ offset: 1, data: b('1') }, { offset: 2, data: b('e2') }] })
+    expect(entry.dropOldest(100)).toBe(5)
+    expect(entry.retained).toBe(0)
+    entry.finish(EXIT0)
+    expect(entry.toResult('utf8')).toMatchObject({ stdout: '', stderr: '', stdoutTruncated: true, stderrTruncated: true })
+  })
+
+  it('a replay after a drop reports the gap, then the rest in arrival order; a live reader saw everything', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    const live = collect(entry)
+    entry.append('stdout', b('aaaa'))
+    entry.append('stderr', b('bb'))
+    entry.append('stdout', b('cc'))
+    entry.dropOldest(5)
+    entry.finish(EXIT0)
+    expect(textOf(live.events, 'stdout')).toBe('aaaacc')
+    expect(textOf(live.events, 'stderr')).toBe('bb')
+    expect(finals(live.events)).toHaveLength(1)
+    expect(collect(entry).events).toEqual([
+      { type: 'gap', stream: 'stdout', from: 0, to: 4 },
+      { type: 'gap', stream: 'stderr', from: 0, to: 1 },
+      { type: 'stderr', offset: 1, data: 'b' },
+      { type: 'stdout', offset: 4, data: 'cc' },
+      { type: 'exit', exitCode: 0, signal: null, timedOut: false },
+    ])
+  })
+
+  it('a discarded exec holds nothing, and later output still reaches attached readers live', () => {
+    const entry = new ExecEntry('ex_1', 'sbx', spec, 1024)
+    entry.append('stdout', b('before'))
+    const live = collect(entry, { stdoutOffset: 6 })
+    entry.discard()
+    expect(entry.retained).toBe(0)
+    entry.append('stdout', b('after'))
+    expect(entry.retained).toBe(0)
+    expect(entry.stdout.total).toBe(11)
+    expect(live.events).toEqual([{ type: 'stdout', offset: 6, data: 'after' }])
+  })
+})

@@ -1,7 +1,7 @@
 // src/relay/outcome.ts: the one place that decides how an exec ended. An exit code is never
 // inferred from a closed stream.
 import { describe, expect, it } from 'vitest'
-import { TIMEOUT_EXIT_CODE, decideOutcome, normalizeSignalName } from '../../src/relay/outcome.js'
+import { TIMEOUT_EXIT_CODE, decideOutcome, exitReportFrom, isSshExitStatus, isSshSignalName, normalizeSignalName } from '../../src/relay/outcome.js'
 import { GatewayError } from '../../src/errors.js'
 
 describe('decideOutcome', () => {
@@ -81,5 +81,44 @@ describe('normalizeSignalName', () => {
     expect(normalizeSignalName('KILL')).toBe('KILL')
     expect(normalizeSignalName('HUP')).toBe('HUP')
     expect(normalizeSignalName('')).toBe('')
+  })
+})
+
+describe('isSshSignalName (RFC 4254 §6.10)', () => {
+  it('takes the standard names without "SIG", and local extensions name@domain', () => {
+    for (const name of ['ABRT', 'ALRM', 'FPE', 'HUP', 'ILL', 'INT', 'KILL', 'PIPE', 'QUIT', 'SEGV', 'TERM', 'USR1', 'USR2', 'SIG@openssh.com', 'RTMIN+3@example.org', 'A'.repeat(32)]) {
+      expect(isSshSignalName(name), name).toBe(true)
+    }
+  })
+
+  it('refuses anything else: markup, controls, spaces, lower case, bare or empty parts, over 64 characters, non-strings', () => {
+    for (const name of ['<img src=x onerror=alert(1)>', 'KILL\n{"level":60}', '\u001b[31mKILL', 'TERM\u202e', 'SIG KILL', 'kill', '', '@', 'x@', '@openssh.com', 'a@b@c', 'x@-bad.com', 'A'.repeat(33), `${'a'.repeat(40)}@${'b'.repeat(30)}.com`, 'KILL,TERM']) {
+      expect(isSshSignalName(name), JSON.stringify(name)).toBe(false)
+    }
+    for (const v of [undefined, null, 9, {}, ['KILL']]) expect(isSshSignalName(v)).toBe(false)
+  })
+})
+
+describe('exitReportFrom (what ssh2 emitted, as an exit)', () => {
+  it('keeps every uint32 exit status', () => {
+    for (const code of [0, 1, 124, 255, 256, 2 ** 31, 0xffff_ffff]) {
+      expect(isSshExitStatus(code)).toBe(true)
+      expect(exitReportFrom(code, undefined)).toEqual({ code })
+    }
+  })
+
+  it('takes a signal (ssh2 prefixes "SIG") only inside the grammar', () => {
+    expect(exitReportFrom(null, 'SIGKILL')).toEqual({ signal: 'KILL' })
+    expect(exitReportFrom(undefined, 'SIGSIG@openssh.com')).toEqual({ signal: 'SIG@openssh.com' })
+    expect(exitReportFrom(null, 'SIG<img src=x onerror=alert(1)>')).toEqual({ invalid: 'the sandbox reported an exit signal outside the SSH grammar' })
+  })
+
+  it('never makes an exit code of anything else', () => {
+    for (const code of [NaN, -1, 1.5, 2 ** 32, Infinity, '0', true]) {
+      expect(isSshExitStatus(code)).toBe(false)
+      expect(exitReportFrom(code, 'SIGKILL')).toEqual({ invalid: 'the sandbox reported an exit status that is not a uint32' })
+    }
+    expect(exitReportFrom(undefined, undefined)).toEqual({ invalid: 'the sandbox reported an exit with neither a status nor a signal' })
+    expect(exitReportFrom(null, null)).toEqual({ invalid: 'the sandbox reported an exit with neither a status nor a signal' })
   })
 })

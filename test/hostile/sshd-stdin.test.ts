@@ -1,0 +1,75 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import WebSocket from 'ws'
+import { expectHonestUnharmed, startHostileWorld, type HostileWorld } from './harness.js'
+import { NO_RATE_LIMIT, startHostileSandbox, wire, type HostileSandbox } from './hostile-sshd.js'
+import { sleep, waitFor } from '../helpers/wait.js'
+
+// A sandbox SSH daemon that grants a huge SSH window for stdin and then never reads its relay.
+// ssh2 writes whatever the window allows straight into the relay stream, so the channel never
+// looks full and stdin from a WebSocket client piled up in the gateway. Now a relay holding
+// 2 MiB it has not delivered pauses stdin writers as a full channel does: the client's own
+// buffer grows instead (its bufferedAmount), and the gateway's memory stays flat.
+
+const FRAME = Buffer.concat([Buffer.from([0]), Buffer.alloc(256 * 1024, 0x69)])
+const SEND_MAX_BYTES = 256 * 1024 ** 2
+const CLIENT_BUFFER_ENOUGH = 16 * 1024 ** 2
+
+describe('a sandbox SSH daemon that opens the stdin window wide and never reads', () => {
+  let world: HostileWorld
+  let sb: HostileSandbox
+  beforeAll(async () => {
+    world = await startHostileWorld({ extraArgs: NO_RATE_LIMIT })
+    sb = await startHostileSandbox(world, 'stdin-sink', {
+      onExec: (x) => {
+        if (!x.command.includes('hostile-stdin-sink')) return 'honest'
+        x.conn.raw(wire.msg(93, wire.u32(x.id), wire.u32(0xffff_ffff - 4 * 1024 ** 2)))
+        // Nothing more is read from this connection: the supervisor's socket to it fills, and
+        // the relay stops moving.
+        setImmediate(() => x.conn.sock.pause())
+      }
+    })
+  })
+  afterAll(async () => {
+    await sb?.stop()
+    await world?.stop()
+  })
+
+  it('holds the client back instead of buffering its stdin', async () => {
+    let sent = 0
+    let clientHeld = 0
+    const r = await world.underAttack('stdin: wide window, unread relay', async (signal) => {
+      const res = await fetch(`${world.publicUrl}/v1/sandboxes/${sb.id}/execs`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ command: ['cat', 'hostile-stdin-sink'], interactive: true })
+      })
+      expect(res.status).toBe(201)
+      const { id } = await res.json() as { id: string }
+      const ws = new WebSocket(`${world.publicUrl.replace('http', 'ws')}/v1/execs/${id}/stream`, ['exec-gateway.v1.binary'])
+      ws.on('error', () => undefined)
+      try {
+        await new Promise<void>((resolve, reject) => { ws.once('open', () => resolve()); ws.once('error', reject) })
+        await waitFor(async () => (await (await fetch(`${world.publicUrl}/v1/execs/${id}`)).json() as any).status === 'running', { timeoutMs: 5000 })
+        // As fast as the gateway reads; it stops reading once the relay holds its mark.
+        while (!signal.aborted && sent < SEND_MAX_BYTES && ws.bufferedAmount < CLIENT_BUFFER_ENOUGH) {
+          ws.send(FRAME)
+          sent += FRAME.length
+          await new Promise((resolve) => setImmediate(resolve))
+        }
+        await sleep(1000)
+        clientHeld = ws.bufferedAmount
+        while (!signal.aborted) await sleep(50)
+      } finally {
+        ws.terminate()
+        await fetch(`${world.publicUrl}/v1/execs/${id}`, { method: 'DELETE' }).catch(() => undefined)
+      }
+    })
+    expectHonestUnharmed(r)
+    // The client holds most of what it sent; the gateway took the relay's mark, the frames of
+    // the read it was in, and what the sockets on the way hold.
+    expect(clientHeld).toBeGreaterThan(CLIENT_BUFFER_ENOUGH / 2)
+    expect(sent - clientHeld).toBeLessThan(40 * 1024 ** 2)
+    expect(r.peakRssBytes - r.baselineRssBytes).toBeLessThan(64 * 1024 ** 2)
+    console.log(`stdin sink: the client sent ${(sent / 2 ** 20).toFixed(0)} MiB, holds ${(clientHeld / 2 ** 20).toFixed(0)} MiB; gateway RSS +${((r.peakRssBytes - r.baselineRssBytes) / 2 ** 20).toFixed(0)} MiB`)
+  })
+})
