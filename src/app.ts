@@ -13,7 +13,7 @@ import { Metrics } from './metrics.js'
 import { Refusals } from './refusals.js'
 import { SessionRegistry } from './relay/sessions.js'
 import { SshPool } from './relay/ssh-pool.js'
-import { createSupervisorServer } from '../routes/supervisor.js'
+import { createSupervisorServer } from './supervisor-plane/listener.js'
 import { Supervisor } from './supervisor/agent.js'
 import { signSupervisorToken } from './tokens.js'
 import { CLOSE_GOING_AWAY } from '../routes/exec-stream.js'
@@ -122,6 +122,8 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     pingIntervalMs: config.h2PingIntervalMs,
     pingTimeoutMs: config.h2PingTimeoutMs,
     logger: logger.child({ component: 'supervisor-listener' }),
+    refusals,
+    limits: config,
     onPingRtt: (ms) => metrics?.h2PingRtt.observe(ms / 1000)
   })
   supervisorServer.on('error', (err) => logger.error({ err }, 'supervisor listener error'))

@@ -20,6 +20,11 @@ export const refusalReasons = [
   'auth_timeout', // a connection closed for not authenticating in time
   'connection_limit', // a connection closed because too many are unauthenticated
   'superseded_instance', // a replaced supervisor process trying to take its sandbox back
+  'session_backlog', // a supervisor that leaves its session stream unread: the session is ended
+  'stream_limit', // more concurrent streams on one connection than --supervisor-max-streams-per-connection
+  'frame_flood', // PING or SETTINGS frames over the per-connection budget: the connection is closed
+  'sandbox_connections', // a connection closed because its sandbox already holds --max-session-streams-per-sandbox
+  'address_penalty', // a connection dropped at once: its address was just closed for abuse (at most a second)
   // The sandbox's SSH daemon.
   'window_overrun', // channel data beyond the window the gateway granted
   'rekey_rate', // key exchanges over --ssh-max-rekeys-per-minute

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto'
 import type { Duplex } from 'node:stream'
 import type { Logger } from 'pino'
 import { GatewayError } from '../errors.js'
-import type { GatewayMessage } from './protocol.js'
+import { REASON_MAX_CHARS, type GatewayMessage } from '../supervisor-plane/messages.js'
 
 // Registry of supervisor sessions, one per sandbox, and of relays waiting for a supervisor to
 // open them. It knows nothing of HTTP: the supervisor listener hands it sessions and relay
@@ -102,7 +102,8 @@ export class SessionRegistry {
     }
     this.#superseded.set(session.sandboxId, replaced)
     if (old !== undefined && old !== session) {
-      this.#opts.logger.info({ sandboxId: session.sandboxId, old: old.id, new: session.id }, 'supervisor session superseded')
+      // Debug: the old session logs its own close, at a rate the sandbox cannot raise.
+      this.#opts.logger.debug({ sandboxId: session.sandboxId, old: old.id, new: session.id }, 'supervisor session superseded')
       old.send({ type: 'superseded' })
       old.close('superseded by a newer session')
     }
@@ -203,10 +204,13 @@ export class SessionRegistry {
     return true
   }
 
+  // The reason is the sandbox's text: it becomes the exec's error detail, so it is bounded here
+  // whatever the caller checked.
   failRelay (relayId: string, sandboxId: string, reason: string): void {
     const p = this.#pending.get(relayId)
     if (p === undefined || p.sandboxId !== sandboxId) return
-    p.reject(new GatewayError('relay_unavailable', `the supervisor of sandbox ${sandboxId} could not open the relay: ${reason}`))
+    const said = reason.length > REASON_MAX_CHARS ? `${reason.slice(0, REASON_MAX_CHARS)}…` : reason
+    p.reject(new GatewayError('relay_unavailable', `the supervisor of sandbox ${sandboxId} could not open the relay: ${said}`))
   }
 
   close (): void {

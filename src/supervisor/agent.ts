@@ -5,10 +5,10 @@ import os from 'node:os'
 import { randomUUID } from 'node:crypto'
 import type { Logger } from 'pino'
 import { H2Pinger } from '../relay/h2-ping.js'
+import { H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, RELAY_PATH_PREFIX, SESSION_PATH } from '../relay/protocol.js'
 import {
-  H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, NdjsonDecoder, RELAY_PATH_PREFIX, SESSION_PATH,
-  type GatewayMessage, type SupervisorMessage
-} from '../relay/protocol.js'
+  decode, encode, GatewayMessages, LineSplitter, REASON_MAX_CHARS, SupervisorMessages, type GatewayMessage, type SupervisorMessage
+} from '../supervisor-plane/messages.js'
 import { startEmbeddedSshd, type EmbeddedSshd } from '../sandbox-sshd/server.js'
 import { Backoff } from './backoff.js'
 import { bridge } from './bridge.js'
@@ -34,6 +34,11 @@ export interface SupervisorOptions {
 
 const DEFAULT_PING_INTERVAL_MS = 10_000
 const DEFAULT_PING_TIMEOUT_MS = 20_000
+// The fastest the gateway may make us PING or heartbeat, whatever it announces.
+const MIN_PING_INTERVAL_MS = 50
+const MIN_HEARTBEAT_INTERVAL_MS = 100
+// A gateway line longer than this is not one of ours: the session is dropped and redialled.
+const GATEWAY_LINE_MAX_BYTES = 64 * 1024
 const HEALTHY_SESSION_MS = 10_000
 
 export class Supervisor {
@@ -174,7 +179,7 @@ export class Supervisor {
         authorization: `Bearer ${o.token}`,
         'content-type': 'application/x-ndjson'
       }, { endStream: false })
-      const send = (msg: SupervisorMessage): void => { if (req.writable) req.write(JSON.stringify(msg) + '\n') }
+      const send = (msg: SupervisorMessage): void => { if (req.writable) req.write(encode(msg)) }
       const finish = (err?: Error): void => {
         clearInterval(heartbeat)
         clearTimeout(acceptTimer)
@@ -182,10 +187,45 @@ export class Supervisor {
         if (err === undefined) resolve()
         else reject(err)
       }
+      const onMessage = (msg: GatewayMessage): void => {
+        if (msg.type === 'accepted') {
+          try {
+            this.#embedded?.setAuthorizedKeys([msg.gatewayPublicKey])
+          } catch (err) {
+            // Relays will then fail SSH auth with a clear 502; the session itself stays up.
+            this.#log.error({ err: (err as Error).message }, 'the gateway sent an unusable public key')
+          }
+          // The gateway's own liveness bounds, capped both ways: a gateway that went half-dead
+          // is noticed as fast as the gateway would notice us, and no announced value can make
+          // us PING or heartbeat in a tight loop.
+          clearTimeout(acceptTimer)
+          pinger.stop()
+          pinger = new H2Pinger(client, {
+            intervalMs: clamp(msg.pingIntervalMs, MIN_PING_INTERVAL_MS, DEFAULT_PING_INTERVAL_MS),
+            timeoutMs: clamp(msg.pingTimeoutMs, MIN_PING_INTERVAL_MS, DEFAULT_PING_TIMEOUT_MS),
+            onDead: dead
+          })
+          // A second "accepted" replaces the first's heartbeat, never adds one.
+          clearInterval(heartbeat)
+          heartbeat = setInterval(() => send({ type: 'heartbeat' }), Math.max(MIN_HEARTBEAT_INTERVAL_MS, msg.heartbeatIntervalMs))
+          onAccepted()
+          this.#log.info({ sessionId: msg.sessionId }, 'supervisor session accepted')
+        } else if (msg.type === 'relay') {
+          this.#openRelay(client, msg.relayId, send)
+        } else if (msg.type === 'superseded') {
+          this.#log.warn('another supervisor process took over this sandbox; this one stands by until it goes away')
+        } else if (msg.type === 'rejected') {
+          this.#log.warn({ reason: msg.reason }, 'the gateway refused this session')
+        }
+      }
       req.on('error', (err) => finish(err))
       req.on('close', () => finish())
       client.once('close', () => finish())
-      send({ type: 'hello', instanceId: this.#instanceId, sshHostKey: o.sshHostKey ?? this.#embedded?.hostPublicKey, sshUser: o.sshUser ?? os.userInfo().username })
+      const hello: SupervisorMessage = { type: 'hello', instanceId: this.#instanceId, sshHostKey: o.sshHostKey ?? this.#embedded?.hostPublicKey, sshUser: o.sshUser ?? os.userInfo().username }
+      // The gateway checks it with the same schema and ignores a hello it cannot take.
+      const own = decode(SupervisorMessages, Buffer.from(JSON.stringify(hello)))
+      if (!own.ok) this.#log.error({ why: own.why }, 'the gateway will refuse this hello (check --ssh-user and --ssh-host-key)')
+      send(hello)
       // The gateway ending its side (shutdown, supersede) ends ours, so the connection can go.
       req.on('end', () => { if (req.writable) req.end() })
       req.on('response', (headers) => {
@@ -197,44 +237,34 @@ export class Supervisor {
           req.on('end', () => finish(new Error(`gateway refused the session: ${status} ${body.slice(0, 500)}`)))
           return
         }
-        const decoder = new NdjsonDecoder()
+        const lines = new LineSplitter(GATEWAY_LINE_MAX_BYTES)
         req.on('data', (chunk: Buffer) => {
           pinger.touch()
-          decoder.push(chunk, (raw) => {
-            const msg = raw as GatewayMessage
-            if (msg.type === 'accepted') {
-              try {
-                this.#embedded?.setAuthorizedKeys([msg.gatewayPublicKey])
-              } catch (err) {
-                // Relays will then fail SSH auth with a clear 502; the session itself stays up.
-                this.#log.error({ err: (err as Error).message }, 'the gateway sent an unusable public key')
-              }
-              // The gateway's own liveness bounds, capped: a gateway that went half-dead is
-              // noticed as fast as the gateway would notice us.
-              clearTimeout(acceptTimer)
-              pinger.stop()
-              pinger = new H2Pinger(client, {
-                intervalMs: Math.min(msg.pingIntervalMs, DEFAULT_PING_INTERVAL_MS),
-                timeoutMs: Math.min(msg.pingTimeoutMs, DEFAULT_PING_TIMEOUT_MS),
-                onDead: dead
-              })
-              heartbeat = setInterval(() => send({ type: 'heartbeat' }), msg.heartbeatIntervalMs)
-              onAccepted()
-              this.#log.info({ sessionId: msg.sessionId }, 'supervisor session accepted')
-            } else if (msg.type === 'relay') {
-              this.#openRelay(client, msg.relayId, send)
-            } else if (msg.type === 'superseded') {
-              this.#log.warn('another supervisor process took over this sandbox; this one stands by until it goes away')
-            } else if (msg.type === 'rejected') {
-              this.#log.warn({ reason: msg.reason }, 'the gateway refused this session')
+          lines.push(chunk, (line) => {
+            if (line.length === 0) return 'go on'
+            const d = decode(GatewayMessages, line)
+            if (!d.ok) { this.#log.warn({ why: d.why, bytes: line.length }, 'bad message from gateway'); return 'go on' }
+            // A handler that throws drops this session (the loop reconnects), never the process.
+            try { onMessage(d.msg) } catch (err) {
+              this.#log.error({ type: d.msg.type, err: err instanceof Error ? err.message : typeof err }, 'handling a gateway message failed; reconnecting')
+              dead('a gateway message could not be handled')
+              return 'stop'
             }
-          }, (line) => this.#log.warn({ line: line.slice(0, 200) }, 'bad message from gateway'))
+            return 'go on'
+          }, (bytes) => {
+            this.#log.warn({ bytes }, 'gateway session line too long; reconnecting')
+            dead('gateway session line too long')
+          })
         })
       })
     })
   }
 
-  #openRelay (client: ClientHttp2Session, relayId: string, send: (msg: SupervisorMessage) => void): void {
+  #openRelay (client: ClientHttp2Session, relayId: string, sendMessage: (msg: SupervisorMessage) => void): void {
+    // The gateway refuses a reason over its bound (and the whole message with it).
+    const send = (msg: SupervisorMessage): void => {
+      sendMessage(msg.type === 'relay_failed' ? { ...msg, reason: msg.reason.slice(0, REASON_MAX_CHARS) } : msg)
+    }
     const target = this.sshTarget
     if (target === undefined) { send({ type: 'relay_failed', relayId, reason: 'no SSH target' }); return }
     const log = this.#log.child({ relayId })
@@ -274,4 +304,8 @@ export class Supervisor {
       bridge(tcp, s, log)
     })
   }
+}
+
+function clamp (n: number, min: number, max: number): number {
+  return Math.min(max, Math.max(min, n))
 }

@@ -1,7 +1,8 @@
 import http2, { type ClientHttp2Session, type ClientHttp2Stream } from 'node:http2'
-import { NdjsonDecoder, SESSION_PATH, type GatewayMessage, type SupervisorMessage } from '../../src/relay/protocol.js'
+import { SESSION_PATH } from '../../src/relay/protocol.js'
+import { decode, encode, GatewayMessages, LineSplitter, type GatewayMessage, type SupervisorMessage } from '../../src/supervisor-plane/messages.js'
 
-// A minimal supervisor speaking the real wire protocol (src/relay/protocol.ts) over a real
+// A minimal supervisor speaking the real wire protocol (src/supervisor-plane/messages.ts) over a real
 // node:http2 connection, for the conformance rows a real supervisor cannot produce on demand:
 // one that never opens a relay, one that refuses relays with a reason, one that is superseded
 // while relays wait on it. It holds the session and answers PINGs (node:http2 does that by
@@ -39,6 +40,8 @@ export interface FakeSupervisor {
   failRelay: (relayId: string, reason: string) => void
   /** Sends any supervisor message on the session stream. */
   send: (msg: SupervisorMessage) => void
+  /** Writes raw bytes on the session stream (hostile tests: anything at all). */
+  sendRaw: (data: string | Buffer) => void
   /** Resolves when `n` relay requests have arrived (bounded). */
   waitRelays: (n: number, timeoutMs?: number) => Promise<void>
   /** Tears the connection down (deferred out of any http2 callback). Idempotent. */
@@ -66,7 +69,10 @@ export async function startFakeSupervisor (opts: FakeSupervisorOptions): Promise
   req.on('error', () => { /* seen through close */ })
 
   const send = (msg: SupervisorMessage): void => {
-    if (!req.destroyed && req.writable) req.write(JSON.stringify(msg) + '\n')
+    if (!req.destroyed && req.writable) req.write(encode(msg))
+  }
+  const sendRaw = (data: string | Buffer): void => {
+    if (!req.destroyed && req.writable) req.write(data)
   }
   const failRelay = (relayId: string, reason: string): void => send({ type: 'relay_failed', relayId, reason })
 
@@ -107,10 +113,12 @@ export async function startFakeSupervisor (opts: FakeSupervisorOptions): Promise
         req.on('end', () => settle(new Error(`fake supervisor: session refused: ${status} ${body}`)))
         return
       }
-      const decoder = new NdjsonDecoder()
+      const lines = new LineSplitter(1024 * 1024)
       req.on('data', (chunk: Buffer) => {
-        decoder.push(chunk, (raw) => {
-          const msg = raw as GatewayMessage
+        lines.push(chunk, (line) => {
+          const d = decode(GatewayMessages, line)
+          if (!d.ok) return 'go on'
+          const msg = d.msg
           messages.push(msg)
           if (msg.type === 'accepted') settle(undefined, msg)
           else if (msg.type === 'superseded') superseded = true
@@ -126,7 +134,8 @@ export async function startFakeSupervisor (opts: FakeSupervisorOptions): Promise
               setImmediate(() => onRelay(id))
             }
           }
-        }, () => { /* ignore bad lines */ })
+          return 'go on'
+        }, () => { /* a gateway never sends such a line */ })
       })
     })
     send({ type: 'hello' })
@@ -158,6 +167,7 @@ export async function startFakeSupervisor (opts: FakeSupervisorOptions): Promise
     closedPromise,
     failRelay,
     send,
+    sendRaw,
     waitRelays,
     close
   }
