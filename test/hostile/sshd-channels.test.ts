@@ -51,7 +51,9 @@ describe('channel ids and exit reports from a hostile sandbox SSH daemon, on a p
   const connOf = new Map<string, HostileConn>()
   const apiOpens: Array<Error | undefined> = []
   beforeAll(async () => {
-    world = await startHostileWorld({ extraArgs: NO_RATE_LIMIT })
+    // Pooled even when the suite runs with EXEC_GATEWAY_SSH_POOL=false: the attack is about two
+    // execs sharing one connection (a flag wins over the environment).
+    world = await startHostileWorld({ extraArgs: ['--ssh-pool=true', ...NO_RATE_LIMIT] })
     forger = await startHostileSandbox(world, 'forger', {
       onExec: (x) => {
         const tag = /hostile-(victim|forge|early)-\d+/.exec(x.command)?.[0]
