@@ -244,3 +244,16 @@ export function expectHonestUnharmed (r: AttackReport, b: UnharmedBounds = {}): 
   expect(r.underAttack.p99Ms, label).toBeLessThanOrEqual(Math.max(factor * r.quiet.p99Ms, r.quiet.p99Ms + slack))
   if (b.maxRssBytes !== undefined) expect(r.peakRssBytes, label).toBeLessThanOrEqual(b.maxRssBytes)
 }
+
+// exec_gateway_sandbox_refusals_total by reason, from the gateway's /metrics.
+export async function refusalCounts (publicUrl: string): Promise<Record<string, number>> {
+  const text = await (await fetch(`${publicUrl}/metrics`, { signal: AbortSignal.timeout(5000) })).text()
+  const out: Record<string, number> = {}
+  for (const m of text.matchAll(/^exec_gateway_sandbox_refusals_total\{reason="([a-z_]+)"\} (\d+(?:\.\d+)?)$/gm)) out[m[1]!] = Number(m[2])
+  return out
+}
+
+// The reasons whose count rose between two readings, by how much.
+export function refusalDiff (after: Record<string, number>, before: Record<string, number>): Record<string, number> {
+  return Object.fromEntries(Object.entries(after).map(([k, v]) => [k, v - (before[k] ?? 0)] as const).filter(([, v]) => v > 0))
+}

@@ -279,13 +279,8 @@ export async function startHostileSandbox (world: HostileWorld, id: string, opts
   return { id, sshd, sup, exec, stop }
 }
 
-// exec_gateway_sandbox_refusals_total by reason, from the gateway's /metrics.
-export async function refusalCounts (publicUrl: string): Promise<Record<string, number>> {
-  const text = await (await fetch(`${publicUrl}/metrics`, { signal: AbortSignal.timeout(5000) })).text()
-  const out: Record<string, number> = {}
-  for (const m of text.matchAll(/^exec_gateway_sandbox_refusals_total\{reason="([a-z_]+)"\} (\d+(?:\.\d+)?)$/gm)) out[m[1]!] = Number(m[2])
-  return out
-}
+// Read from the harness, where the supervisor attacks read it too.
+export { refusalCounts } from './harness.js'
 
 // What no sandbox string that reached a record or a log may contain: C0/C1 controls, bidi overrides.
 export const UNSAFE_TEXT = /[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]/

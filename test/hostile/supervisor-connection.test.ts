@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import http2, { type ClientHttp2Session } from 'node:http2'
 import net from 'node:net'
 import { readdirSync } from 'node:fs'
-import { expectHonestUnharmed, startHostileWorld, type AttackReport, type HostileWorld } from './harness.js'
+import { expectHonestUnharmed, refusalCounts, refusalDiff, startHostileWorld, type AttackReport, type HostileWorld } from './harness.js'
 import { sleep, waitFor } from '../helpers/wait.js'
 import { RELAY_PATH_PREFIX, SESSION_PATH } from '../../src/relay/protocol.js'
 
@@ -37,16 +37,6 @@ const ENHANCE_YOUR_CALM = http2.constants.NGHTTP2_ENHANCE_YOUR_CALM
 const AUTH_TIMEOUT_MS = 1000
 const PING_INTERVAL_MS = 1000
 const PING_TIMEOUT_MS = 1000
-
-async function refusals (world: HostileWorld): Promise<Record<string, number>> {
-  const text = await (await fetch(`${world.publicUrl}/metrics`, { signal: AbortSignal.timeout(5000) })).text()
-  const out: Record<string, number> = {}
-  for (const m of text.matchAll(/^exec_gateway_sandbox_refusals_total\{reason="([a-z_]+)"\} (\d+)/gm)) out[m[1]!] = Number(m[2])
-  return out
-}
-
-const diff = (after: Record<string, number>, before: Record<string, number>): Record<string, number> =>
-  Object.fromEntries(Object.entries(after).map(([k, v]) => [k, v - (before[k] ?? 0)]).filter(([, v]) => (v as number) > 0))
 
 const fds = (world: HostileWorld): number => readdirSync(`/proc/${world.gateway.pid}/fd`).length
 
@@ -209,7 +199,7 @@ describe('hostile supervisor connections', () => {
   afterAll(async () => { await world?.stop() })
 
   it('20,000 relay-claim streams with a valid token: each connection is closed at its budget, the sandbox\'s budget carries over', async () => {
-    const before = await refusals(world)
+    const before = await refusalCounts(world.publicUrl)
     let streams = 0
     let connections = 0
     let calm = 0
@@ -235,7 +225,7 @@ describe('hostile supervisor connections', () => {
         client.destroy()
       }
     }, { durationMs: 8000 })
-    const d = diff(await refusals(world), before)
+    const d = refusalDiff(await refusalCounts(world.publicUrl), before)
     console.log(`relay claims: ${streams} streams over ${connections} connections, ${calm} closed with ENHANCE_YOUR_CALM; refusals ${JSON.stringify(d)}; honest p99 ${r.quiet.p99Ms.toFixed(0)} → ${r.underAttack.p99Ms.toFixed(0)} ms`)
     expectUnharmed(r, UNHARMED_CHURN)
     expect(streams).toBeGreaterThan(2000)
@@ -250,7 +240,7 @@ describe('hostile supervisor connections', () => {
   })
 
   it('2,000 idle TCP connections that never authenticate: beyond the cap closed at once, the rest at the auth deadline', async () => {
-    const before = await refusals(world)
+    const before = await refusalCounts(world.publicUrl)
     // Taken when the attack starts: the honest load's keep-alive sockets are open by then.
     let fds0 = 0
     let peakFds = 0
@@ -287,7 +277,7 @@ describe('hostile supervisor connections', () => {
       }
     }, { durationMs: 4000 })
     expectUnharmed(r)
-    const d = diff(await refusals(world), before)
+    const d = refusalDiff(await refusalCounts(world.publicUrl), before)
     expect(closed).toBe(2000)
     expect(lifetimes.length).toBe(2000)
     const last = Math.max(...lifetimes)
@@ -359,7 +349,7 @@ describe('hostile supervisor connections', () => {
     ]
     for (const [name, build, ours] of attacks) {
       let fds0 = 0
-      const before = await refusals(world)
+      const before = await refusalCounts(world.publicUrl)
       let conns: RawH2[] = []
       const r = await world.underAttack(`header blocks: ${name}`, async (signal) => {
         fds0 = fds(world)
@@ -371,7 +361,7 @@ describe('hostile supervisor connections', () => {
       expect(c.closedByGateway, name).toBe(true)
       // Ours: closed at the refused-stream budget (its GOAWAY may be lost to a peer that had
       // not read it when the reset came). Otherwise nghttp2 ended it or the PING found it dead.
-      if (ours) expect(diff(await refusals(world), before).refused_streams, name).toBeGreaterThanOrEqual(1)
+      if (ours) expect(refusalDiff(await refusalCounts(world.publicUrl), before).refused_streams, name).toBeGreaterThanOrEqual(1)
       console.log(`header blocks, ${name}: closed after ${c.closedAtMs?.toFixed(0)} ms, GOAWAY codes ${JSON.stringify(c.goaways)}`)
       await waitFor(() => fds(world) <= fds0 + 4, { timeoutMs: 5000, intervalMs: 50, description: `the socket released after ${name}` })
     }

@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import http2, { type ClientHttp2Session, type ClientHttp2Stream } from 'node:http2'
-import { expectHonestUnharmed, startHostileWorld, type AttackReport, type HostileWorld } from './harness.js'
+import { expectHonestUnharmed, refusalCounts, refusalDiff, startHostileWorld, type AttackReport, type HostileWorld } from './harness.js'
 import { sleep, waitFor } from '../helpers/wait.js'
 import { startFakeSupervisor } from '../helpers/fake-supervisor.js'
 import { SESSION_PATH } from '../../src/relay/protocol.js'
@@ -23,16 +23,6 @@ function expectUnharmed (r: AttackReport): void {
   expectHonestUnharmed(r, UNHARMED)
   expect(r.cpuSeconds, `${r.attack}: gateway CPU ${r.cpuSeconds} s in ${r.wallSeconds} s`).toBeLessThanOrEqual(0.8 * r.wallSeconds)
 }
-
-async function refusals (world: HostileWorld): Promise<Record<string, number>> {
-  const text = await (await fetch(`${world.publicUrl}/metrics`, { signal: AbortSignal.timeout(5000) })).text()
-  const out: Record<string, number> = {}
-  for (const m of text.matchAll(/^exec_gateway_sandbox_refusals_total\{reason="([a-z_]+)"\} (\d+)/gm)) out[m[1]!] = Number(m[2])
-  return out
-}
-
-const diff = (after: Record<string, number>, before: Record<string, number>): Record<string, number> =>
-  Object.fromEntries(Object.entries(after).map(([k, v]) => [k, v - (before[k] ?? 0)]).filter(([, v]) => (v as number) > 0))
 
 interface Conn {
   client: ClientHttp2Session
@@ -95,7 +85,7 @@ describe('hostile session streams (default budgets)', () => {
   afterAll(async () => { await world?.stop() })
 
   it('the lines that used to crash the gateway are refused one by one; the process lives', async () => {
-    const before = await refusals(world)
+    const before = await refusalCounts(world.publicUrl)
     let sent = 0
     const r = await world.underAttack('crash lines on the session stream', async (signal) => {
       const conn = connect(world)
@@ -115,13 +105,13 @@ describe('hostile session streams (default budgets)', () => {
     }, { durationMs: 3000, quietMs: 2000 })
     expectUnharmed(r)
     expect(sent).toBe(CRASH_LINES.length)
-    const d = diff(await refusals(world), before)
+    const d = refusalDiff(await refusalCounts(world.publicUrl), before)
     expect(d.bad_message).toBe(CRASH_LINES.length)
     expect(d.handler_error).toBeUndefined()
   })
 
   it('never-ending lines on every stream it can open: each session ends at 64 KiB, RSS stays bounded', async () => {
-    const before = await refusals(world)
+    const before = await refusalCounts(world.publicUrl)
     let accepted = 0
     let connections = 0
     let closedByGateway = 0
@@ -158,7 +148,7 @@ describe('hostile session streams (default budgets)', () => {
       }
     }, { durationMs: 6000 })
     expectUnharmed(r)
-    const d = diff(await refusals(world), before)
+    const d = refusalDiff(await refusalCounts(world.publicUrl), before)
     expect(d.line_too_long).toBeGreaterThanOrEqual(1)
     expect(d.session_streams).toBeGreaterThan(100)
     expect(d.refused_streams).toBeGreaterThanOrEqual(1)
@@ -172,7 +162,7 @@ describe('hostile session streams (default budgets)', () => {
   })
 
   it('a flood of session streams: never more than 4 at once for the sandbox, and the connection is closed', async () => {
-    const before = await refusals(world)
+    const before = await refusalCounts(world.publicUrl)
     let maxOpen = 0
     let closedByGateway = 0
     const r = await world.underAttack('session stream flood', async (signal) => {
@@ -198,7 +188,7 @@ describe('hostile session streams (default budgets)', () => {
       }
     }, { durationMs: 5000 })
     expectUnharmed(r)
-    const d = diff(await refusals(world), before)
+    const d = refusalDiff(await refusalCounts(world.publicUrl), before)
     expect(maxOpen).toBeGreaterThanOrEqual(1)
     expect(maxOpen).toBeLessThanOrEqual(4)
     expect(d.session_streams).toBeGreaterThan(200)
@@ -206,7 +196,7 @@ describe('hostile session streams (default budgets)', () => {
   })
 
   it('8 MiB of bad lines: the gateway\'s log output about the sandbox stays a few lines a second', async () => {
-    const before = await refusals(world)
+    const before = await refusalCounts(world.publicUrl)
     let hostileLogLines = 0
     const countHostile = (c: Buffer): void => { hostileLogLines += c.toString().split('"sandboxId":"hostile-flood"').length - 1 }
     world.gateway.proc.stdout!.on('data', countHostile)
@@ -232,7 +222,7 @@ describe('hostile session streams (default budgets)', () => {
     world.gateway.proc.stdout!.off('data', countHostile)
     world.gateway.proc.stderr!.off('data', countHostile)
     expectUnharmed(r)
-    const d = diff(await refusals(world), before)
+    const d = refusalDiff(await refusalCounts(world.publicUrl), before)
     expect(bytes).toBeGreaterThanOrEqual(4 * MiB)
     expect(d.message_rate).toBeGreaterThanOrEqual(sessions - 1)
     // 60 lines a minute per sandbox, plus the summaries of what was not logged.
@@ -284,7 +274,7 @@ describe('hostile session streams (every line looked at)', () => {
         for (const v of values) lines.push('{' + Object.entries({ ...base, [field]: v }).map(([k, x]) => `"${k}":${x}`).join(',') + '}')
       }
     }
-    const before = await refusals(world)
+    const before = await refusalCounts(world.publicUrl)
     let rounds = 0
     const r = await world.underAttack('every JSON value in every field', async (signal) => {
       const conn = connect(world)
@@ -307,7 +297,7 @@ describe('hostile session streams (every line looked at)', () => {
     }, { durationMs: 4000, quietMs: 2000 })
     expectUnharmed(r)
     expect(rounds).toBeGreaterThanOrEqual(1)
-    const d = diff(await refusals(world), before)
+    const d = refusalDiff(await refusalCounts(world.publicUrl), before)
     expect(d.bad_message).toBeGreaterThan(100 * rounds)
     expect(d.handler_error).toBeUndefined()
     await waitFor(async () => (await world.honestExec()).ok, { timeoutMs: 5000 })
