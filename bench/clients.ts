@@ -7,7 +7,8 @@ import WebSocket from 'ws'
 import { requestJson } from '../test/helpers/http.js'
 import type { OpenSshd } from '../test/helpers/openssh.js'
 import { waitFor } from '../test/helpers/wait.js'
-import { BINARY_SUBPROTOCOL, SSH } from './knobs.js'
+import { BINARY_SUBPROTOCOL } from '../src/schemas/websocket.js'
+import { SSH } from './knobs.js'
 
 export interface Reply<T> { status: number, body: T }
 

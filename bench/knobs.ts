@@ -3,7 +3,7 @@
 import { fileURLToPath } from 'node:url'
 import { intEnv } from '../test/helpers/env.js'
 
-export const PHASES = ['roundtrip', 'rate', 'throughput', 'hold'] as const
+const PHASES = ['roundtrip', 'rate', 'throughput', 'hold'] as const
 export type Phase = typeof PHASES[number]
 
 export const ONLY: ReadonlySet<Phase> = (() => {
@@ -44,7 +44,6 @@ export const GOALS = {
 
 export const SSH = '/usr/bin/ssh'
 export const CURVE_KEX = 'curve25519-sha256'
-export const BINARY_SUBPROTOCOL = 'exec-gateway.v1.binary'
 export const HOLD_COMMAND: readonly string[] = ['sleep', '600']
 // The gateway tags every exec's environment with its id: how leftovers are found by pid.
 export const EXEC_ID_ENV = 'EXEC_GATEWAY_EXEC_ID'

@@ -51,7 +51,7 @@ export function cpuTicks (pid: number): number {
 }
 
 // utime + stime + cutime + cstime in clock ticks; 0 when gone.
-export function cpuTicksWithChildren (pid: number): number {
+function cpuTicksWithChildren (pid: number): number {
   try {
     return procStat(pid).ticksWithChildren
   } catch {
@@ -65,7 +65,7 @@ export function cpuTicksOfAll (pids: readonly number[]): number {
 }
 
 // Every live descendant of pid.
-export function descendants (pid: number): number[] {
+function descendants (pid: number): number[] {
   const parent = new Map<number, number>()
   for (const name of pids()) {
     try { parent.set(Number(name), procStat(name).ppid) } catch { /* gone */ }

@@ -87,7 +87,7 @@ export class Inspector {
 }
 
 // Self time by function and by module, from a .cpuprofile.
-export function summarizeProfile (profile: CpuProfile): string {
+function summarizeProfile (profile: CpuProfile): string {
   const byId = new Map(profile.nodes.map((n) => [n.id, n]))
   const selfUs = new Map<number, number>()
   profile.samples.forEach((id, i) => selfUs.set(id, (selfUs.get(id) ?? 0) + (profile.timeDeltas[i] ?? 0)))

@@ -39,6 +39,7 @@ function machine (loadavgAtStart: string): string[] {
   const model = /^model name\s*:\s*(.*)$/m.exec(cpuinfo)?.[1] ?? 'unknown'
   const memKiB = Number(/^MemTotal:\s+(\d+)/m.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0)
   const sshV = spawnSync(SSH, ['-V'], { encoding: 'utf8' })
+  // eslint-disable-next-line no-template-curly-in-string -- dpkg-query's own format syntax
   const sshdPkg = spawnSync('dpkg-query', ['-W', '-f', '${Version}', 'openssh-server'], { encoding: 'utf8' })
   const nproc = (() => { try { return execFileSync('nproc', { encoding: 'utf8' }).trim() } catch { return String(os.availableParallelism()) } })()
   return [

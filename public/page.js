@@ -4,12 +4,23 @@ import { ApiError } from './api.js'
 
 const $ = (id) => document.getElementById(id)
 export const el = {
-  tokenForm: $('token-form'), token: $('token'), forgetToken: $('forget-token'),
+  tokenForm: $('token-form'),
+  token: $('token'),
+  forgetToken: $('forget-token'),
   error: $('error'),
-  sandboxes: $('sandboxes'), noSandboxes: $('no-sandboxes'),
-  recent: $('recent'), noRecent: $('no-recent'),
-  runForm: $('run-form'), command: $('command'), tty: $('tty'), run: $('run'),
-  execId: $('exec-id'), execSandbox: $('exec-sandbox'), status: $('exec-status'), connection: $('connection'), kill: $('kill'),
+  sandboxes: $('sandboxes'),
+  noSandboxes: $('no-sandboxes'),
+  recent: $('recent'),
+  noRecent: $('no-recent'),
+  runForm: $('run-form'),
+  command: $('command'),
+  tty: $('tty'),
+  run: $('run'),
+  execId: $('exec-id'),
+  execSandbox: $('exec-sandbox'),
+  status: $('exec-status'),
+  connection: $('connection'),
+  kill: $('kill'),
   terminal: $('terminal')
 }
 

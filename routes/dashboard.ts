@@ -4,7 +4,7 @@ import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type { FastifyPluginAsync } from 'fastify'
 import fastifyStatic from '@fastify/static'
-import type { RouteContext } from './context.js'
+import type { RouteContext } from '../src/http/route-context.js'
 
 // The browser dashboard: static files from public/ at /, and xterm.js straight from its npm
 // package, so there is no bundler or build server at run time. Every route here is readable
@@ -12,7 +12,7 @@ import type { RouteContext } from './context.js'
 
 // This file runs as routes/dashboard.ts under vitest and as dist/routes/dashboard.js when built,
 // so public/ and node_modules are found from the package root, not from this file's directory.
-export function packageRoot (from: string = fileURLToPath(import.meta.url)): string {
+function packageRoot (from: string = fileURLToPath(import.meta.url)): string {
   let dir = dirname(from)
   for (;;) {
     if (existsSync(join(dir, 'package.json'))) return dir

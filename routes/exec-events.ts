@@ -1,12 +1,11 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
-import { GatewayError } from '../src/errors.js'
 import { pumpEvents } from '../src/http/event-pump.js'
 import { AttachQuerySchema, ExecParamsSchema } from '../src/schemas/exec.js'
 import { ExecEventSchema } from '../src/schemas/events.js'
 import { ProblemResponse } from '../src/schemas/problem.js'
 import { EXEC_NOT_FOUND, findExec } from './execs.js'
-import type { RouteContext } from './context.js'
+import type { RouteContext } from '../src/http/route-context.js'
 
 // The exec's events for curl and SDKs: SSE when the client accepts text/event-stream, NDJSON
 // otherwise. Each SSE event's id is "<stdout offset>-<stderr offset>" after it, so a
@@ -24,15 +23,6 @@ function parseLastEventId (value: unknown): { stdout: number, stderr: number } |
   return Number.isSafeInteger(stdout) && Number.isSafeInteger(stderr) ? { stdout, stderr } : undefined
 }
 
-// JSON Schema's "integer" admits 1e23 (coerced from the query string); byte offsets cannot be
-// that large, and SSE ids would carry it back as "1e+23-0". Shared with the WebSocket route.
-export function checkOffsets (query: { stdoutOffset?: number | undefined, stderrOffset?: number | undefined }): void {
-  for (const name of ['stdoutOffset', 'stderrOffset'] as const) {
-    const v = query[name]
-    if (v !== undefined && !Number.isSafeInteger(v)) throw new GatewayError('invalid_argument', `querystring ${name}: must be <= ${Number.MAX_SAFE_INTEGER}`)
-  }
-}
-
 const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ctx }) => {
   app.get('/v1/execs/:execId/events', {
     schema: {
@@ -46,7 +36,6 @@ const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
     }
   }, async (req, reply) => {
     const entry = findExec(ctx, req.params.execId)
-    checkOffsets(req.query)
     const sse = String(req.headers.accept ?? '').includes('text/event-stream')
     const resume = sse ? parseLastEventId(req.headers['last-event-id']) : undefined
     const offsets = { stdout: resume?.stdout ?? req.query.stdoutOffset ?? 0, stderr: resume?.stderr ?? req.query.stderrOffset ?? 0 }

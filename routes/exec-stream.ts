@@ -2,37 +2,31 @@ import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
 import type { WebSocket, RawData } from 'ws'
 import { GatewayError } from '../src/errors.js'
-import { SIGNALS, type SignalName } from '../src/execs/command.js'
 import type { ExecEntry } from '../src/execs/exec-entry.js'
 import { STDIN_BUFFER_MAX_BYTES } from '../src/execs/stdin-flow.js'
 import { pumpEvents } from '../src/http/event-pump.js'
 import { upgradeProblem } from '../src/http/transport-refusals.js'
 import { AttachQuerySchema, ExecParamsSchema } from '../src/schemas/exec.js'
+import { decodeClientFrame } from '../src/schemas/frames.js'
 import { ProblemResponse } from '../src/schemas/problem.js'
+import {
+  BINARY_SUBPROTOCOL, CLOSE_ERROR, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, JSON_SUBPROTOCOL,
+  STDERR_CHANNEL, STDIN_CHANNEL, STDOUT_CHANNEL
+} from '../src/schemas/websocket.js'
 import { EXEC_NOT_FOUND, findExec } from './execs.js'
-import { checkOffsets } from './exec-events.js'
-import type { RouteContext } from './context.js'
+import type { RouteContext } from '../src/http/route-context.js'
 
 // WebSocket attach. JSON text events by default; with the exec-gateway.v1.binary subprotocol,
 // output travels as binary frames (one channel byte, then raw bytes) and control events stay
 // JSON. Closing the socket detaches; only DELETE or a signal ends the exec.
-
-export const BINARY_SUBPROTOCOL = 'exec-gateway.v1.binary'
-// JSON frames (the default) by name: browsers that offer a bearer subprotocol fail the
-// handshake unless the server selects one of the offered protocols, so they offer this too.
-export const JSON_SUBPROTOCOL = 'exec-gateway.v1.json'
-export const CLOSE_NORMAL = 1000
-export const CLOSE_GOING_AWAY = 1001
-export const CLOSE_POLICY = 1008
-export const CLOSE_ERROR = 1011
 
 const P = ProblemResponse
 const SWITCHING = Type.Null({
   description: 'switching to the WebSocket protocol',
   headers: { 'Sec-WebSocket-Protocol': { type: 'string', description: `${BINARY_SUBPROTOCOL} when the client offered it, else ${JSON_SUBPROTOCOL} when offered; absent otherwise (a bearer subprotocol is never selected)` } }
 })
-const STDOUT_CHANNEL = Buffer.from([1])
-const STDERR_CHANNEL = Buffer.from([2])
+const STDOUT_BYTE = Buffer.from([STDOUT_CHANNEL])
+const STDERR_BYTE = Buffer.from([STDERR_CHANNEL])
 const HIGH_WATER = 1024 * 1024
 const LOW_WATER = 256 * 1024
 const STDIN_OVERFLOW = `stdin overflow: the exec already holds ${STDIN_BUFFER_MAX_BYTES} bytes of stdin beyond its pause mark`
@@ -52,13 +46,11 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
       findExec(ctx, (req.params as { execId: string }).execId)
       const why = upgradeProblem(req.raw)
       if (why !== undefined) throw new GatewayError('invalid_argument', why)
-    },
-    preHandler: async (req) => { checkOffsets(req.query) }
+    }
   }, (socket, req) => {
     const entry = ctx.execs.get(req.params.execId)
     if (entry === undefined) { socket.close(CLOSE_POLICY, 'exec not found'); return }
     const binary = socket.protocol === BINARY_SUBPROTOCOL
-    ctx.sockets.add(socket)
     socket.on('error', (err) => req.log.debug({ err }, 'websocket error'))
     // While the exec cannot take this socket's stdin, the socket is not read, so TCP
     // backpressure reaches the client. stdinWait, set while paused, cancels that wait.
@@ -97,20 +89,22 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
       if (!congested && unsent > HIGH_WATER) congested = true
       return !congested
     }
-    const stop = pumpEvents(entry, { stdoutOffset: req.query.stdoutOffset, stderrOffset: req.query.stderrOffset, encoding: binary ? 'binary' : req.query.encoding }, ctx.heartbeatIntervalMs, { send: (ev, final, _endOffset, raw, drained) => {
-      if (socket.readyState !== socket.OPEN) return true
-      let ok: boolean
-      if (binary && raw !== undefined && (ev.type === 'stdout' || ev.type === 'stderr')) {
-        ok = sendCounted(raw, true, drained, ev.type === 'stdout' ? STDOUT_CHANNEL : STDERR_CHANNEL)
-      } else {
-        ok = sendCounted(JSON.stringify(ev), false, drained)
+    const stop = pumpEvents(entry, { stdoutOffset: req.query.stdoutOffset, stderrOffset: req.query.stderrOffset, encoding: binary ? 'binary' : req.query.encoding }, ctx.heartbeatIntervalMs, {
+      send: (ev, final, _endOffset, raw, drained) => {
+        if (socket.readyState !== socket.OPEN) return true
+        let ok: boolean
+        if (binary && raw !== undefined && (ev.type === 'stdout' || ev.type === 'stderr')) {
+          ok = sendCounted(raw, true, drained, ev.type === 'stdout' ? STDOUT_BYTE : STDERR_BYTE)
+        } else {
+          ok = sendCounted(JSON.stringify(ev), false, drained)
+        }
+        // A gateway going down says so with 1001, whatever it cut off.
+        if (ev.type === 'error') close(ev.code === 'shutting_down' ? CLOSE_GOING_AWAY : CLOSE_ERROR, ev.code)
+        else if (final) close(CLOSE_NORMAL, 'exec ended')
+        return ok
       }
-      // A gateway going down says so with 1001, whatever it cut off.
-      if (ev.type === 'error') close(ev.code === 'shutting_down' ? CLOSE_GOING_AWAY : CLOSE_ERROR, ev.code)
-      else if (final) close(CLOSE_NORMAL, 'exec ended')
-      return ok
-    } })
-    socket.on('close', () => { stop(); stopWaiting(); ctx.sockets.delete(socket) })
+    })
+    socket.on('close', () => { stop(); stopWaiting() })
     socket.on('message', (data: RawData, isBinary: boolean) => onClientFrame(ctx, entry, socket, client, data, isBinary))
   })
 }
@@ -122,53 +116,35 @@ interface FrameClient {
   writeStdin: (bytes: Buffer) => void
 }
 
+const NOT_INTERACTIVE = 'stdin frames need an exec created with interactive: true'
+
 function onClientFrame (ctx: RouteContext, entry: ExecEntry, socket: WebSocket, client: FrameClient, data: RawData, isBinary: boolean): void {
   // ws still delivers frames that arrive while it closes: after a refusal (or the final event)
   // nothing the client sends may reach the exec any more.
   if (socket.readyState !== socket.OPEN) return
   const buf = Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data as ArrayBuffer)
   if (isBinary) {
-    if (buf[0] !== 0) { client.refuse('binary frames from the client must start with channel byte 0 (stdin)'); return }
-    if (!entry.spec.interactive) { client.refuse('stdin frames need an exec created with interactive: true'); return }
+    if (buf[0] !== STDIN_CHANNEL) { client.refuse(`binary frames from the client must start with channel byte ${STDIN_CHANNEL} (stdin)`); return }
+    if (!entry.spec.interactive) { client.refuse(NOT_INTERACTIVE); return }
     client.writeStdin(buf.subarray(1))
     return
   }
-  let msg: Record<string, unknown>
-  try {
-    const parsed: unknown = JSON.parse(buf.toString('utf8'))
-    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new Error('not an object')
-    msg = parsed as Record<string, unknown>
-  } catch {
-    client.refuse('frames must be JSON objects with a "type"')
-    return
-  }
-  switch (msg.type) {
+  const decoded = decodeClientFrame(buf.toString('utf8'))
+  if (!decoded.ok) { client.refuse(decoded.why); return }
+  const frame = decoded.frame
+  switch (frame.type) {
     case 'stdin':
-      if (!entry.spec.interactive) { client.refuse('stdin frames need an exec created with interactive: true'); return }
-      if (typeof msg.data !== 'string') { client.refuse('stdin frames need a string "data"'); return }
-      client.writeStdin(Buffer.from(msg.data, 'utf8'))
+      if (!entry.spec.interactive) { client.refuse(NOT_INTERACTIVE); return }
+      client.writeStdin(Buffer.from(frame.data, 'utf8'))
       return
     case 'eof':
       ctx.execs.endStdin(entry)
       return
-    case 'resize': {
-      const { cols, rows } = msg
-      if (!Number.isInteger(cols) || !Number.isInteger(rows) || (cols as number) < 1 || (rows as number) < 1 || (cols as number) > 10000 || (rows as number) > 10000) {
-        client.refuse('resize needs integer cols and rows in 1..10000')
-        return
-      }
-      ctx.execs.resize(entry, cols as number, rows as number)
+    case 'resize':
+      ctx.execs.resize(entry, frame.cols, frame.rows)
       return
-    }
     case 'signal':
-      if (typeof msg.signal !== 'string' || !(SIGNALS as readonly string[]).includes(msg.signal)) {
-        client.refuse(`signal must be one of ${SIGNALS.join(', ')}`)
-        return
-      }
-      if (!entry.finished) ctx.execs.signal(entry, msg.signal as SignalName)
-      return
-    default:
-      client.refuse('unknown frame type; use stdin, eof, resize or signal')
+      if (!entry.finished) ctx.execs.signal(entry, frame.signal)
   }
 }
 

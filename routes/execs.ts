@@ -6,13 +6,13 @@ import { GatewayError } from '../src/errors.js'
 import type { ExecEntry } from '../src/execs/exec-entry.js'
 import { validateExecRequest } from '../src/execs/validate.js'
 import {
-  CreateExecQuerySchema, ExecParamsSchema, ExecRequestSchema, ExecResultSchema, ExecSchema,
+  CreateExecQuerySchema, ExecListSchema, ExecParamsSchema, ExecRequestSchema, ExecResultSchema, ExecSchema,
   ListExecsQuerySchema, SignalRequestSchema
 } from '../src/schemas/exec.js'
 import { ProblemResponse, problemResponse } from '../src/schemas/problem.js'
 import { SandboxParamsSchema } from '../src/schemas/sandbox.js'
 import { sendProblem } from '../src/http/errors-plugin.js'
-import type { RouteContext } from './context.js'
+import type { RouteContext } from '../src/http/route-context.js'
 
 const P = ProblemResponse
 export const EXEC_NOT_FOUND = problemResponse(['exec_not_found'], 'no such exec: unknown, deleted, or past --exec-ttl-s')
@@ -54,9 +54,12 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
       response: {
         200: { description: 'wait=true: the command reported its exit status or exit signal', headers: LOCATION, content: { 'application/json': { schema: Type.Ref(ExecResultSchema) } } },
         201: { description: 'the exec is created and runs in the background', headers: LOCATION, content: { 'application/json': { schema: Type.Ref(ExecSchema) } } },
-        400: P, 401: P, 403: P,
+        400: P,
+        401: P,
+        403: P,
         404: problemResponse(['sandbox_not_found', 'exec_not_found'], 'no supervisor for this sandbox has ever connected; with wait=true also: the exec was deleted before it started'),
-        413: P, 415: P,
+        413: P,
+        415: P,
         429: problemResponse(['too_many_requests'], 'over the per-token exec rate limit (with Retry-After), or the sandbox already has too many execs running or relays waiting to be opened; with wait=true also as the exec\'s error', RETRY_AFTER),
         500: problemResponse(['internal'], 'an unexpected error in the gateway, or (wait=true) while running the exec'),
         502: problemResponse(['ssh_failed'], 'wait=true: the SSH handshake or authentication with the sandbox\'s daemon failed'),
@@ -67,7 +70,6 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
   }, async (req, reply) => {
     const spec = validateExecRequest(req.body)
     const entry = ctx.execs.create(req.params.sandboxId, spec)
-    ctx.metrics.execsStarted.inc()
     if (req.query.wait !== true) {
       return reply.code(201).header('location', `/v1/execs/${entry.id}`).send(entry.toJSON())
     }
@@ -83,7 +85,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
       tags: ['execs'],
       summary: 'List execs',
       querystring: ListExecsQuerySchema,
-      response: { 200: Type.Object({ execs: Type.Array(Type.Ref(ExecSchema)) }), 400: P, 401: P, 403: P }
+      response: { 200: ExecListSchema, 400: P, 401: P, 403: P }
     }
   }, async (req) => ({ execs: ctx.execs.list(req.query).map((e) => e.toJSON()) }))
 
@@ -106,7 +108,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
     }
   }, async (req, reply) => {
     const entry = findExec(ctx, req.params.execId)
-    ctx.execs.signal(entry, req.body.signal as Parameters<typeof ctx.execs.signal>[1])
+    ctx.execs.signal(entry, req.body.signal)
     return reply.code(202).send({ execId: entry.id, signal: req.body.signal })
   })
 

@@ -1,6 +1,7 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
-import type { RouteContext } from './context.js'
+import { ReadinessBodySchema } from '../src/schemas/health.js'
+import type { RouteContext } from '../src/http/route-context.js'
 
 const health: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ctx }) => {
   app.get('/healthz', {
@@ -12,14 +13,13 @@ const health: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { c
     }
   }, async () => ({ status: 'ok' as const }))
 
-  const Readiness = Type.Object({ status: Type.Union([Type.Literal('ready'), Type.Literal('starting'), Type.Literal('draining')]) })
   app.get('/readyz', {
     config: { openAccess: true },
     schema: {
       tags: ['health'],
       summary: 'Whether this gateway takes new work (for load balancers)',
       description: '200 once both listeners are up (and the embedded local sandbox, when it runs); 503 while the gateway starts or drains (from the first step of a SIGTERM).',
-      response: { 200: Readiness, 503: Readiness }
+      response: { 200: ReadinessBodySchema, 503: ReadinessBodySchema }
     }
   }, async (_req, reply) => {
     const status = ctx.readiness()

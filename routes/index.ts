@@ -1,5 +1,5 @@
 import type { FastifyInstance } from 'fastify'
-import type { RouteContext } from './context.js'
+import type { RouteContext } from '../src/http/route-context.js'
 import health from './health.js'
 import sandboxes from './sandboxes.js'
 import execs from './execs.js'

@@ -3,16 +3,16 @@ import { Type } from '@sinclair/typebox'
 import { GatewayError } from '../src/errors.js'
 import type { SandboxEntry } from '../src/relay/sessions.js'
 import { ProblemResponse as P, problemResponse } from '../src/schemas/problem.js'
-import { SandboxParamsSchema, SandboxSchema, type Sandbox } from '../src/schemas/sandbox.js'
-import type { RouteContext } from './context.js'
+import { SandboxListSchema, SandboxParamsSchema, SandboxSchema, type Sandbox } from '../src/schemas/sandbox.js'
+import type { RouteContext } from '../src/http/route-context.js'
 
-export function sandboxView (e: SandboxEntry): Sandbox {
+function sandboxView (e: SandboxEntry, activeExecs: number): Sandbox {
   return {
     id: e.id,
     status: e.session === undefined ? 'disconnected' : 'connected',
     connectedAt: e.connectedAt?.toISOString() ?? null,
     lastSeenAt: e.lastSeenAt?.toISOString() ?? null,
-    activeExecs: e.activeExecs
+    activeExecs
   }
 }
 
@@ -21,9 +21,9 @@ const sandboxes: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, 
     schema: {
       tags: ['sandboxes'],
       summary: 'Sandboxes whose supervisor has connected',
-      response: { 200: Type.Object({ sandboxes: Type.Array(Type.Ref(SandboxSchema)) }), 401: P, 403: P }
+      response: { 200: SandboxListSchema, 401: P, 403: P }
     }
-  }, async () => ({ sandboxes: ctx.registry.list().map(sandboxView) }))
+  }, async () => ({ sandboxes: ctx.registry.list().map((e) => sandboxView(e, ctx.execs.activeIn(e.id))) }))
 
   app.get('/v1/sandboxes/:sandboxId', {
     schema: {
@@ -35,7 +35,7 @@ const sandboxes: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, 
   }, async (req) => {
     const e = ctx.registry.get(req.params.sandboxId)
     if (e === undefined) throw new GatewayError('sandbox_not_found', `no sandbox ${req.params.sandboxId} has ever connected`)
-    return sandboxView(e)
+    return sandboxView(e, ctx.execs.activeIn(e.id))
   })
 }
 export default sandboxes

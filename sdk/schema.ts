@@ -328,6 +328,7 @@ export interface paths {
                 query?: never;
                 header?: never;
                 path: {
+                    /** @description 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit */
                     sandboxId: string;
                 };
                 cookie?: never;
@@ -420,6 +421,7 @@ export interface paths {
                 };
                 header?: never;
                 path: {
+                    /** @description 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit */
                     sandboxId: string;
                 };
                 cookie?: never;
@@ -1145,9 +1147,15 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /**
+         * @description stable, machine-readable error code; clients branch on it, never on the text
+         * @enum {string}
+         */
+        ErrorCode: "invalid_argument" | "unauthenticated" | "permission_denied" | "not_found" | "sandbox_not_found" | "exec_not_found" | "method_not_allowed" | "exec_finished" | "payload_too_large" | "unsupported_media_type" | "too_many_requests" | "internal" | "ssh_failed" | "sandbox_unavailable" | "relay_unavailable" | "shutting_down" | "relay_open_timeout";
         ExecError: {
-            code: string;
+            code: components["schemas"]["ErrorCode"];
             status: number;
+            /** @description what happened, for people; never branch on it (use `code`) */
             detail: string;
         };
         /** @description RFC 9457 problem details */
@@ -1155,9 +1163,9 @@ export interface components {
             type: string;
             title: string;
             status: number;
+            /** @description what happened, for people; never branch on it (use `code`) */
             detail: string;
-            /** @description stable, machine-readable error code (see ErrorCode) */
-            code: string;
+            code: components["schemas"]["ErrorCode"];
             /** @description the exec this error ended, when there is one */
             execId?: string;
         };
@@ -1303,8 +1311,9 @@ export interface components {
              * @enum {string}
              */
             type: "error";
-            code: string;
+            code: components["schemas"]["ErrorCode"];
             status: number;
+            /** @description what happened, for people; never branch on it (use `code`) */
             message: string;
         };
         /** @description Only for execs created with interactive: true */

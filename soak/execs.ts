@@ -9,7 +9,7 @@ import { KNOBS, MAX_EXECS_PER_AGENT, RUN_ID, SEED, rng } from './knobs.js'
 import { makePlan, planBytes, type Mode, type Plan, type Shape } from './plans.js'
 import { log, rel, sessionOf, world } from './world.js'
 
-export type Outcome = 'exit' | 'error' | 'hung' | 'broken'
+type Outcome = 'exit' | 'error' | 'hung' | 'broken'
 export interface Observation {
   key: string
   sandbox: string
@@ -287,11 +287,23 @@ async function runAttached (plan: Plan, obs: Observation, body: Body, left: () =
   return true
 }
 
-export async function runExec (plan: Plan): Promise<Observation> {
+async function runExec (plan: Plan): Promise<Observation> {
   const t0 = Date.now()
   const obs: Observation = {
-    key: plan.key, sandbox: plan.sandbox, shape: plan.shape, mode: plan.mode, script: plan.script, wantExit: plan.exitCode,
-    sleepMs: plan.sleepMs, boundMs: plan.boundMs, t0, tEnd: t0, outcome: 'broken', bytes: 0, problems: [], notes: []
+    key: plan.key,
+    sandbox: plan.sandbox,
+    shape: plan.shape,
+    mode: plan.mode,
+    script: plan.script,
+    wantExit: plan.exitCode,
+    sleepMs: plan.sleepMs,
+    boundMs: plan.boundMs,
+    t0,
+    tEnd: t0,
+    outcome: 'broken',
+    bytes: 0,
+    problems: [],
+    notes: []
   }
   const left = (): number => t0 + plan.boundMs - Date.now()
   const body: Body = { command: ['sh', '-c', plan.script], env: { SOAK_RUN: RUN_ID }, ...(plan.interactive ? { interactive: true } : {}) }

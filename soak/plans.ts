@@ -11,7 +11,7 @@ export type Mode = 'wait' | 'ws' | 'ndjson'
 // other (or interleaved bursts) with nobody attached, read after the end; readers that attach
 // late (while it runs, or after the end past retention); readers that stop reading for
 // seconds; and interactive execs whose stdin is flooded.
-export const LARGE_SHAPES = [
+const LARGE_SHAPES = [
   'burst-out-err', 'burst-err-out', 'burst-mixed', 'late-mid', 'late-end', 'paused-ws', 'paused-ndjson', 'stdin-count', 'stdin-digest', 'stdin-echo'
 ] as const
 export type Shape = 'classic' | typeof LARGE_SHAPES[number]
@@ -88,12 +88,14 @@ class Script {
     this.lines.push(`printf '%s' '${lit}'${stream === 2 ? ' >&2' : ''}`)
     ;(stream === 1 ? this.out : this.err).lit(lit)
   }
+
   // yes | head -c: n bytes at once, as fast as a pipe goes.
   burst (r: Rand, stream: 1 | 2, n: number): void {
     const tok = token(r, 1 + Math.floor(r() * 60))
     this.lines.push(`yes '${tok}' | head -c ${n}${stream === 2 ? ' >&2' : ''}`)
     ;(stream === 1 ? this.out : this.err).rep(`${tok}\n`, n)
   }
+
   line (l: string): void { this.lines.push(l) }
 }
 
@@ -255,7 +257,13 @@ export function makePlan (agent: number, seq: number, sandbox: string): Plan {
   // Output at ≥ 0.5 MB/s even on a loaded machine, plus process start-up.
   const plannedMs = sleepMs + 300 + Math.ceil((s.out.bytes + s.err.bytes) / 500) + extraMs
   return {
-    ...p, script: s.lines.join('\n'), stdout: s.out, stderr: s.err, exitCode, sleepMs, plannedMs,
+    ...p,
+    script: s.lines.join('\n'),
+    stdout: s.out,
+    stderr: s.err,
+    exitCode,
+    sleepMs,
+    plannedMs,
     boundMs: plannedMs + DETECTION_BOUND_MS + KNOBS.closeWaitMs + SLACK_MS
   }
 }

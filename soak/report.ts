@@ -10,7 +10,7 @@ import { SHAPES } from './plans.js'
 import { HONEST_503, type Observation } from './execs.js'
 import { rel, world, type Fault } from './world.js'
 
-export type Category = 'true' | '503' | 'honest' | 'hung' | 'wrong'
+type Category = 'true' | '503' | 'honest' | 'hung' | 'wrong'
 export interface Verdict {
   obs: Observation
   category: Category
@@ -64,7 +64,7 @@ export function codeVersion (): string {
   } catch { return 'unknown (no git)' }
 }
 
-export function table (header: string[], rows: Array<Array<string | number>>): string {
+function table (header: string[], rows: Array<Array<string | number>>): string {
   const cells = [header, ...rows.map((r) => r.map(String))]
   const widths = header.map((_, i) => Math.max(...cells.map((r) => r[i]!.length)))
   const fmt = (r: string[]): string => r.map((c, i) => i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!)).join('  ')
@@ -101,7 +101,6 @@ export function procRssMb (pid: number): string {
     return m === null ? '?' : (Number(m[1]) / 1024).toFixed(0)
   } catch { return 'gone' }
 }
-
 
 // The verdict table by fault kind, then the same counts by reader and by shape.
 export function verdictTables (verdicts: Verdict[]): string[] {

@@ -108,7 +108,7 @@ describe('soak', () => {
       for (let i = 0; i < 300 && (g.gw.execs.running > 0 || g.gw.registry.pendingCount() > 0); i++) await sleep(50)
       const leftRunning = g.gw.execs.running
       const leftPending = g.gw.registry.pendingCount()
-      const leftActive = g.gw.registry.list().filter((s) => s.activeExecs !== 0).map((s) => `${s.id}:${s.activeExecs}`)
+      const leftActive = g.gw.registry.list().filter((s) => g.gw.execs.activeIn(s.id) !== 0).map((s) => `${s.id}:${g.gw.execs.activeIn(s.id)}`)
       const leftExecs = g.gw.execs.list({ status: 'running' }).concat(g.gw.execs.list({ status: 'pending' }))
       const rssEnd = process.memoryUsage.rss()
       const retainedAtEnd = g.gw.execs.size
@@ -159,7 +159,11 @@ describe('soak', () => {
 
       if (DUMP_PATH !== '') {
         writeFileSync(DUMP_PATH, JSON.stringify({
-          seed: SEED, runStart: world.runStart, deadline: world.deadline, knobs: KNOBS, faults: world.faults,
+          seed: SEED,
+          runStart: world.runStart,
+          deadline: world.deadline,
+          knobs: KNOBS,
+          faults: world.faults,
           execs: verdicts.map((v) => ({ ...v.obs, category: v.category, kind: v.kind, faults: v.faults.map((f) => f.n), reasons: v.reasons, detectMs: v.detectMs, survived: v.survived?.n }))
         }, null, 1))
         out.push(`every exec and fault written to ${DUMP_PATH}`)

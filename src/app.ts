@@ -7,6 +7,7 @@ import { createLogger } from './logger.js'
 import type { GatewayConfig } from './config.js'
 import { loadDataDir, type GatewayIdentity } from './data-dir.js'
 import { Credentials, readTls, type TlsMaterial } from './credentials.js'
+import { GatewayEvents } from './diagnostics.js'
 import { ExecManager } from './execs/manager.js'
 import { buildPublicApp } from './http/public-app.js'
 import { Metrics } from './metrics.js'
@@ -16,13 +17,14 @@ import { SshPool } from './relay/ssh-pool.js'
 import { createSupervisorServer } from './supervisor-plane/listener.js'
 import { Supervisor } from './supervisor/agent.js'
 import { signSupervisorToken } from './tokens.js'
-import { CLOSE_GOING_AWAY } from '../routes/exec-stream.js'
-import type { Readiness } from '../routes/context.js'
+import { SUPERVISOR_GOAWAY_MS } from './lifecycle/bounds.js'
+import { Lifecycle } from './lifecycle/lifecycle.js'
 
 // buildGateway(config) assembles the gateway; it never listens by itself. listen() binds both
-// listeners (and starts the embedded sandbox), close() shuts everything down within the grace.
+// listeners (and starts the embedded sandbox), close() runs the one shutdown sequence
+// (lifecycle/lifecycle.ts), which ends within the grace plus its named bounds.
 
-export const LOCAL_SANDBOX_ID = 'local'
+const LOCAL_SANDBOX_ID = 'local'
 
 export interface Gateway {
   app: FastifyInstance
@@ -52,16 +54,19 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
   const credentials = new Credentials(config, identity, logger.child({ component: 'credentials' }))
   const publicTls = config.tls === undefined ? undefined : readTls(config.tls)
   const supervisorTls = config.supervisorTls === undefined ? undefined : readTls(config.supervisorTls)
+  // What the gateway's parts publish (diagnostics.ts) and metrics observe: created first, so
+  // that every part is handed it.
+  const events = new GatewayEvents()
+  const lifecycle = new Lifecycle()
   // One per gateway: the listener, the sessions and the SSH client count and log what a sandbox
   // sent that was refused, at a rate no sandbox can raise.
-  const refusals = new Refusals({ logger: logger.child({ component: 'refusals' }), linesPerMinute: config.sandboxLogLinesPerMinute })
+  const refusals = new Refusals({ logger: logger.child({ component: 'refusals' }), events, linesPerMinute: config.sandboxLogLinesPerMinute })
   const registry = new SessionRegistry({
     sessionWaitMs: config.sessionWaitMs,
     relayOpenTimeoutMs: config.relayOpenTimeoutMs,
     maxPendingRelaysPerSandbox: config.maxPendingRelaysPerSandbox,
     logger: logger.child({ component: 'sessions' })
   })
-  let metrics: Metrics | undefined
   const pool = new SshPool({
     registry,
     privateKey: identity.privateKey,
@@ -75,27 +80,21 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     refusals,
     maxRekeysPerMinute: config.sshMaxRekeysPerMinute,
     maxRefusedChannelOpens: config.sshMaxRefusedChannelOpens,
-    observer: {
-      relayOpened: (s) => metrics?.relayOpen.observe(s),
-      sshHandshake: (s, outcome) => metrics?.sshHandshake.observe({ outcome }, s),
-      relayFailed: (reason) => metrics?.relayFailures.inc({ reason })
-    }
+    events
   })
   const execs = new ExecManager({
     registry,
     pool,
     logger: logger.child({ component: 'execs' }),
+    events,
     retentionBytes: config.retentionBytes,
     retentionBytesPerSandbox: config.retentionBytesPerSandbox,
     retentionBytesTotal: config.retentionBytesTotal,
     execTtlS: config.execTtlS,
     closeWaitMs: config.closeWaitMs,
-    maxPendingRelaysPerSandbox: config.maxPendingRelaysPerSandbox,
-    maxRunningExecsPerSandbox: config.maxRunningExecsPerSandbox,
-    onEnd: (e) => metrics?.execsEnded.inc({ outcome: e.status, code: e.error?.code ?? '' }),
-    onBytes: (stream, n) => metrics?.bytes.inc({ stream }, n)
+    maxRunningExecsPerSandbox: config.maxRunningExecsPerSandbox
   })
-  metrics = new Metrics({
+  const metrics = new Metrics({
     activeExecs: () => execs.running,
     sessions: () => registry.list().filter((s) => s.session !== undefined).length,
     sandboxes: () => {
@@ -104,14 +103,13 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
       return { connected, disconnected: all.length - connected }
     },
     retainedBytes: () => execs.retainedBytes
-  }, refusals)
-  let closing = false
-  let readiness: Readiness = 'starting'
-  const { app, sockets } = await buildPublicApp({
+  }, events)
+  const { app } = await buildPublicApp({
     logger,
     apiTokens: () => credentials.apiTokens,
     tls: publicTls,
-    ctx: { execs, registry, metrics, heartbeatIntervalMs: config.heartbeatIntervalMs, execRateLimitPerMinute: config.execRateLimitPerMinute, readiness: () => readiness }
+    lifecycle,
+    ctx: { execs, registry, metrics, heartbeatIntervalMs: config.heartbeatIntervalMs, execRateLimitPerMinute: config.execRateLimitPerMinute }
   })
   const { server: supervisorServer, closeAll: closeSupervisorConnections, closeRevoked } = createSupervisorServer({
     registry,
@@ -124,7 +122,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     logger: logger.child({ component: 'supervisor-listener' }),
     refusals,
     limits: config,
-    onPingRtt: (ms) => metrics?.h2PingRtt.observe(ms / 1000)
+    events
   })
   supervisorServer.on('error', (err) => logger.error({ err }, 'supervisor listener error'))
   let localSupervisor: Supervisor | undefined
@@ -156,26 +154,21 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
       // The local sandbox is usable as soon as listen() returns.
       await registry.waitForSession(LOCAL_SANDBOX_ID)
     }
-    if (!closing) readiness = 'ready'
+    lifecycle.markReady()
     return { publicUrl, supervisorUrl }
   }
 
-  const close = async (): Promise<void> => {
-    if (closing) return
-    closing = true
-    readiness = 'draining'
-    await execs.close(config.shutdownGraceMs)
-    pool.close()
-    for (const ws of sockets) {
-      try { ws.close(CLOSE_GOING_AWAY, 'gateway shutting down') } catch { /* already closed */ }
-    }
-    // Give close frames a moment to leave, then cut what remains.
-    setTimeout(() => { for (const ws of sockets) ws.terminate() }, 500).unref()
-    registry.close()
-    await localSupervisor?.stop()
-    await Promise.allSettled([app.close(), closeSupervisorConnections(300)])
-    refusals.close()
-  }
+  // The phases and their order are lifecycle.ts's; here is what each does in this gateway.
+  const close = async (): Promise<void> => await lifecycle.shutdown({
+    draining: () => {},
+    execs: async () => { await execs.close(config.shutdownGraceMs) },
+    relays: () => { pool.close() },
+    sessions: () => { registry.close() },
+    'local-supervisor': async () => { await localSupervisor?.stop() },
+    // app.close() runs the WebSocket plugin's preClose: 1001 within its bound (public-app.ts).
+    listeners: async () => { await Promise.allSettled([app.close(), closeSupervisorConnections(SUPERVISOR_GOAWAY_MS)]) },
+    observers: () => { refusals.close(); metrics.close() }
+  }, logger)
 
   const reload = (): void => {
     const counts = credentials.reload()

@@ -8,6 +8,8 @@ import {
 } from './config.js'
 import { loadDataDir, rotateTokenSecret } from './data-dir.js'
 import { buildGateway } from './app.js'
+import { SHUTDOWN_SLACK_MS, SUPERVISOR_STOP_MS } from './lifecycle/bounds.js'
+import { closeWithin } from './lifecycle/close-within.js'
 import { Supervisor } from './supervisor/agent.js'
 import { sandboxIdOfToken, signSupervisorToken } from './tokens.js'
 
@@ -71,7 +73,7 @@ async function serve (argv: string[]): Promise<void> {
   const gateway = await buildGateway(config)
   const { publicUrl, supervisorUrl } = await gateway.listen()
   gateway.logger.info({ publicUrl, supervisorUrl, localSandbox: config.localSandbox }, 'listening')
-  onShutdownSignal(async () => { await gateway.close() }, config.shutdownGraceMs + 5000, gateway.logger)
+  onShutdownSignal(async () => { await gateway.close() }, config.shutdownGraceMs + SHUTDOWN_SLACK_MS, gateway.logger)
   // Re-read tokens, token secrets and certificates without dropping a connection.
   process.on('SIGHUP', () => gateway.reload())
 }
@@ -108,7 +110,7 @@ async function supervisor (argv: string[]): Promise<void> {
   })
   await agent.start()
   logger.info({ gateway: flags.gateway, sandboxId: flags.sandboxId, sshTarget: agent.sshTarget }, 'supervisor started')
-  onShutdownSignal(async () => { await agent.stop() }, 5000, logger)
+  onShutdownSignal(async () => { await agent.stop() }, SUPERVISOR_STOP_MS, logger)
 }
 
 function token (argv: string[]): void {
@@ -159,9 +161,12 @@ function onShutdownSignal (shutdown: () => Promise<void>, boundMs: number, logge
     if (stopping) { process.exit(1) }
     stopping = true
     logger.info({ signal }, 'shutting down')
-    const force = setTimeout(() => { logger.error('shutdown exceeded its bound; exiting'); process.exit(1) }, boundMs)
-    force.unref()
-    shutdown().then(() => { clearTimeout(force); process.exit(0) }, (err: unknown) => { logger.error({ err }, 'shutdown failed'); process.exit(1) })
+    let code = 0
+    const polite = async (): Promise<void> => {
+      try { await shutdown() } catch (err) { logger.error({ err }, 'shutdown failed'); code = 1 }
+    }
+    void closeWithin(boundMs, polite, () => { logger.error('shutdown exceeded its bound; exiting'); code = 1 })
+      .then(() => process.exit(code))
   }
   process.on('SIGTERM', handler)
   process.on('SIGINT', handler)

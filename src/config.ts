@@ -68,7 +68,7 @@ export const serveFlags = [
   { name: 'ssh-max-rekeys-per-minute', key: 'sshMaxRekeysPerMinute', kind: 'int', default: 10, min: 1, max: 100_000, help: 'key exchanges a sandbox SSH daemon may start per connection per minute; beyond it the connection fails' },
   { name: 'ssh-max-refused-channel-opens', key: 'sshMaxRefusedChannelOpens', kind: 'int', default: 16, min: 0, max: 100_000, help: 'channels a sandbox SSH daemon may try to open towards the gateway (all refused) before its connection fails' },
   { name: 'sandbox-log-lines-per-minute', key: 'sandboxLogLinesPerMinute', kind: 'int', default: 60, min: 1, max: 1_000_000, help: 'log lines one sandbox can cause per minute; the rest are counted and summarised' },
-  { name: 'log-level', key: 'logLevel', kind: 'string', default: 'info', help: 'pino level: fatal, error, warn, info, debug, trace, silent' },
+  { name: 'log-level', key: 'logLevel', kind: 'string', default: 'info', help: 'pino level: fatal, error, warn, info, debug, trace, silent' }
 ] as const satisfies readonly FlagSpec[]
 
 export const supervisorFlags = [
@@ -79,11 +79,11 @@ export const supervisorFlags = [
   { name: 'ssh-user', key: 'sshUser', kind: 'string', help: 'account the gateway logs in as (default: the user running the supervisor)' },
   { name: 'ssh-host-key', key: 'sshHostKey', kind: 'string', help: "file with the --ssh-target daemon's public host key (e.g. /etc/ssh/ssh_host_ed25519_key.pub); the gateway then refuses any other key" },
   { name: 'ca', key: 'ca', kind: 'string', help: 'PEM CA certificate(s) to verify an https:// --gateway against (default: the system CAs)' },
-  { name: 'log-level', key: 'logLevel', kind: 'string', default: 'info', help: 'pino level' },
+  { name: 'log-level', key: 'logLevel', kind: 'string', default: 'info', help: 'pino level' }
 ] as const satisfies readonly FlagSpec[]
 
 export const dataDirFlags = [
-  { name: 'data-dir', key: 'dataDir', kind: 'string', default: './.exec-gateway', help: 'gateway data directory' },
+  { name: 'data-dir', key: 'dataDir', kind: 'string', default: './.exec-gateway', help: 'gateway data directory' }
 ] as const satisfies readonly FlagSpec[]
 
 type ValueOf<K extends FlagSpec['kind']> = K extends 'int' ? number : K extends 'bool' ? boolean : string
@@ -157,7 +157,7 @@ export function isLoopbackHost (host: string): boolean {
   return h === 'localhost' || h === '::1' || /^127\.\d+\.\d+\.\d+$/.test(h) || h === '::ffff:127.0.0.1'
 }
 
-export type ServeFlags = ParsedFlags<typeof serveFlags>
+type ServeFlags = ParsedFlags<typeof serveFlags>
 
 export interface TlsFiles { certFile: string, keyFile: string }
 
@@ -176,7 +176,7 @@ export function loadServeConfig (argv: readonly string[], env: NodeJS.ProcessEnv
   return resolveServeConfig(flags)
 }
 
-export function resolveServeConfig (flags: ServeFlags): GatewayConfig {
+function resolveServeConfig (flags: ServeFlags): GatewayConfig {
   const listen = parseHostPort(flags.listen, '--listen')
   const supervisorListen = parseHostPort(flags.supervisorListen, '--supervisor-listen')
   const apiTokens = [...splitTokens(flags.apiToken ?? ''), ...(flags.apiTokenFile === undefined ? [] : readTokenFile(flags.apiTokenFile))]

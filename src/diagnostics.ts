@@ -1,4 +1,4 @@
-import diagnostics_channel from 'node:diagnostics_channel'
+import diagnosticsChannel from 'node:diagnostics_channel'
 import { randomUUID } from 'node:crypto'
 import type { RefusalReason } from './refusals.js'
 
@@ -7,7 +7,7 @@ import type { RefusalReason } from './refusals.js'
 // agent. Channels are process-wide while one process may hold several gateways (the tests run
 // many), so every message names the gateway that published it and a subscriber filters on it.
 
-export interface GatewayMessage { gateway: string }
+interface GatewayMessage { gateway: string }
 
 export interface ExecCreatedMessage extends GatewayMessage { execId: string, sandboxId: string }
 export interface ExecEndedMessage extends GatewayMessage {
@@ -24,15 +24,15 @@ export interface RelayFailedMessage extends GatewayMessage { sandboxId: string, 
 export interface PingRttMessage extends GatewayMessage { seconds: number }
 export interface RefusalMessage extends GatewayMessage { reason: RefusalReason }
 
-export const channels = {
-  execCreated: diagnostics_channel.channel('exec-gateway:exec:created'),
-  execEnded: diagnostics_channel.channel('exec-gateway:exec:ended'),
-  execBytes: diagnostics_channel.channel('exec-gateway:exec:bytes'),
-  relayOpened: diagnostics_channel.channel('exec-gateway:relay:opened'),
-  relayFailed: diagnostics_channel.channel('exec-gateway:relay:failed'),
-  sshHandshake: diagnostics_channel.channel('exec-gateway:ssh:handshake'),
-  pingRtt: diagnostics_channel.channel('exec-gateway:supervisor:ping-rtt'),
-  refusal: diagnostics_channel.channel('exec-gateway:sandbox:refusal')
+const channels = {
+  execCreated: diagnosticsChannel.channel('exec-gateway:exec:created'),
+  execEnded: diagnosticsChannel.channel('exec-gateway:exec:ended'),
+  execBytes: diagnosticsChannel.channel('exec-gateway:exec:bytes'),
+  relayOpened: diagnosticsChannel.channel('exec-gateway:relay:opened'),
+  relayFailed: diagnosticsChannel.channel('exec-gateway:relay:failed'),
+  sshHandshake: diagnosticsChannel.channel('exec-gateway:ssh:handshake'),
+  pingRtt: diagnosticsChannel.channel('exec-gateway:supervisor:ping-rtt'),
+  refusal: diagnosticsChannel.channel('exec-gateway:sandbox:refusal')
 } as const
 
 type Payload<M> = Omit<M, 'gateway'>
@@ -51,7 +51,7 @@ export class GatewayEvents {
   pingRtt (m: Payload<PingRttMessage>): void { this.#publish(channels.pingRtt, m) }
   refusal (m: Payload<RefusalMessage>): void { this.#publish(channels.refusal, m) }
 
-  #publish (channel: diagnostics_channel.Channel, m: object): void {
+  #publish (channel: diagnosticsChannel.Channel, m: object): void {
     if (channel.hasSubscribers) channel.publish({ gateway: this.id, ...m })
   }
 }

@@ -2,7 +2,7 @@ import pino, { type DestinationStream, type Logger } from 'pino'
 
 // The one place log redaction is decided, for the gateway and the supervisor alike: whatever a
 // log call is handed, bearer headers, tokens, secrets and private keys leave as "[redacted]".
-export const REDACTED_PATHS = [
+const REDACTED_PATHS = [
   'req.headers.authorization', 'headers.authorization', '*.authorization',
   'req.headers["sec-websocket-protocol"]', 'headers["sec-websocket-protocol"]',
   'token', '*.token', 'apiToken', 'privateKey', '*.privateKey', 'tokenSecret', 'tokenSecrets'

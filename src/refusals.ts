@@ -1,10 +1,11 @@
 import type { Logger } from 'pino'
+import type { GatewayEvents } from './diagnostics.js'
 
 // Everything a sandbox (or an unauthenticated peer of the supervisor listener) sends that the
-// gateway refuses goes through here: counted by reason for metrics, and logged at a rate the
-// sandbox cannot raise. A hostile sandbox can make refusals as fast as it can send bytes; a
-// synchronous log line per refusal would turn two bytes in into two hundred out and stall the
-// event loop that every other sandbox shares.
+// gateway refuses goes through here: counted by reason, published as a lifecycle event (which
+// metrics observe), and logged at a rate the sandbox cannot raise. A hostile sandbox can make
+// refusals as fast as it can send bytes; a synchronous log line per refusal would turn two
+// bytes in into two hundred out and stall the event loop that every other sandbox shares.
 
 export const refusalReasons = [
   // Supervisor listener and session stream.
@@ -32,13 +33,15 @@ export const refusalReasons = [
   'unknown_channel', // a packet for a channel that is not open
   'bad_exit_report', // an exit-signal outside the SSH grammar, or a report on a closed channel
   'duplicate_exit', // a second exit report for one channel (the first stands)
-  'protocol_error', // any other SSH protocol violation that ended a connection
+  'protocol_error' // any other SSH protocol violation that ended a connection
 ] as const
 
 export type RefusalReason = typeof refusalReasons[number]
 
 export interface RefusalsOptions {
   logger: Logger
+  // Each refusal is published here, by reason.
+  events: GatewayEvents
   // Log lines one key (a sandbox, or all unauthenticated peers together) may cause per minute.
   linesPerMinute: number
 }
@@ -46,7 +49,7 @@ export interface RefusalsOptions {
 interface Bucket { tokens: number, at: number, suppressed: Map<RefusalReason, number> }
 
 // Key for refusals that no sandbox can be blamed for (no valid token yet).
-export const UNAUTHENTICATED = '(unauthenticated)'
+const UNAUTHENTICATED = '(unauthenticated)'
 const SUMMARY_INTERVAL_MS = 10_000
 // Keys remembered at once; beyond it the least recently refused are forgotten (they only lose
 // their place in the rate limit, never a count).
@@ -56,7 +59,6 @@ export class Refusals {
   readonly #opts: RefusalsOptions
   readonly #counts = new Map<RefusalReason, number>()
   readonly #buckets = new Map<string, Bucket>()
-  readonly #observers = new Set<(reason: RefusalReason) => void>()
   #summaryTimer: NodeJS.Timeout | undefined
 
   constructor (opts: RefusalsOptions) {
@@ -68,7 +70,7 @@ export class Refusals {
   // ten seconds. `fields` must hold nothing unbounded: callers pass lengths, not payloads.
   refuse (reason: RefusalReason, key: string | undefined, message: string, fields: Record<string, unknown> = {}): void {
     this.#counts.set(reason, (this.#counts.get(reason) ?? 0) + 1)
-    for (const o of this.#observers) o(reason)
+    this.#opts.events.refusal({ reason })
     const k = key ?? UNAUTHENTICATED
     const bucket = this.#bucket(k)
     if (bucket.tokens >= 1) {
@@ -80,12 +82,6 @@ export class Refusals {
     }
     bucket.suppressed.set(reason, (bucket.suppressed.get(reason) ?? 0) + 1)
     this.#armSummary()
-  }
-
-  // Metrics subscribe here; the code that refuses never calls them.
-  observe (fn: (reason: RefusalReason) => void): () => void {
-    this.#observers.add(fn)
-    return () => { this.#observers.delete(fn) }
   }
 
   count (reason: RefusalReason): number { return this.#counts.get(reason) ?? 0 }

@@ -1,5 +1,5 @@
 import { createHmac, timingSafeEqual } from 'node:crypto'
-import { SANDBOX_ID_PATTERN } from './relay/protocol.js'
+import { SANDBOX_ID_PATTERN, SANDBOX_ID_RULE } from './schemas/sandbox.js'
 
 // Supervisor tokens: HMAC-SHA256 over the sandbox id and an optional expiry, so a token speaks
 // for exactly one sandbox. Format: egw1.<base64url(sandboxId)>.<expiry unix s, 0 = none>.<mac>
@@ -11,7 +11,7 @@ function mac (secret: Buffer, sandboxId: string, expiresAtS: number): Buffer {
 }
 
 export function signSupervisorToken (secret: Buffer, sandboxId: string, expiresAtS = 0): string {
-  if (!SANDBOX_ID_PATTERN.test(sandboxId)) throw new TypeError(`invalid sandbox id ${JSON.stringify(sandboxId)}: use 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit`)
+  if (!SANDBOX_ID_PATTERN.test(sandboxId)) throw new TypeError(`invalid sandbox id ${JSON.stringify(sandboxId)}: use ${SANDBOX_ID_RULE}`)
   const id = Buffer.from(sandboxId).toString('base64url')
   return `${PREFIX}.${id}.${expiresAtS}.${mac(secret, sandboxId, expiresAtS).toString('base64url')}`
 }

@@ -8,11 +8,11 @@ import { findSshd } from './helpers/openssh.js'
 
 const CLI = fileURLToPath(new URL('../dist/src/cli.js', import.meta.url))
 
-function run(cmd: string, args: string[]): boolean {
+function run (cmd: string, args: string[]): boolean {
   console.log(`[global-setup] $ ${cmd} ${args.join(' ')}`)
   const res = spawnSync(cmd, args, {
     stdio: ['ignore', 'inherit', 'inherit'],
-    env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' },
+    env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' }
   })
   if (res.error !== undefined) {
     console.log(`[global-setup] ${cmd} failed to start: ${res.error.message}`)
@@ -23,7 +23,7 @@ function run(cmd: string, args: string[]): boolean {
 
 // An image whose package lists were cleaned (as slim images are) cannot install anything until
 // `apt-get update`; one that has them can skip the network round trip.
-function aptListsPresent(): boolean {
+function aptListsPresent (): boolean {
   try {
     return readdirSync('/var/lib/apt/lists').some((f) => f.endsWith('_Packages') || f.endsWith('_Packages.lz4'))
   } catch {
@@ -31,7 +31,7 @@ function aptListsPresent(): boolean {
   }
 }
 
-function installOpenSsh(): void {
+function installOpenSsh (): void {
   const install = ['install', '-y', 'openssh-server']
   if (!aptListsPresent() && !run('apt-get', ['update'])) {
     throw new Error('[global-setup] `apt-get update` failed; install OpenSSH by hand: apt-get install -y openssh-server')
@@ -45,7 +45,7 @@ function installOpenSsh(): void {
 // The dashboard's end-to-end tests drive Debian's Chromium (playwright-core brings no browser).
 const CHROMIUM = '/usr/bin/chromium'
 
-function installChromium(): void {
+function installChromium (): void {
   const install = ['install', '-y', 'chromium']
   if (!aptListsPresent() && !run('apt-get', ['update'])) {
     throw new Error('[global-setup] `apt-get update` failed; install Chromium by hand: apt-get install -y chromium')
@@ -55,7 +55,7 @@ function installChromium(): void {
   throw new Error('[global-setup] `apt-get install -y chromium` failed (see output above)')
 }
 
-export function setup(): void {
+export function setup (): void {
   if (!existsSync(CLI)) {
     throw new Error(`${CLI} is missing: run \`npm run build\` first (npm test does it for you)`)
   }
@@ -67,7 +67,7 @@ export function setup(): void {
         'OpenSSH sshd is required by the interop tests and was not found at /usr/sbin/sshd or on PATH. ' +
           'Install it with `sudo apt-get install -y openssh-server` (Debian/Ubuntu), ' +
           '`sudo dnf install -y openssh-server` (Fedora/RHEL), `sudo apk add openssh-server` (Alpine) ' +
-          'or `sudo pacman -S openssh` (Arch), then run the tests again.',
+          'or `sudo pacman -S openssh` (Arch), then run the tests again.'
       )
     }
     console.log('[global-setup] OpenSSH sshd not found: installing openssh-server with apt-get')
@@ -81,7 +81,7 @@ export function setup(): void {
     if (!isRoot) {
       throw new Error(
         `Chromium is required by the dashboard tests (test/e2e) and was not found at ${CHROMIUM}. ` +
-          'Install it with `sudo apt-get install -y chromium` (Debian/Ubuntu), then run the tests again.',
+          'Install it with `sudo apt-get install -y chromium` (Debian/Ubuntu), then run the tests again.'
       )
     }
     console.log('[global-setup] Chromium not found: installing chromium with apt-get')

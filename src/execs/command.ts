@@ -2,6 +2,8 @@
 // shell parses it back into exactly the argv the client sent: every element is single-quoted
 // unless it is made only of bytes no shell treats specially.
 
+import type { SignalName } from '../schemas/exec.js'
+
 export const MAX_COMMAND_LINE_BYTES = 262144
 export const EXEC_ID_ENV = 'EXEC_GATEWAY_EXEC_ID'
 
@@ -47,8 +49,8 @@ export function assembleCommand ({ command, env, workdir, execId }: CommandSpec)
   return workdir === undefined ? line : `cd ${shellQuote(workdir)} && ${line}`
 }
 
-export const SIGNALS = ['TERM', 'KILL', 'INT', 'HUP', 'QUIT', 'USR1', 'USR2'] as const
-export type SignalName = typeof SIGNALS[number]
+// The signal list is a wire rule and lives with its schema; the exec layer names it from here.
+export type { SignalName }
 
 // Run in the sandbox on a second SSH channel. sshd signals only its direct child, and a
 // command's children would outlive it; every process the exec started inherits the tag, so

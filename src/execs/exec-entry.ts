@@ -13,7 +13,7 @@ import type { ValidExec } from './validate.js'
 export type StreamName = 'stdout' | 'stderr'
 export type Encoding = 'utf8' | 'base64'
 // 'binary' is internal: output events carry their bytes in the raw argument, not in data.
-export type AttachEncoding = Encoding | 'binary'
+type AttachEncoding = Encoding | 'binary'
 
 export interface AttachOptions {
   stdoutOffset?: number | undefined
@@ -38,6 +38,8 @@ export class ExecEntry extends EventEmitter {
   // What this exec holds counts against its sandbox's and the gateway's retention budgets,
   // which may take its oldest bytes to make room for others.
   readonly #ticket: RetentionTicket | undefined
+  // Readers following live output (attach() until its detach or the final event).
+  readonly #followers = new Set<Follower>()
   #discarded = false
 
   constructor (id: string, sandboxId: string, spec: ValidExec, retentionBytes: number, budget?: RetentionBudget) {
@@ -57,6 +59,9 @@ export class ExecEntry extends EventEmitter {
   get finished (): boolean { return this.outcome !== undefined }
 
   get flowHeld (): boolean { return this.#holders.size > 0 }
+
+  // Readers attached to live output: each is let go at its detach or after the final event.
+  get readers (): number { return this.#followers.size }
 
   holdFlow (reader: object): void {
     if (this.#holders.has(reader)) return
@@ -85,7 +90,8 @@ export class ExecEntry extends EventEmitter {
     const chunk = journal.append(data)
     if (this.#discarded) journal.dropOldest(Infinity)
     else this.#ticket?.grew(journal.retained - before)
-    this.emit('output', stream, chunk.offset, chunk.data)
+    // A snapshot: a reader attached from inside a send has this chunk in its replay already.
+    if (this.#followers.size > 0) for (const f of [...this.#followers]) f.output(stream, chunk.offset, chunk.data)
   }
 
   // Frees up to n of the oldest bytes across both streams, in the order they arrived, so what
@@ -121,7 +127,9 @@ export class ExecEntry extends EventEmitter {
     this.status = outcome.kind === 'failed' ? 'failed' : 'exited'
     this.endedAt = new Date()
     this.#ticket?.finished()
-    this.emit('end', this.finalEvent()!)
+    const final = this.finalEvent()!
+    for (const f of [...this.#followers]) f.end(final)
+    this.emit('end', final)
   }
 
   get error (): GatewayError | undefined {
@@ -192,28 +200,28 @@ export class ExecEntry extends EventEmitter {
   }
 
   #follow (output: ReaderOutput, send: SendEvent): () => void {
-    let detached = false
-    const onOutput = (stream: StreamName, offset: number, data: Buffer): void => {
-      if (!detached) output.write(stream, { offset, data })
+    // A reader detached from inside another's send is still in the snapshot: it gets nothing more.
+    const follower: Follower = {
+      output: (stream, offset, data) => { if (this.#followers.has(follower)) output.write(stream, { offset, data }) },
+      end: (ev) => {
+        if (!this.#followers.has(follower)) return
+        output.flush()
+        detach()
+        send(ev)
+      }
     }
-    const onEnd = (ev: FinalEvent): void => {
-      if (detached) return
-      output.flush()
-      detach()
-      send(ev)
-    }
-    const detach = (): void => {
-      detached = true
-      this.off('output', onOutput)
-      this.off('end', onEnd)
-    }
-    this.on('output', onOutput)
-    this.on('end', onEnd)
+    const detach = (): void => { this.#followers.delete(follower) }
+    this.#followers.add(follower)
     return detach
   }
 }
 
 type SendEvent = (ev: ExecEvent, endOffset?: number, raw?: Buffer) => void
+
+interface Follower {
+  output: (stream: StreamName, offset: number, data: Buffer) => void
+  end: (ev: FinalEvent) => void
+}
 
 const STREAMS = ['stdout', 'stderr'] as const
 

@@ -5,7 +5,7 @@
 // - after, in the SSH channel: a writer is told to pause while the channel holds its
 //   high-water mark that the sandbox's window has not taken yet, and resumes on its 'drain';
 //   and, for a daemon that opens its window wide but never reads, while the relay stream holds
-//   as much that the supervisor has not read (the sink says so: SshExec.writeStdin).
+//   as much that the supervisor has not read (the sink says so: RemoteCommand.writeStdin).
 // A writer crosses the mark by up to one frame, and a paused one still delivers the frames of
 // the socket read it was in; several writers add up. Once more than STDIN_BUFFER_MAX_BYTES
 // beyond the mark is held, a write is refused ('overflow'): no number of clients can grow the
@@ -19,7 +19,7 @@ export const PENDING_STDIN_HIGH_WATER = 256 * 1024
 // onWritable callback runs. 'overflow': the bytes were refused.
 export type StdinWrite = 'accepted' | 'paused' | 'overflow'
 
-// The started command's stdin (SshExec).
+// The started command's stdin (RemoteCommand).
 export interface StdinSink {
   // False once the sink (the channel, or the relay under it) holds its high-water mark; it
   // then calls onStdinDrain's callbacks. stdinBuffered is the channel's: the relay is shared

@@ -1,6 +1,6 @@
 import { GatewayError } from '../errors.js'
 import {
-  MAX_ARG_BYTES, MAX_ENV_VALUE_BYTES, MAX_STDIN_BYTES, MAX_WORKDIR_BYTES, type ExecRequest
+  DEFAULT_COLS, DEFAULT_ROWS, MAX_ARG_BYTES, MAX_ENV_VALUE_BYTES, MAX_STDIN_BYTES, MAX_WORKDIR_BYTES, type ExecRequest
 } from '../schemas/exec.js'
 import { MAX_COMMAND_LINE_BYTES, assembleCommand } from './command.js'
 
@@ -74,8 +74,8 @@ export function validateExecRequest (req: ExecRequest): ValidExec {
     stdin,
     interactive,
     tty,
-    cols: req.cols ?? 80,
-    rows: req.rows ?? 24,
+    cols: req.cols ?? DEFAULT_COLS,
+    rows: req.rows ?? DEFAULT_ROWS,
     timeoutSeconds: req.timeoutSeconds ?? 0
   }
   // The caller's own line; the gateway's exec tag is not counted against them.

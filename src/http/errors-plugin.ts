@@ -4,7 +4,7 @@ import { GatewayError, problem, type ErrorCode, type Problem } from '../errors.j
 // The one error handler: every failure leaves the gateway as application/problem+json with a
 // stable code, and 5xx details never leak internals.
 
-export function sendProblem (reply: FastifyReply, p: Problem & { execId?: string }): FastifyReply {
+export function sendProblem (reply: FastifyReply, p: Problem): FastifyReply {
   // Every 429 says when to come back (the rate limiter sets its own, exact value).
   if (p.status === 429 && !reply.hasHeader('retry-after')) reply.header('retry-after', '1')
   return reply.code(p.status).type('application/problem+json').send(p)

@@ -11,7 +11,7 @@ import { sendProblem } from './errors-plugin.js'
 
 export const BEARER_SUBPROTOCOL_PREFIX = 'exec-gateway.bearer.'
 
-export function offeredSubprotocols (request: FastifyRequest): string[] {
+function offeredSubprotocols (request: FastifyRequest): string[] {
   const raw = request.headers['sec-websocket-protocol']
   if (raw === undefined) return []
   return String(raw).split(',').map((s) => s.trim()).filter((s) => s !== '')

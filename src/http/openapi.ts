@@ -2,11 +2,14 @@ import type { FastifyInstance, FastifySchema, RouteOptions } from 'fastify'
 import swagger, { type SwaggerTransform, type SwaggerTransformObject } from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
 import type { TSchema } from '@sinclair/typebox'
-import { BINARY_SUBPROTOCOL, JSON_SUBPROTOCOL } from '../../routes/exec-stream.js'
 import type { ErrorCode } from '../errors.js'
 import { ExecEventMembers } from '../schemas/events.js'
 import { BinaryOutputFrameSchema, BinaryStdinFrameSchema, ClientFrameMembers } from '../schemas/frames.js'
 import { kProblemCodes, problemResponse } from '../schemas/problem.js'
+import {
+  BINARY_SUBPROTOCOL, CLOSE_ERROR, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, JSON_SUBPROTOCOL,
+  STDERR_CHANNEL, STDIN_CHANNEL, STDOUT_CHANNEL
+} from '../schemas/websocket.js'
 import { BEARER_SUBPROTOCOL_PREFIX } from './guard.js'
 
 // The OpenAPI 3.1 document and its /docs page. The document is generated: @fastify/swagger
@@ -28,12 +31,12 @@ Events (\`ExecEvent\`) are the same on the WebSocket (\`/v1/execs/{execId}/strea
 
 const STREAM_DESCRIPTION = `Upgrade to a WebSocket (\`Connection: Upgrade\`, \`Upgrade: websocket\`). An unknown exec is a plain HTTP 404 before the upgrade, never an open-then-close.
 
-Server → client: one \`ExecEvent\` per JSON text frame; the last is \`exit\` or \`error\`, then the server closes with 1000 (after exit), 1011 (after error) or 1001 (gateway shutting down). A client frame that breaks the rules closes the socket with 1008 and a reason. Closing the socket detaches; it never kills the exec.
+Server → client: one \`ExecEvent\` per JSON text frame; the last is \`exit\` or \`error\`, then the server closes with ${CLOSE_NORMAL} (after exit), ${CLOSE_ERROR} (after error) or ${CLOSE_GOING_AWAY} (gateway shutting down). A client frame that breaks the rules closes the socket with ${CLOSE_POLICY} and a reason. Closing the socket detaches; it never kills the exec.
 
 Client → server: \`ClientFrame\` JSON text frames: \`{"type":"stdin","data"}\` (interactive execs only), \`{"type":"eof"}\`, \`{"type":"resize","cols","rows"}\` (tty only), \`{"type":"signal","signal"}\`.
 
 Subprotocols (\`Sec-WebSocket-Protocol\`), all optional:
-- \`${BINARY_SUBPROTOCOL}\`: output arrives as \`BinaryOutputFrame\`s (channel byte 1 = stdout, 2 = stderr, then the raw bytes) while control events stay JSON text; the client may send \`BinaryStdinFrame\`s (channel byte 0, then stdin bytes). Selected when offered.
+- \`${BINARY_SUBPROTOCOL}\`: output arrives as \`BinaryOutputFrame\`s (channel byte ${STDOUT_CHANNEL} = stdout, ${STDERR_CHANNEL} = stderr, then the raw bytes) while control events stay JSON text; the client may send \`BinaryStdinFrame\`s (channel byte ${STDIN_CHANNEL}, then stdin bytes). Selected when offered.
 - \`${JSON_SUBPROTOCOL}\`: the default JSON text frames, by name. Selected when offered without the binary one.
 - \`${BEARER_SUBPROTOCOL_PREFIX}<base64url(token)>\`: for browsers, which cannot set an \`Authorization\` header on a WebSocket. Offer it next to a data subprotocol (a browser fails the handshake when the server selects none of the offered ones); the server reads it and never selects it.`
 
@@ -128,7 +131,7 @@ const addComponents: SwaggerTransformObject = (documentObject) => {
   const schemas = (doc.components.schemas ??= {})
   for (const [name, s] of Object.entries({ ...ExecEventMembers, ...ClientFrameMembers })) schemas[name] = toComponent(s)
   schemas.ExecEvent = discriminatedUnion(ExecEventMembers, 'Server → client event: a JSON text frame on the WebSocket, the `data:` of an SSE event named after its type, or one NDJSON line. Every stream ends with exactly one final event, `exit` or `error`.')
-  schemas.ClientFrame = discriminatedUnion(ClientFrameMembers, 'Client → server JSON text frame on the WebSocket. Anything else closes the socket with 1008 and a reason.')
+  schemas.ClientFrame = discriminatedUnion(ClientFrameMembers, `Client → server JSON text frame on the WebSocket. Anything else closes the socket with ${CLOSE_POLICY} and a reason.`)
   schemas.BinaryOutputFrame = toComponent(BinaryOutputFrameSchema)
   schemas.BinaryStdinFrame = toComponent(BinaryStdinFrameSchema)
   return openapiObject

@@ -4,13 +4,12 @@ import websocket from '@fastify/websocket'
 import rateLimit from '@fastify/rate-limit'
 import { Ajv } from 'ajv'
 import type { Logger } from 'pino'
-import type { WebSocket } from 'ws'
 import { registerRoutes } from '../../routes/index.js'
-import type { RouteContext } from '../../routes/context.js'
-import { BINARY_SUBPROTOCOL, JSON_SUBPROTOCOL } from '../../routes/exec-stream.js'
-import { ExecErrorSchema, ProblemSchema } from '../schemas/problem.js'
+import type { RouteContext } from './route-context.js'
+import { BINARY_SUBPROTOCOL, JSON_SUBPROTOCOL } from '../schemas/websocket.js'
+import { ErrorCodeSchema, ExecErrorSchema, ProblemSchema } from '../schemas/problem.js'
 import { ExecRequestSchema, ExecResultSchema, ExecSchema, SignalRequestSchema } from '../schemas/exec.js'
-import { SandboxSchema } from '../schemas/sandbox.js'
+import { SANDBOX_ID_MAX_CHARS, SandboxSchema } from '../schemas/sandbox.js'
 import { ExecEventSchema } from '../schemas/events.js'
 import { installErrorHandling, sendProblem } from './errors-plugin.js'
 import { problem } from '../errors.js'
@@ -18,10 +17,12 @@ import { installGuard } from './guard.js'
 import { clientErrorHandler, frameworkErrors, installServerRefusals, upgradeProblem } from './transport-refusals.js'
 import { registerOpenApi } from './openapi.js'
 import type { TlsMaterial } from '../credentials.js'
+import type { Lifecycle } from '../lifecycle/lifecycle.js'
+import { closeWebSockets } from '../lifecycle/websockets.js'
 
 // The public listener: Fastify (HTTP/1.1 + WebSocket), routes, errors, auth, OpenAPI.
 
-export const BODY_LIMIT_BYTES = 8 * 1024 * 1024
+const BODY_LIMIT_BYTES = 8 * 1024 * 1024
 export const WS_MAX_PAYLOAD_BYTES = 1024 * 1024
 
 export interface PublicAppOptions {
@@ -30,7 +31,10 @@ export interface PublicAppOptions {
   apiTokens: () => readonly string[]
   // HTTPS (and wss) when given.
   tls?: TlsMaterial | undefined
-  ctx: Omit<RouteContext, 'sockets'>
+  // The gateway's state: /readyz reports it, and requests are refused once shutdown reaches
+  // the public listener.
+  lifecycle: Lifecycle
+  ctx: Omit<RouteContext, 'readiness'>
 }
 
 // Bodies are checked strictly (no coercion, no silently dropped fields); query strings and
@@ -39,7 +43,8 @@ function makeAjv (coerce: boolean): Ajv {
   return new Ajv({ coerceTypes: coerce ? 'array' : false, useDefaults: true, removeAdditional: false, allErrors: false, strict: false })
 }
 
-export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: FastifyInstance, sockets: Set<WebSocket> }> {
+export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: FastifyInstance }> {
+  const lifecycle = opts.lifecycle
   // HTTP/1.1 without Host is refused by the guard as a problem, not by Node as a bare 400.
   const serverOptions = { requireHostHeader: false }
   const app = Fastify({
@@ -48,13 +53,16 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
     clientErrorHandler,
     loggerInstance: opts.logger as FastifyBaseLogger,
     bodyLimit: BODY_LIMIT_BYTES,
+    // The router refuses longer path parameters before any schema sees them (find-my-way's default
+    // is 100): every sandbox id a token can name must reach its route.
+    routerOptions: { maxParamLength: SANDBOX_ID_MAX_CHARS },
     forceCloseConnections: true,
     // Answered below as a problem (Fastify's own 503 is plain JSON without a code).
     return503OnClosing: false
   })
   const strict = makeAjv(false)
   const coercing = makeAjv(true)
-  const schemas = [ExecErrorSchema, ProblemSchema, SandboxSchema, ExecSchema, ExecResultSchema, ExecRequestSchema, SignalRequestSchema, ExecEventSchema]
+  const schemas = [ErrorCodeSchema, ExecErrorSchema, ProblemSchema, SandboxSchema, ExecSchema, ExecResultSchema, ExecRequestSchema, SignalRequestSchema, ExecEventSchema]
   for (const s of schemas) {
     app.addSchema(s)
     strict.addSchema(s)
@@ -64,13 +72,11 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
 
   installErrorHandling(app)
   installServerRefusals(app.server as unknown as HttpServer)
-  let closing = false
-  app.addHook('preClose', async () => { closing = true })
   app.addHook('onRequest', async (request, reply) => {
-    if (!closing) return
+    if (!lifecycle.reached('listeners')) return
     reply.header('connection', 'close')
     // A load balancer's probe gets the same answer as from the route while the gateway drains.
-    if (request.url === '/readyz') return await reply.code(503).send({ status: 'draining' })
+    if (request.url === '/readyz') return await reply.code(503).send({ status: lifecycle.readiness })
     return sendProblem(reply, problem('shutting_down', 'the gateway is shutting down'))
   })
   // Only JSON bodies: anything else is 415, not a string that fails validation as a 400.
@@ -78,8 +84,9 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
 
   await registerOpenApi(app)
 
-  const sockets = new Set<WebSocket>()
   await app.register(websocket, {
+    // On close, open WebSockets get 1001 and a bounded close handshake (ws keeps the clients).
+    preClose: async () => { await closeWebSockets(app.websocketServer) },
     // ws has already sent its close frame (1009 too big, 1007 bad UTF-8, 1002 protocol) when it
     // reports a client's error; terminating here would cut that frame off. Only a socket still
     // open (an error of ours) is closed, with 1011.
@@ -109,6 +116,6 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
   await app.register(rateLimit, { global: false })
 
   app.get('/openapi.json', { schema: { hide: true }, config: { openAccess: true } }, async () => app.swagger())
-  await registerRoutes(app, { ...opts.ctx, sockets })
-  return { app, sockets }
+  await registerRoutes(app, { ...opts.ctx, readiness: () => lifecycle.readiness })
+  return { app }
 }

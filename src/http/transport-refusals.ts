@@ -1,21 +1,16 @@
-import type { Server as HttpServer, IncomingMessage, ServerResponse } from 'node:http'
+import { STATUS_CODES, type Server as HttpServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify'
-import { problem, type Problem } from '../errors.js'
+import { problem, protocolProblem, type Problem } from '../errors.js'
 import { sendProblem } from './errors-plugin.js'
 
 // Requests refused before any route runs (by Node's parser, Fastify's router, or methods Node
 // handles itself) still get a problem+json with a stable code, like every other refusal.
 
-// Statuses HTTP itself decides (431, 417) with the code of their kind of mistake.
-function protocolProblem (status: number, title: string, detail: string): Problem {
-  return { ...problem('invalid_argument', detail), status, title }
-}
-
 // A whole response, for sockets that Node hands over without a ServerResponse.
-function rawResponse (p: Problem, reason: string): string {
+function rawResponse (p: Problem): string {
   const b = JSON.stringify(p)
-  return `HTTP/1.1 ${p.status} ${reason}\r\ncontent-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(b)}\r\nconnection: close\r\n\r\n${b}`
+  return `HTTP/1.1 ${p.status} ${STATUS_CODES[p.status] ?? ''}\r\ncontent-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(b)}\r\nconnection: close\r\n\r\n${b}`
 }
 
 // Fastify's router: malformed percent-escapes, over-long path parameters.
@@ -27,21 +22,21 @@ export function frameworkErrors (err: FastifyError, _req: FastifyRequest, reply:
 export function clientErrorHandler (err: Error & { code?: string }, socket: Socket): void {
   if (!socket.writable || (err.code === 'ECONNRESET')) { socket.destroy(); return }
   const tooLarge = err.code === 'HPE_HEADER_OVERFLOW'
-  socket.end(tooLarge
-    ? rawResponse(protocolProblem(431, 'Request header fields too large', 'the request headers are too large'), 'Request Header Fields Too Large')
-    : rawResponse(problem('invalid_argument', `malformed HTTP request (${err.code ?? 'parse error'})`), 'Bad Request'))
+  socket.end(rawResponse(tooLarge
+    ? protocolProblem(431, 'the request headers are too large')
+    : problem('invalid_argument', `malformed HTTP request (${err.code ?? 'parse error'})`)))
 }
 
 export function installServerRefusals (server: HttpServer): void {
   // Expect other than 100-continue.
   server.on('checkExpectation', (req: IncomingMessage, res: ServerResponse) => {
-    const p = protocolProblem(417, 'Expectation failed', `Expect: ${String(req.headers.expect)} is not supported`)
-    res.writeHead(417, { 'content-type': 'application/problem+json', connection: 'close' }).end(JSON.stringify(p))
+    const p = protocolProblem(417, `Expect: ${String(req.headers.expect)} is not supported`)
+    res.writeHead(p.status, { 'content-type': 'application/problem+json', connection: 'close' }).end(JSON.stringify(p))
   })
   // This is not a proxy.
   server.on('connect', (_req: IncomingMessage, socket: Socket) => {
     socket.on('error', () => {})
-    socket.end(rawResponse(problem('method_not_allowed', 'CONNECT is not supported: this is not a proxy'), 'Method Not Allowed'))
+    socket.end(rawResponse(problem('method_not_allowed', 'CONNECT is not supported: this is not a proxy')))
   })
 }
 

@@ -12,7 +12,7 @@ const UNSAFE = /[\u0000-\u001f\u007f-\u009f\u061c\u200b-\u200f\u2028-\u202e\u206
 const ESCAPE = /(?:\u001b\[|\u009b)[0-?]*[ -/]*[@-~]?|(?:\u001b\]|\u009d)[^\u0007\u001b\u009c]*(?:\u0007|\u001b\\|\u009c)?|\u001b[ -~]?/g
 const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g
 
-export const DEFAULT_TEXT_MAX = 200
+const DEFAULT_TEXT_MAX = 200
 
 // At most `max` characters of `s` (UTF-16 units, never splitting a pair), each unsafe one
 // replaced by a space (so words stay apart) and runs of them collapsed; what was cut is said

@@ -43,7 +43,7 @@ export function normalizeSignalName (name: string): string {
 // a signal but a string the sandbox wants stored: it reaches no record.
 const STANDARD_SIGNAL = /^[A-Z][A-Z0-9]{0,31}$/
 const EXTENSION_SIGNAL = /^[A-Za-z0-9][A-Za-z0-9+_.-]{0,40}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?)*$/
-export const SSH_SIGNAL_NAME_MAX = 64
+const SSH_SIGNAL_NAME_MAX = 64
 
 export function isSshSignalName (name: unknown): name is string {
   if (typeof name !== 'string' || name.length === 0 || name.length > SSH_SIGNAL_NAME_MAX) return false

@@ -5,10 +5,7 @@
 
 export const SESSION_PATH = '/v1/supervisor/session'
 export const RELAY_PATH_PREFIX = '/v1/supervisor/relays/'
-export const SANDBOX_HEADER = 'x-exec-gateway-sandbox'
 
 // HTTP/2 windows sized for bulk output: Node's 64 KiB default caps a relay at one window per RTT.
 export const H2_STREAM_WINDOW = 4 * 1024 * 1024
 export const H2_CONNECTION_WINDOW = 32 * 1024 * 1024
-
-export const SANDBOX_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/

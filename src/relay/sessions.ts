@@ -23,7 +23,6 @@ export interface SandboxEntry {
   session: SupervisorSession | undefined
   connectedAt: Date | undefined
   lastSeenAt: Date | undefined
-  activeExecs: number
   sshHostKey: string | undefined
   sshUser: string | undefined
 }
@@ -127,9 +126,16 @@ export class SessionRegistry {
     if (entry !== undefined) entry.lastSeenAt = new Date()
   }
 
-  addActive (sandboxId: string, delta: number): void {
-    const entry = this.#sandboxes.get(sandboxId)
-    if (entry !== undefined) entry.activeExecs = Math.max(0, entry.activeExecs + delta)
+  // The one check of --max-pending-relays-per-sandbox. It guards the supervisor, which opens a
+  // stream for every relay asked of it, so it lives here with the relays; it is asked at two
+  // moments: by the exec layer when it admits an exec (a sandbox at its cap is then a plain 429
+  // with no record), and here when a relay is asked for (an exec admitted while its sandbox had
+  // no session queues its relay only once one comes, and then fails with this error).
+  assertRelayRoom (sandboxId: string): void {
+    const max = this.#opts.maxPendingRelaysPerSandbox
+    if (this.pendingCount(sandboxId) >= max) {
+      throw new GatewayError('too_many_requests', `sandbox ${sandboxId} already has ${max} relays waiting to be opened`)
+    }
   }
 
   async waitForSession (sandboxId: string, signal?: AbortSignal): Promise<SupervisorSession> {
@@ -166,9 +172,7 @@ export class SessionRegistry {
   async openRelay (sandboxId: string, signal?: AbortSignal): Promise<Duplex> {
     if (this.#closed) throw new GatewayError('shutting_down', 'the gateway is shutting down')
     const session = await this.waitForSession(sandboxId, signal)
-    if (this.pendingCount(sandboxId) >= this.#opts.maxPendingRelaysPerSandbox) {
-      throw new GatewayError('too_many_requests', `sandbox ${sandboxId} already has ${this.#opts.maxPendingRelaysPerSandbox} relays waiting to be opened`)
-    }
+    this.assertRelayRoom(sandboxId)
     const relayId = randomUUID()
     const timeoutMs = this.#opts.relayOpenTimeoutMs
     return await new Promise<Duplex>((resolve, reject) => {
@@ -222,7 +226,7 @@ export class SessionRegistry {
   #entry (sandboxId: string): SandboxEntry {
     let entry = this.#sandboxes.get(sandboxId)
     if (entry === undefined) {
-      entry = { id: sandboxId, session: undefined, connectedAt: undefined, lastSeenAt: undefined, activeExecs: 0, sshHostKey: undefined, sshUser: undefined }
+      entry = { id: sandboxId, session: undefined, connectedAt: undefined, lastSeenAt: undefined, sshHostKey: undefined, sshUser: undefined }
       this.#sandboxes.set(sandboxId, entry)
     }
     return entry

@@ -3,6 +3,7 @@ import type { Duplex } from 'node:stream'
 import { Client, type ClientChannel } from 'ssh2'
 import type { Logger } from 'pino'
 import { GatewayError } from '../errors.js'
+import { sshClientFailure, sshHandshakeBreak, type SshClientError } from '../errors.js'
 import type { RefusalReason, Refusals } from '../refusals.js'
 import { boundedText } from './bounded-text.js'
 import { GATEWAY_KEX, installSshGuard } from './ssh-guard.js'
@@ -31,9 +32,13 @@ export interface SshConnectionOptions {
 // Stdin the sandbox's SSH window lets through goes straight into the relay stream. A daemon
 // that grants a huge window and never reads its relay would have the gateway hold all of it
 // there: past this, writers are paused as they are for a full channel (the same 2 MiB).
-export const RELAY_STDIN_HIGH_WATER = 2 * 1024 * 1024
+const RELAY_STDIN_HIGH_WATER = 2 * 1024 * 1024
 // Replies to the daemon's requests that the relay has not taken; past this it is failed.
 const RELAY_BACKLOG_MAX = 16 * 1024 * 1024
+// After our DISCONNECT, how long the daemon has to close its side before the relay is cut. An
+// honest one closes in a round trip; a wedged or hostile one must not keep the stream (and its
+// supervisor's slot) for as long as it likes.
+const DISCONNECT_ANSWER_MS = 1000
 
 // A failed exec request, and whether the command certainly never started (its channel never
 // opened), which is the only case where running it on another connection is safe.
@@ -135,14 +140,14 @@ export class SshConnection extends EventEmitter {
         // A refusal and a relay that died under the request look alike here; the transport's own
         // close (if that is what happened) arrives in the same turn.
         setImmediate(() => reject(new ExecOpenError(this.#transportClosed
-          ? (this.#failure ?? new GatewayError('relay_unavailable', 'the relay closed before the command started'))
-          : new GatewayError('ssh_failed', `the sandbox refused the exec request: ${boundedText(err.message)}`), neverStarted)))
+          ? (this.#failure ?? new GatewayError('relay_unavailable', 'the relay closed before the command started', { cause: err }))
+          : new GatewayError('ssh_failed', `the sandbox refused the exec request: ${boundedText(err.message)}`, { cause: err }), neverStarted)))
       }
       try {
         this.#client.exec(command, pty === undefined ? {} : { pty: { cols: pty.cols, rows: pty.rows, term: 'xterm-256color' } }, onReply)
       } catch (err) {
         // ssh2 throws ("Not connected") when its transport went away without telling us.
-        const failure = new GatewayError('relay_unavailable', `the SSH connection is unusable: ${boundedText((err as Error).message)}`)
+        const failure = new GatewayError('relay_unavailable', `the SSH connection is unusable: ${boundedText((err as Error).message)}`, { cause: err })
         this.#fail(failure)
         reject(new ExecOpenError(failure, true))
       }
@@ -159,6 +164,7 @@ export class SshConnection extends EventEmitter {
   // Command lines too long for one SSH packet (ssh2 servers refuse packets over 35,000 bytes) or
   // for one argv string of `sh -c` (Linux: 128 KiB) travel this way, as channel data.
   async stage (content: Buffer, boundMs: number): Promise<string> {
+    // eslint-disable-next-line no-template-curly-in-string -- a shell expansion, for sh
     const script = 'umask 077 && f=$(mktemp "${TMPDIR:-/tmp}/exec-gateway.XXXXXXXXXX") && cat > "$f" && printf %s "$f"'
     const r = await this.#side(script, boundMs, content)
     const path = r?.stdout.trim() ?? ''
@@ -209,7 +215,7 @@ export class SshConnection extends EventEmitter {
     try { this.#client.end() } catch { /* already closed */ }
     const sock = this.#opts.sock
     if (!sock.destroyed) {
-      const cut = setTimeout(() => sock.destroy(), 1000)
+      const cut = setTimeout(() => sock.destroy(), DISCONNECT_ANSWER_MS)
       cut.unref()
       sock.once('close', () => clearTimeout(cut))
     }
@@ -237,35 +243,17 @@ export class SshConnection extends EventEmitter {
       : 'the relay closed during the SSH handshake'))
   }
 
-  #onClientError (err: Error & { level?: string }): void {
+  #onClientError (err: SshClientError): void {
     // ssh2's messages carry the daemon's own strings (a disconnect's description, say).
-    const message = boundedText(err.message)
-    this.#opts.logger.debug({ err: message, level: err.level }, 'ssh client error')
+    const said = boundedText(err.message)
+    this.#opts.logger.debug({ err: said, level: err.level }, 'ssh client error')
     if (this.#failure !== undefined) return
-    // ssh2 classifies its errors by `level`; after the handshake a client-timeout can only be
-    // the keepalive giving up.
-    if (this.#isReady && err.level === 'client-timeout') {
-      const { keepaliveIntervalMs: i, keepaliveCountMax: n } = this.#opts
-      this.#fail(new GatewayError('relay_unavailable', `no answer to ${n} SSH keepalives over ${i * (n + 1)} ms: the relay is wedged`))
-    } else if (this.#isReady) {
-      this.#fail(new GatewayError('relay_unavailable', `the relay failed before the command reported an exit status: ${message}`))
-    } else if (err.level === 'client-authentication') {
-      this.#fail(new GatewayError('ssh_failed', 'the sandbox SSH daemon rejected the gateway key'))
-    } else if (err.level === 'handshake' && err.message.startsWith('Host denied')) {
-      // Someone else answered on the supervisor's SSH target: never send it a command.
-      this.#fail(new GatewayError('ssh_failed', "the sandbox SSH daemon's host key is not the one its supervisor reported (supervisor --ssh-host-key, or the embedded daemon's own key)"))
-    } else if (err.level === 'client-timeout') {
-      this.#fail(new GatewayError('ssh_failed', `SSH handshake not finished within ${this.#opts.readyTimeoutMs} ms`))
-    } else if (err.level === 'handshake') {
-      // ssh2's verdict on what the daemon offered (no common key exchange, say): the daemon's
-      // close that follows must not turn it into a relay failure.
-      this.#fail(new GatewayError('ssh_failed', `SSH handshake failed: ${message}`))
-    } else {
-      // A relay that closed mid-handshake also surfaces here; its close arrives in the same turn.
-      setImmediate(() => this.#fail(this.#transportClosed
-        ? new GatewayError('relay_unavailable', `the relay closed during the SSH handshake: ${message}`)
-        : new GatewayError('ssh_failed', `SSH handshake failed: ${message}`)))
-    }
+    // ssh2 classifies its errors by `level`; errors.ts says what each level means.
+    const { readyTimeoutMs, keepaliveIntervalMs, keepaliveCountMax } = this.#opts
+    const failure = sshClientFailure(err, said, { ready: this.#isReady, readyTimeoutMs, keepaliveIntervalMs, keepaliveCountMax })
+    if (failure !== undefined) this.#fail(failure)
+    // A relay that closed mid-handshake also surfaces here; its close arrives in the same turn.
+    else setImmediate(() => this.#fail(sshHandshakeBreak(err, said, this.#transportClosed)))
     // ssh2 destroys its socket on these errors; make sure nothing is left half-open.
     if (!this.#isReady) this.end()
   }

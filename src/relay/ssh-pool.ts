@@ -1,5 +1,6 @@
 import type { Logger } from 'pino'
 import ssh2 from 'ssh2'
+import type { GatewayEvents } from '../diagnostics.js'
 import type { SessionRegistry } from './sessions.js'
 import { GatewayError } from '../errors.js'
 import type { Refusals } from '../refusals.js'
@@ -25,14 +26,8 @@ export interface SshPoolOptions {
   refusals: Refusals
   maxRekeysPerMinute: number
   maxRefusedChannelOpens: number
-  observer?: PoolObserver | undefined
-}
-
-// What the pool reports for metrics: how long relays and handshakes take, and why they fail.
-export interface PoolObserver {
-  relayOpened: (seconds: number) => void
-  sshHandshake: (seconds: number, outcome: 'ok' | 'failed') => void
-  relayFailed: (reason: string) => void
+  // How long relays and handshakes take, and why they fail: published for metrics.
+  events: GatewayEvents
 }
 
 export interface Lease {
@@ -112,16 +107,16 @@ export class SshPool {
 
   async #open (sandboxId: string, m: Member): Promise<SshConnection> {
     const o = this.#opts
-    const obs = o.observer
+    const events = o.events
     const relayStart = performance.now()
     let sock
     try {
       sock = await o.registry.openRelay(sandboxId, this.#closing.signal)
     } catch (err) {
-      obs?.relayFailed(GatewayError.is(err) ? err.code : 'aborted')
+      events.relayFailed({ sandboxId, reason: GatewayError.is(err) ? err.code : 'aborted' })
       throw err
     }
-    obs?.relayOpened((performance.now() - relayStart) / 1000)
+    events.relayOpened({ sandboxId, seconds: (performance.now() - relayStart) / 1000 })
     const handshakeStart = performance.now()
     const sandbox = o.registry.get(sandboxId)
     const conn = new SshConnection({
@@ -143,16 +138,16 @@ export class SshPool {
     conn.once('failure', (err: GatewayError) => {
       m.dead = true
       this.#remove(sandboxId, m)
-      if (!conn.endedByUs) obs?.relayFailed(err.code)
+      if (!conn.endedByUs) events.relayFailed({ sandboxId, reason: err.code })
     })
     try {
       await conn.ready
     } catch (err) {
-      obs?.sshHandshake((performance.now() - handshakeStart) / 1000, 'failed')
+      events.sshHandshake({ sandboxId, seconds: (performance.now() - handshakeStart) / 1000, outcome: 'failed' })
       conn.end()
       throw err
     }
-    obs?.sshHandshake((performance.now() - handshakeStart) / 1000, 'ok')
+    events.sshHandshake({ sandboxId, seconds: (performance.now() - handshakeStart) / 1000, outcome: 'ok' })
     return conn
   }
 

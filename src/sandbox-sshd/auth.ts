@@ -39,7 +39,7 @@ function sameBytes (a: Buffer, b: Buffer): boolean {
   return a.length === b.length && timingSafeEqual(a, b)
 }
 
-export function findAuthorizedKey (keys: readonly AuthorizedKey[], offered: PublicKey): AuthorizedKey | undefined {
+function findAuthorizedKey (keys: readonly AuthorizedKey[], offered: PublicKey): AuthorizedKey | undefined {
   const type = keyTypeOf(offered.algo)
   return keys.find((k) => k.type === type && sameBytes(k.blob, offered.data))
 }

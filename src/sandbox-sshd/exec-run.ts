@@ -55,7 +55,7 @@ export class ExecRun implements Run {
         // Own process group (sh is its leader, pgid = pid) so a signal request reaches the
         // whole tree, background jobs included.
         detached: true,
-        stdio: 'pipe',
+        stdio: 'pipe'
       })
     } catch (err) {
       // Synchronous failures: invalid arguments such as a NUL byte in the command or env.
@@ -86,7 +86,7 @@ export class ExecRun implements Run {
     const onChange = (): void => { this.#onPumpChange() }
     this.#pumps = [
       new OutputPump(child.stdout, this.#output.stdout, onChange),
-      new OutputPump(child.stderr, this.#output.stderr, onChange),
+      new OutputPump(child.stderr, this.#output.stderr, onChange)
     ]
     // 'exit', not 'close': 'close' waits for the pipes, which a background grandchild can hold
     // open for as long as it lives.

@@ -113,7 +113,7 @@ export class PtyRun implements Run {
     this.#subscriptions.push(
       // With encoding null node-pty passes Buffers, whatever its typings say.
       pty.onData((chunk) => { this.#onData(chunk as unknown as Buffer) }),
-      pty.onExit(({ exitCode, signal }) => { this.#onExit(exitCode, signal ?? 0) }),
+      pty.onExit(({ exitCode, signal }) => { this.#onExit(exitCode, signal ?? 0) })
     )
     this.#exitPoll = setInterval(this.#watchChild, EXIT_POLL_MS)
 

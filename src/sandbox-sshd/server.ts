@@ -4,15 +4,13 @@ import ssh2 from 'ssh2'
 import type { Connection } from 'ssh2'
 import { authenticate, parseAuthorizedKeys, type AuthorizedKey } from './auth.js'
 import { loadHostKey } from '../ssh-keys.js'
+import { EMBEDDED_SSHD_CLOSE_MS } from '../lifecycle/bounds.js'
+import { closeWithin } from '../lifecycle/close-within.js'
 import type { Run } from './run.js'
 import { serveSession } from './session.js'
 
 // Default import: Node's ESM loader does not see `Server` and `utils` as named exports of ssh2.
 const { Server } = ssh2
-
-// close(): connections get this long to go away after the DISCONNECT, then they are destroyed;
-// the listener gets as long again to report closed. Together the published "~2 s" bound.
-const CLOSE_GRACE_MS = 1000
 
 export interface EmbeddedSshdOptions {
   host?: string
@@ -80,7 +78,7 @@ export async function startEmbeddedSshd (opts: EmbeddedSshdOptions): Promise<Emb
         track: (run) => {
           runs.add(run)
           return () => { runs.delete(run) }
-        },
+        }
       })
     })
     conn.once('close', () => {
@@ -120,9 +118,10 @@ export async function startEmbeddedSshd (opts: EmbeddedSshdOptions): Promise<Emb
     for (const conn of connections) conn.end()
     // Sockets still in the handshake have no SSH connection to end yet.
     for (const socket of sockets) socket.end()
-    await raceTimeout(allClosed(sockets), CLOSE_GRACE_MS)
-    for (const socket of sockets) socket.destroy()
-    await raceTimeout(listenerClosed, CLOSE_GRACE_MS)
+    // Connections get the bound to go away after the DISCONNECT, then are destroyed; the
+    // listener gets as long again to report closed.
+    await closeWithin(EMBEDDED_SSHD_CLOSE_MS, () => allClosed(sockets), () => { for (const socket of sockets) socket.destroy() })
+    await closeWithin(EMBEDDED_SSHD_CLOSE_MS, () => listenerClosed, () => { log.debug('sandbox-sshd listener did not report closed; going on') })
   }
 
   return {
@@ -135,7 +134,7 @@ export async function startEmbeddedSshd (opts: EmbeddedSshdOptions): Promise<Emb
     close (): Promise<void> {
       closed ??= close()
       return closed
-    },
+    }
   }
 }
 
@@ -144,14 +143,4 @@ function allClosed (sockets: Set<Socket>): Promise<void> {
     if (socket.closed) resolve()
     else socket.once('close', () => { resolve() })
   }))).then(() => {})
-}
-
-async function raceTimeout (promise: Promise<void>, ms: number): Promise<void> {
-  let timer: NodeJS.Timeout | undefined
-  const timeout = new Promise<void>((resolve) => { timer = setTimeout(resolve, ms) })
-  try {
-    await Promise.race([promise, timeout])
-  } finally {
-    clearTimeout(timer)
-  }
 }

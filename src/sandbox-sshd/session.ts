@@ -85,7 +85,7 @@ export function serveSession (session: Session, ctx: SessionContext): void {
       command: info.command,
       exitDrainMs: ctx.exitDrainMs,
       logger: ctx.logger,
-      onFinish: () => { untrack() },
+      onFinish: () => { untrack() }
     }
     if (pty === undefined) {
       run = new ExecRun(channel, { ...opts, env: { ...process.env, ...env } })

@@ -1,29 +1,31 @@
 import { Type, type Static } from '@sinclair/typebox'
+import { ErrorCodeSchema, ErrorTextSchema } from './problem.js'
 
 // Server → client events, the same on the WebSocket, in SSE and in NDJSON.
-export const OutputEventSchema = (stream: 'stdout' | 'stderr') => Type.Object({
+const OutputEventSchema = (stream: 'stdout' | 'stderr') => Type.Object({
   type: Type.Literal(stream),
   offset: Type.Integer({ minimum: 0, description: 'byte offset of this chunk in its stream' }),
   data: Type.String({ description: 'UTF-8 text never splitting a character, or base64 with encoding=base64' })
 })
-export const GapEventSchema = Type.Object({
+const GapEventSchema = Type.Object({
   type: Type.Literal('gap'),
   stream: Type.Union([Type.Literal('stdout'), Type.Literal('stderr')]),
   from: Type.Integer({ minimum: 0 }),
   to: Type.Integer({ minimum: 0 })
 })
-export const HeartbeatEventSchema = Type.Object({ type: Type.Literal('heartbeat'), time: Type.String({ format: 'date-time' }) })
-export const ExitEventSchema = Type.Object({
+const HeartbeatEventSchema = Type.Object({ type: Type.Literal('heartbeat'), time: Type.String({ format: 'date-time' }) })
+const ExitEventSchema = Type.Object({
   type: Type.Literal('exit'),
   exitCode: Type.Union([Type.Integer(), Type.Null()]),
   signal: Type.Union([Type.String(), Type.Null()]),
   timedOut: Type.Boolean()
 })
-export const ErrorEventSchema = Type.Object({
+const ErrorEventSchema = Type.Object({
   type: Type.Literal('error'),
-  code: Type.String(),
+  code: Type.Ref(ErrorCodeSchema),
   status: Type.Integer(),
-  message: Type.String()
+  // The exec record's `error.detail`, under the name CONTRACT §4 gives it.
+  message: ErrorTextSchema
 })
 
 // By name: the OpenAPI document publishes each member as a component of its own.

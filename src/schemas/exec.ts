@@ -1,12 +1,26 @@
 import { Type, type Static } from '@sinclair/typebox'
 import { ExecErrorSchema } from './problem.js'
 
-export const MAX_ARGS = 1024
+const MAX_ARGS = 1024
 export const MAX_ARG_BYTES = 32768
 export const MAX_ENV_VALUE_BYTES = 32768
 export const MAX_WORKDIR_BYTES = 4096
 export const MAX_STDIN_BYTES = 1024 * 1024
-export const MAX_TIMEOUT_SECONDS = 604800
+const MAX_TIMEOUT_SECONDS = 604800
+// cols and rows of a pseudo-terminal, at creation and in resize frames.
+export const MAX_TERMINAL_SIZE = 10000
+export const DEFAULT_COLS = 80
+export const DEFAULT_ROWS = 24
+// Byte offsets are exact counts: JSON Schema's "integer" admits 1e23 (coerced from the query
+// string), which no stream reaches and an SSE id would carry back as "1e+23-0".
+const MAX_OFFSET = Number.MAX_SAFE_INTEGER
+
+// The signals a client may send, named as SSH names them (no SIG prefix).
+export const SIGNALS = ['TERM', 'KILL', 'INT', 'HUP', 'QUIT', 'USR1', 'USR2'] as const
+export const SignalNameSchema = Type.Union(SIGNALS.map((s) => Type.Literal(s)))
+export type SignalName = Static<typeof SignalNameSchema>
+
+const TerminalSize = (defaultSize: number): ReturnType<typeof Type.Integer> => Type.Integer({ minimum: 1, maximum: MAX_TERMINAL_SIZE, default: defaultSize })
 
 // Shapes only; byte lengths, NUL/CR/LF rules and cross-field rules are checked in
 // src/execs/validate.ts, which names the field in its error.
@@ -18,15 +32,15 @@ export const ExecRequestSchema = Type.Object({
   stdinBase64: Type.Optional(Type.String({ description: 'bytes sent to the command, then EOF (at most 1 MiB decoded)' })),
   interactive: Type.Optional(Type.Boolean({ default: false, description: 'keep stdin open for WebSocket stdin frames' })),
   tty: Type.Optional(Type.Boolean({ default: false })),
-  cols: Type.Optional(Type.Integer({ minimum: 1, maximum: 10000, default: 80 })),
-  rows: Type.Optional(Type.Integer({ minimum: 1, maximum: 10000, default: 24 })),
+  cols: Type.Optional(TerminalSize(DEFAULT_COLS)),
+  rows: Type.Optional(TerminalSize(DEFAULT_ROWS)),
   timeoutSeconds: Type.Optional(Type.Integer({ minimum: 0, maximum: MAX_TIMEOUT_SECONDS, default: 0, description: '0 = none; on expiry the process is killed and the exec ends with exitCode 124, timedOut true' }))
 }, { $id: 'ExecRequest', additionalProperties: false })
 export type ExecRequest = Static<typeof ExecRequestSchema>
 
 const Nullable = <T extends ReturnType<typeof Type.String> | ReturnType<typeof Type.Integer>>(t: T) => Type.Union([t, Type.Null()])
 
-export const ExecStatusSchema = Type.Union([Type.Literal('pending'), Type.Literal('running'), Type.Literal('exited'), Type.Literal('failed')])
+const ExecStatusSchema = Type.Union([Type.Literal('pending'), Type.Literal('running'), Type.Literal('exited'), Type.Literal('failed')])
 
 const execProperties = {
   id: Type.String(),
@@ -58,11 +72,11 @@ export const ExecResultSchema = Type.Object({
 }, { $id: 'ExecResult' })
 export type ExecResult = Static<typeof ExecResultSchema>
 
-export const ExecListSchema = Type.Object({ execs: Type.Array(Type.Ref(ExecSchema)) }, { $id: 'ExecList' })
+export const ExecListSchema = Type.Object({ execs: Type.Array(Type.Ref(ExecSchema)) })
 
 export const ExecParamsSchema = Type.Object({ execId: Type.String({ minLength: 1, maxLength: 128 }) })
 
-export const EncodingSchema = Type.Union([Type.Literal('utf8'), Type.Literal('base64')], { default: 'utf8' })
+const EncodingSchema = Type.Union([Type.Literal('utf8'), Type.Literal('base64')], { default: 'utf8' })
 
 export const CreateExecQuerySchema = Type.Object({
   wait: Type.Optional(Type.Boolean({ default: false, description: 'wait for the end and return the ExecResult' })),
@@ -75,12 +89,11 @@ export const ListExecsQuerySchema = Type.Object({
 }, { additionalProperties: false })
 
 export const AttachQuerySchema = Type.Object({
-  stdoutOffset: Type.Optional(Type.Integer({ minimum: 0, default: 0 })),
-  stderrOffset: Type.Optional(Type.Integer({ minimum: 0, default: 0 })),
+  stdoutOffset: Type.Optional(Type.Integer({ minimum: 0, maximum: MAX_OFFSET, default: 0 })),
+  stderrOffset: Type.Optional(Type.Integer({ minimum: 0, maximum: MAX_OFFSET, default: 0 })),
   encoding: Type.Optional(EncodingSchema)
 }, { additionalProperties: false })
 
 export const SignalRequestSchema = Type.Object({
-  signal: Type.Union(['TERM', 'KILL', 'INT', 'HUP', 'QUIT', 'USR1', 'USR2'].map((s) => Type.Literal(s)))
+  signal: SignalNameSchema
 }, { $id: 'SignalRequest', additionalProperties: false })
-export type SignalRequest = Static<typeof SignalRequestSchema>

@@ -1,25 +1,35 @@
 import { Type, type Static } from '@sinclair/typebox'
-import { errorTable, type ErrorCode } from '../errors.js'
+import { errorCodes, type ErrorCode } from '../errors.js'
 
-export const ErrorCodeSchema = Type.Union(Object.keys(errorTable).map((c) => Type.Literal(c)), { $id: 'ErrorCode', description: 'stable, machine-readable error code' })
+// The codes of the table as one string enum (TypeBox's StringEnum pattern): the document then
+// publishes an `enum`, so generated clients type `code` as the union, not as `string`.
+export const ErrorCodeSchema = Type.Unsafe<ErrorCode>({
+  type: 'string',
+  enum: errorCodes,
+  $id: 'ErrorCode',
+  description: 'stable, machine-readable error code; clients branch on it, never on the text'
+})
+
+// What happened, for people: the same text wherever an error is reported. It is `detail` in a
+// problem and in the exec record's `error`, `message` in a final `error` event (CONTRACT §3, §4).
+export const ErrorTextSchema = Type.String({ description: 'what happened, for people; never branch on it (use `code`)' })
 
 export const ProblemSchema = Type.Object({
   type: Type.String(),
   title: Type.String(),
   status: Type.Integer(),
-  detail: Type.String(),
-  code: Type.String({ description: 'stable, machine-readable error code (see ErrorCode)' }),
+  detail: ErrorTextSchema,
+  code: Type.Ref(ErrorCodeSchema),
   execId: Type.Optional(Type.String({ description: 'the exec this error ended, when there is one' }))
 }, { $id: 'Problem', description: 'RFC 9457 problem details' })
 export type ProblemBody = Static<typeof ProblemSchema>
 
-// Exec errors as stored on the exec and sent in final `error` events.
+// Exec errors as stored on the exec: a problem's code, status and detail.
 export const ExecErrorSchema = Type.Object({
-  code: Type.String(),
+  code: Type.Ref(ErrorCodeSchema),
   status: Type.Integer(),
-  detail: Type.String()
+  detail: ErrorTextSchema
 }, { $id: 'ExecError' })
-export type ExecErrorBody = Static<typeof ExecErrorSchema>
 
 // Response entry for every problem status a route can return, with the media type it really has.
 // In the document, src/http/openapi.ts replaces it with named codes for the statuses that

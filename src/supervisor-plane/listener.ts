@@ -5,8 +5,12 @@ import { H2Pinger } from '../relay/h2-ping.js'
 import type { SessionRegistry } from '../relay/sessions.js'
 import { H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, RELAY_PATH_PREFIX, SESSION_PATH } from '../relay/protocol.js'
 import type { Refusals, RefusalReason } from '../refusals.js'
+import { problem, type Problem } from '../errors.js'
 import { verifySupervisorToken } from '../tokens.js'
 import type { TlsMaterial } from '../credentials.js'
+import type { GatewayEvents } from '../diagnostics.js'
+import { SESSION_END_GRACE_MS, SUPERVISOR_LISTENER_CLOSE_MS } from '../lifecycle/bounds.js'
+import { closeWithin } from '../lifecycle/close-within.js'
 import { KeyedBuckets, TokenBucket } from './budget.js'
 import { ConnectionTable, type Conn, type ConnectionLimits } from './connections.js'
 import { SessionMachine } from './session.js'
@@ -20,7 +24,7 @@ import { SessionMachine } from './session.js'
 // connections.ts, sessions in session.ts; this file routes streams. Every refusal goes through
 // Refusals, which counts it and logs at a rate no sandbox can raise.
 
-export interface SupervisorLimits extends ConnectionLimits {
+interface SupervisorLimits extends ConnectionLimits {
   supervisorMaxStreamsPerConnection: number
   sessionLineMaxBytes: number
   sessionMessagesPerSecond: number
@@ -41,7 +45,8 @@ export interface SupervisorServerOptions {
   logger: Logger
   refusals: Refusals
   limits: SupervisorLimits
-  onPingRtt?: (ms: number) => void
+  // PING round trips are published here.
+  events: GatewayEvents
 }
 
 export interface SupervisorServer {
@@ -51,9 +56,6 @@ export interface SupervisorServer {
   // Ends the sessions whose token is no longer accepted (secret retired, token expired).
   closeRevoked: () => number
 }
-
-// A session told to end that does not go is cut off.
-const SESSION_END_GRACE_MS = 2000
 
 export function createSupervisorServer (opts: SupervisorServerOptions): SupervisorServer {
   const log = opts.logger
@@ -129,7 +131,7 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
         // Deferred: destroying from inside a PING callback re-enters nghttp2 (see supervisor/agent.ts).
         setImmediate(() => { session.destroy(); conn.socket.destroy() })
       },
-      ...(opts.onPingRtt === undefined ? {} : { onRtt: opts.onPingRtt })
+      onRtt: (ms) => opts.events.pingRtt({ seconds: ms / 1000 })
     })
     session.once('close', () => { conn.pinger?.stop(); conn.socket.destroy() })
   })
@@ -166,24 +168,24 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
     if (!check.ok) {
       // The token itself is never logged; `reason` is one of the verifier's fixed phrases.
       refuseStream(conn, stream, 'unauthenticated', conn.sandboxId, 'supervisor request refused', { reason: check.reason, pathBytes: path.length, remoteAddress: conn.remoteAddress },
-        { status: 401, code: 'unauthenticated', detail: `supervisor token refused: ${check.reason}` })
+        problem('unauthenticated', `supervisor token refused: ${check.reason}`))
       return
     }
     const sandboxId = check.sandboxId
     if (conn.sandboxId === undefined) {
       if (!conns.authenticate(conn, sandboxId)) {
         refuseStream(conn, stream, 'sandbox_connections', sandboxId, 'supervisor connection refused: too many connections for the sandbox', { limit: lim.maxSessionStreamsPerSandbox },
-          { status: 429, code: 'too_many_requests', detail: `sandbox ${sandboxId} already holds ${lim.maxSessionStreamsPerSandbox} connections` })
+          problem('too_many_requests', `sandbox ${sandboxId} already holds ${lim.maxSessionStreamsPerSandbox} connections`))
         conns.close(conn, 'sandbox_connections', 'supervisor connection closed: too many connections for the sandbox', { limit: lim.maxSessionStreamsPerSandbox })
         return
       }
     } else if (conn.sandboxId !== sandboxId) {
       refuseStream(conn, stream, 'unauthenticated', conn.sandboxId, 'supervisor request refused: a token for another sandbox on this connection', {},
-        { status: 403, code: 'permission_denied', detail: 'this connection speaks for another sandbox' })
+        problem('permission_denied', 'this connection speaks for another sandbox'))
       return
     }
     if (headers[':method'] !== 'POST') {
-      refuseStream(conn, stream, 'unknown_route', sandboxId, 'supervisor request refused: not a POST', {}, { status: 405, code: 'method_not_allowed', detail: 'use POST' })
+      refuseStream(conn, stream, 'unknown_route', sandboxId, 'supervisor request refused: not a POST', {}, problem('method_not_allowed', 'use POST'))
       return
     }
     if (path === SESSION_PATH) { openSession(conn, stream, sandboxId, token); return }
@@ -197,14 +199,14 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
       return
     }
     refuseStream(conn, stream, 'unknown_route', sandboxId, 'supervisor request refused: no such route', { pathBytes: path.length },
-      { status: 404, code: 'not_found', detail: 'no such supervisor route' })
+      problem('not_found', 'no such supervisor route'))
   }
 
   function openSession (conn: Conn, stream: ServerHttp2Stream, sandboxId: string, token: string): void {
     const open = sessionStreams.get(sandboxId) ?? 0
     if (open >= lim.maxSessionStreamsPerSandbox) {
       refuseStream(conn, stream, 'session_streams', sandboxId, 'supervisor session refused: too many session streams for the sandbox', { limit: lim.maxSessionStreamsPerSandbox },
-        { status: 429, code: 'too_many_requests', detail: `sandbox ${sandboxId} already holds ${open} session streams` })
+        problem('too_many_requests', `sandbox ${sandboxId} already holds ${open} session streams`))
       return
     }
     // Opening a session costs what a message does: a sandbox that opens and drops sessions in
@@ -212,7 +214,7 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
     const messages = messageBuckets.get(sandboxId)
     if (!messages.take()) {
       refuseStream(conn, stream, 'message_rate', sandboxId, 'supervisor session refused: sessions opened over the message rate', { perSecond: lim.sessionMessagesPerSecond },
-        { status: 429, code: 'too_many_requests', detail: 'sessions opened over the message rate' })
+        problem('too_many_requests', 'sessions opened over the message rate'))
       return
     }
     sessionStreams.set(sandboxId, open + 1)
@@ -284,10 +286,10 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
   // Refuses one stream (a problem response when one is given, otherwise RST_STREAM
   // REFUSED_STREAM) and spends from the refused-stream budget.
   function refuseStream (conn: Conn, stream: ServerHttp2Stream, reason: RefusalReason, sandboxId: string | undefined, message: string,
-    fields: Record<string, unknown>, problem?: { status: number, code: string, detail: string }): void {
+    fields: Record<string, unknown>, answer?: Problem): void {
     refusals.refuse(reason, sandboxId, message, fields)
-    if (problem === undefined || stream.headersSent) stream.close(http2.constants.NGHTTP2_REFUSED_STREAM)
-    else respondProblem(stream, problem.status, problem.code, problem.detail)
+    if (answer === undefined || stream.headersSent) stream.close(http2.constants.NGHTTP2_REFUSED_STREAM)
+    else respondProblem(stream, answer)
     conns.spend(conn)
   }
 
@@ -300,20 +302,22 @@ export function createSupervisorServer (opts: SupervisorServerOptions): Supervis
       if (c.session === undefined) c.socket.destroy()
       else { try { c.session.close() } catch { /* already closing */ } }
     }
-    await Promise.race([closed, new Promise((resolve) => setTimeout(resolve, graceMs).unref())])
-    for (const c of conns.all) { c.session?.destroy(); c.socket.destroy() }
-    await Promise.race([closed, new Promise((resolve) => setTimeout(resolve, 200).unref())])
+    await closeWithin(graceMs, () => closed, async () => {
+      for (const c of conns.all) { c.session?.destroy(); c.socket.destroy() }
+      await closeWithin(SUPERVISOR_LISTENER_CLOSE_MS, () => closed, () => log.debug('supervisor listener did not report closed; going on'))
+    })
   }
 
   return { server, closeAll, closeRevoked }
 }
 
-function respondProblem (stream: ServerHttp2Stream, status: number, code: string, detail: string): void {
+// The body comes from problem() like every other listener's: the same code, status and title.
+function respondProblem (stream: ServerHttp2Stream, p: Problem): void {
   if (stream.destroyed || stream.closed) return
-  stream.respond({ ':status': status, 'content-type': 'application/problem+json' })
+  stream.respond({ ':status': p.status, 'content-type': 'application/problem+json' })
   // The request body is not wanted: once the answer is out, RST_STREAM NO_ERROR tells the
   // peer to stop sending (RFC 9113 §8.1), so an unread body cannot sit in our buffers.
-  stream.end(JSON.stringify({ type: 'about:blank', title: code, status, detail, code }), () => {
+  stream.end(JSON.stringify(p), () => {
     if (!stream.destroyed && !stream.closed) stream.close(http2.constants.NGHTTP2_NO_ERROR)
   })
 }

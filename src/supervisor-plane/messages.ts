@@ -44,8 +44,8 @@ export const AcceptedSchema = Type.Object({
   gatewayPublicKey: Type.String({ minLength: 1, maxLength: 16 * 1024, pattern: OneLine })
 })
 export const RelaySchema = Type.Object({ type: Type.Literal('relay'), relayId: RelayId })
-export const GatewayHeartbeatSchema = Type.Object({ type: Type.Literal('heartbeat') })
-export const SupersededSchema = Type.Object({ type: Type.Literal('superseded') })
+const GatewayHeartbeatSchema = Type.Object({ type: Type.Literal('heartbeat') })
+const SupersededSchema = Type.Object({ type: Type.Literal('superseded') })
 export const RejectedSchema = Type.Object({ type: Type.Literal('rejected'), reason: Reason })
 
 export type SupervisorMessage = Static<typeof HelloSchema> | Static<typeof SupervisorHeartbeatSchema> | Static<typeof RelayFailedSchema>

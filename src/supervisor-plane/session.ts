@@ -17,7 +17,7 @@ import { decode, encode, LineSplitter, SupervisorMessages, type GatewayMessage, 
 
 export type SessionState = 'awaiting_hello' | 'accepted' | 'ended'
 
-export interface SessionTransport {
+interface SessionTransport {
   // Writes one encoded line; false when the stream can no longer be written.
   write: (line: string) => boolean
   // Bytes written but not yet taken by the peer.
@@ -35,7 +35,7 @@ export interface SessionRegistryPort {
   failRelay: (relayId: string, sandboxId: string, reason: string) => void
 }
 
-export type Refuse = (reason: RefusalReason, sandboxId: string | undefined, message: string, fields?: Record<string, unknown>) => void
+type Refuse = (reason: RefusalReason, sandboxId: string | undefined, message: string, fields?: Record<string, unknown>) => void
 
 export interface SessionOptions {
   sandboxId: string

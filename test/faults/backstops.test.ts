@@ -22,10 +22,6 @@ afterEach(async () => {
   await kit.cleanup()
 })
 
-
-
-
-
 async function waitRunning (g: TestGateway, id: string): Promise<void> {
   await waitFor(async () => (await api(g.publicUrl, 'GET', `/v1/execs/${id}`)).body.status === 'running', { timeoutMs: 5000, intervalMs: 20 })
 }

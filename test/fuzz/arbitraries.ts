@@ -7,20 +7,20 @@ export const MiB = 1024 * 1024
 
 // Programs that end at once whatever their arguments, stdin, tty or env: an accepted exec must
 // end by itself. '' and '-x' are not found (127); ':' and 'exit' are shell-only names.
-export const SAFE_PROGRAMS = ['true', 'echo', ':', 'exit', '', '-x', 'no-such-program-☃'] as const
+const SAFE_PROGRAMS = ['true', 'echo', ':', 'exit', '', '-x', 'no-such-program-☃'] as const
 
 export const SHELL_META = ["'", '"', '\\', '$', '`', '$(', ')', '(', ';', '|', '&', '&&', '\n', '\r', '\t', ' ', '*', '?', '[', ']', '{', '}', '~', '-', '--', '#', '!', '<', '>', '>>', '=', '%', "'\\''", '\\\'', '${', '$@', '$*', '$0', '$$', '$((1+1))', '\\n', 'é', '😀', '\u202e', '\u00a0', '\u2028', 'a', 'Z', '0', '/'] as const
 
 // A string of exactly `bytes` UTF-8 bytes (a lone surrogate counts 3, as Buffer.byteLength says):
 // the unit repeated, then 'a' padding.
-export function ofBytes (unit: string, bytes: number): string {
+function ofBytes (unit: string, bytes: number): string {
   const size = Buffer.byteLength(unit)
   const n = Math.max(0, Math.floor(bytes / size))
   return unit.repeat(n) + 'a'.repeat(Math.max(0, bytes - n * size))
 }
 
 // Strings a few bytes either side of a limit, in 1-, 2-, 3- and 4-byte characters.
-export function nearLimit (limit: number): fc.Arbitrary<string> {
+function nearLimit (limit: number): fc.Arbitrary<string> {
   return fc.record({ unit: fc.constantFrom('a', 'é', '€', '😀', '\ud800', '\0', '\n'), delta: fc.integer({ min: -2, max: 2 }) })
     .map(({ unit, delta }) => ofBytes(unit, limit + delta))
 }
@@ -55,19 +55,19 @@ export const weirdValue: fc.Arbitrary<unknown> = fc.oneof(
   { weight: 1, arbitrary: fc.integer({ min: 1, max: 2000 }).map((d) => nest(d)) }
 )
 
-export function nest (depth: number): unknown {
+function nest (depth: number): unknown {
   let v: unknown = 'leaf'
   for (let i = 0; i < depth; i++) v = i % 2 === 0 ? [v] : { a: v }
   return v
 }
 
 // Own enumerable properties only, so "__proto__" and "constructor" survive into the JSON text.
-export function setOwn (obj: Record<string, unknown>, key: string, value: unknown): void {
+function setOwn (obj: Record<string, unknown>, key: string, value: unknown): void {
   Object.defineProperty(obj, key, { value, enumerable: true, writable: true, configurable: true })
 }
 
 // argv[0] of anything the gateway could accept is one of SAFE_PROGRAMS.
-export function sanitizeCommand (command: unknown): unknown {
+function sanitizeCommand (command: unknown): unknown {
   if (!Array.isArray(command) || typeof command[0] !== 'string') return command
   if ((SAFE_PROGRAMS as readonly string[]).includes(command[0])) return command
   return ['true', ...command.slice(1)]

@@ -100,7 +100,7 @@ export async function rawRequest (target: RawTarget, req: RawRequest): Promise<R
       sock.destroy()
       const raw = Buffer.concat(chunks)
       let res: RawResponse | undefined
-      try { res = parse(raw) } catch (e) { reject(e as Error); return }
+      try { res = parse(raw) } catch (e) { reject(e instanceof Error ? e : new Error(String(e))); return }
       // A server may answer early (413, 400) and reset the rest of our upload: the answer counts.
       if (res !== undefined) resolve(res)
       else if (err === undefined && raw.length === 0) resolve({ status: 0, headers: {}, body: raw, text: '', json: undefined })

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto'
 import WebSocket from 'ws'
-import { createGatewayClient, type Encoding, type ExecEvent, type ExecRequest } from '../../sdk/index.js'
+import { BINARY_SUBPROTOCOL, createGatewayClient, type Encoding, type ExecEvent, type ExecRequest } from '../../sdk/index.js'
 
 // Plain HTTP and WebSocket clients against a live gateway, as a user's code would talk to it.
 
@@ -98,7 +98,7 @@ export interface PausedBinaryReader {
 // have arrived, so the gateway's window to the sandbox closes, until the caller resumes it.
 // onFrame sees each binary frame before it is counted.
 export function openPausedBinaryReader (baseUrl: string, execId: string, opts: { pauseAtBytes: number, onFrame?: (frame: Buffer) => void }): PausedBinaryReader {
-  const ws = new WebSocket(`${baseUrl.replace('http', 'ws')}/v1/execs/${execId}/stream`, ['exec-gateway.v1.binary'])
+  const ws = new WebSocket(`${baseUrl.replace('http', 'ws')}/v1/execs/${execId}/stream`, [BINARY_SUBPROTOCOL])
   const hash = createHash('sha256')
   let received = 0
   let final: unknown

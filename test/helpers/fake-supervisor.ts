@@ -8,7 +8,7 @@ import { decode, encode, GatewayMessages, LineSplitter, type GatewayMessage, typ
 // while relays wait on it. It holds the session and answers PINGs (node:http2 does that by
 // itself); it never opens relay streams and never reconnects.
 
-export type FakeRelayHandler = 'ignore' | 'fail' | ((relayId: string) => void)
+type FakeRelayHandler = 'ignore' | 'fail' | ((relayId: string) => void)
 
 export interface FakeSupervisorOptions {
   /** The gateway's supervisor listener, e.g. TestGateway.supervisorUrl. */

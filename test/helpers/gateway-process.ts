@@ -25,7 +25,7 @@ export interface GatewayProcessOptions {
   startTimeoutMs?: number
 }
 
-export interface GatewayExit { code: number | null, signal: NodeJS.Signals | null }
+interface GatewayExit { code: number | null, signal: NodeJS.Signals | null }
 
 export interface GatewayProcess {
   publicUrl: string

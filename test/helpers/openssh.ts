@@ -29,7 +29,6 @@ export interface StartOpenSshdOptions {
   logLevel?: 'QUIET' | 'FATAL' | 'ERROR' | 'INFO' | 'VERBOSE' | 'DEBUG' | 'DEBUG3'
 }
 
-
 const HOST = '127.0.0.1'
 const BIND_ATTEMPTS = 5
 const READY_TIMEOUT_MS = 10_000
@@ -39,7 +38,7 @@ const LOG_LIMIT_BYTES = 64 * 1024
 // foreground but it would otherwise outlive a crashed worker and hold its port.
 const live = new Set<ChildProcess>()
 let exitHookInstalled = false
-function trackChild(child: ChildProcess): void {
+function trackChild (child: ChildProcess): void {
   if (!exitHookInstalled) {
     exitHookInstalled = true
     process.once('exit', () => {
@@ -56,7 +55,7 @@ function trackChild(child: ChildProcess): void {
   child.once('exit', () => live.delete(child))
 }
 
-export function findSshd(): string | undefined {
+export function findSshd (): string | undefined {
   const candidates = ['/usr/sbin/sshd', ...(process.env.PATH ?? '').split(delimiter).filter(Boolean).map((d) => join(d, 'sshd'))]
   for (const candidate of candidates) {
     // sshd re-execs itself and refuses to run from a relative path, so only absolute paths count.
@@ -72,7 +71,7 @@ export function findSshd(): string | undefined {
 }
 
 /** Reserves a free port by binding port 0 and releasing it; sshd may still lose a race for it (retried). */
-function freePort(): Promise<number> {
+function freePort (): Promise<number> {
   return new Promise((resolve, reject) => {
     const srv = createServer()
     srv.once('error', reject)
@@ -85,7 +84,7 @@ function freePort(): Promise<number> {
 }
 
 /** Resolves true once a TCP connection to host:port reads an SSH-2.0 identification line. */
-function probeBanner(host: string, port: number, timeoutMs: number): Promise<boolean> {
+function probeBanner (host: string, port: number, timeoutMs: number): Promise<boolean> {
   return new Promise((resolve) => {
     let buf = ''
     let settled = false
@@ -109,7 +108,7 @@ function probeBanner(host: string, port: number, timeoutMs: number): Promise<boo
   })
 }
 
-function sshdConfig(dir: string, port: number, logLevel: string, extra: string[]): string {
+function sshdConfig (dir: string, port: number, logLevel: string, extra: string[]): string {
   return [
     `ListenAddress ${HOST}:${port}`,
     `HostKey ${join(dir, 'ssh_host_ed25519_key')}`,
@@ -132,7 +131,7 @@ function sshdConfig(dir: string, port: number, logLevel: string, extra: string[]
     'MaxStartups 200',
     `LogLevel ${logLevel}`,
     ...extra,
-    '',
+    ''
   ].join('\n')
 }
 
@@ -141,7 +140,7 @@ interface Attempt {
   exited: Promise<void>
 }
 
-export const SANDBOX_ACCOUNT = 'egw-sandbox'
+const SANDBOX_ACCOUNT = 'egw-sandbox'
 
 /**
  * The account commands run as. As root: a dedicated account with /bin/sh, like a sandbox's own
@@ -149,7 +148,7 @@ export const SANDBOX_ACCOUNT = 'egw-sandbox'
  * sshd commands: here pyenv init, ~100 ms and stray stderr under concurrency) in every exec.
  * Without root, the current user.
  */
-export function sandboxAccount(): string {
+export function sandboxAccount (): string {
   if (process.getuid?.() !== 0) return userInfo().username
   if (spawnSync('id', ['-u', SANDBOX_ACCOUNT]).status !== 0) {
     const made = spawnSync('useradd', ['--create-home', '--shell', '/bin/sh', SANDBOX_ACCOUNT], { encoding: 'utf8' })
@@ -163,12 +162,12 @@ export function sandboxAccount(): string {
   return SANDBOX_ACCOUNT
 }
 
-export async function startOpenSshd(opts: StartOpenSshdOptions): Promise<OpenSshd> {
+export async function startOpenSshd (opts: StartOpenSshdOptions): Promise<OpenSshd> {
   const sshdPath = findSshd()
   if (sshdPath === undefined) {
     throw new Error(
       'OpenSSH sshd not found at /usr/sbin/sshd or on PATH: install it with `sudo apt-get install -y openssh-server` ' +
-        '(Debian/Ubuntu; `openssh-server` on Fedora/RHEL/Alpine, `openssh` on Arch). test/global-setup.ts does this automatically when run as root.',
+        '(Debian/Ubuntu; `openssh-server` on Fedora/RHEL/Alpine, `openssh` on Arch). test/global-setup.ts does this automatically when run as root.'
     )
   }
   const user = sandboxAccount()
@@ -217,7 +216,7 @@ export async function startOpenSshd(opts: StartOpenSshdOptions): Promise<OpenSsh
         close: () => {
           closing ??= stop(child, exited).then(() => rm(dir, { recursive: true, force: true }).catch(() => undefined))
           return closing
-        },
+        }
       }
     }
     const tried = failures.map((f) => `  ${f}`).join('\n')
@@ -233,7 +232,7 @@ export async function startOpenSshd(opts: StartOpenSshdOptions): Promise<OpenSsh
  * starts with '!' (locked), even by key, and the client only sees "All configured authentication
  * methods failed". Say so up front. (A non-root sshd cannot read /etc/shadow and skips the check.)
  */
-async function assertAccountNotLocked(user: string): Promise<void> {
+async function assertAccountNotLocked (user: string): Promise<void> {
   let shadow: string
   try {
     shadow = await readFile('/etc/shadow', 'utf8')
@@ -245,16 +244,16 @@ async function assertAccountNotLocked(user: string): Promise<void> {
   if (password.startsWith('!')) {
     throw new Error(
       `the account "${user}" is locked in /etc/shadow (password field starts with "!"), so OpenSSH (UsePAM no) ` +
-        `refuses key logins to it. Unlock it without enabling password login: usermod -p '*' ${user}`,
+        `refuses key logins to it. Unlock it without enabling password login: usermod -p '*' ${user}`
     )
   }
 }
 
-async function launch(
+async function launch (
   sshdPath: string,
   configPath: string,
   port: number,
-  appendLog: (chunk: Buffer) => void,
+  appendLog: (chunk: Buffer) => void
 ): Promise<Attempt | { error: string }> {
   // -D: stay in the foreground so we own the process; -e: log to stderr (captured) instead of syslog.
   const child = spawn(sshdPath, ['-D', '-e', '-f', configPath], { stdio: ['ignore', 'pipe', 'pipe'] })
@@ -297,7 +296,7 @@ async function launch(
 }
 
 /** SIGTERM, then SIGKILL after 2 s; always resolves. */
-async function stop(child: ChildProcess, exited: Promise<void>): Promise<void> {
+async function stop (child: ChildProcess, exited: Promise<void>): Promise<void> {
   if (child.exitCode === null && child.signalCode === null) {
     try {
       child.kill('SIGTERM')
@@ -309,7 +308,7 @@ async function stop(child: ChildProcess, exited: Promise<void>): Promise<void> {
       exited.then(() => true),
       new Promise<boolean>((resolve) => {
         timer = setTimeout(() => resolve(false), 2000)
-      }),
+      })
     ])
     clearTimeout(timer)
     if (!killed) {

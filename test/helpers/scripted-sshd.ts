@@ -36,7 +36,7 @@ export interface ScriptedSshd {
 const HOST = '127.0.0.1'
 const CLOSE_BOUND_MS = 2000
 
-function publicKeyLine(privateKey: string): string {
+function publicKeyLine (privateKey: string): string {
   const parsed = utils.parseKey(privateKey)
   if (parsed instanceof Error) throw new Error(`scripted sshd: cannot parse hostKey: ${parsed.message}`)
   const key = Array.isArray(parsed) ? parsed[0] : parsed
@@ -44,7 +44,7 @@ function publicKeyLine(privateKey: string): string {
   return `${key.type} ${key.getPublicSSH().toString('base64')}`
 }
 
-export function startScriptedSshd(opts: StartScriptedSshdOptions): Promise<ScriptedSshd> {
+export function startScriptedSshd (opts: StartScriptedSshdOptions): Promise<ScriptedSshd> {
   let hostKey: string
   let hostPublicKey: string
   if (opts.hostKey !== undefined) {
@@ -88,26 +88,25 @@ export function startScriptedSshd(opts: StartScriptedSshdOptions): Promise<Scrip
         port: addr.port,
         hostPublicKey,
         connectionCount: () => sockets.size,
-        close() {
-          closing ??= new Promise<void>((done) => {
-            let timer: NodeJS.Timeout | undefined = undefined
+        close () {
+          closing ??= new Promise<void>((resolve) => {
             const finish = (): void => {
               clearTimeout(timer)
-              done()
+              resolve()
             }
             // The bound only matters if a close callback is lost; destroy() makes it immediate.
-            timer = setTimeout(finish, CLOSE_BOUND_MS)
+            const timer = setTimeout(finish, CLOSE_BOUND_MS)
             tcp.close(finish)
             for (const sock of sockets) sock.destroy()
           })
           return closing
-        },
+        }
       })
     })
   })
 }
 
-function handleClient(client: Connection, onExec: StartScriptedSshdOptions['onExec']): void {
+function handleClient (client: Connection, onExec: StartScriptedSshdOptions['onExec']): void {
   client.on('error', () => undefined)
   client.on('authentication', (ctx) => {
     // Any identity is fine: these tests exercise the channel layer, not authentication.
@@ -150,7 +149,7 @@ function handleClient(client: Connection, onExec: StartScriptedSshdOptions['onEx
 }
 
 // A script that throws is a bug in the test; make it visible and let the client see the channel go.
-function failScript(channel: ServerChannel, err: unknown): void {
+function failScript (channel: ServerChannel, err: unknown): void {
   console.error('scripted sshd: onExec failed:', err)
   try {
     channel.stderr.write(`scripted sshd: onExec failed: ${String(err)}\n`)

@@ -10,7 +10,7 @@
 //   already read wait in the proxy and flow again if the mode returns to pass.
 import { connect, createServer, type Server, type Socket } from 'node:net'
 
-export type TcpProxyMode = 'pass' | 'blackhole' | 'delay'
+type TcpProxyMode = 'pass' | 'blackhole' | 'delay'
 
 export interface TcpProxy {
   host: string
@@ -50,7 +50,7 @@ class Direction {
   private readonly src: Socket
   private readonly dst: Socket
 
-  constructor(state: ProxyState, src: Socket, dst: Socket) {
+  constructor (state: ProxyState, src: Socket, dst: Socket) {
     this.state = state
     this.src = src
     this.dst = dst
@@ -64,18 +64,18 @@ class Direction {
     })
   }
 
-  private dueTime(): number {
+  private dueTime (): number {
     return Date.now() + (this.state.mode === 'delay' ? this.state.delayMs : 0)
   }
 
-  private push(item: Item): void {
+  private push (item: Item): void {
     if (this.disposed) return
     this.queue.push(item)
     this.flush()
   }
 
   /** Forwards every item that is due, unless blackholed; arms one timer for the next one. */
-  flush(): void {
+  flush (): void {
     clearTimeout(this.timer)
     this.timer = undefined
     if (this.state.mode === 'blackhole') {
@@ -100,13 +100,13 @@ class Direction {
     this.updateFlow()
   }
 
-  updateFlow(): void {
+  updateFlow (): void {
     if (this.src.destroyed) return
     if (this.state.mode === 'blackhole' || this.waitingDrain) this.src.pause()
     else this.src.resume()
   }
 
-  dispose(): void {
+  dispose (): void {
     this.disposed = true
     clearTimeout(this.timer)
     this.timer = undefined
@@ -120,7 +120,7 @@ interface Connection {
   directions: [Direction, Direction]
 }
 
-export function startTcpProxy(opts: StartTcpProxyOptions): Promise<TcpProxy> {
+export function startTcpProxy (opts: StartTcpProxyOptions): Promise<TcpProxy> {
   const state: ProxyState = { mode: 'pass', delayMs: 0 }
   const connections = new Set<Connection>()
 
@@ -166,7 +166,7 @@ export function startTcpProxy(opts: StartTcpProxyOptions): Promise<TcpProxy> {
       resolve({
         host: HOST,
         port: addr.port,
-        setMode(mode, delayMs) {
+        setMode (mode, delayMs) {
           if (mode === 'delay' && (delayMs === undefined || !(delayMs >= 0))) {
             throw new Error('tcp proxy: delay mode needs delayMs >= 0')
           }
@@ -174,7 +174,7 @@ export function startTcpProxy(opts: StartTcpProxyOptions): Promise<TcpProxy> {
           state.delayMs = mode === 'delay' ? delayMs! : 0
           applyMode()
         },
-        resetAll() {
+        resetAll () {
           for (const conn of connections) {
             for (const d of conn.directions) d.dispose()
             for (const sock of [conn.client, conn.upstream]) {
@@ -187,16 +187,16 @@ export function startTcpProxy(opts: StartTcpProxyOptions): Promise<TcpProxy> {
             }
           }
         },
-        blackholeAll() {
+        blackholeAll () {
           state.mode = 'blackhole'
           applyMode()
         },
-        connectionCount() {
+        connectionCount () {
           return connections.size
         },
-        close() {
-          closing ??= new Promise<void>((done) => {
-            server.close(() => done())
+        close () {
+          closing ??= new Promise<void>((resolve) => {
+            server.close(() => resolve())
             for (const conn of connections) {
               for (const d of conn.directions) d.dispose()
               conn.client.destroy()
@@ -204,7 +204,7 @@ export function startTcpProxy(opts: StartTcpProxyOptions): Promise<TcpProxy> {
             }
           })
           return closing
-        },
+        }
       })
     })
   })

@@ -1,6 +1,6 @@
 // Small timing utilities for tests. Every timer created here is cleared on every path.
 
-export function sleep(ms: number): Promise<void> {
+export function sleep (ms: number): Promise<void> {
   return new Promise((resolve) => {
     setTimeout(resolve, ms)
   })
@@ -17,9 +17,9 @@ export interface WaitForOptions {
  * Polls `predicate` until it returns true. A predicate that throws is treated as "not yet"
  * (the last error is reported on timeout) so callers can poll things that fail while starting.
  */
-export async function waitFor(
+export async function waitFor (
   predicate: () => boolean | Promise<boolean>,
-  opts: WaitForOptions,
+  opts: WaitForOptions
 ): Promise<void> {
   const intervalMs = opts.intervalMs ?? 25
   const started = Date.now()
@@ -42,7 +42,7 @@ export async function waitFor(
 }
 
 /** Measures how long `p` takes to settle; a rejection propagates unchanged. */
-export async function timed<T>(p: Promise<T>): Promise<{ value: T; ms: number }> {
+export async function timed<T> (p: Promise<T>): Promise<{ value: T; ms: number }> {
   const started = performance.now()
   const value = await p
   return { value, ms: performance.now() - started }

@@ -15,7 +15,7 @@ import { sleep, waitFor } from '../helpers/wait.js'
 
 export const HONEST = 'honest'
 
-export interface LoadReport {
+interface LoadReport {
   total: number
   ok: number
   // One line per failed exec (status, code, or the mismatch), at most 20.
@@ -60,7 +60,7 @@ export interface HostileWorld {
   stop: () => Promise<void>
 }
 
-export const HOSTILE_REPORT_FILE = process.env.HOSTILE_REPORT_FILE ?? join(tmpdir(), 'exec-gateway-hostile-report.ndjson')
+const HOSTILE_REPORT_FILE = process.env.HOSTILE_REPORT_FILE ?? join(tmpdir(), 'exec-gateway-hostile-report.ndjson')
 const CLOCK_TICKS = 100
 const EXEC_BOUND_MS = 30_000
 
@@ -216,7 +216,7 @@ export async function startHostileWorld (opts: HostileWorldOptions = {}): Promis
 }
 
 // Nearest-rank percentile; 0 for no samples.
-export function percentile (values: readonly number[], p: number): number {
+function percentile (values: readonly number[], p: number): number {
   if (values.length === 0) return 0
   const sorted = [...values].sort((a, b) => a - b)
   return sorted[Math.min(sorted.length - 1, Math.ceil(p / 100 * sorted.length) - 1)]!

@@ -283,4 +283,5 @@ export async function startHostileSandbox (world: HostileWorld, id: string, opts
 export { refusalCounts } from './harness.js'
 
 // What no sandbox string that reached a record or a log may contain: C0/C1 controls, bidi overrides.
+// eslint-disable-next-line no-control-regex -- matching control characters is its job
 export const UNSAFE_TEXT = /[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]/

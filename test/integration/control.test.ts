@@ -61,7 +61,7 @@ describe.each(['embedded', 'openssh'] as const)('control through the %s daemon',
     const sse = await fetch(`${g.publicUrl}/v1/execs/${id}/events`, { headers: { accept: 'text/event-stream' }, signal: ac.signal })
     expect(sse.status).toBe(200)
     ac.abort()
-    await waitFor(() => entry.listenerCount('output') === 0, { timeoutMs: 2000, intervalMs: 20 })
+    await waitFor(() => entry.readers === 0, { timeoutMs: 2000, intervalMs: 20 })
     expect(entry.finished).toBe(false)
     await waitFor(() => entry.finished, { timeoutMs: 5000, intervalMs: 20 })
     expect((await api(g.publicUrl, 'GET', `/v1/execs/${id}`)).body).toMatchObject({ status: 'exited', exitCode: 9 })

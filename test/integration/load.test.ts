@@ -74,7 +74,7 @@ describe('load', () => {
     expect(g.gw.execs.running).toBe(0)
     expect(g.gw.registry.pendingCount()).toBe(0)
     expect(g.gw.registry.list().filter((s) => s.session !== undefined)).toHaveLength(1)
-    expect(g.gw.registry.get('load')!.activeExecs).toBe(0)
+    expect(g.gw.execs.activeIn('load')).toBe(0)
     for (const kind of new Set([...Object.keys(baseline.resources), ...Object.keys(after.resources)])) {
       expect(after.resources[kind] ?? 0, `active ${kind} handles (baseline ${baseline.resources[kind] ?? 0})`).toBeLessThanOrEqual((baseline.resources[kind] ?? 0) + 2)
     }

@@ -4,7 +4,7 @@ import { readdirSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { startSandbox, type Daemon, type TestSandbox } from '../helpers/sandbox.js'
 import { createFaultKit, FAST } from '../helpers/fault-kit.js'
-import { INLINE_COMMAND_MAX_BYTES } from '../../src/execs/manager.js'
+import { INLINE_COMMAND_MAX_BYTES } from '../../src/relay/remote-command.js'
 import { MAX_COMMAND_LINE_BYTES } from '../../src/execs/command.js'
 import { api, type ApiResponse } from '../helpers/api.js'
 
@@ -60,8 +60,11 @@ for (const daemon of ['embedded', 'openssh'] as Daemon[]) {
     it('a staged command keeps env, workdir, stdin, the timeout kill and signal reporting', async () => {
       const big = 'q'.repeat(30_000)
       const res = await wait(s, {
+        // eslint-disable-next-line no-template-curly-in-string -- shell expansions, for sh
         command: ['sh', '-c', 'cat; printf " %s %s %s %s" "$PWD" "$FOO" "${#1}" "${#PAD}"', 'sh', big],
-        env: { FOO: 'bar', PAD: big }, workdir: '/', stdin: 'in'
+        env: { FOO: 'bar', PAD: big },
+        workdir: '/',
+        stdin: 'in'
       })
       expect(res.body).toMatchObject({ exitCode: 0, stdout: 'in / bar 30000 30000' })
       const started = Date.now()

@@ -70,7 +70,7 @@ describe.each(['embedded', 'openssh'] as const)('replays through the %s daemon',
       { type: 'stderr', offset: 0, data: '2' },
       { type: 'stdout', offset: 1, data: '3' },
       { type: 'stderr', offset: 1, data: '4' },
-      { type: 'exit', exitCode: 0, signal: null, timedOut: false },
+      { type: 'exit', exitCode: 0, signal: null, timedOut: false }
     ]
     for (const [i, events] of [...live, ...replay].entries()) {
       const name = `${i < 4 ? 'live' : 'replay'} ${['ws json', 'ws binary', 'sse', 'ndjson'][i % 4]}`
@@ -88,7 +88,7 @@ describe.each(['embedded', 'openssh'] as const)('replays through the %s daemon',
       { type: 'stdout', offset: 2, data: 'o2' },
       { type: 'stderr', offset: 2, data: 'e2' },
       { type: 'stdout', offset: 4, data: 'o3' },
-      exit,
+      exit
     ]
     expect(await ndjson(url(), id, '?stdoutOffset=2')).toEqual(fromStdout2)
     expect(await websocket(url(), id, '?stdoutOffset=2')).toEqual(fromStdout2)
@@ -121,7 +121,7 @@ describe.each(['embedded', 'openssh'] as const)('replays through the %s daemon',
         const transports = {
           ndjson: await ndjson(url(), id, `?stdoutOffset=${o}`),
           ws: await websocket(url(), id, `?stdoutOffset=${o}`),
-          sse: await sse(url(), id, `${o}-0`),
+          sse: await sse(url(), id, `${o}-0`)
         }
         for (const [name, events] of Object.entries(transports)) {
           const what = `${name} from ${o}`

@@ -95,6 +95,7 @@ function flood (ws: WebSocket, framing: Framing, total: number): Flood {
   let wake: (() => void) | undefined
   const sent = (async () => {
     for (let i = 0; bytes < total; i++) {
+      // eslint-disable-next-line no-unmodified-loop-condition -- send callbacks lower it while the loop awaits
       while (outstanding >= CLIENT_OUTSTANDING) {
         if (ws.readyState !== ws.OPEN) throw new Error(`socket closed mid-flood after ${bytes} bytes`)
         // Woken by a send callback, or polled: ws may close without calling them all.

@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import fc from 'fast-check'
 
-export const KiB = 1024
+const KiB = 1024
 export const MiB = 1024 * KiB
 
 export type StreamName = 'stdout' | 'stderr'
@@ -83,10 +83,10 @@ export function writePools (seed: number): Pools {
 // ---------------------------------------------------------------------------------------------
 // Programs
 
-export type Source = 'bin' | 'txt' | 'zero' | 'yes' | 'lit'
-export type Tool = 'head' | 'dd' | 'tail'
+type Source = 'bin' | 'txt' | 'zero' | 'yes' | 'lit'
+type Tool = 'head' | 'dd' | 'tail'
 
-export interface Write {
+interface Write {
   stream: StreamName
   size: number
   source: Source
@@ -98,7 +98,7 @@ export interface Write {
   literal: string
 }
 
-export type Step =
+type Step =
   | { kind: 'write', w: Write }
   // Several small writes with short sleeps between them.
   | { kind: 'slow', stream: StreamName, pieces: Write[], sleepMs: number }
@@ -112,14 +112,14 @@ export type Step =
   // `exec >&-` (or 2>&-): the stream ends early; later writes to it go to the other stream.
   | { kind: 'close', stream: StreamName }
 
-export type Ending =
+type Ending =
   | { kind: 'exit', code: number }
   | { kind: 'signal', name: SignalName, via: 'kill' | 'exec' }
   | { kind: 'fall' } // the status of the last step
 
 // Only signals both daemons report by name (RFC 4254's list) and that dump no core.
-export const SIGNALS = ['TERM', 'KILL', 'INT', 'HUP', 'USR1', 'USR2', 'ALRM', 'PIPE'] as const
-export type SignalName = typeof SIGNALS[number]
+const SIGNALS = ['TERM', 'KILL', 'INT', 'HUP', 'USR1', 'USR2', 'ALRM', 'PIPE'] as const
+type SignalName = typeof SIGNALS[number]
 
 export interface Program {
   content: 'binary' | 'text'
@@ -131,10 +131,10 @@ export interface Program {
 // Arbitraries. Sizes: mostly small and medium, some bursts past the 2 MiB SSH window, rarely up
 // to 16 MiB; a program's total is capped so a run's byte count stays bounded.
 
-export const MAX_WRITE = 16 * MiB
+const MAX_WRITE = 16 * MiB
 const PROGRAM_BYTES_CAP = 24 * MiB
 
-export const sizeArb: fc.Arbitrary<number> = fc.oneof(
+const sizeArb: fc.Arbitrary<number> = fc.oneof(
   { weight: 16, arbitrary: fc.constant(0) },
   { weight: 80, arbitrary: fc.integer({ min: 1, max: 4 * KiB }) },
   { weight: 60, arbitrary: fc.integer({ min: 4 * KiB + 1, max: 192 * KiB }) },
@@ -160,7 +160,7 @@ function writeArb (size: fc.Arbitrary<number>, stream: fc.Arbitrary<StreamName> 
 
 const smallSize = fc.integer({ min: 1, max: 3000 })
 
-export const stepArb: fc.Arbitrary<Step> = fc.oneof(
+const stepArb: fc.Arbitrary<Step> = fc.oneof(
   { weight: 50, arbitrary: writeArb(sizeArb).map((w) => ({ kind: 'write' as const, w })) },
   {
     weight: 8,
@@ -177,7 +177,7 @@ export const stepArb: fc.Arbitrary<Step> = fc.oneof(
   { weight: 2, arbitrary: streamArb.map((stream) => ({ kind: 'close' as const, stream })) }
 )
 
-export const endingArb: fc.Arbitrary<Ending> = fc.oneof(
+const endingArb: fc.Arbitrary<Ending> = fc.oneof(
   { weight: 6, arbitrary: fc.integer({ min: 0, max: 255 }).map((code) => ({ kind: 'exit' as const, code })) },
   { weight: 2, arbitrary: fc.constant({ kind: 'exit' as const, code: 0 }) },
   { weight: 3, arbitrary: fc.record({ kind: fc.constant('signal' as const), name: fc.constantFrom(...SIGNALS), via: fc.constantFrom<'kill' | 'exec'>('kill', 'kill', 'exec') }) },
@@ -209,13 +209,6 @@ export const programArb: fc.Arbitrary<Program> = fc.record({
   ),
   ending: endingArb
 }).map(capProgram)
-
-function writesOf (s: Step): Write[] {
-  if (s.kind === 'write') return [s.w]
-  if (s.kind === 'slow') return s.pieces
-  if (s.kind === 'parallel') return [s.out, s.err]
-  return []
-}
 
 // Writes past the program's byte cap keep only their last 12 bits of size.
 function capProgram (p: Program): Program {
@@ -350,10 +343,6 @@ export function renderProgram (p: Program, pools: Pools): Rendered {
     case 'fall': break
   }
   return { script: lines.join('\n') + '\n', bytes, sleepMs }
-}
-
-export function programBytes (p: Program): number {
-  return p.steps.flatMap(writesOf).reduce((n, w) => n + (w.source === 'lit' ? Buffer.byteLength(w.literal) : w.size), 0)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,15 +5,13 @@
 // and lets go of its connection when it fires, so a case that hangs can be abandoned cleanly.
 import { setMaxListeners } from 'node:events'
 import WebSocket from 'ws'
+import { BINARY_SUBPROTOCOL, JSON_SUBPROTOCOL } from '../../sdk/index.js'
 import { STREAMS, type StreamName } from './programs.js'
 
 export type Transport = 'ndjson' | 'sse' | 'ws-json' | 'ws-binary'
 export type Encoding = 'utf8' | 'base64'
 
-export const BINARY_SUBPROTOCOL = 'exec-gateway.v1.binary'
-export const JSON_SUBPROTOCOL = 'exec-gateway.v1.json'
-
-export interface StreamObs {
+interface StreamObs {
   requested: number
   gap: { from: number, to: number } | undefined
   data: Buffer
@@ -58,7 +56,7 @@ async function sleepUnlessAborted (ms: number, signal: AbortSignal): Promise<voi
 // ---------------------------------------------------------------------------------------------
 // Events → streams, checking the protocol on the way
 
-export class EventCollector {
+class EventCollector {
   readonly problems: string[] = []
   final: any
   heartbeats = 0

@@ -91,11 +91,11 @@ export async function runCase (target: Target, label: string, script: string, sp
     const transports: Transport[] = spec.kind === 'multi' ? [spec.transport, spec.second] : [spec.transport]
     const inBand = spec.gated && transports.length === 1 && spec.transport.startsWith('ws')
     const entry = sb.g.gw.execs.get(id)
-    const readersBefore = entry?.listenerCount('output') ?? 0
+    const readersBefore = entry?.readers ?? 0
     let eofSent: Promise<void> = Promise.resolve()
     if (spec.gated && !inBand) {
       eofSent = (async () => {
-        while ((entry?.listenerCount('output') ?? 0) < readersBefore + transports.length && !signal.aborted) await sleep(5)
+        while ((entry?.readers ?? 0) < readersBefore + transports.length && !signal.aborted) await sleep(5)
         await sendEof(base, id, signal)
       })()
       eofSent.catch(() => {})

@@ -98,7 +98,7 @@ describe('running execs per sandbox', () => {
     expect(other.body.stdout).toBe('other sandbox\n')
 
     expect((await fetch(`${g.publicUrl}/v1/execs/${first.body.id as string}`, { method: 'DELETE' })).status).toBe(204)
-    await waitFor(() => (g.gw.registry.get('cap-a')?.activeExecs ?? 0) < 2, { timeoutMs: 10_000, intervalMs: 20 })
+    await waitFor(async () => (await api(g.publicUrl, 'GET', '/v1/sandboxes/cap-a')).body.activeExecs < 2, { timeoutMs: 10_000, intervalMs: 20 })
     const again = await post(url('cap-a') + '?wait=true', { command: ['echo', 'room again'] })
     expect(again.status).toBe(200)
     expect(again.body.stdout).toBe('room again\n')
@@ -149,8 +149,12 @@ describe('SSH host key of an OpenSSH target (supervisor --ssh-host-key)', () => 
 
   function supervise (id: string, hostKeyFile: string): SupervisorProcess {
     const sup = startSupervisorProcess({
-      gatewayUrl: g.supervisorUrl, sandboxId: id, token: g.token(id),
-      sshTarget: `${sshd.host}:${sshd.port}`, sshUser: sandboxAccount(), extraArgs: ['--ssh-host-key', hostKeyFile]
+      gatewayUrl: g.supervisorUrl,
+      sandboxId: id,
+      token: g.token(id),
+      sshTarget: `${sshd.host}:${sshd.port}`,
+      sshUser: sandboxAccount(),
+      extraArgs: ['--ssh-host-key', hostKeyFile]
     })
     sups.push(sup)
     return sup

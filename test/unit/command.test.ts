@@ -6,7 +6,8 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, realpath
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterEach, describe, expect, it } from 'vitest'
-import { EXEC_ID_ENV, SIGNALS, assembleCommand, killScript, shellQuote } from '../../src/execs/command.js'
+import { EXEC_ID_ENV, assembleCommand, killScript, shellQuote } from '../../src/execs/command.js'
+import { SIGNALS } from '../../src/schemas/exec.js'
 
 const SHELLS = ['/bin/sh', ...(existsSync('/bin/bash') ? ['/bin/bash'] : [])]
 
@@ -49,7 +50,7 @@ describe('shellQuote', () => {
     ['a b', "'a b'"],
     ['~', "'~'"],
     ["'", "''\\'''"],
-    ['\\', "'\\'"],
+    ['\\', "'\\'"]
   ])('%j → %j', (input, quoted) => {
     expect(shellQuote(input)).toBe(quoted)
   })
@@ -70,8 +71,9 @@ const NASTY: string[] = [
   'plain',
   "it's",
   '"double"',
-  `mixed '"' quotes "'"`,
+  'mixed \'"\' quotes "\'"',
   '$HOME',
+  // eslint-disable-next-line no-template-curly-in-string -- the literal text is the test
   '${HOME}',
   '$(id)',
   '`id`',
@@ -123,7 +125,7 @@ const NASTY: string[] = [
   'IFS=x',
   '%s%d%%',
   "'''''",
-  '\'"\'"\\$`',
+  '\'"\'"\\$`'
 ]
 
 describe('assembleCommand: argv round trip through a real shell', () => {
@@ -192,7 +194,7 @@ describe('assembleCommand: env, workdir, tag, exec', () => {
 
   it('env applies to the process only, and the same key sorted deterministically', () => {
     expect(assembleCommand({ command: ['true'], env: { b: '1', a: '2', C: '3', _: '4' } }))
-      .toBe("C=3 _=4 a=2 b=1 exec true")
+      .toBe('C=3 _=4 a=2 b=1 exec true')
   })
 
   it('workdir: cd into a directory with spaces and a quote in its name', () => {

@@ -63,7 +63,7 @@ describe('serve flags: the contract table', () => {
     'h2-ping-timeout-ms': 10000,
     'close-wait-ms': 500,
     'retention-bytes': 8388608,
-    'exec-ttl-s': 3600,
+    'exec-ttl-s': 3600
   }
 
   it('every contract flag exists with its contract default', () => {
@@ -150,7 +150,7 @@ describe('serve flags: validation', () => {
     [['--retention-bytes', '1023'], /--retention-bytes.*at least 1024/],
     [['--ssh-keepalive-count-max', '0'], /--ssh-keepalive-count-max/],
     [['--exec-ttl-s', '99999999999999999999'], /--exec-ttl-s.*at most/],
-    [['--session-wait-ms=ten'], /--session-wait-ms/],
+    [['--session-wait-ms=ten'], /--session-wait-ms/]
   ])('%j → ConfigError naming the flag', (argv, pattern) => {
     expect(configError(() => loadServeConfig(argv, {})).message).toMatch(pattern)
   })
@@ -303,7 +303,7 @@ describe('supervisor tokens', () => {
     for (const t of [
       '', 'garbage', 'egw1', 'egw1.a.b', `egw2.${id}.${exp}.${mac}`, `${good}.extra`,
       `egw1.${Buffer.from('bad id!').toString('base64url')}.0.${mac}`,
-      `egw1.${id}.-5.${mac}`, `egw1.${id}.1.5.${mac}`, `egw1.${id}.abc.${mac}`, `egw1..0.${mac}`,
+      `egw1.${id}.-5.${mac}`, `egw1.${id}.1.5.${mac}`, `egw1.${id}.abc.${mac}`, `egw1..0.${mac}`
     ]) {
       const r = verifySupervisorToken([secret], t)
       expect(r.ok, JSON.stringify(t)).toBe(false)

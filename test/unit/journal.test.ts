@@ -223,7 +223,7 @@ describe('ExecEntry', () => {
     expect(events).toEqual([
       { type: 'stderr', offset: 0, data: 'err' },
       { type: 'stdout', offset: 0, data: '😀!' },
-      { type: 'stderr', offset: 3, data: '2' },
+      { type: 'stderr', offset: 3, data: '2' }
     ])
   })
 
@@ -284,8 +284,7 @@ describe('ExecEntry', () => {
     expect(textOf(events, 'stdout')).toBe('before after')
     expect(finals(events)).toEqual([{ type: 'error', code: 'relay_unavailable', status: 503, message: 'the relay went away' }])
     expect(events[events.length - 1]!.type).toBe('error')
-    expect(entry.listenerCount('output')).toBe(0)
-    expect(entry.listenerCount('end')).toBe(0)
+    expect(entry.readers).toBe(0)
   })
 
   it('detach stops events and removes listeners', () => {
@@ -296,7 +295,7 @@ describe('ExecEntry', () => {
     entry.append('stdout', b('b'))
     entry.finish(EXIT0)
     expect(events).toEqual([{ type: 'stdout', offset: 0, data: 'a' }])
-    expect(entry.listenerCount('output')).toBe(0)
+    expect(entry.readers).toBe(0)
   })
 
   it('resumes from offsets; older than retention is a gap', () => {
@@ -306,13 +305,13 @@ describe('ExecEntry', () => {
     const resumed = collect(entry, { stdoutOffset: 4, stderrOffset: 2 })
     expect(resumed.events).toEqual([
       { type: 'stdout', offset: 4, data: '456789' },
-      { type: 'stderr', offset: 2, data: 'cdef' },
+      { type: 'stderr', offset: 2, data: 'cdef' }
     ])
     const late = collect(entry)
     expect(late.events).toEqual([
       { type: 'gap', stream: 'stdout', from: 0, to: 2 },
       { type: 'stdout', offset: 2, data: '23456789' },
-      { type: 'stderr', offset: 0, data: 'abcdef' },
+      { type: 'stderr', offset: 0, data: 'abcdef' }
     ])
     const atEnd = collect(entry, { stdoutOffset: 10, stderrOffset: 6 })
     expect(atEnd.events).toEqual([])
@@ -369,12 +368,23 @@ describe('ExecEntry', () => {
     const j = entry.toJSON()
     expect(Object.keys(j).sort()).toEqual([
       'command', 'createdAt', 'endedAt', 'error', 'exitCode', 'id', 'interactive', 'sandboxId', 'signal',
-      'startedAt', 'status', 'stderrBytes', 'stdoutBytes', 'tty', 'timedOut',
+      'startedAt', 'status', 'stderrBytes', 'stdoutBytes', 'tty', 'timedOut'
     ].sort())
     expect(j).toMatchObject({
-      id: 'ex_42', sandboxId: 'sbx-a', command: ['echo', 'hi'], tty: true, interactive: true, status: 'pending',
-      exitCode: null, signal: null, timedOut: false, error: null, startedAt: null, endedAt: null,
-      stdoutBytes: 0, stderrBytes: 0,
+      id: 'ex_42',
+      sandboxId: 'sbx-a',
+      command: ['echo', 'hi'],
+      tty: true,
+      interactive: true,
+      status: 'pending',
+      exitCode: null,
+      signal: null,
+      timedOut: false,
+      error: null,
+      startedAt: null,
+      endedAt: null,
+      stdoutBytes: 0,
+      stderrBytes: 0
     })
     expect(new Date(j.createdAt).toISOString()).toBe(j.createdAt)
     expect(JSON.parse(JSON.stringify(entry))).toEqual(j)
@@ -414,8 +424,12 @@ describe('ExecEntry', () => {
     f.append('stdout', b('partial'))
     f.finish({ kind: 'failed', error: new GatewayError('relay_unavailable', 'relay reset') })
     expect(f.toJSON()).toMatchObject({
-      status: 'failed', exitCode: null, signal: null, timedOut: false,
-      error: { code: 'relay_unavailable', status: 503, detail: 'relay reset' }, stdoutBytes: 7,
+      status: 'failed',
+      exitCode: null,
+      signal: null,
+      timedOut: false,
+      error: { code: 'relay_unavailable', status: 503, detail: 'relay reset' },
+      stdoutBytes: 7
     })
     expect(f.error?.code).toBe('relay_unavailable')
     expect(f.toResult('utf8')).toMatchObject({ status: 'failed', stdout: 'partial', stdoutTruncated: false, exitCode: null })
@@ -465,7 +479,7 @@ describe('OutputJournal arrival order', () => {
       ['stdout', 1, '1'],
       ['stderr', 1, '1'],
       ['stdout', 2, 'o2'],
-      ['stderr', 2, 'e2'],
+      ['stderr', 2, 'e2']
     ])
   })
 
@@ -569,7 +583,7 @@ describe('ExecEntry replays in arrival order', () => {
       { type: 'stdout', offset: 4, data: 'ef' },
       { type: 'stderr', offset: 4, data: 'EF' },
       { type: 'stdout', offset: 6, data: 'gh' },
-      { type: 'exit', exitCode: 0, signal: null, timedOut: false },
+      { type: 'exit', exitCode: 0, signal: null, timedOut: false }
     ])
   })
 
@@ -766,7 +780,7 @@ describe('ExecEntry.dropOldest and discard', () => {
       { type: 'gap', stream: 'stderr', from: 0, to: 1 },
       { type: 'stderr', offset: 1, data: 'b' },
       { type: 'stdout', offset: 4, data: 'cc' },
-      { type: 'exit', exitCode: 0, signal: null, timedOut: false },
+      { type: 'exit', exitCode: 0, signal: null, timedOut: false }
     ])
   })
 

@@ -100,7 +100,7 @@ function journalViolations (w: World, perExec: number): string[] {
       if (!gapOk) out.push(`${name}: gap ${JSON.stringify(r.gap)} with start ${j.start}`)
       if (!Buffer.concat(r.chunks.map((c) => c.data)).equals(sent.subarray(j.start))) out.push(`${name}: replay is not the sent bytes from ${j.start}`)
       const tail = j.tail()
-      if (tail.truncated !== j.start > 0 || !tail.data.equals(sent.subarray(j.start))) out.push(`${name}: tail differs`)
+      if (tail.truncated !== (j.start > 0) || !tail.data.equals(sent.subarray(j.start))) out.push(`${name}: tail differs`)
     }
   }
   return out

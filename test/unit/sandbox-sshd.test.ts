@@ -51,7 +51,7 @@ function connect (sshd: EmbeddedSshd, privateKey: string): Promise<SshClient> {
       privateKey,
       // Also proves hostPublicKey is the key the daemon actually presents.
       hostVerifier: (key: Buffer) => key.equals(hostBlob),
-      readyTimeout: 5000,
+      readyTimeout: 5000
     })
   })
 }
@@ -110,7 +110,7 @@ function run (client: SshClient, command: string, opts: RunOptions = {}): Promis
           code,
           signal,
           events,
-          elapsedMs: Date.now() - started,
+          elapsedMs: Date.now() - started
         })
       })
       opts.onChannel?.(channel)
@@ -181,7 +181,7 @@ describe('embedded sshd: exec', () => {
 
   it('does not let a background grandchild delay the exit report, and does not kill it', async () => {
     const client = await connected()
-    const res = await run(client, `sh -c 'sleep 20 & echo "$!" >&2; echo bg; exit 3'`)
+    const res = await run(client, 'sh -c \'sleep 20 & echo "$!" >&2; echo bg; exit 3\'')
     const grandchild = Number(res.stderr.toString().trim())
     killLater(grandchild)
     expect(res.stdout.toString()).toBe('bg\n')
@@ -229,7 +229,7 @@ describe('embedded sshd: exec', () => {
         paused = true
         channel.pause()
         setTimeout(() => channel.resume(), 800)
-      },
+      }
     })
     expect(res.code).toBe(0)
     expect(res.stdout.length).toBe(size)
@@ -264,7 +264,7 @@ describe('embedded sshd: exec', () => {
     { name: '4 MiB of stdout, then a line of stderr', command: 'head -c 4194304 /dev/zero; echo done >&2', out: 4194304, err: 5 },
     { name: '3 MiB of stderr, then a line of stdout', command: 'head -c 3145728 /dev/zero >&2; echo done', out: 5, err: 3145728 },
     { name: '12 MiB of stdout, 3 MiB of stderr, a line of stdout, exit 3', command: 'head -c 12582912 /dev/zero; head -c 3000000 /dev/zero >&2; echo x; exit 3', out: 12582914, err: 3000000 },
-    { name: 'interleaved 1 MiB bursts on both streams', command: 'for i in 1 2 3 4 5 6; do head -c 1048576 /dev/zero; head -c 1048576 /dev/zero >&2; done; echo end >&2', out: 6 * 1048576, err: 6 * 1048576 + 4 },
+    { name: 'interleaved 1 MiB bursts on both streams', command: 'for i in 1 2 3 4 5 6; do head -c 1048576 /dev/zero; head -c 1048576 /dev/zero >&2; done; echo end >&2', out: 6 * 1048576, err: 6 * 1048576 + 4 }
   ])('delivers $name exactly, with its exit status, to a client that holds output back for 1 s', async ({ command, out, err }) => {
     const client = await connected()
     const res = await run(client, command, {
@@ -272,7 +272,7 @@ describe('embedded sshd: exec', () => {
         channel.pause()
         channel.stderr.pause()
         setTimeout(() => { channel.resume(); channel.stderr.resume() }, 1000)
-      },
+      }
     })
     expect(res.stdout.length).toBe(out)
     expect(res.stderr.length).toBe(err)
@@ -310,7 +310,7 @@ describe('embedded sshd: signals', () => {
     const res = await run(client, "trap 'exit 42' TERM; echo ready; while :; do sleep 0.1; done", {
       onStdout: (chunk, channel) => {
         if (chunk.toString().includes('ready')) channel.signal('TERM')
-      },
+      }
     })
     expect(res.code).toBe(42)
     expect(res.stdout.toString()).toBe('ready\n')
@@ -324,7 +324,7 @@ describe('embedded sshd: signals', () => {
         pgid = Number(chunk.toString().trim())
         killLater(-pgid)
         channel.signal('KILL')
-      },
+      }
     })
     expect(res.code).toBeNull()
     expect(res.signal).toBe('SIGKILL')
@@ -366,7 +366,7 @@ describe('embedded sshd: pseudo-terminals', () => {
         resized = true
         channel.setWindow(30, 100, 0, 0)
         channel.write('go\n')
-      },
+      }
     })
     expect(res.code).toBe(0)
     // The terminal echoes the input line between the two answers.
@@ -398,7 +398,7 @@ describe('embedded sshd: pseudo-terminals', () => {
       pty: size,
       onStdout: (chunk, channel) => {
         if (chunk.toString().includes('ready')) channel.signal('TERM')
-      },
+      }
     })
     expect(res.code).toBe(42)
     // The shell may also report its sleep killed by the same TERM, on the merged stderr.
@@ -422,7 +422,7 @@ describe('embedded sshd: pseudo-terminals', () => {
     const res = await run(client, script, {
       pty: size,
       // Only once raw mode is on; before that the line discipline would cook the input.
-      onChannel: (channel) => { setTimeout(() => { sent = true; channel.write(Buffer.alloc(input, 'x')) }, 300) },
+      onChannel: (channel) => { setTimeout(() => { sent = true; channel.write(Buffer.alloc(input, 'x')) }, 300) }
     })
     expect(sent).toBe(true)
     expect(res.code).toBe(0)
@@ -436,7 +436,7 @@ describe('embedded sshd: pseudo-terminals', () => {
 
   it('does not let a background grandchild that ignores SIGHUP delay the report, and does not kill it', async () => {
     const client = await connected()
-    const res = await run(client, `trap '' HUP; sleep 20 & echo "$!"; exit 3`, { pty: size })
+    const res = await run(client, 'trap \'\' HUP; sleep 20 & echo "$!"; exit 3', { pty: size })
     const grandchild = Number(lines(res.stdout).trim())
     killLater(grandchild)
     expect(res.code).toBe(3)
@@ -446,7 +446,7 @@ describe('embedded sshd: pseudo-terminals', () => {
 
   it('does not let a flooding background grandchild delay the report', async () => {
     const client = await connected()
-    const res = await run(client, `trap '' HUP; yes & exit 5`, { pty: size })
+    const res = await run(client, 'trap \'\' HUP; yes & exit 5', { pty: size })
     expect(res.code).toBe(5)
     expect(res.elapsedMs).toBeLessThan(1500)
   })

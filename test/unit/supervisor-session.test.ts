@@ -2,6 +2,7 @@ import { afterEach, describe, expect, it } from 'vitest'
 import pino from 'pino'
 import { SessionRegistry } from '../../src/relay/sessions.js'
 import { Refusals, type RefusalReason } from '../../src/refusals.js'
+import { GatewayEvents } from '../../src/diagnostics.js'
 import { TokenBucket } from '../../src/supervisor-plane/budget.js'
 import { SEND_BACKLOG_MAX_BYTES, SessionMachine, type SessionOptions, type SessionRegistryPort } from '../../src/supervisor-plane/session.js'
 import { decode, GatewayMessages, type GatewayMessage } from '../../src/supervisor-plane/messages.js'
@@ -32,7 +33,7 @@ function rig (over: Partial<SessionOptions> = {}, registry = new SessionRegistry
   let revokes = 0
   let pending = 0
   let tokenRefusal: string | undefined
-  const refusals = new Refusals({ logger: silent, linesPerMinute: 60 })
+  const refusals = new Refusals({ logger: silent, events: new GatewayEvents(), linesPerMinute: 60 })
   const m = new SessionMachine({
     sandboxId: 'sb',
     registry,

@@ -12,20 +12,20 @@ import { generateEd25519KeyPair } from '../../src/ssh-keys.js'
 const { Client } = ssh2
 
 const cleanups: Array<() => unknown> = []
-function onCleanup(fn: () => unknown): void {
+function onCleanup (fn: () => unknown): void {
   cleanups.push(fn)
 }
 afterEach(async () => {
   while (cleanups.length > 0) await cleanups.pop()!()
 })
 
-function hostKeyVerifier(hostPublicKey: string): (key: Buffer) => boolean {
+function hostKeyVerifier (hostPublicKey: string): (key: Buffer) => boolean {
   const expected = Buffer.from(hostPublicKey.split(' ')[1]!, 'base64')
   return (key) => key.equals(expected)
 }
 
 /** Connects an ssh2 client; rejects on the first error before 'ready'. */
-function sshConnect(cfg: ConnectConfig): Promise<SshClient> {
+function sshConnect (cfg: ConnectConfig): Promise<SshClient> {
   const client = new Client()
   onCleanup(() => client.destroy())
   return new Promise((resolve, reject) => {
@@ -48,7 +48,7 @@ interface ExecResult {
   signal: string | undefined
 }
 
-function execAndCollect(client: SshClient, command: string): Promise<ExecResult> {
+function execAndCollect (client: SshClient, command: string): Promise<ExecResult> {
   return new Promise((resolve, reject) => {
     client.exec(command, (err, channel) => {
       if (err) {
@@ -86,7 +86,7 @@ interface RecordedExec {
  * data and exit-status can arrive in the same read as the exec reply, before an awaiting caller
  * would get a chance to listen.
  */
-function openExec(client: SshClient, command: string, env?: Record<string, string>): Promise<RecordedExec> {
+function openExec (client: SshClient, command: string, env?: Record<string, string>): Promise<RecordedExec> {
   return new Promise((resolve, reject) => {
     client.exec(command, env === undefined ? {} : { env }, (err, channel) => {
       if (err) {
@@ -98,17 +98,17 @@ function openExec(client: SshClient, command: string, env?: Record<string, strin
       let closed = false
       channel.on('error', () => undefined)
       channel.on('data', (d: Buffer) => (out += d.toString('utf8')))
-      const exited = new Promise<number | null>((res) =>
+      const exited = new Promise<number | null>((resolve) =>
         channel.once('exit', (c: number | null) => {
           code = c
-          res(c)
-        }),
+          resolve(c)
+        })
       )
-      const closedP = new Promise<void>((res) =>
+      const closedP = new Promise<void>((resolve) =>
         channel.once('close', () => {
           closed = true
-          res()
-        }),
+          resolve()
+        })
       )
       resolve({ channel, stdout: () => out, exitCode: () => code, closed: () => closed, exited, closedP })
     })
@@ -116,7 +116,7 @@ function openExec(client: SshClient, command: string, env?: Record<string, strin
 }
 
 /** A TCP echo server, the simplest target that shows bytes really flow through the proxy. */
-async function startEcho(): Promise<{ port: number; sockets: Set<Socket> }> {
+async function startEcho (): Promise<{ port: number; sockets: Set<Socket> }> {
   const sockets = new Set<Socket>()
   const server: Server = createServer((sock) => {
     sock.on('error', () => undefined)
@@ -131,14 +131,14 @@ async function startEcho(): Promise<{ port: number; sockets: Set<Socket> }> {
       new Promise<void>((resolve) => {
         for (const s of sockets) s.destroy()
         server.close(() => resolve())
-      }),
+      })
   )
   const addr = server.address()
   if (addr === null || typeof addr === 'string') throw new Error('echo: no address')
   return { port: addr.port, sockets }
 }
 
-function tcpConnect(port: number): Promise<Socket> {
+function tcpConnect (port: number): Promise<Socket> {
   return new Promise((resolve, reject) => {
     const sock = connect({ host: '127.0.0.1', port })
     onCleanup(() => sock.destroy())
@@ -152,7 +152,7 @@ function tcpConnect(port: number): Promise<Socket> {
 }
 
 /** Sends `payload` and resolves with the echo once all of it came back. */
-function roundTrip(sock: Socket, payload: string): Promise<string> {
+function roundTrip (sock: Socket, payload: string): Promise<string> {
   return new Promise((resolve) => {
     let got = ''
     const onData = (d: Buffer): void => {
@@ -180,7 +180,7 @@ describe('OpenSSH sshd helper', () => {
       port: sshd.port,
       username: sshd.user,
       privateKey: clientKey.private,
-      hostVerifier: hostKeyVerifier(sshd.hostPublicKey),
+      hostVerifier: hostKeyVerifier(sshd.hostPublicKey)
     })
     const res = await execAndCollect(client, 'echo hi; exit 5')
     expect(res, sshd.logs()).toEqual({ stdout: 'hi\n', stderr: '', code: 5, signal: undefined })
@@ -192,7 +192,7 @@ describe('OpenSSH sshd helper', () => {
     const sshd = await startOpenSshd({ authorizedKeys: [allowed.public] })
     onCleanup(() => sshd.close())
     await expect(
-      sshConnect({ host: sshd.host, port: sshd.port, username: sshd.user, privateKey: other.private }),
+      sshConnect({ host: sshd.host, port: sshd.port, username: sshd.user, privateKey: other.private })
     ).rejects.toThrow(/authentication methods failed/)
   })
 
@@ -277,7 +277,7 @@ describe('TCP proxy', () => {
       username: sshd.user,
       privateKey: clientKey.private,
       keepaliveInterval: 200,
-      keepaliveCountMax: 2,
+      keepaliveCountMax: 2
     })
     // The link works before the fault.
     expect((await execAndCollect(client, 'echo up')).stdout).toBe('up\n')
@@ -331,7 +331,7 @@ describe('scripted ssh2 server', () => {
       onExec: ({ channel }) => {
         channel.write('partial\n')
         channel.exit(3)
-      },
+      }
     })
     onCleanup(() => server.close())
     const client = await sshConnect({ host: server.host, port: server.port, username: 'anyone' })
@@ -349,7 +349,7 @@ describe('scripted ssh2 server', () => {
         seen = { command, env, pty }
         await sleep(10)
         channel.close()
-      },
+      }
     })
     onCleanup(() => server.close())
     const client = await sshConnect({ host: server.host, port: server.port, username: 'anyone' })
@@ -367,7 +367,7 @@ describe('scripted ssh2 server', () => {
       host: server.host,
       port: server.port,
       username: 'anyone',
-      hostVerifier: hostKeyVerifier(server.hostPublicKey),
+      hostVerifier: hostKeyVerifier(server.hostPublicKey)
     })
     expect(server.connectionCount()).toBe(1)
     const clientClosed = new Promise<void>((resolve) => client.once('close', () => resolve()))
@@ -383,7 +383,7 @@ describe('wait helpers', () => {
     await waitFor(() => ++n >= 3, { timeoutMs: 1000, intervalMs: 5 })
     expect(n).toBe(3)
     await expect(waitFor(async () => false, { timeoutMs: 50, intervalMs: 10, description: 'the impossible' })).rejects.toThrow(
-      /timed out after \d+ ms \(limit 50 ms\) waiting for: the impossible/,
+      /timed out after \d+ ms \(limit 50 ms\) waiting for: the impossible/
     )
   })
 

@@ -128,7 +128,7 @@ describe('env', () => {
     await fails({ command: ['true'], env: { '': 'x' } }, 'env')
     await fails({ command: ['true'], env: { 'A B': 'x' } }, 'env')
     await fails({ command: ['true'], env: { 'A=B': 'x' } }, 'env')
-    await fails({ command: ['true'], env: { 'É': 'x' } }, 'env')
+    await fails({ command: ['true'], env: { É: 'x' } }, 'env')
     await passes({ command: ['true'], env: { _a1: 'x', A: '', Z9_: 'y', _: 'z' } })
   })
 
@@ -288,6 +288,27 @@ describe('other routes without a sandbox', () => {
 
   it('GET /v1/sandboxes/nope → 404 sandbox_not_found', async () => {
     expectProblem(await send('GET', '/v1/sandboxes/nope'), 404, 'sandbox_not_found')
+  })
+
+  it('a sandbox id follows the token rule (1-128 of A-Z a-z 0-9 . _ -): anything else can never have connected → 400', async () => {
+    for (const id of ['a', 'A.b-c_d', '0' + 'x'.repeat(127)]) {
+      expectProblem(await send('GET', `/v1/sandboxes/${id}`), 404, 'sandbox_not_found')
+      expectProblem(await send('POST', `/v1/sandboxes/${id}/execs`, '{"command":["true"]}', { 'content-type': 'application/json' }), 404, 'sandbox_not_found')
+    }
+    for (const id of ['-lead', '.lead', 'bad%20id', 'a%0Ab', 'x'.repeat(129)]) {
+      const res = await send('GET', `/v1/sandboxes/${id}`)
+      expectProblem(res, 400, 'invalid_argument')
+      expect(res.body.detail).toMatch(/sandboxId|path parameter is too long/)
+    }
+  })
+
+  it('stream offsets beyond 2^53 - 1 are a 400 naming the offset', async () => {
+    for (const q of ['stdoutOffset=1e23', 'stderrOffset=9007199254740992', 'stdoutOffset=-1']) {
+      const res = await send('GET', `/v1/execs/nope/events?${q}`)
+      expectProblem(res, 400, 'invalid_argument')
+      expect(res.body.detail).toMatch(/std(out|err)Offset/)
+    }
+    expectProblem(await send('GET', '/v1/execs/nope/events?stdoutOffset=9007199254740991'), 404, 'exec_not_found')
   })
 
   it('a WebSocket upgrade for an unknown exec is a plain HTTP 404', async () => {

@@ -1,9 +1,10 @@
-import type { ExecManager } from '../src/execs/manager.js'
-import type { SessionRegistry } from '../src/relay/sessions.js'
-import type { Metrics } from '../src/metrics.js'
-import type { WebSocket } from 'ws'
+import type { ExecManager } from '../execs/manager.js'
+import type { SessionRegistry } from '../relay/sessions.js'
+import type { Metrics } from '../metrics.js'
+import type { Readiness } from '../schemas/health.js'
 
 // What route plugins get from the gateway: they talk to execs and the registry, never to ssh2.
+// Defined here, not in routes/, so that src/ needs nothing from routes/ but registerRoutes.
 export interface RouteContext {
   execs: ExecManager
   registry: SessionRegistry
@@ -11,11 +12,7 @@ export interface RouteContext {
   heartbeatIntervalMs: number
   // Exec creations per token (per client address without tokens) per minute; 0 = unlimited.
   execRateLimitPerMinute: number
-  // Open WebSockets, closed with 1001 on shutdown.
-  sockets: Set<WebSocket>
   // 'ready' once both listeners are up (and the embedded sandbox with them); 'draining' from
   // the first step of shutdown. /readyz answers from it, for load balancers.
   readiness: () => Readiness
 }
-
-export type Readiness = 'starting' | 'ready' | 'draining'

@@ -1,0 +1,151 @@
+import type { Logger } from 'pino'
+import { GatewayError } from '../errors.js'
+import { ExecOpenError, type SshConnection } from './ssh-connection.js'
+import { SshExec, type SshExecEnd } from './ssh-exec.js'
+import type { Lease, SshPool } from './ssh-pool.js'
+
+// The relay's one seam for running a command in a sandbox. openCommand owns the way there
+// (a connection from the pool, a long line staged as a file, the exec channel, one more
+// connection when a channel was refused before anything ran); what it returns is the running
+// command, with nothing of SSH in its surface. The exec layer drives it and decides the outcome.
+
+// Longer command lines are staged as a file first (see SshConnection.stage): ssh2's server
+// refuses packets over 35,000 bytes, and the exec request carries the whole line.
+export const INLINE_COMMAND_MAX_BYTES = 32_000
+
+// More connections a command may try after its channel was refused with nothing run: one.
+// A refusal is about the connection it was asked on (a pooled one at the daemon's session limit,
+// or one going away), so a fresh connection is worth a try; refused there too, it is the sandbox
+// that refuses, and every further try would only add a relay and a handshake to the wait.
+const OPEN_RETRY_BUDGET = 1
+
+// A side channel (staging a long line, a signal's process scan) is one short script on an open
+// connection: a round trip and a fork. Far beyond that on a loaded sandbox, and short enough
+// that a kill whose answer never comes still leaves the exec's own bounds in charge.
+const SIDE_CHANNEL_BOUND_MS = 5000
+
+interface RemoteCommandSpec<Signal extends string = string> {
+  // The shell line the sandbox runs.
+  line: string
+  pty: { cols: number, rows: number } | undefined
+  // A script that signals every process of the command and exits 0 when it found any; when it
+  // does not, the signal goes to the command's direct process only (an SSH signal request).
+  signalScript: (signal: Signal) => string
+  // After the exit report, how long the channel's close is awaited while output is read.
+  closeWaitMs: number
+  logger: Logger
+  onOutput: (stream: 'stdout' | 'stderr', chunk: Buffer) => void
+}
+
+// How the command ended as far as the relay knows: its exit report, or why none will come.
+type RemoteCommandEnd = SshExecEnd
+
+// A command that has started in the sandbox. Its stdin side is what StdinFlow writes to.
+export class RemoteCommand<Signal extends string = string> {
+  readonly #exec: SshExec
+  readonly #conn: SshConnection
+  readonly #lease: Lease
+  readonly #signalScript: (signal: Signal) => string
+  // Resolves once, and never rejects.
+  readonly done: Promise<RemoteCommandEnd>
+
+  constructor (exec: SshExec, lease: Lease, signalScript: (signal: Signal) => string) {
+    this.#exec = exec
+    this.#conn = lease.conn
+    this.#lease = lease
+    this.#signalScript = signalScript
+    this.done = exec.done
+  }
+
+  // False while the command's stdin is backed up; onStdinDrain then says when it is not.
+  writeStdin (data: Buffer): boolean { return this.#exec.writeStdin(data) }
+  endStdin (): void { this.#exec.endStdin() }
+  get stdinBuffered (): number { return this.#exec.stdinBuffered }
+  get stdinHighWater (): number { return this.#exec.stdinHighWater }
+  onStdinDrain (cb: () => void): () => void { return this.#exec.onStdinDrain(cb) }
+
+  resize (cols: number, rows: number): void { this.#exec.resize(cols, rows) }
+
+  // Stops (or restarts) reading the command's output, so that the command blocks on its writes.
+  setPaused (paused: boolean): void { this.#exec.setPaused(paused) }
+
+  // True when the sandbox confirmed it signalled the command's processes.
+  async signal (signal: Signal): Promise<boolean> {
+    const code = await this.#conn.runSide(this.#signalScript(signal), SIDE_CHANNEL_BOUND_MS)
+    if (code === 0) return true
+    // Nothing carried the tag (no /proc, or the process is already gone): ask sshd itself.
+    this.#exec.signalChannel(signal)
+    return false
+  }
+
+  // Ends the command from outside: done resolves with this failure unless an exit report is in.
+  abort (error: GatewayError): void { this.#exec.abort(error) }
+
+  // Gives the connection back to the pool, once the caller has all it needs from it (a kill's
+  // answer may still be on its way when done resolves). Idempotent.
+  release (): void { this.#lease.release() }
+}
+
+// Resolves once the command has started; rejects with a GatewayError when it could not, or
+// with the signal's reason when the signal aborts first (a started command is then aborted).
+export async function openCommand<Signal extends string> (pool: SshPool, sandboxId: string, spec: RemoteCommandSpec<Signal>, signal: AbortSignal): Promise<RemoteCommand<Signal>> {
+  for (let attempt = 0; ; attempt++) {
+    const lease = await pool.acquire(sandboxId, signal, attempt > 0)
+    let exec: SshExec
+    try {
+      exec = await startExec(lease.conn, spec)
+    } catch (err) {
+      lease.release()
+      if (!(err instanceof ExecOpenError)) throw err
+      // Only a command that certainly never started may run on another connection.
+      if (err.neverStarted && attempt < OPEN_RETRY_BUDGET) {
+        spec.logger.debug({ detail: err.error.detail, attempt }, 'channel refused; retrying on a fresh connection')
+        continue
+      }
+      throw err.error
+    }
+    const command = new RemoteCommand(exec, lease, spec.signalScript)
+    if (signal.aborted) {
+      const reason = abortReason(signal)
+      command.abort(reason)
+      command.release()
+      throw reason
+    }
+    return command
+  }
+}
+
+async function startExec<Signal extends string> (conn: SshConnection, spec: RemoteCommandSpec<Signal>): Promise<SshExec> {
+  const line = Buffer.byteLength(spec.line) <= INLINE_COMMAND_MAX_BYTES ? spec.line : await stageLine(conn, spec.line)
+  return await conn.openExec(line, spec.pty, (channel) => new SshExec({
+    conn,
+    channel,
+    closeWaitMs: spec.closeWaitMs,
+    logger: spec.logger,
+    onStdout: (b) => spec.onOutput('stdout', b),
+    onStderr: (b) => spec.onOutput('stderr', b)
+  }))
+}
+
+// The staged script deletes itself, then runs the line; its `exec` replaces the shell as usual,
+// so signals and exit statuses are the same as for a line sent inline.
+async function stageLine (conn: SshConnection, line: string): Promise<string> {
+  let path: string
+  try {
+    path = await conn.stage(Buffer.from(`rm -f -- "$0"\n${line}\n`), SIDE_CHANNEL_BOUND_MS)
+  } catch (err) {
+    // Nothing ran: the command may try again on another connection.
+    throw new ExecOpenError(GatewayError.is(err) ? err : new GatewayError('ssh_failed', String(err), { cause: err }), true)
+  }
+  return `exec /bin/sh ${shellQuotePath(path)}`
+}
+
+// The path comes from mktemp in the sandbox: quoted whole, whatever it holds.
+function shellQuotePath (path: string): string {
+  return "'" + path.replaceAll("'", "'\\''") + "'"
+}
+
+function abortReason (signal: AbortSignal): GatewayError {
+  const reason: unknown = signal.reason
+  return GatewayError.is(reason) ? reason : new GatewayError('shutting_down', 'the exec was cancelled')
+}
