@@ -14,7 +14,14 @@ export default defineConfig({
     // keeps them from starving each other.
     fileParallelism: false,
     reporters: ['default', './test/reporters/summary-line.ts'],
+    // `npm test` passes --coverage: a summary of src/ and routes/ as run in this process (the
+    // gateways and supervisors that integration tests spawn from dist/ are not counted).
+    coverage: {
+      provider: 'v8',
+      include: ['src/**/*.ts', 'routes/**/*.ts'],
+      reporter: ['text-summary']
+    },
     testTimeout: 60_000,
-    hookTimeout: 60_000,
-  },
+    hookTimeout: 60_000
+  }
 })

@@ -34,6 +34,6 @@ export default defineConfig({
     disableConsoleIntercept: true,
     reporters: ['default', soakLine],
     testTimeout: (durationS + 300) * 1000,
-    hookTimeout: 120_000,
-  },
+    hookTimeout: 120_000
+  }
 })
