@@ -51,6 +51,7 @@ export const serveFlags = [
   { name: 'ssh-idle-close-ms', key: 'sshIdleCloseMs', kind: 'int', default: 30000, min: 0, max: MAX_MS, help: 'close a pooled SSH connection after this long without execs' },
   { name: 'close-wait-ms', key: 'closeWaitMs', kind: 'int', default: 500, min: 0, max: MAX_MS, help: 'total wait for the channel close after the exit status' },
   { name: 'retention-bytes', key: 'retentionBytes', kind: 'int', default: 8388608, min: 1024, max: 1024 * 1024 * 1024, help: 'output kept per exec per stream for replay' },
+  { name: 'reattach-timeout-ms', key: 'reattachTimeoutMs', kind: 'int', default: 30000, min: 1, max: MAX_MS, help: 'how long a kept exec whose relay was lost waits to be reattached before it fails with 503' },
   { name: 'exec-ttl-s', key: 'execTtlS', kind: 'int', default: 3600, min: 1, max: 30 * 24 * 3600, help: 'finished execs stay queryable this long' },
   { name: 'max-pending-relays-per-sandbox', key: 'maxPendingRelaysPerSandbox', kind: 'int', default: 32, min: 1, max: 100000, help: 'relays a sandbox may have waiting to be opened (429 beyond)' },
   { name: 'heartbeat-interval-ms', key: 'heartbeatIntervalMs', kind: 'int', default: 15000, min: 10, max: MAX_MS, help: 'heartbeat event after this long without other events, and supervisor session heartbeats' },
@@ -78,6 +79,9 @@ export const supervisorFlags = [
   { name: 'ssh-target', key: 'sshTarget', kind: 'string', help: 'bridge relays to this SSH daemon (host:port); default: the embedded daemon' },
   { name: 'ssh-user', key: 'sshUser', kind: 'string', help: 'account the gateway logs in as (default: the user running the supervisor)' },
   { name: 'ssh-host-key', key: 'sshHostKey', kind: 'string', help: "file with the --ssh-target daemon's public host key (e.g. /etc/ssh/ssh_host_ed25519_key.pub); the gateway then refuses any other key" },
+  { name: 'keep-bytes-per-exec', key: 'keepBytesPerExec', kind: 'int', default: 8388608, min: 65536, max: 1024 * 1024 * 1024, help: 'embedded daemon: output kept per exec per stream for reattach; a command whose unsent output reaches it blocks' },
+  { name: 'keep-total-bytes', key: 'keepTotalBytes', kind: 'int', default: 268435456, min: 65536, max: 1024 * 1024 * 1024 * 1024, help: 'embedded daemon: output kept across all execs; finished execs are evicted oldest first beyond it' },
+  { name: 'keep-finished-s', key: 'keepFinishedS', kind: 'int', default: 900, min: 0, max: 30 * 24 * 3600, help: 'embedded daemon: how long a finished exec keeps its exit status and output tail' },
   { name: 'ca', key: 'ca', kind: 'string', help: 'PEM CA certificate(s) to verify an https:// --gateway against (default: the system CAs)' },
   { name: 'log-level', key: 'logLevel', kind: 'string', default: 'info', help: 'pino level' }
 ] as const satisfies readonly FlagSpec[]

@@ -29,7 +29,10 @@ export const HelloSchema = Type.Object({
   type: Type.Literal('hello'),
   instanceId: Type.Optional(InstanceId),
   sshHostKey: Type.Optional(SshHostKey),
-  sshUser: Type.Optional(SshUser)
+  sshUser: Type.Optional(SshUser),
+  // True when the sandbox's daemon keeps its execs and speaks the keeper protocol
+  // (src/schemas/keeper.ts): the embedded daemon. OpenSSH targets do not.
+  keepsExecs: Type.Optional(Type.Boolean())
 })
 export const SupervisorHeartbeatSchema = Type.Object({ type: Type.Literal('heartbeat') })
 export const RelayFailedSchema = Type.Object({ type: Type.Literal('relay_failed'), relayId: RelayId, reason: Reason })
