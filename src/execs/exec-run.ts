@@ -2,7 +2,10 @@ import type { Logger } from 'pino'
 import type { GatewayEvents } from '../diagnostics.js'
 import { GatewayError } from '../errors.js'
 import { decideOutcome, type Outcome } from '../relay/outcome.js'
-import { openCommand, type RemoteCommand } from '../relay/remote-command.js'
+import { attachCommand, openCommand, type RemoteCommand } from '../relay/remote-command.js'
+import { CONTROL_BOUND_MS, statusKept } from '../relay/keeper-client.js'
+import { encodeKeepMeta, KEEPER_PROTOCOL_VERSION, type KeepMeta, type KeptStatus } from '../schemas/keeper.js'
+import { setTimeout as sleep } from 'node:timers/promises'
 import type { SshPool } from '../relay/ssh-pool.js'
 import { assembleCommand, killScript, type SignalName } from './command.js'
 import type { ExecEntry } from './exec-entry.js'
@@ -18,11 +21,43 @@ import { StdinFlow, type StdinWrite } from './stdin-flow.js'
 // sandbox reaps the killed tree and sends the report, a few round trips on a loaded host.
 const KILL_REPORT_SLACK_MS = 2000
 
+// A kept exec's own timeout is the daemon's (it fires with no gateway connected); the
+// gateway's timer is a backstop behind it, for a daemon that does not keep its word.
+const KEPT_TIMEOUT_BACKSTOP_MS = 5000
+// Room for the env request's framing below ssh2's server packet cap (35,000 bytes).
+const KEEP_ENV_MAX_BYTES = 30_000
+const DEFAULT_REATTACH_TIMEOUT_MS = 30000
+// Between reattach tries: a supervisor reconnects within its own backoff (at most 5 s), and
+// each try costs the sandbox a relay and perhaps a handshake.
+const REATTACH_BACKOFF_MIN_MS = 200
+const REATTACH_BACKOFF_MAX_MS = 2000
+
 interface ExecRunOptions {
   pool: SshPool
   closeWaitMs: number
   logger: Logger
   events: GatewayEvents
+  // How long a kept exec whose relay was lost may take to be reattached (§5 rule 4).
+  reattachTimeoutMs?: number | undefined
+  // The run of an exec rebuilt after a gateway restart from what its daemon keeps: it attaches
+  // instead of opening, from the entry's offsets.
+  adopt?: KeptStatus | undefined
+}
+
+// What surface's ExecEntry and OutputJournal add for kept execs; optional until they land.
+interface KeptEntryHooks {
+  relayLost?: () => void
+  relayRestored?: () => void
+}
+interface SkippableJournal { total: number, skipTo?: (offset: number) => void }
+
+// A reattach that must not be tried again: the daemon answered, and its answer ends the exec.
+class ReattachFatal extends Error {
+  readonly error: GatewayError
+  constructor (error: GatewayError) {
+    super(error.detail)
+    this.error = error
+  }
 }
 
 export class ExecRun {
@@ -35,11 +70,18 @@ export class ExecRun {
   // The run's only timers; disposed on its way out.
   readonly #timers = new RunTimers()
   #queuedSignals: SignalName[] = []
-  // Set once the command has started.
+  // Set while a command is attached: from the start (or an attach) to its end.
   #command: RemoteCommand<SignalName> | undefined
+  // The sandbox's daemon keeps this exec: a lost relay is reattached, not the end.
+  #kept = false
   #timedOut = false
   // The timeout's kill, read once the command is done: whether the sandbox confirmed it.
   #timeoutKill: Promise<boolean> | undefined
+  // The run itself ended the relay's part: DELETE, or a kill whose report never came.
+  #removed = false
+  #gaveUp = false
+  // The terminal's last size asked for: a reattached channel gets it again.
+  #size: { cols: number, rows: number } | undefined
 
   constructor (entry: ExecEntry, opts: ExecRunOptions) {
     this.#entry = entry
@@ -47,55 +89,276 @@ export class ExecRun {
     this.#log = opts.logger.child({ execId: entry.id, sandboxId: entry.sandboxId })
   }
 
+  get kept (): boolean { return this.#kept }
+
   // Runs the exec to its outcome. Never rejects.
   async run (): Promise<Outcome> {
     const entry = this.#entry
-    const spec = entry.spec
     const log = this.#log
     let outcome: Outcome
     const onFlow = (held: boolean): void => this.#command?.setPaused(held)
+    entry.on('flow', onFlow)
     try {
-      const command = await openCommand<SignalName>(this.#opts.pool, entry.sandboxId, {
-        line: assembleCommand({ command: spec.command, env: spec.env, workdir: spec.workdir, execId: entry.id }),
-        pty: spec.tty ? { cols: spec.cols, rows: spec.rows } : undefined,
-        signalScript: (signal) => killScript(entry.id, signal),
-        closeWaitMs: this.#opts.closeWaitMs,
-        logger: log,
-        onOutput: (stream, chunk) => {
-          this.#opts.events.execBytes({ stream, bytes: chunk.length })
-          entry.append(stream, chunk)
+      let command = this.#opts.adopt === undefined ? await this.#open() : await this.#adopt(this.#opts.adopt)
+      for (;;) {
+        const end = await command.done
+        this.#command = undefined
+        if (!this.#mayReattach(end)) {
+          // The kill's own answer is bounded (RemoteCommand.signal): wait for it rather than
+          // read a flag it may not have set yet.
+          const killConfirmed = this.#timedOut && end.exit === undefined ? await (this.#timeoutKill ?? false) : false
+          command.release()
+          outcome = decideOutcome({
+            exit: end.exit,
+            timedOut: (this.#timedOut && (end.exit !== undefined || killConfirmed)) || (this.#kept && end.timeoutMarked),
+            failure: end.failure
+          })
+          break
         }
-      }, this.#abort.signal)
-      // abort() may have run while openCommand's answer was on its way here.
-      if (this.#abort.signal.aborted) {
-        const reason = toGatewayError(this.#abort.signal.reason, log)
-        command.abort(reason)
         command.release()
-        throw reason
+        log.info({ detail: end.failure?.detail }, 'relay of a kept exec lost; reattaching')
+        this.#stdin.detach()
+        ;(entry as unknown as KeptEntryHooks).relayLost?.()
+        command = await this.#reattach(end.failure)
+        ;(entry as unknown as KeptEntryHooks).relayRestored?.()
+        log.info('kept exec reattached')
       }
-      this.#command = command
-      entry.on('flow', onFlow)
-      if (entry.flowHeld) command.setPaused(true)
-      this.#onStarted(command)
-      const end = await command.done
-      // The kill's own answer is bounded (RemoteCommand.signal): wait for it rather than read a
-      // flag it may not have set yet.
-      const killConfirmed = this.#timedOut && end.exit === undefined ? await (this.#timeoutKill ?? false) : false
-      outcome = decideOutcome({
-        exit: end.exit,
-        timedOut: this.#timedOut && (end.exit !== undefined || killConfirmed),
-        failure: end.failure
-      })
     } catch (err) {
       outcome = { kind: 'failed', error: toGatewayError(err, log) }
     } finally {
       entry.off('flow', onFlow)
       this.#command?.release()
+      this.#command = undefined
       this.#timers.dispose()
     }
     if (outcome.kind === 'failed') log.warn({ code: outcome.error.code, detail: outcome.error.detail }, 'exec failed')
     else log.info({ exitCode: outcome.exitCode, signal: outcome.signal, timedOut: outcome.timedOut }, 'exec ended')
     return outcome
+  }
+
+  #outputSpec (): { closeWaitMs: number, logger: Logger, onOutput: (stream: 'stdout' | 'stderr', chunk: Buffer) => void } {
+    const entry = this.#entry
+    return {
+      closeWaitMs: this.#opts.closeWaitMs,
+      logger: this.#log,
+      onOutput: (stream, chunk) => {
+        this.#opts.events.execBytes({ stream, bytes: chunk.length })
+        entry.append(stream, chunk)
+      }
+    }
+  }
+
+  async #open (): Promise<RemoteCommand<SignalName>> {
+    const entry = this.#entry
+    const spec = entry.spec
+    const registry = this.#opts.pool.registry
+    let command: RemoteCommand<SignalName>
+    try {
+      command = await openCommand<SignalName>(this.#opts.pool, entry.sandboxId, {
+        line: assembleCommand({ command: spec.command, env: spec.env, workdir: spec.workdir, execId: entry.id }),
+        pty: spec.tty ? { cols: spec.cols, rows: spec.rows } : undefined,
+        signalScript: (signal) => killScript(entry.id, signal),
+        keep: () => {
+          if (!registry.keepsExecs(entry.sandboxId)) return undefined
+          const meta = this.#keepMeta()
+          // The env request carries the whole meta in one SSH packet, which ssh2's server caps
+          // near 35,000 bytes: a longer command runs unkept (today's rule 4) rather than not at all.
+          if (encodeKeepMeta(meta).length > KEEP_ENV_MAX_BYTES) {
+            this.#log.info('command line too long for the keeper meta; running the exec unkept')
+            return undefined
+          }
+          this.#keep()
+          return meta
+        },
+        ...this.#outputSpec()
+      }, this.#abort.signal)
+    } catch (err) {
+      // A relay lost under a kept exec's request may have started it (the daemon keeps it, or
+      // does not know it): only the daemon can say which, so ask it as after any other loss.
+      if (!this.#kept || this.#abort.signal.aborted || !GatewayError.is(err) || err.code !== 'relay_unavailable') throw err
+      this.#log.info({ detail: err.detail }, 'relay lost while a kept exec was starting; reattaching')
+      ;(entry as unknown as KeptEntryHooks).relayLost?.()
+      const reattached = await this.#reattach(err)
+      ;(entry as unknown as KeptEntryHooks).relayRestored?.()
+      this.#onStarted(reattached)
+      return reattached
+    }
+    // abort() may have run while openCommand's answer was on its way here.
+    if (this.#abort.signal.aborted) {
+      const reason = toGatewayError(this.#abort.signal.reason, this.#log)
+      command.abort(reason)
+      command.release()
+      throw reason
+    }
+    this.#use(command)
+    if (!this.#kept && !spec.interactive && spec.stdin !== undefined) {
+      this.#opts.events.execBytes({ stream: 'stdin', bytes: spec.stdin.length })
+      command.writeStdin(spec.stdin)
+    }
+    this.#stdin.start(command)
+    if (!spec.interactive) this.#stdin.end()
+    this.#onStarted(command)
+    return command
+  }
+
+  // The exec is to be kept: its stdin, spec bytes and EOF included, goes through the flow from
+  // now on, whose ledger can resend what a lost relay took with it.
+  #keep (): void {
+    if (this.#kept) return
+    this.#kept = true
+    this.#stdin.keepLedger()
+    const spec = this.#entry.spec
+    if (spec.interactive) return
+    if (spec.stdin !== undefined) {
+      this.#opts.events.execBytes({ stream: 'stdin', bytes: spec.stdin.length })
+      this.#stdin.write(spec.stdin)
+    }
+    this.#stdin.end()
+  }
+
+  // An exec rebuilt after a restart: nothing of the old gateway's stdin is left to resend, and
+  // a non-interactive exec's stdin was to end after its spec's bytes, which only the old
+  // gateway had: EOF.
+  async #adopt (kept: KeptStatus): Promise<RemoteCommand<SignalName>> {
+    this.#kept = true
+    if (!kept.meta.interactive) this.#stdin.end()
+    this.#armTimeout(kept.meta.timeoutSeconds, Date.parse(kept.startedAt))
+    return await this.#reattach(undefined)
+  }
+
+  #keepMeta (): KeepMeta {
+    const entry = this.#entry
+    const spec = entry.spec
+    return {
+      v: KEEPER_PROTOCOL_VERSION,
+      execId: entry.id,
+      command: spec.command,
+      tty: spec.tty,
+      interactive: spec.interactive,
+      cols: spec.cols,
+      rows: spec.rows,
+      timeoutSeconds: spec.timeoutSeconds,
+      createdAt: entry.createdAt.toISOString()
+    }
+  }
+
+  #use (command: RemoteCommand<SignalName>): void {
+    this.#command = command
+    if (this.#entry.flowHeld) command.setPaused(true)
+  }
+
+  // Only a relay lost under a kept exec, and not by the run's own doing, is worth a reattach.
+  #mayReattach (end: { exit: unknown, failure: GatewayError | undefined }): boolean {
+    if (!this.#kept || end.exit !== undefined) return false
+    if (this.#abort.signal.aborted || this.#removed || this.#gaveUp || this.#timedOut) return false
+    return end.failure?.code === 'relay_unavailable'
+  }
+
+  // Within one deadline from the loss: a relay, the daemon's word on the exec (which also cuts
+  // off the old channel if it is still there), stdin it did not receive, an attach from our
+  // offsets. Each try is bounded by what is left; between tries the run backs off.
+  async #reattach (cause: GatewayError | undefined): Promise<RemoteCommand<SignalName>> {
+    const timeoutMs = this.#opts.reattachTimeoutMs ?? DEFAULT_REATTACH_TIMEOUT_MS
+    const deadline = performance.now() + timeoutMs
+    let backoff = REATTACH_BACKOFF_MIN_MS
+    let last = cause === undefined ? 'no try finished' : `the relay was lost (${cause.detail})`
+    for (;;) {
+      const left = deadline - performance.now()
+      if (left <= 0) throw this.#reattachFailed(timeoutMs, last)
+      const bound = AbortSignal.any([this.#abort.signal, AbortSignal.timeout(Math.ceil(left))])
+      try {
+        const { command, status } = await this.#withinBound(this.#attachOnce(bound, left), bound)
+        return this.#attached(command, status)
+      } catch (err) {
+        if (this.#abort.signal.aborted) throw toGatewayError(this.#abort.signal.reason, this.#log)
+        if (err instanceof ReattachFatal) throw err.error
+        last = bound.aborted
+          ? 'the last try had no answer before the deadline'
+          : GatewayError.is(err) ? `the last try: ${err.code}: ${err.detail}` : `the last try: ${String(err)}`
+        this.#log.debug({ detail: last }, 'reattach try failed')
+      }
+      const wait = Math.min(backoff, deadline - performance.now())
+      if (wait > 0) {
+        try {
+          await sleep(wait, undefined, { signal: this.#abort.signal })
+        } catch {
+          throw toGatewayError(this.#abort.signal.reason, this.#log)
+        }
+      }
+      backoff = Math.min(backoff * 2, REATTACH_BACKOFF_MAX_MS)
+    }
+  }
+
+  // The new channel is the command's: stdin the daemon did not receive, then the queue, then
+  // the signals that waited.
+  #attached (command: RemoteCommand<SignalName>, status: KeptStatus): RemoteCommand<SignalName> {
+    const refused = this.#stdin.reattach(command, status.stdinReceived, status.stdinEof)
+    if (refused !== undefined) {
+      const error = new GatewayError('relay_unavailable', `exec ${this.#entry.id} could not be reattached: ${refused}`)
+      command.abort(error)
+      command.release()
+      throw new ReattachFatal(error)
+    }
+    this.#use(command)
+    if (this.#size !== undefined) command.resize(this.#size.cols, this.#size.rows)
+    const queued = this.#queuedSignals
+    this.#queuedSignals = []
+    for (const s of queued) void command.signal(s)
+    return command
+  }
+
+  // A wedged daemon may never answer a channel open: the try ends with its bound all the same,
+  // and an attach that succeeds after that is given up at once.
+  async #withinBound<T extends { command: RemoteCommand<SignalName> }> (attempt: Promise<T>, bound: AbortSignal): Promise<T> {
+    return await new Promise((resolve, reject) => {
+      const onAbort = (): void => {
+        reject(bound.reason)
+        attempt.then(({ command: late }) => {
+          late.abort(new GatewayError('relay_unavailable', 'the attach was answered after its bound'))
+          late.release()
+        }, () => {})
+      }
+      if (bound.aborted) { onAbort(); return }
+      bound.addEventListener('abort', onAbort, { once: true })
+      attempt.then((c) => { bound.removeEventListener('abort', onAbort); resolve(c) }, (err: unknown) => { bound.removeEventListener('abort', onAbort); reject(err) })
+    })
+  }
+
+  #reattachFailed (timeoutMs: number, last: string): GatewayError {
+    const sandboxId = this.#entry.sandboxId
+    const why = this.#opts.pool.registry.get(sandboxId)?.session === undefined
+      ? `no supervisor of sandbox ${sandboxId} is connected (the sandbox is gone or its supervisor is not back); ${last}`
+      : `the sandbox's supervisor is connected but the reattach did not succeed (wedged?); ${last}`
+    return new GatewayError('relay_unavailable', `exec ${this.#entry.id} could not be reattached within ${timeoutMs} ms: ${why}`)
+  }
+
+  async #attachOnce (signal: AbortSignal, leftMs: number): Promise<{ command: RemoteCommand<SignalName>, status: KeptStatus }> {
+    const entry = this.#entry
+    const lease = await this.#opts.pool.acquire(entry.sandboxId, signal)
+    let handedOver = false
+    try {
+      const status = await statusKept(lease.conn, entry.id, true, Math.max(1, Math.ceil(Math.min(CONTROL_BOUND_MS, leftMs))))
+      if (status === 'unknown') throw new ReattachFatal(new GatewayError('relay_unavailable', `the sandbox no longer knows exec ${entry.id} (its supervisor restarted?)`))
+      if (signal.aborted) throw signal.reason
+      const offsets = {
+        stdout: this.#offsetFrom(entry.stdout as unknown as SkippableJournal, status.stdout.base),
+        stderr: this.#offsetFrom(entry.stderr as unknown as SkippableJournal, status.stderr.base)
+      }
+      const command = await attachCommand<SignalName>(lease, entry.id, offsets, this.#outputSpec())
+      handedOver = true
+      return { command, status }
+    } finally {
+      if (!handedOver) lease.release()
+    }
+  }
+
+  // Where the attach starts on one stream: our offset, unless the daemon no longer keeps it;
+  // then the journal records the bytes in between as gone.
+  #offsetFrom (journal: SkippableJournal, base: number): number {
+    if (base <= journal.total) return journal.total
+    this.#log.warn({ from: journal.total, to: base }, 'the sandbox no longer keeps output the gateway has not seen')
+    journal.skipTo?.(base)
+    return base
   }
 
   // 'paused': stop reading from this writer until onStdinWritable's callback; 'overflow': the
@@ -117,7 +380,9 @@ export class ExecRun {
 
   // Only a terminal has a size.
   resize (cols: number, rows: number): void {
-    if (this.#entry.spec.tty) this.#command?.resize(cols, rows)
+    if (!this.#entry.spec.tty) return
+    this.#size = { cols, rows }
+    this.#command?.resize(cols, rows)
   }
 
   // Before the start, the signal waits for it.
@@ -130,8 +395,10 @@ export class ExecRun {
   // DELETE: the run ends within a bound even when no exit report ever comes (a wedged daemon, a
   // lost channel), so that the sandbox's slot is free again.
   remove (): void {
+    this.#removed = true
     const command = this.#command
     if (command !== undefined) void this.#killWithinBound(command, 'the exec was deleted and no exit report arrived after the kill')
+    else if (this.#kept) this.#abort.abort(new GatewayError('exec_not_found', `exec ${this.#entry.id} was deleted while its relay was being reattached`))
     else this.#abort.abort(new GatewayError('exec_not_found', `exec ${this.#entry.id} was deleted before it started`))
   }
 
@@ -141,24 +408,26 @@ export class ExecRun {
     this.#command?.abort(error)
   }
 
+  // The command's stdin is already the flow's (start or reattach).
   #onStarted (command: RemoteCommand<SignalName>): void {
     const entry = this.#entry
     entry.markStarted()
     const spec = entry.spec
-    if (!spec.interactive && spec.stdin !== undefined) {
-      this.#opts.events.execBytes({ stream: 'stdin', bytes: spec.stdin.length })
-      command.writeStdin(spec.stdin)
-    }
-    this.#stdin.start(command)
-    if (!spec.interactive) this.#stdin.end()
     for (const s of this.#queuedSignals) void command.signal(s)
     this.#queuedSignals = []
-    if (spec.timeoutSeconds > 0) {
-      this.#timers.arm('timeout', spec.timeoutSeconds * 1000, () => {
-        this.#timedOut = true
-        this.#timeoutKill = this.#killWithinBound(command, 'the command was killed on timeout but no exit report arrived')
-      })
-    }
+    this.#armTimeout(spec.timeoutSeconds, Date.now())
+  }
+
+  // For a kept exec the daemon's own timeout fires first; this is its backstop.
+  #armTimeout (timeoutSeconds: number, startedAtMs: number): void {
+    if (timeoutSeconds <= 0) return
+    const due = timeoutSeconds * 1000 + (this.#kept ? KEPT_TIMEOUT_BACKSTOP_MS : 0) - (Date.now() - startedAtMs)
+    this.#timers.arm('timeout', Math.max(0, due), () => {
+      this.#timedOut = true
+      const command = this.#command
+      if (command !== undefined) this.#timeoutKill = this.#killWithinBound(command, 'the command was killed on timeout but no exit report arrived')
+      else this.#queuedSignals.push('KILL')
+    })
   }
 
   // KILL, then never wait on its report without a bound. The bound is armed through the run's
@@ -166,6 +435,7 @@ export class ExecRun {
   async #killWithinBound (command: RemoteCommand<SignalName>, why: string): Promise<boolean> {
     const confirmed = await command.signal('KILL')
     this.#timers.arm('killBound', this.#opts.closeWaitMs + KILL_REPORT_SLACK_MS, () => {
+      this.#gaveUp = true
       command.abort(new GatewayError('relay_unavailable', why))
     })
     return confirmed

@@ -14,6 +14,63 @@
 
 export const STDIN_BUFFER_MAX_BYTES = 2 * 1024 * 1024
 export const PENDING_STDIN_HIGH_WATER = 256 * 1024
+// Stdin sent to a kept exec that the daemon may not have taken when the relay dies: what the
+// channel held, what the relay held, and what the daemon's window had let through but its
+// command had not read. Each is bounded near 2 MiB (the channel's and the relay's high-water
+// marks, ssh2's window); beyond that much, resending is impossible and the reattach says so.
+export const STDIN_LEDGER_MAX_BYTES = 8 * 1024 * 1024
+
+// The tail of the stdin sent to a kept exec, addressed by byte offset in the command's stdin,
+// so that what the daemon did not receive can be sent again after a reattach.
+export class StdinLedger {
+  #chunks: Buffer[] = []
+  #kept = 0
+  #total: number
+  readonly #max: number
+
+  constructor (startAt = 0, maxBytes = STDIN_LEDGER_MAX_BYTES) {
+    this.#total = startAt
+    this.#max = maxBytes
+  }
+
+  // The offset of the next byte sent.
+  get total (): number { return this.#total }
+  // The first offset still held.
+  get start (): number { return this.#total - this.#kept }
+
+  record (data: Buffer): void {
+    if (data.length === 0) return
+    this.#chunks.push(data)
+    this.#kept += data.length
+    this.#total += data.length
+    while (this.#kept > this.#max) {
+      const first = this.#chunks[0]!
+      const over = this.#kept - this.#max
+      if (first.length <= over) {
+        this.#chunks.shift()
+        this.#kept -= first.length
+      } else {
+        this.#chunks[0] = first.subarray(over)
+        this.#kept -= over
+      }
+    }
+  }
+
+  // The bytes sent from `offset` on; 'gone' when they are no longer held, 'ahead' when the
+  // offset is beyond what was ever sent (the daemon claims bytes nobody sent it).
+  since (offset: number): Buffer | 'gone' | 'ahead' {
+    if (offset > this.#total) return 'ahead'
+    if (offset < this.start) return 'gone'
+    let skip = offset - this.start
+    const out: Buffer[] = []
+    for (const c of this.#chunks) {
+      if (skip >= c.length) { skip -= c.length; continue }
+      out.push(skip > 0 ? c.subarray(skip) : c)
+      skip = 0
+    }
+    return Buffer.concat(out)
+  }
+}
 
 // 'accepted': keep writing. 'paused': the bytes are taken, but send no more until the
 // onWritable callback runs. 'overflow': the bytes were refused.
@@ -41,8 +98,16 @@ export class StdinFlow {
   #congested = false
   #cancelDrainWait: (() => void) | undefined
   readonly #waiters = new Set<() => void>()
+  // Only for a kept exec, whose command may outlive the sink (see reattach).
+  #ledger: StdinLedger | undefined
 
   get ended (): boolean { return this.#ended }
+
+  // From now on, what reaches a sink is remembered (bounded) for a reattach; `startAt` is the
+  // command's stdin offset of the next byte (nonzero for an exec adopted after a restart).
+  keepLedger (startAt = 0): void {
+    this.#ledger ??= new StdinLedger(startAt)
+  }
 
   write (data: Buffer): StdinWrite {
     if (this.#ended) return 'accepted'
@@ -56,7 +121,7 @@ export class StdinFlow {
       return 'paused'
     }
     if (sink.stdinBuffered > sink.stdinHighWater + STDIN_BUFFER_MAX_BYTES) return 'overflow'
-    if (sink.writeStdin(data)) return 'accepted'
+    if (this.#send(sink, data)) return 'accepted'
     this.#awaitDrain(sink)
     return 'paused'
   }
@@ -77,10 +142,45 @@ export class StdinFlow {
     this.#queue = []
     this.#queued = 0
     let taken = true
-    for (const b of queue) taken = sink.writeStdin(b)
+    for (const b of queue) taken = this.#send(sink, b)
     if (this.#ended) sink.endStdin()
     if (taken || this.#ended) this.#wake()
     else this.#awaitDrain(sink)
+  }
+
+  // The kept command's sink went away (its relay was lost): stdin queues again, bounded as
+  // before the start, until reattach gives it the new one.
+  detach (): void {
+    if (this.#sink === undefined) return
+    this.#sink = undefined
+    this.#cancelDrainWait?.()
+    this.#cancelDrainWait = undefined
+    // Writers paused on the old sink's drain may fill the queue up to its mark meanwhile.
+    this.#wake()
+  }
+
+  // The kept command's new sink: first what the daemon did not receive (`received` is its count
+  // of stdin bytes taken), then the queue, then EOF unless the daemon has it. Undefined when
+  // done, else why it cannot be (the bytes to resend are no longer held).
+  reattach (sink: StdinSink, received: number, daemonEof: boolean): string | undefined {
+    if (this.#sink !== undefined) return undefined
+    const ledger = this.#ledger ?? new StdinLedger(received)
+    this.#ledger = ledger
+    const resend = ledger.since(received)
+    if (resend === 'gone') return `the sandbox received ${received} bytes of stdin, and the ${ledger.start - received} bytes after them are no longer held to resend (at most ${STDIN_LEDGER_MAX_BYTES} are)`
+    if (resend === 'ahead') return `the sandbox claims ${received} bytes of stdin, but only ${ledger.total} were sent`
+    this.#sink = sink
+    let taken = true
+    // Already in the ledger: written to the sink directly.
+    if (resend.length > 0) taken = sink.writeStdin(resend)
+    const queue = this.#queue
+    this.#queue = []
+    this.#queued = 0
+    for (const b of queue) taken = this.#send(sink, b)
+    if (this.#ended && !daemonEof) sink.endStdin()
+    if (taken || this.#ended) this.#wake()
+    else this.#awaitDrain(sink)
+    return undefined
   }
 
   // Calls cb once, never synchronously, when a writer told 'paused' may write again; returns
@@ -89,6 +189,11 @@ export class StdinFlow {
     this.#waiters.add(cb)
     if (!this.#congested) queueMicrotask(() => { if (!this.#congested) this.#wake() })
     return () => { this.#waiters.delete(cb) }
+  }
+
+  #send (sink: StdinSink, data: Buffer): boolean {
+    this.#ledger?.record(data)
+    return sink.writeStdin(data)
   }
 
   #awaitDrain (sink: StdinSink): void {

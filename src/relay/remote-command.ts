@@ -1,8 +1,11 @@
 import type { Logger } from 'pino'
+import type { ClientChannel } from 'ssh2'
 import { GatewayError } from '../errors.js'
 import { ExecOpenError, type SshConnection } from './ssh-connection.js'
 import { SshExec, type SshExecEnd } from './ssh-exec.js'
 import type { Lease, SshPool } from './ssh-pool.js'
+import { controlLine, encodeKeepMeta, KEEP_ENV, type KeepMeta } from '../schemas/keeper.js'
+import { signalKept } from './keeper-client.js'
 
 // The relay's one seam for running a command in a sandbox. openCommand owns the way there
 // (a connection from the pool, a long line staged as a file, the exec channel, one more
@@ -35,7 +38,14 @@ interface RemoteCommandSpec<Signal extends string = string> {
   closeWaitMs: number
   logger: Logger
   onOutput: (stream: 'stdout' | 'stderr', chunk: Buffer) => void
+  // Asked once a connection is there (the sandbox's session says what its daemon is): a meta
+  // means the command is started as a kept exec (KEEP_ENV before the exec request) and is
+  // signalled through the keeper, not a /proc scan.
+  keep?: (() => KeepMeta | undefined) | undefined
 }
+
+// What attachCommand needs: the channel's bounds and where its output goes.
+export type AttachSpec = Pick<RemoteCommandSpec, 'closeWaitMs' | 'logger' | 'onOutput'>
 
 // How the command ended as far as the relay knows: its exit report, or why none will come.
 type RemoteCommandEnd = SshExecEnd
@@ -45,17 +55,22 @@ export class RemoteCommand<Signal extends string = string> {
   readonly #exec: SshExec
   readonly #conn: SshConnection
   readonly #lease: Lease
-  readonly #signalScript: (signal: Signal) => string
+  readonly #signalScript: ((signal: Signal) => string) | undefined
+  // A kept exec's id: its signals go through the keeper.
+  readonly #keptId: string | undefined
   // Resolves once, and never rejects.
   readonly done: Promise<RemoteCommandEnd>
 
-  constructor (exec: SshExec, lease: Lease, signalScript: (signal: Signal) => string) {
+  constructor (exec: SshExec, lease: Lease, signalling: { script: (signal: Signal) => string } | { keptId: string }) {
     this.#exec = exec
     this.#conn = lease.conn
     this.#lease = lease
-    this.#signalScript = signalScript
+    this.#signalScript = 'script' in signalling ? signalling.script : undefined
+    this.#keptId = 'keptId' in signalling ? signalling.keptId : undefined
     this.done = exec.done
   }
+
+  get kept (): boolean { return this.#keptId !== undefined }
 
   // False while the command's stdin is backed up; onStdinDrain then says when it is not.
   writeStdin (data: Buffer): boolean { return this.#exec.writeStdin(data) }
@@ -71,7 +86,12 @@ export class RemoteCommand<Signal extends string = string> {
 
   // True when the sandbox confirmed it signalled the command's processes.
   async signal (signal: Signal): Promise<boolean> {
-    const code = await this.#conn.runSide(this.#signalScript(signal), SIDE_CHANNEL_BOUND_MS)
+    if (this.#keptId !== undefined) {
+      if (await signalKept(this.#conn, this.#keptId, signal, SIDE_CHANNEL_BOUND_MS)) return true
+      this.#exec.signalChannel(signal)
+      return false
+    }
+    const code = await this.#conn.runSide(this.#signalScript!(signal), SIDE_CHANNEL_BOUND_MS)
     if (code === 0) return true
     // Nothing carried the tag (no /proc, or the process is already gone): ask sshd itself.
     this.#exec.signalChannel(signal)
@@ -92,8 +112,9 @@ export async function openCommand<Signal extends string> (pool: SshPool, sandbox
   for (let attempt = 0; ; attempt++) {
     const lease = await pool.acquire(sandboxId, signal, attempt > 0)
     let exec: SshExec
+    const keep = spec.keep?.()
     try {
-      exec = await startExec(lease.conn, spec)
+      exec = await startExec(lease.conn, spec, keep)
     } catch (err) {
       lease.release()
       if (!(err instanceof ExecOpenError)) throw err
@@ -104,7 +125,7 @@ export async function openCommand<Signal extends string> (pool: SshPool, sandbox
       }
       throw err.error
     }
-    const command = new RemoteCommand(exec, lease, spec.signalScript)
+    const command = new RemoteCommand(exec, lease, keep === undefined ? { script: spec.signalScript } : { keptId: keep.execId })
     if (signal.aborted) {
       const reason = abortReason(signal)
       command.abort(reason)
@@ -115,16 +136,37 @@ export async function openCommand<Signal extends string> (pool: SshPool, sandbox
   }
 }
 
-async function startExec<Signal extends string> (conn: SshConnection, spec: RemoteCommandSpec<Signal>): Promise<SshExec> {
+async function startExec<Signal extends string> (conn: SshConnection, spec: RemoteCommandSpec<Signal>, keep: KeepMeta | undefined): Promise<SshExec> {
   const line = Buffer.byteLength(spec.line) <= INLINE_COMMAND_MAX_BYTES ? spec.line : await stageLine(conn, spec.line)
-  return await conn.openExec(line, spec.pty, (channel) => new SshExec({
+  const env = keep === undefined ? undefined : { [KEEP_ENV]: encodeKeepMeta(keep) }
+  return await conn.openExec(line, spec.pty, (channel) => execOn(conn, channel, spec), env)
+}
+
+function execOn (conn: SshConnection, channel: ClientChannel, spec: AttachSpec): SshExec {
+  return new SshExec({
     conn,
     channel,
     closeWaitMs: spec.closeWaitMs,
     logger: spec.logger,
     onStdout: (b) => spec.onOutput('stdout', b),
     onStderr: (b) => spec.onOutput('stderr', b)
-  }))
+  })
+}
+
+// Attaches to a kept exec on the lease's connection: the daemon replays its output from the
+// offsets, then goes on live, and reports the exit on this channel. The lease becomes the
+// command's (released with it); on failure it is the caller's still.
+export async function attachCommand<Signal extends string> (lease: Lease, execId: string, offsets: { stdout: number, stderr: number }, spec: AttachSpec): Promise<RemoteCommand<Signal>> {
+  const conn = lease.conn
+  const line = controlLine({ op: 'attach', execId, stdoutOffset: offsets.stdout, stderrOffset: offsets.stderr })
+  let exec: SshExec
+  try {
+    exec = await conn.openExec(line, undefined, (channel) => execOn(conn, channel, spec))
+  } catch (err) {
+    if (err instanceof ExecOpenError) throw err.error
+    throw err
+  }
+  return new RemoteCommand<Signal>(exec, lease, { keptId: execId })
 }
 
 // The staged script deletes itself, then runs the line; its `exec` replaces the shell as usual,

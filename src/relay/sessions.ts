@@ -25,7 +25,17 @@ export interface SandboxEntry {
   lastSeenAt: Date | undefined
   sshHostKey: string | undefined
   sshUser: string | undefined
+  // The current session's hello said its daemon keeps execs (the keeper protocol).
+  keepsExecs: boolean
 }
+
+export interface RegisterInfo {
+  sshHostKey?: string | undefined
+  sshUser?: string | undefined
+  keepsExecs?: boolean | undefined
+}
+
+type RegisteredListener = (sandboxId: string, info: { keepsExecs: boolean }) => void
 
 interface PendingRelay {
   relayId: string
@@ -51,6 +61,7 @@ export class SessionRegistry {
   readonly #waiters = new Map<string, Set<Waiter>>()
   // Per sandbox, supervisor processes that a newer one replaced.
   readonly #superseded = new Map<string, Set<string>>()
+  readonly #registeredListeners = new Set<RegisteredListener>()
   #closed = false
 
   constructor (opts: SessionRegistryOptions) {
@@ -84,7 +95,7 @@ export class SessionRegistry {
 
   // A newer session for the same sandbox wins: the old one is told and closed, and relays that
   // were waiting are offered again on the new one.
-  register (session: SupervisorSession, info: { sshHostKey?: string | undefined, sshUser?: string | undefined } = {}): void {
+  register (session: SupervisorSession, info: RegisterInfo = {}): void {
     const entry = this.#entry(session.sandboxId)
     const old = entry.session
     entry.session = session
@@ -92,6 +103,7 @@ export class SessionRegistry {
     entry.lastSeenAt = new Date()
     entry.sshHostKey = info.sshHostKey
     entry.sshUser = info.sshUser
+    entry.keepsExecs = info.keepsExecs === true
     const replaced = this.#superseded.get(session.sandboxId) ?? new Set<string>()
     if (session.instanceId !== undefined) replaced.delete(session.instanceId)
     if (old !== undefined && old.instanceId !== undefined && old.instanceId !== session.instanceId) {
@@ -111,6 +123,28 @@ export class SessionRegistry {
     }
     const waiters = this.#waiters.get(session.sandboxId)
     if (waiters !== undefined) for (const w of [...waiters]) w()
+    const keepsExecs = entry.keepsExecs
+    for (const cb of [...this.#registeredListeners]) {
+      try {
+        cb(session.sandboxId, { keepsExecs })
+      } catch (err) {
+        this.#opts.logger.error({ err, sandboxId: session.sandboxId }, 'a registration listener threw')
+      }
+    }
+  }
+
+  // Whether the sandbox's current session said its daemon keeps execs; false without a session
+  // (nothing can be asked of it then anyway).
+  keepsExecs (sandboxId: string): boolean {
+    const entry = this.#sandboxes.get(sandboxId)
+    return entry?.session !== undefined && entry.keepsExecs
+  }
+
+  // Called after each registration (a restarted gateway learns the kept execs from it); returns
+  // the function that removes the listener.
+  onRegistered (cb: RegisteredListener): () => void {
+    this.#registeredListeners.add(cb)
+    return () => { this.#registeredListeners.delete(cb) }
   }
 
   // Only the current session may remove itself; a superseded one leaves the new one alone.
@@ -226,7 +260,7 @@ export class SessionRegistry {
   #entry (sandboxId: string): SandboxEntry {
     let entry = this.#sandboxes.get(sandboxId)
     if (entry === undefined) {
-      entry = { id: sandboxId, session: undefined, connectedAt: undefined, lastSeenAt: undefined, sshHostKey: undefined, sshUser: undefined }
+      entry = { id: sandboxId, session: undefined, connectedAt: undefined, lastSeenAt: undefined, sshHostKey: undefined, sshUser: undefined, keepsExecs: false }
       this.#sandboxes.set(sandboxId, entry)
     }
     return entry

@@ -39,6 +39,10 @@ const RELAY_BACKLOG_MAX = 16 * 1024 * 1024
 // honest one closes in a round trip; a wedged or hostile one must not keep the stream (and its
 // supervisor's slot) for as long as it likes.
 const DISCONNECT_ANSWER_MS = 1000
+// What a side script may print that is kept: a path, a word.
+const SIDE_STDOUT_MAX = 4096
+
+interface SideResult { code: number | undefined, stdout: string, truncated: boolean }
 
 // A failed exec request, and whether the command certainly never started (its channel never
 // opened), which is the only case where running it on another connection is safe.
@@ -127,7 +131,9 @@ export class SshConnection extends EventEmitter {
   // `attach` runs inside ssh2's callback, before anything else: on a warm connection the exec's
   // reply, its output, its exit-status and its close can all arrive in the same read, and an
   // 'exit' emitted before its listener is attached is lost for good.
-  openExec<T> (command: string, pty: { cols: number, rows: number } | undefined, attach: (channel: ClientChannel) => T): Promise<T> {
+  // `env` goes out as env requests before the exec request on the same channel (ssh2 sends them
+  // first, unanswered): the keeper protocol's KEEP_ENV rides there.
+  openExec<T> (command: string, pty: { cols: number, rows: number } | undefined, attach: (channel: ClientChannel) => T, env?: Record<string, string>): Promise<T> {
     return new Promise((resolve, reject) => {
       if (!this.alive) {
         reject(new ExecOpenError(this.#failure ?? new GatewayError('relay_unavailable', 'the SSH connection is closed'), true))
@@ -144,7 +150,10 @@ export class SshConnection extends EventEmitter {
           : new GatewayError('ssh_failed', `the sandbox refused the exec request: ${boundedText(err.message)}`, { cause: err }), neverStarted)))
       }
       try {
-        this.#client.exec(command, pty === undefined ? {} : { pty: { cols: pty.cols, rows: pty.rows, term: 'xterm-256color' } }, onReply)
+        this.#client.exec(command, {
+          ...(pty === undefined ? {} : { pty: { cols: pty.cols, rows: pty.rows, term: 'xterm-256color' } }),
+          ...(env === undefined ? {} : { env })
+        }, onReply)
       } catch (err) {
         // ssh2 throws ("Not connected") when its transport went away without telling us.
         const failure = new GatewayError('relay_unavailable', `the SSH connection is unusable: ${boundedText((err as Error).message)}`, { cause: err })
@@ -157,7 +166,15 @@ export class SshConnection extends EventEmitter {
   // Runs a script on a channel of its own; resolves with its exit code, or undefined when it
   // could not run (connection gone, channel refused) within boundMs.
   async runSide (script: string, boundMs: number): Promise<number | undefined> {
-    return (await this.#side(script, boundMs, undefined))?.code
+    return (await this.#side(script, boundMs, undefined, SIDE_STDOUT_MAX))?.code
+  }
+
+  // Runs a control request (the keeper protocol) on a channel of its own: its exit code and up
+  // to maxBytes of its stdout, or undefined when no answer came within boundMs. The daemon may
+  // be hostile: what it says is capped, and `truncated` tells the caller not to trust a prefix.
+  async control (line: string, boundMs: number, maxBytes: number): Promise<{ code: number | undefined, stdout: string, truncated: boolean } | undefined> {
+    const r = await this.#side(line, boundMs, undefined, maxBytes)
+    return r === undefined ? undefined : { code: r.code, stdout: r.stdout, truncated: r.truncated }
   }
 
   // Writes `content` to a new private file in the sandbox's temp dir and resolves with its path.
@@ -166,7 +183,7 @@ export class SshConnection extends EventEmitter {
   async stage (content: Buffer, boundMs: number): Promise<string> {
     // eslint-disable-next-line no-template-curly-in-string -- a shell expansion, for sh
     const script = 'umask 077 && f=$(mktemp "${TMPDIR:-/tmp}/exec-gateway.XXXXXXXXXX") && cat > "$f" && printf %s "$f"'
-    const r = await this.#side(script, boundMs, content)
+    const r = await this.#side(script, boundMs, content, SIDE_STDOUT_MAX)
     const path = r?.stdout.trim() ?? ''
     if (r === undefined || r.code !== 0 || !path.startsWith('/')) {
       throw this.#failure ?? new GatewayError('ssh_failed', `could not stage the command line in the sandbox (exit ${String(r?.code)}): ${r === undefined ? 'no answer within ' + boundMs + ' ms' : boundedText(r.stdout, 200)}`)
@@ -174,13 +191,15 @@ export class SshConnection extends EventEmitter {
     return path
   }
 
-  #side (script: string, boundMs: number, input: Buffer | undefined): Promise<{ code: number | undefined, stdout: string } | undefined> {
+  #side (script: string, boundMs: number, input: Buffer | undefined, maxBytes: number): Promise<SideResult | undefined> {
     return new Promise((resolve) => {
       if (!this.#isReady || !this.alive) { resolve(undefined); return }
       let settled = false
-      let stdout = ''
+      const chunks: Buffer[] = []
+      let taken = 0
+      let truncated = false
       let code: number | undefined
-      const settle = (result: { code: number | undefined, stdout: string } | undefined): void => {
+      const settle = (result: SideResult | undefined): void => {
         if (settled) return
         settled = true
         clearTimeout(timer)
@@ -191,10 +210,17 @@ export class SshConnection extends EventEmitter {
         this.#client.exec(script, (err, ch) => {
           if (err !== undefined && err !== null) { settle(undefined); return }
           ch.on('error', () => settle(undefined))
-          ch.on('data', (b: Buffer) => { if (stdout.length < 4096) stdout += b.toString('utf8') })
+          ch.on('data', (b: Buffer) => {
+            const room = maxBytes - taken
+            if (b.length > room) truncated = true
+            if (room <= 0) return
+            const part = b.length > room ? b.subarray(0, room) : b
+            chunks.push(part)
+            taken += part.length
+          })
           ch.on('exit', (c: number | null) => { code = c ?? undefined })
           // The exit status can arrive before the last output: settle on close.
-          ch.on('close', () => settle({ code, stdout }))
+          ch.on('close', () => settle({ code, stdout: Buffer.concat(chunks).toString('utf8'), truncated }))
           ch.stderr.resume()
           if (input !== undefined) ch.write(input)
           ch.end()

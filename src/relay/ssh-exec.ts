@@ -4,6 +4,7 @@ import { GatewayError } from '../errors.js'
 import { exitReportFrom, type ExitReport } from './outcome.js'
 import type { SshConnection } from './ssh-connection.js'
 import { kExitRejected } from './ssh-guard.js'
+import { TIMEOUT_EXIT_MESSAGE } from '../schemas/keeper.js'
 
 // One exec: one channel on an SSH connection. After the exit report the channel close is
 // awaited for closeWaitMs in total, then the recorded status stands; a connection that dies
@@ -21,12 +22,16 @@ export interface SshExecOptions {
 export interface SshExecEnd {
   exit: ExitReport | undefined
   failure: GatewayError | undefined
+  // The exit-signal carried the keeper's timeout marker: a kept exec's daemon killed it on its
+  // timeoutSeconds. Meaningful only for kept execs (any other daemon could say it).
+  timeoutMarked: boolean
 }
 
 export class SshExec {
   readonly #opts: SshExecOptions
   readonly #channel: ClientChannel
   #exit: ExitReport | undefined
+  #timeoutMarked = false
   #failure: GatewayError | undefined
   #closeWaitTimer: NodeJS.Timeout | undefined
   // What is left of the close wait, and since when it runs: it runs only while we read.
@@ -64,11 +69,12 @@ export class SshExec {
     // The guard lets through only the first well-formed report; this is the last word on what
     // becomes an exit (a uint32 status, or a signal name in the SSH grammar) all the same.
     channel.on(kExitRejected, (detail: string) => this.#fail(new GatewayError('ssh_failed', detail)))
-    channel.on('exit', (code: unknown, signal?: unknown) => {
+    channel.on('exit', (code: unknown, signal?: unknown, _dump?: unknown, message?: unknown) => {
       if (this.#exit !== undefined || this.#finished) return
       const report = exitReportFrom(code, signal)
       if ('invalid' in report) { this.#fail(new GatewayError('ssh_failed', report.invalid)); return }
       this.#exit = report
+      this.#timeoutMarked = 'signal' in report && message === TIMEOUT_EXIT_MESSAGE
       // Total bound, not per message: a sandbox that trickles data must not hold the exec open.
       if (!this.#paused) this.#runCloseWait()
     })
@@ -204,6 +210,6 @@ export class SshExec {
     this.#cancelRelayDrain?.()
     this.#cancelRelayDrain = undefined
     this.#wakeDrainWaiters()
-    this.#resolve({ exit: this.#exit, failure: this.#exit === undefined ? this.#failure : undefined })
+    this.#resolve({ exit: this.#exit, failure: this.#exit === undefined ? this.#failure : undefined, timeoutMarked: this.#timeoutMarked })
   }
 }

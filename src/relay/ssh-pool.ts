@@ -55,6 +55,9 @@ export class SshPool {
     this.#opts = opts
   }
 
+  // Whose sessions the pool's relays come from: the exec layer asks it what a sandbox's daemon is.
+  get registry (): SessionRegistry { return this.#opts.registry }
+
   stats (sandboxId?: string): { connections: number, leased: number } {
     let connections = 0
     let leased = 0

@@ -29,7 +29,7 @@ interface SessionTransport {
 // What the session needs of the registry (SessionRegistry has it).
 export interface SessionRegistryPort {
   mayRegister: (sandboxId: string, instanceId: string | undefined) => boolean
-  register: (session: SupervisorSession, info: { sshHostKey?: string | undefined, sshUser?: string | undefined }) => void
+  register: (session: SupervisorSession, info: { sshHostKey?: string | undefined, sshUser?: string | undefined, keepsExecs?: boolean | undefined }) => void
   unregister: (session: SupervisorSession) => void
   touch: (sandboxId: string) => void
   failRelay: (relayId: string, sandboxId: string, reason: string) => void
@@ -196,7 +196,7 @@ export class SessionMachine implements SupervisorSession {
       gatewayPublicKey: this.#o.gatewayPublicKey
     })
     this.#registered = true
-    this.#o.registry.register(this, { sshHostKey: msg.sshHostKey, sshUser: msg.sshUser })
+    this.#o.registry.register(this, { sshHostKey: msg.sshHostKey, sshUser: msg.sshUser, keepsExecs: msg.keepsExecs === true })
     this.#o.info({ sessionId: this.id }, 'supervisor session registered')
   }
 
