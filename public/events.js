@@ -192,6 +192,11 @@ export class Viewer {
         return
       case 'heartbeat':
         return
+      case 'relay':
+        // The exec runs on in its sandbox while the gateway reattaches; output resumes, no gap.
+        if (ev.state === 'lost') setConnection('reconnecting', 'reconnecting to the sandbox…')
+        else setConnection('open', a.reconnects === 0 ? 'live' : `live (reconnected ${a.reconnects}×)`)
+        return
       case 'exit':
         a.final = true
         setStatus('exited', outcomeText(ev), ev.exitCode === 0 && ev.signal === null && !ev.timedOut)

@@ -35,7 +35,7 @@ const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
       response: { 200: Type.Ref(ExecEventSchema, { description: 'one ExecEvent per NDJSON line or SSE event, until the final exit or error' }), 400: P, 401: P, 403: P, 404: EXEC_NOT_FOUND }
     }
   }, async (req, reply) => {
-    const entry = findExec(ctx, req.params.execId)
+    const entry = await findExec(ctx, req.params.execId)
     const sse = String(req.headers.accept ?? '').includes('text/event-stream')
     const resume = sse ? parseLastEventId(req.headers['last-event-id']) : undefined
     const offsets = { stdout: resume?.stdout ?? req.query.stdoutOffset ?? 0, stderr: resume?.stderr ?? req.query.stderrOffset ?? 0 }

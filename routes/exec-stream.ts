@@ -43,7 +43,7 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
     },
     // A plain HTTP 404 before the upgrade, not an open-then-close, for an unknown exec.
     preValidation: async (req) => {
-      findExec(ctx, (req.params as { execId: string }).execId)
+      await findExec(ctx, (req.params as { execId: string }).execId)
       const why = upgradeProblem(req.raw)
       if (why !== undefined) throw new GatewayError('invalid_argument', why)
     }

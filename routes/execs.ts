@@ -20,8 +20,9 @@ export const EXEC_NOT_FOUND = problemResponse(['exec_not_found'], 'no such exec:
 const LOCATION = { Location: { type: 'string', description: 'the exec\'s URL, /v1/execs/{execId}' } }
 const RETRY_AFTER = { 'Retry-After': { type: 'integer', description: 'seconds until the rate limit lets the token create execs again (rate limit only)' } }
 
-export function findExec (ctx: RouteContext, execId: string): ExecEntry {
-  const entry = ctx.execs.get(execId)
+// Right after a restart, waits for the supervisors to report the execs their daemons keep.
+export async function findExec (ctx: RouteContext, execId: string): Promise<ExecEntry> {
+  const entry = await ctx.execs.lookup(execId)
   if (entry === undefined) throw new GatewayError('exec_not_found', `no exec ${execId} (unknown, deleted, or past its TTL)`)
   return entry
 }
@@ -96,7 +97,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
       params: ExecParamsSchema,
       response: { 200: Type.Ref(ExecSchema), 401: P, 403: P, 404: EXEC_NOT_FOUND }
     }
-  }, async (req) => findExec(ctx, req.params.execId).toJSON())
+  }, async (req) => (await findExec(ctx, req.params.execId)).toJSON())
 
   app.post('/v1/execs/:execId/signal', {
     schema: {
@@ -107,7 +108,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
       response: { 202: Type.Object({ execId: Type.String(), signal: Type.String() }), 400: P, 401: P, 403: P, 404: EXEC_NOT_FOUND, 409: problemResponse(['exec_finished'], 'the exec has already ended') }
     }
   }, async (req, reply) => {
-    const entry = findExec(ctx, req.params.execId)
+    const entry = await findExec(ctx, req.params.execId)
     ctx.execs.signal(entry, req.body.signal)
     return reply.code(202).send({ execId: entry.id, signal: req.body.signal })
   })
@@ -120,7 +121,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
       response: { 204: Type.Null({ description: 'killed (when it was running) and forgotten' }), 401: P, 403: P, 404: EXEC_NOT_FOUND }
     }
   }, async (req, reply) => {
-    ctx.execs.remove(findExec(ctx, req.params.execId))
+    ctx.execs.remove(await findExec(ctx, req.params.execId))
     return reply.code(204).send(null)
   })
 }

@@ -1253,7 +1253,7 @@ export interface components {
             signal: "TERM" | "KILL" | "INT" | "HUP" | "QUIT" | "USR1" | "USR2";
         };
         /** @description Server → client event: a JSON text frame on the WebSocket, the `data:` of an SSE event named after its type, or one NDJSON line. Every stream ends with exactly one final event, `exit` or `error`. */
-        ExecEvent: components["schemas"]["StdoutEvent"] | components["schemas"]["StderrEvent"] | components["schemas"]["GapEvent"] | components["schemas"]["HeartbeatEvent"] | components["schemas"]["ExitEvent"] | components["schemas"]["ErrorEvent"];
+        ExecEvent: components["schemas"]["StdoutEvent"] | components["schemas"]["StderrEvent"] | components["schemas"]["GapEvent"] | components["schemas"]["HeartbeatEvent"] | components["schemas"]["RelayEvent"] | components["schemas"]["ExitEvent"] | components["schemas"]["ErrorEvent"];
         StdoutEvent: {
             /**
              * @description discriminator enum property added by openapi-typescript
@@ -1294,6 +1294,14 @@ export interface components {
             type: "heartbeat";
             /** Format: date-time */
             time: string;
+        };
+        RelayEvent: {
+            /**
+             * @description discriminator enum property added by openapi-typescript
+             * @enum {string}
+             */
+            type: "relay";
+            state: "lost" | "restored";
         };
         ExitEvent: {
             /**

@@ -5,7 +5,7 @@ import type { FastifyInstance } from 'fastify'
 import type { Logger } from 'pino'
 import { createLogger } from './logger.js'
 import type { GatewayConfig } from './config.js'
-import { loadDataDir, type GatewayIdentity } from './data-dir.js'
+import { loadDataDir, markGatewayRun, type GatewayIdentity } from './data-dir.js'
 import { Credentials, readTls, type TlsMaterial } from './credentials.js'
 import { GatewayEvents } from './diagnostics.js'
 import { ExecManager } from './execs/manager.js'
@@ -51,6 +51,8 @@ export interface BuildOptions {
 export async function buildGateway (config: GatewayConfig, opts: BuildOptions = {}): Promise<Gateway> {
   const logger = opts.logger ?? createLogger(config.logLevel)
   const identity = opts.identity ?? loadDataDir(config.dataDir)
+  // Unknown exec ids wait for the supervisors to report only on a restart (see ExecManager.lookup).
+  const restarted = opts.identity === undefined && markGatewayRun(config.dataDir)
   const credentials = new Credentials(config, identity, logger.child({ component: 'credentials' }))
   const publicTls = config.tls === undefined ? undefined : readTls(config.tls)
   const supervisorTls = config.supervisorTls === undefined ? undefined : readTls(config.supervisorTls)
@@ -92,7 +94,9 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     retentionBytesTotal: config.retentionBytesTotal,
     execTtlS: config.execTtlS,
     closeWaitMs: config.closeWaitMs,
-    maxRunningExecsPerSandbox: config.maxRunningExecsPerSandbox
+    maxRunningExecsPerSandbox: config.maxRunningExecsPerSandbox,
+    reattachTimeoutMs: config.reattachTimeoutMs,
+    sessionWaitMs: restarted ? config.sessionWaitMs : 0
   })
   const metrics = new Metrics({
     activeExecs: () => execs.running,

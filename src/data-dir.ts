@@ -20,6 +20,7 @@ export interface GatewayIdentity {
 const KEY_FILE = 'ssh_client_ed25519'
 const SECRET_FILE = 'token_secret'
 const PREVIOUS_SECRET_FILE = 'token_secret.previous'
+const RUN_MARKER_FILE = 'gateway_ran'
 
 export function loadDataDir (dir: string): GatewayIdentity {
   const abs = resolve(dir)
@@ -40,6 +41,15 @@ export function loadDataDir (dir: string): GatewayIdentity {
   const previousPath = join(abs, PREVIOUS_SECRET_FILE)
   const tokenSecrets = existsSync(previousPath) ? [tokenSecret, readSecret(previousPath)] : [tokenSecret]
   return { dir: abs, privateKey, publicKey, tokenSecret, tokenSecrets }
+}
+
+// Whether a gateway has run on this data dir before (and note that one runs now). Only a gateway
+// that restarts can have execs its sandboxes kept; a fresh one answers unknown exec ids at once.
+export function markGatewayRun (dir: string): boolean {
+  const marker = join(resolve(dir), RUN_MARKER_FILE)
+  if (existsSync(marker)) return true
+  writeFileSync(marker, new Date().toISOString() + '\n', { mode: 0o600 })
+  return false
 }
 
 function readSecret (path: string): Buffer {

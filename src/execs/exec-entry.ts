@@ -3,7 +3,7 @@ import type { GatewayError } from '../errors.js'
 import type { Outcome } from '../relay/outcome.js'
 import type { Exec, ExecResult } from '../schemas/exec.js'
 import type { ExecEvent, FinalEvent } from '../schemas/events.js'
-import { continuationPrefix, interleave, OutputJournal, utf8CompleteLength, type JournalChunk } from './journal.js'
+import { continuationPrefix, interleave, OutputJournal, utf8CompleteLength, type JournalChunk, type JournalGap } from './journal.js'
 import type { RetentionBudget, RetentionTicket } from './retention-budget.js'
 import type { ValidExec } from './validate.js'
 
@@ -25,7 +25,7 @@ export class ExecEntry extends EventEmitter {
   readonly id: string
   readonly sandboxId: string
   readonly spec: ValidExec
-  readonly createdAt = new Date()
+  readonly createdAt: Date
   status: Exec['status'] = 'pending'
   startedAt: Date | undefined
   endedAt: Date | undefined
@@ -41,16 +41,37 @@ export class ExecEntry extends EventEmitter {
   // Readers following live output (attach() until its detach or the final event).
   readonly #followers = new Set<Follower>()
   #discarded = false
+  #relayLost = false
 
-  constructor (id: string, sandboxId: string, spec: ValidExec, retentionBytes: number, budget?: RetentionBudget) {
+  // createdAt is given for an exec rebuilt after a restart from what its sandbox keeps.
+  constructor (id: string, sandboxId: string, spec: ValidExec, retentionBytes: number, budget?: RetentionBudget, createdAt?: Date) {
     super()
     this.setMaxListeners(0)
     this.id = id
     this.sandboxId = sandboxId
     this.spec = spec
-    this.stdout = new OutputJournal(retentionBytes)
-    this.stderr = new OutputJournal(retentionBytes)
+    this.createdAt = createdAt ?? new Date()
+    this.stdout = new OutputJournal(retentionBytes, (gap, freed) => { this.#skipped('stdout', gap, freed) })
+    this.stderr = new OutputJournal(retentionBytes, (gap, freed) => { this.#skipped('stderr', gap, freed) })
     this.#ticket = budget?.open(sandboxId, this)
+  }
+
+  // The relay of a kept exec is gone; the exec runs on in its sandbox while the run reattaches.
+  relayLost (): void { this.#setRelay(true) }
+
+  relayRestored (): void { this.#setRelay(false) }
+
+  #setRelay (lost: boolean): void {
+    if (this.finished || this.#relayLost === lost) return
+    this.#relayLost = lost
+    const ev: ExecEvent = { type: 'relay', state: lost ? 'lost' : 'restored' }
+    for (const f of [...this.#followers]) f.relay(ev)
+    this.emit('relay', ev)
+  }
+
+  #skipped (stream: StreamName, gap: JournalGap, freed: number): void {
+    if (freed > 0 && !this.#discarded) this.#ticket?.grew(-freed)
+    for (const f of [...this.#followers]) f.gap(stream, gap)
   }
 
   // Bytes held in both journals.
@@ -186,6 +207,7 @@ export class ExecEntry extends EventEmitter {
   // byte count).
   attach (opts: AttachOptions, send: SendEvent): () => void {
     const encoding = opts.encoding ?? 'utf8'
+    if (this.#relayLost && !this.finished) send({ type: 'relay', state: 'lost' })
     const replays = STREAMS.map((stream) => ({ stream, ...this[stream].replayFrom(startOffset(opts, stream)) }))
     const output = new ReaderOutput(encoding, send, { stdout: replays[0].begin, stderr: replays[1].begin })
     for (const r of replays) {
@@ -203,6 +225,12 @@ export class ExecEntry extends EventEmitter {
     // A reader detached from inside another's send is still in the snapshot: it gets nothing more.
     const follower: Follower = {
       output: (stream, offset, data) => { if (this.#followers.has(follower)) output.write(stream, { offset, data }) },
+      gap: (stream, gap) => {
+        if (!this.#followers.has(follower)) return
+        output.restart(stream, gap.to)
+        send({ type: 'gap', stream, from: gap.from, to: gap.to })
+      },
+      relay: (ev) => { if (this.#followers.has(follower)) send(ev) },
       end: (ev) => {
         if (!this.#followers.has(follower)) return
         output.flush()
@@ -221,6 +249,8 @@ type SendEvent = (ev: ExecEvent, endOffset?: number, raw?: Buffer) => void
 interface Follower {
   output: (stream: StreamName, offset: number, data: Buffer) => void
   end: (ev: FinalEvent) => void
+  gap: (stream: StreamName, gap: JournalGap) => void
+  relay: (ev: ExecEvent) => void
 }
 
 const STREAMS = ['stdout', 'stderr'] as const
@@ -235,7 +265,7 @@ function startOffset (opts: AttachOptions, stream: StreamName): number {
 class ReaderOutput {
   readonly #encoding: AttachEncoding
   readonly #send: SendEvent
-  readonly #text: Record<StreamName, Utf8Framer>
+  #text: Record<StreamName, Utf8Framer>
 
   constructor (encoding: AttachEncoding, send: SendEvent, begins: Record<StreamName, number>) {
     this.#encoding = encoding
@@ -248,6 +278,14 @@ class ReaderOutput {
     if (this.#encoding === 'binary') this.#send({ type: stream, offset: chunk.offset, data: '' }, end, chunk.data)
     else if (this.#encoding === 'base64') this.#send({ type: stream, offset: chunk.offset, data: chunk.data.toString('base64') }, end)
     else this.#sendText(stream, this.#text[stream].push(chunk))
+  }
+
+  // The stream jumps to `begin` (a skip): what waits for the rest of a character is sent as
+  // it is, and the stream starts over as a reader beginning there would.
+  restart (stream: StreamName, begin: number): void {
+    if (this.#encoding !== 'utf8') return
+    this.#sendText(stream, this.#text[stream].flush())
+    this.#text[stream] = new Utf8Framer(begin)
   }
 
   // The output has ended: a character still waiting for its end never gets it.

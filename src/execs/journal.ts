@@ -12,6 +12,9 @@ export interface SequencedChunk extends JournalChunk { seq: number }
 
 export interface JournalGap { from: number, to: number }
 
+// Told of a skip: the gap it made and the bytes held that it dropped.
+export type SkipListener = (gap: JournalGap, freed: number) => void
+
 // What a reader starting at some offset gets: `begin` is the offset of the first byte it can
 // be sent (the requested offset, or the oldest byte held when that is later).
 export interface JournalReplay { begin: number, gap: JournalGap | undefined, chunks: SequencedChunk[] }
@@ -22,12 +25,14 @@ let nextSeq = 0
 
 export class OutputJournal {
   readonly #retention: number
+  readonly #onSkip: SkipListener | undefined
   #chunks: SequencedChunk[] = []
   #retained = 0
   #total = 0
 
-  constructor (retentionBytes: number) {
+  constructor (retentionBytes: number, onSkip?: SkipListener) {
     this.#retention = retentionBytes
+    this.#onSkip = onSkip
   }
 
   // Offset of the next byte, i.e. the number of bytes ever written.
@@ -52,6 +57,18 @@ export class OutputJournal {
     this.#retained += data.length
     this.#dropFront(this.#retained - this.#retention, Infinity)
     return { offset, data }
+  }
+
+  // The next byte appended has this offset: the bytes in between are lost for good (the
+  // sandbox no longer keeps them, or an exec rebuilt after a restart starts at what its daemon
+  // still holds). What is held is dropped with them, since offsets must stay contiguous from
+  // start to total, so a reader asking for any of it is told of one gap. Never goes back.
+  skipTo (offset: number): void {
+    if (offset <= this.#total) return
+    const from = this.#total
+    const freed = this.#dropFront(Infinity, Infinity)
+    this.#total = offset
+    this.#onSkip?.({ from, to: offset }, freed)
   }
 
   // Frees up to n of the oldest bytes held, but none that arrived at or after `untilSeq`;

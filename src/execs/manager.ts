@@ -1,11 +1,14 @@
 import { randomBytes } from 'node:crypto'
+import { EventEmitter } from 'node:events'
 import type { Logger } from 'pino'
 import type { GatewayEvents } from '../diagnostics.js'
 import { GatewayError } from '../errors.js'
 import { closeWithin } from '../lifecycle/close-within.js'
+import { forgetKept, listKept } from '../relay/keeper-client.js'
 import type { Outcome } from '../relay/outcome.js'
 import type { SessionRegistry } from '../relay/sessions.js'
 import type { SshPool } from '../relay/ssh-pool.js'
+import type { KeptStatus } from '../schemas/keeper.js'
 import type { SignalName } from './command.js'
 import { ExecEntry } from './exec-entry.js'
 import { ExecRun } from './exec-run.js'
@@ -33,7 +36,22 @@ export interface ExecManagerOptions {
   // Pending + running execs one sandbox may have: one tenant's runaway loop must not take the
   // gateway's memory and the sandbox's sshd down for everyone.
   maxRunningExecsPerSandbox?: number
+  // How long a kept exec whose relay was lost may take to be reattached (§5 rule 4).
+  reattachTimeoutMs?: number
+  // During this long after the gateway starts, a request for an exec id it does not know waits
+  // for the supervisors to report what their daemons keep (--session-wait-ms).
+  sessionWaitMs?: number
+  // The keeper's list and forget; the real ones unless a test injects its own.
+  listKept?: (sandboxId: string, signal: AbortSignal) => Promise<KeptStatus[]>
+  forgetKept?: (sandboxId: string, execId: string, signal: AbortSignal) => Promise<boolean>
 }
+
+// A list is a few round trips; a sandbox that cannot answer in this long is asked again, a
+// few times, then left alone (its execs stay unknown and answer 404).
+const LIST_BOUND_MS = 10_000
+const LIST_ATTEMPTS = 3
+const LIST_RETRY_DELAY_MS = 1000
+const FORGET_BOUND_MS = 5000
 
 export class ExecManager {
   readonly #opts: ExecManagerOptions
@@ -43,6 +61,11 @@ export class ExecManager {
   readonly #active = new Map<string, number>()
   readonly #sweeper: NodeJS.Timeout
   readonly #budget: RetentionBudget
+  // Until then, an unknown id may still be reported by a supervisor that has not connected yet.
+  readonly #lookupUntil: number
+  // Rebuilt execs, with when their daemon said they ended (finish() would stamp now).
+  readonly #adoptedEnds = new Map<ExecEntry, string | undefined>()
+  readonly #adoptions = new AbortController()
   #closing = false
 
   constructor (opts: ExecManagerOptions) {
@@ -50,9 +73,82 @@ export class ExecManager {
     this.#budget = new RetentionBudget({ perSandbox: opts.retentionBytesPerSandbox ?? Infinity, total: opts.retentionBytesTotal ?? Infinity })
     this.#sweeper = setInterval(() => this.sweep(), Math.min(opts.execTtlS * 1000, 60_000))
     this.#sweeper.unref()
+    this.#lookupUntil = Date.now() + (opts.sessionWaitMs ?? 0)
+    opts.registry.onRegistered((sandboxId, info) => {
+      if (info.keepsExecs && !this.#closing) void this.#adoptFrom(sandboxId)
+    })
   }
 
   get (id: string): ExecEntry | undefined { return this.#execs.get(id) }
+
+  // get(), but right after the gateway starts an id it does not know yet may be one a
+  // supervisor is about to report: wait for it, or for the window to end.
+  async lookup (id: string): Promise<ExecEntry | undefined> {
+    const known = this.#execs.get(id)
+    const left = this.#lookupUntil - Date.now()
+    if (known !== undefined || left <= 0) return known
+    return await new Promise((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer)
+        this.#adopted.off(id, done)
+        resolve(this.#execs.get(id))
+      }
+      const timer = setTimeout(done, left)
+      this.#adopted.once(id, done)
+    })
+  }
+
+  readonly #adopted = new EventEmitter().setMaxListeners(0)
+
+  // What a (re)connected supervisor's daemon keeps: every exec this gateway does not know is
+  // rebuilt and its run attaches to it. Known ids are left alone; their runs reattach by themselves.
+  async #adoptFrom (sandboxId: string): Promise<void> {
+    const o = this.#opts
+    const list = o.listKept ?? (async (id: string, signal: AbortSignal) => await listKept(o.pool, id, signal))
+    for (let attempt = 1; attempt <= LIST_ATTEMPTS; attempt++) {
+      try {
+        const signal = AbortSignal.any([this.#adoptions.signal, AbortSignal.timeout(LIST_BOUND_MS)])
+        const kept = await list(sandboxId, signal)
+        for (const status of kept) this.#adopt(sandboxId, status)
+        return
+      } catch (err) {
+        if (this.#closing) return
+        o.logger.warn({ sandboxId, attempt, err: (err as Error).message }, 'could not list the execs the sandbox keeps')
+        if (attempt < LIST_ATTEMPTS) await new Promise((resolve) => setTimeout(resolve, LIST_RETRY_DELAY_MS).unref())
+      }
+    }
+  }
+
+  #adopt (sandboxId: string, status: KeptStatus): void {
+    const meta = status.meta
+    if (this.#closing || this.#execs.has(meta.execId)) return
+    const o = this.#opts
+    const spec: ValidExec = {
+      command: meta.command,
+      env: {},
+      workdir: undefined,
+      stdin: undefined,
+      interactive: meta.interactive,
+      tty: meta.tty,
+      cols: meta.cols,
+      rows: meta.rows,
+      timeoutSeconds: meta.timeoutSeconds
+    }
+    const createdAt = validDate(meta.createdAt)
+    const entry = new ExecEntry(meta.execId, sandboxId, spec, o.retentionBytes, this.#budget, createdAt)
+    // What the daemon no longer has is gone: readers from 0 are told of a gap up to its base.
+    entry.stdout.skipTo(status.stdout.base)
+    entry.stderr.skipTo(status.stderr.base)
+    entry.markStarted()
+    entry.startedAt = validDate(status.startedAt) ?? entry.startedAt
+    this.#adoptedEnds.set(entry, status.endedAt)
+    this.#execs.set(entry.id, entry)
+    // Finished ones too: the attach replays the tail and delivers the exit report, so their
+    // outcome comes the normal way.
+    this.#start(entry, status)
+    o.logger.info({ execId: entry.id, sandboxId, state: status.state }, 'exec rebuilt from what the sandbox keeps')
+    this.#adopted.emit(entry.id)
+  }
 
   list (filter: { sandboxId?: string | undefined, status?: string | undefined } = {}): ExecEntry[] {
     return [...this.#execs.values()].filter((e) =>
@@ -81,12 +177,17 @@ export class ExecManager {
     const id = 'ex_' + randomBytes(12).toString('base64url').replace(/[-_]/g, 'x')
     const entry = new ExecEntry(id, sandboxId, spec, o.retentionBytes, this.#budget)
     this.#execs.set(id, entry)
-    const run = new ExecRun(entry, { pool: o.pool, closeWaitMs: o.closeWaitMs, logger: o.logger, events: o.events })
-    this.#runs.set(entry, run)
-    this.#addActive(sandboxId, 1)
-    o.events.execCreated({ execId: id, sandboxId })
-    void run.run().then((outcome) => this.#ended(entry, outcome))
+    this.#start(entry, undefined)
     return entry
+  }
+
+  #start (entry: ExecEntry, adopt: KeptStatus | undefined): void {
+    const o = this.#opts
+    const run = new ExecRun(entry, { pool: o.pool, closeWaitMs: o.closeWaitMs, logger: o.logger, events: o.events, reattachTimeoutMs: o.reattachTimeoutMs, adopt })
+    this.#runs.set(entry, run)
+    this.#addActive(entry.sandboxId, 1)
+    o.events.execCreated({ execId: entry.id, sandboxId: entry.sandboxId })
+    void run.run().then((outcome) => this.#ended(entry, outcome))
   }
 
   // Resolves when the exec has its outcome.
@@ -131,6 +232,18 @@ export class ExecManager {
     this.#execs.delete(entry.id)
     entry.discard()
     this.#runs.get(entry)?.remove()
+    this.#forget(entry)
+  }
+
+  // So that a restarted gateway does not rebuild it. Best effort: a daemon that cannot be asked
+  // drops the record itself after --keep-finished-s.
+  #forget (entry: ExecEntry): void {
+    const o = this.#opts
+    if (o.forgetKept === undefined && !o.registry.keepsExecs(entry.sandboxId)) return
+    const forget = o.forgetKept ?? (async (sandboxId: string, execId: string, signal: AbortSignal) => await forgetKept(o.pool, sandboxId, execId, signal))
+    forget(entry.sandboxId, entry.id, AbortSignal.timeout(FORGET_BOUND_MS)).catch((err: Error) => {
+      o.logger.warn({ execId: entry.id, sandboxId: entry.sandboxId, err: err.message }, 'could not ask the sandbox to forget a deleted exec')
+    })
   }
 
   sweep (now = Date.now()): void {
@@ -147,6 +260,7 @@ export class ExecManager {
   // shutting_down. Always resolves.
   async close (graceMs: number): Promise<void> {
     this.#closing = true
+    this.#adoptions.abort()
     clearInterval(this.#sweeper)
     const running = [...this.#runs.keys()]
     const err = new GatewayError('shutting_down', 'the gateway shut down before the command reported an exit status')
@@ -166,6 +280,10 @@ export class ExecManager {
     this.#runs.delete(entry)
     this.#addActive(entry.sandboxId, -1)
     entry.finish(outcome)
+    if (this.#adoptedEnds.has(entry)) {
+      entry.endedAt = validDate(this.#adoptedEnds.get(entry)) ?? entry.endedAt
+      this.#adoptedEnds.delete(entry)
+    }
     const error = entry.error
     this.#opts.events.execEnded({ execId: entry.id, sandboxId: entry.sandboxId, status: error === undefined ? 'exited' : 'failed', code: error?.code })
   }
@@ -175,4 +293,10 @@ export class ExecManager {
     if (n > 0) this.#active.set(sandboxId, n)
     else this.#active.delete(sandboxId)
   }
+}
+
+function validDate (iso: string | undefined): Date | undefined {
+  if (iso === undefined) return undefined
+  const d = new Date(iso)
+  return Number.isNaN(d.getTime()) ? undefined : d
 }

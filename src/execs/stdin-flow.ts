@@ -18,7 +18,7 @@ export const PENDING_STDIN_HIGH_WATER = 256 * 1024
 // channel held, what the relay held, and what the daemon's window had let through but its
 // command had not read. Each is bounded near 2 MiB (the channel's and the relay's high-water
 // marks, ssh2's window); beyond that much, resending is impossible and the reattach says so.
-export const STDIN_LEDGER_MAX_BYTES = 8 * 1024 * 1024
+const STDIN_LEDGER_MAX_BYTES = 8 * 1024 * 1024
 
 // The tail of the stdin sent to a kept exec, addressed by byte offset in the command's stdin,
 // so that what the daemon did not receive can be sent again after a reattach.

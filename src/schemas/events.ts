@@ -14,6 +14,12 @@ const GapEventSchema = Type.Object({
   to: Type.Integer({ minimum: 0 })
 })
 const HeartbeatEventSchema = Type.Object({ type: Type.Literal('heartbeat'), time: Type.String({ format: 'date-time' }) })
+// Not final: the relay to the sandbox of a kept exec was lost, or is back (CONTRACT §5 rule 4).
+// The exec keeps running meanwhile; output resumes where it stopped, with no gap.
+const RelayEventSchema = Type.Object({
+  type: Type.Literal('relay'),
+  state: Type.Union([Type.Literal('lost'), Type.Literal('restored')])
+})
 const ExitEventSchema = Type.Object({
   type: Type.Literal('exit'),
   exitCode: Type.Union([Type.Integer(), Type.Null()]),
@@ -34,13 +40,14 @@ export const ExecEventMembers = {
   StderrEvent: OutputEventSchema('stderr'),
   GapEvent: GapEventSchema,
   HeartbeatEvent: HeartbeatEventSchema,
+  RelayEvent: RelayEventSchema,
   ExitEvent: ExitEventSchema,
   ErrorEvent: ErrorEventSchema
 }
 
 export const ExecEventSchema = Type.Union([
   ExecEventMembers.StdoutEvent, ExecEventMembers.StderrEvent, ExecEventMembers.GapEvent,
-  ExecEventMembers.HeartbeatEvent, ExecEventMembers.ExitEvent, ExecEventMembers.ErrorEvent
+  ExecEventMembers.HeartbeatEvent, ExecEventMembers.RelayEvent, ExecEventMembers.ExitEvent, ExecEventMembers.ErrorEvent
 ], { $id: 'ExecEvent' })
 export type ExecEvent = Static<typeof ExecEventSchema>
 export type FinalEvent = Static<typeof ExitEventSchema> | Static<typeof ErrorEventSchema>

@@ -37,7 +37,7 @@ import { TypeCompiler } from '@sinclair/typebox/compiler'
 //    message is TIMEOUT_EXIT_MESSAGE, and its KeptStatus says timedOut.
 
 export const KEEP_ENV = 'EXEC_GATEWAY_KEEP'
-export const CONTROL_PREFIX = '#exec-gateway '
+const CONTROL_PREFIX = '#exec-gateway '
 export const TIMEOUT_EXIT_MESSAGE = 'timeout@exec-gateway'
 // Exit status of a control request about an exec the daemon does not keep (or, for `signal`,
 // no longer runs).
@@ -50,7 +50,7 @@ const IsoTime = Type.String({ minLength: 1, maxLength: 64 })
 
 // What the gateway tells the daemon about an exec so that a restarted gateway can rebuild its
 // record from the daemon alone. No env, no stdin: nothing secret is kept beyond the process.
-export const KeepMetaSchema = Type.Object({
+const KeepMetaSchema = Type.Object({
   v: Type.Literal(KEEPER_PROTOCOL_VERSION),
   execId: ExecId,
   command: Type.Array(Type.String(), { minItems: 1, maxItems: 1024 }),
@@ -76,7 +76,7 @@ const ExitSchema = Type.Union([
   Type.Object({ signal: Type.String({ minLength: 1, maxLength: 64 }) })
 ])
 
-export const KeptStatusSchema = Type.Object({
+const KeptStatusSchema = Type.Object({
   meta: KeepMetaSchema,
   state: Type.Union([Type.Literal('running'), Type.Literal('exited')]),
   startedAt: IsoTime,
@@ -93,7 +93,7 @@ export const KeptStatusSchema = Type.Object({
 })
 export type KeptStatus = Static<typeof KeptStatusSchema>
 
-export const KeptListSchema = Type.Object({
+const KeptListSchema = Type.Object({
   v: Type.Literal(KEEPER_PROTOCOL_VERSION),
   execs: Type.Array(KeptStatusSchema)
 })

@@ -796,3 +796,79 @@ describe('ExecEntry.dropOldest and discard', () => {
     expect(live.events).toEqual([{ type: 'stdout', offset: 6, data: 'after' }])
   })
 })
+
+describe('OutputJournal.skipTo', () => {
+  it('gives the next byte the offset, and reports the bytes in between as a gap', () => {
+    const skips: unknown[] = []
+    const j = new OutputJournal(1024, (gap, freed) => skips.push({ gap, freed }))
+    j.append(b('abc'))
+    j.skipTo(10)
+    expect(skips).toEqual([{ gap: { from: 3, to: 10 }, freed: 3 }])
+    expect(j.append(b('xy')).offset).toBe(10)
+    expect(j.total).toBe(12)
+    const r = j.readFrom(0)
+    expect(r.gap).toEqual({ from: 0, to: 10 })
+    expect(joinChunks(r.chunks).toString()).toBe('xy')
+    expect(j.readFrom(11).chunks).toEqual([{ offset: 11, data: b('y') }])
+  })
+
+  it('never goes back', () => {
+    const j = new OutputJournal(1024)
+    j.append(b('abcdef'))
+    j.skipTo(2)
+    j.skipTo(6)
+    expect(j.total).toBe(6)
+    expect(joinChunks(j.readFrom(0).chunks).toString()).toBe('abcdef')
+  })
+})
+
+describe('ExecEntry relay events', () => {
+  const relaySpec = validateExecRequest({ command: ['true'] })
+
+  it('tells live readers when the relay is lost and restored, never twice the same', () => {
+    const e = new ExecEntry('ex_r', 'sb', relaySpec, 1024)
+    e.markStarted()
+    const seen: ExecEvent[] = []
+    e.attach({}, (ev) => seen.push(ev))
+    e.relayLost()
+    e.relayLost()
+    e.append('stdout', b('hi'))
+    e.relayRestored()
+    e.relayRestored()
+    expect(seen).toEqual([
+      { type: 'relay', state: 'lost' },
+      { type: 'stdout', offset: 0, data: 'hi' },
+      { type: 'relay', state: 'restored' }
+    ])
+  })
+
+  it('starts a reader that attaches while the relay is lost with relay lost; replays keep no relay events', () => {
+    const e = new ExecEntry('ex_r', 'sb', relaySpec, 1024)
+    e.markStarted()
+    e.append('stdout', b('a'))
+    e.relayLost()
+    const during: ExecEvent[] = []
+    e.attach({}, (ev) => during.push(ev))
+    expect(during).toEqual([{ type: 'relay', state: 'lost' }, { type: 'stdout', offset: 0, data: 'a' }])
+    e.relayRestored()
+    const after: ExecEvent[] = []
+    e.attach({}, (ev) => after.push(ev))
+    expect(after).toEqual([{ type: 'stdout', offset: 0, data: 'a' }])
+  })
+
+  it('tells live readers of a skip as a gap, and continues from it', () => {
+    const e = new ExecEntry('ex_r', 'sb', relaySpec, 1024, undefined, new Date('2026-01-01T00:00:00Z'))
+    expect(e.toJSON().createdAt).toBe('2026-01-01T00:00:00.000Z')
+    e.markStarted()
+    const seen: ExecEvent[] = []
+    e.attach({}, (ev) => seen.push(ev))
+    e.append('stdout', b('ab'))
+    e.stdout.skipTo(9)
+    e.append('stdout', b('z'))
+    expect(seen).toEqual([
+      { type: 'stdout', offset: 0, data: 'ab' },
+      { type: 'gap', stream: 'stdout', from: 2, to: 9 },
+      { type: 'stdout', offset: 9, data: 'z' }
+    ])
+  })
+})

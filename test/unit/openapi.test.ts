@@ -142,7 +142,7 @@ describe('OpenAPI document', () => {
 
   it('has the event union and the WebSocket frames as components', () => {
     const s = doc.components.schemas
-    const members = { stdout: 'StdoutEvent', stderr: 'StderrEvent', gap: 'GapEvent', heartbeat: 'HeartbeatEvent', exit: 'ExitEvent', error: 'ErrorEvent' }
+    const members = { stdout: 'StdoutEvent', stderr: 'StderrEvent', gap: 'GapEvent', heartbeat: 'HeartbeatEvent', relay: 'RelayEvent', exit: 'ExitEvent', error: 'ErrorEvent' }
     expect(s.ExecEvent.discriminator).toEqual({ propertyName: 'type', mapping: Object.fromEntries(Object.entries(members).map(([t, n]) => [t, `#/components/schemas/${n}`])) })
     expect(s.ExecEvent.oneOf).toEqual(Object.values(members).map((n) => ({ $ref: `#/components/schemas/${n}` })))
     for (const [type, name] of Object.entries(members)) expect(s[name].properties.type, name).toEqual({ type: 'string', enum: [type] })

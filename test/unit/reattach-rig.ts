@@ -24,7 +24,7 @@ import { startScriptedSshd, type ScriptedSshd } from '../helpers/scripted-sshd.j
 
 export const silent = pino({ level: process.env.REATTACH_RIG_LOG ?? 'silent' })
 
-export class KeptModel {
+class KeptModel {
   readonly meta: KeepMeta
   out = Buffer.alloc(0)
   stdin: Buffer[] = []
