@@ -106,6 +106,7 @@ async function supervisor (argv: string[]): Promise<void> {
     sshUser: flags.sshUser,
     sshHostKey,
     ...(ca === undefined ? {} : { tls: { ca } }),
+    keep: { bytesPerExec: flags.keepBytesPerExec, totalBytes: flags.keepTotalBytes, finishedS: flags.keepFinishedS },
     logger
   })
   await agent.start()

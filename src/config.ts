@@ -79,7 +79,7 @@ export const supervisorFlags = [
   { name: 'ssh-target', key: 'sshTarget', kind: 'string', help: 'bridge relays to this SSH daemon (host:port); default: the embedded daemon' },
   { name: 'ssh-user', key: 'sshUser', kind: 'string', help: 'account the gateway logs in as (default: the user running the supervisor)' },
   { name: 'ssh-host-key', key: 'sshHostKey', kind: 'string', help: "file with the --ssh-target daemon's public host key (e.g. /etc/ssh/ssh_host_ed25519_key.pub); the gateway then refuses any other key" },
-  { name: 'keep-bytes-per-exec', key: 'keepBytesPerExec', kind: 'int', default: 8388608, min: 65536, max: 1024 * 1024 * 1024, help: 'embedded daemon: output kept per exec per stream for reattach; a command whose unsent output reaches it blocks' },
+  { name: 'keep-bytes-per-exec', key: 'keepBytesPerExec', kind: 'int', default: 8388608, min: 65536, max: 1024 * 1024 * 1024, help: 'embedded daemon: output kept per exec and stream for reattach (unsent output and sent history); a command whose unsent output reaches half of it blocks until a gateway reads it' },
   { name: 'keep-total-bytes', key: 'keepTotalBytes', kind: 'int', default: 268435456, min: 65536, max: 1024 * 1024 * 1024 * 1024, help: 'embedded daemon: output kept across all execs; finished execs are evicted oldest first beyond it' },
   { name: 'keep-finished-s', key: 'keepFinishedS', kind: 'int', default: 900, min: 0, max: 30 * 24 * 3600, help: 'embedded daemon: how long a finished exec keeps its exit status and output tail' },
   { name: 'ca', key: 'ca', kind: 'string', help: 'PEM CA certificate(s) to verify an https:// --gateway against (default: the system CAs)' },

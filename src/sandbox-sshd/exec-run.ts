@@ -1,10 +1,9 @@
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process'
 import { homedir } from 'node:os'
 import type { Logger } from 'pino'
-import type { ServerChannel } from 'ssh2'
-import { ChannelOutput } from './channel-output.js'
-import { exitOutcome, sendExitReport, type ExitOutcome } from './exit-report.js'
+import { exitOutcome, type ExitOutcome } from './exit-report.js'
 import { OutputPump } from './output-pump.js'
+import type { RunIo } from './run-io.js'
 import { signalProcessGroup, spawnFailureMessage, type Run, type RunOptions } from './run.js'
 
 // After the child exits its pipes may still hold its last output (up to one pipe buffer, 64 KiB
@@ -15,15 +14,14 @@ import { signalProcessGroup, spawnFailureMessage, type Run, type RunOptions } fr
 const CHILD_TAIL_BYTES = 2 * 1024 * 1024
 
 /**
- * One `exec` request: `/bin/sh -c <command>` in its own process group, wired to the channel.
- * Every terminal path (report sent, spawn failure, client gone) ends in #finish, which runs once.
- * The child is never killed by this class: like OpenSSH, a client that goes away leaves the
- * command running with its stdin closed and its output pipes gone.
+ * One `exec` request: `/bin/sh -c <command>` in its own process group, wired to its io (the
+ * channel, or a kept exec's spools). Every terminal path (report sent, spawn failure, client
+ * gone) ends in #finish, which runs once. The child is never killed by this class: like OpenSSH,
+ * a client that goes away leaves the command running with its stdin closed and its output pipes
+ * gone.
  */
 export class ExecRun implements Run {
-  readonly #channel: ServerChannel
-  // Both output streams go through this one writer (see ChannelOutput for the ssh2 bug it avoids).
-  readonly #output: ChannelOutput
+  readonly #io: RunIo
   readonly #opts: RunOptions
   readonly #log: Logger
   #child: ChildProcessWithoutNullStreams | undefined
@@ -34,18 +32,15 @@ export class ExecRun implements Run {
   #reporting = false
   #finished = false
 
-  constructor (channel: ServerChannel, opts: RunOptions) {
-    this.#channel = channel
-    this.#output = new ChannelOutput(channel)
+  constructor (io: RunIo, opts: RunOptions) {
+    this.#io = io
     this.#opts = opts
     this.#log = opts.logger
   }
 
   start (): void {
-    const channel = this.#channel
-    channel.on('error', (err: Error) => { this.#log.debug({ err }, 'exec channel error') })
-    channel.stderr.on('error', (err: Error) => { this.#log.debug({ err }, 'exec channel stderr error') })
-    channel.once('close', () => { this.abort('channel closed') })
+    const io = this.#io
+    io.onGone(() => { this.abort('channel closed') })
 
     let child: ChildProcessWithoutNullStreams
     try {
@@ -77,16 +72,16 @@ export class ExecRun implements Run {
       // The command need not read its stdin; EPIPE just means it closed it or exited.
       if (err.code !== 'EPIPE' && err.code !== 'ECONNRESET') this.#log.debug({ err }, 'child stdin error')
       // Keep accepting the client's input (and dropping it) so it is never stuck on a full window.
-      channel.unpipe(child.stdin)
-      channel.resume()
+      io.input.unpipe(child.stdin)
+      io.input.resume()
     })
     // pipe() also ends the child's stdin when the client sends EOF.
-    channel.pipe(child.stdin)
+    io.input.pipe(child.stdin)
 
     const onChange = (): void => { this.#onPumpChange() }
     this.#pumps = [
-      new OutputPump(child.stdout, this.#output.stdout, onChange),
-      new OutputPump(child.stderr, this.#output.stderr, onChange)
+      new OutputPump(child.stdout, io.stdout, onChange),
+      new OutputPump(child.stderr, io.stderr, onChange)
     ]
     // 'exit', not 'close': 'close' waits for the pipes, which a background grandchild can hold
     // open for as long as it lives.
@@ -148,9 +143,9 @@ export class ExecRun implements Run {
     // Stop reading before EOF goes out so nothing can be written after it. A grandchild that
     // still holds the pipes gets EPIPE from now on; it is not killed.
     for (const pump of this.#pumps) pump.stop()
-    this.#output.flush(() => {
+    this.#io.flush(() => {
       if (this.#finished) return
-      sendExitReport(this.#channel, outcome)
+      this.#io.report(outcome)
       this.#finish()
     })
   }
@@ -165,11 +160,11 @@ export class ExecRun implements Run {
       child.stdout.destroy()
       child.stderr.destroy()
     }
-    this.#output.stderr.write(spawnFailureMessage(err))
+    this.#io.stderr.write(spawnFailureMessage(err))
     // 127 is what a shell reports for a command it could not run.
-    this.#output.flush(() => {
+    this.#io.flush(() => {
       if (this.#finished) return
-      sendExitReport(this.#channel, { code: 127 })
+      this.#io.report({ code: 127 })
       this.#finish()
     })
   }
@@ -182,12 +177,10 @@ export class ExecRun implements Run {
     for (const pump of this.#pumps) pump.stop()
     const child = this.#child
     if (child !== undefined) {
-      this.#channel.unpipe(child.stdin)
+      this.#io.input.unpipe(child.stdin)
       child.stdin.destroy()
     }
-    // Drain and drop whatever the client still sends, so ssh2 sees the channel's end and
-    // completes its close.
-    this.#channel.resume()
+    this.#io.release()
     this.#opts.onFinish()
   }
 }

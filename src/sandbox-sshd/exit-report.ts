@@ -37,8 +37,9 @@ export function exitOutcomeOfNumbers (code: number, signal: number): ExitOutcome
  * `ServerChannel.exit()` only sends while `outgoing.state === 'open'`, i.e. before EOF, and
  * `channel.end()` on a server channel sends EOF and close back to back; so this goes to the
  * protocol object directly. Returns false when the channel was no longer open (client gone).
+ * `message` goes with an exit-signal (the keeper's timeout marker).
  */
-export function sendExitReport (channel: ServerChannel, outcome: ExitOutcome): boolean {
+export function sendExitReport (channel: ServerChannel, outcome: ExitOutcome, message = ''): boolean {
   const internals = channel as unknown as ChannelInternals
   if (internals.outgoing.state !== 'open') return false
   channel.eof()
@@ -48,7 +49,7 @@ export function sendExitReport (channel: ServerChannel, outcome: ExitOutcome): b
     protocol.exitStatus(id, outcome.code >>> 0)
   } else {
     try {
-      protocol.exitSignal(id, outcome.signal, false, '')
+      protocol.exitSignal(id, outcome.signal, false, message)
     } catch {
       // ssh2 only encodes the 13 RFC 4254 signal names and throws on others (BUS, SYS, XCPU...);
       // the shell convention 128 + N still tells the caller which signal it was.
@@ -58,22 +59,4 @@ export function sendExitReport (channel: ServerChannel, outcome: ExitOutcome): b
   }
   channel.close()
   return true
-}
-
-/**
- * Runs `then` once everything already handed to the channel has reached the protocol. Output may
- * still sit in the channel's buffers waiting for window space, and EOF bypasses those buffers; a
- * zero-length write on each side is a barrier whose callback runs after every earlier write has
- * gone out. A client that never reads again keeps this waiting until it closes the channel.
- */
-export function afterChannelFlushed (channel: ServerChannel, then: () => void): void {
-  const state = (channel as unknown as ChannelInternals).outgoing.state
-  if (state !== 'open' || !channel.writable || !channel.stderr.writable) {
-    then()
-    return
-  }
-  let pending = 2
-  const done = (): void => { if (--pending === 0) then() }
-  channel.write(Buffer.alloc(0), done)
-  channel.stderr.write(Buffer.alloc(0), done)
 }

@@ -3,9 +3,9 @@ import { homedir } from 'node:os'
 import type { ReadStream } from 'node:tty'
 import { spawn as spawnPty, type IDisposable, type IPty } from 'node-pty'
 import type { Logger } from 'pino'
-import type { ServerChannel } from 'ssh2'
-import { afterChannelFlushed, exitOutcomeOfNumbers, sendExitReport, type ExitOutcome } from './exit-report.js'
+import { exitOutcomeOfNumbers, type ExitOutcome } from './exit-report.js'
 import { PtyInput } from './pty-input.js'
+import type { RunIo } from './run-io.js'
 import { signalProcessGroup, spawnFailureMessage, type Run, type RunOptions } from './run.js'
 
 export interface PtyRunOptions extends RunOptions {
@@ -51,7 +51,7 @@ interface UnixTerminalInternals {
  * the terminal's equivalent of the pipe path's EPIPE; a command that ignores SIGHUP keeps running.
  */
 export class PtyRun implements Run {
-  readonly #channel: ServerChannel
+  readonly #io: RunIo
   readonly #opts: PtyRunOptions
   readonly #log: Logger
   #pty: IPty | undefined
@@ -68,17 +68,15 @@ export class PtyRun implements Run {
   #reporting = false
   #finished = false
 
-  constructor (channel: ServerChannel, opts: PtyRunOptions) {
-    this.#channel = channel
+  constructor (io: RunIo, opts: PtyRunOptions) {
+    this.#io = io
     this.#opts = opts
     this.#log = opts.logger
   }
 
   start (): void {
-    const channel = this.#channel
-    channel.on('error', (err: Error) => { this.#log.debug({ err }, 'pty channel error') })
-    channel.stderr.on('error', (err: Error) => { this.#log.debug({ err }, 'pty channel stderr error') })
-    channel.once('close', () => { this.abort('channel closed') })
+    const io = this.#io
+    io.onGone(() => { this.abort('channel closed') })
 
     const { command, term, cols, rows, env } = this.#opts
     // node-pty hands these to C as strings: a NUL would silently cut the command short.
@@ -123,10 +121,10 @@ export class PtyRun implements Run {
       // EIO: the terminal is closed; the client's input has nowhere to go.
       if (err.code !== 'EIO') this.#log.debug({ err }, 'pty input error')
       // Keep accepting the client's input (and dropping it) so it is never stuck on a full window.
-      channel.unpipe(input)
-      channel.resume()
+      io.input.unpipe(input)
+      io.input.resume()
     })
-    channel.pipe(input)
+    io.input.pipe(input)
   }
 
   signal (name: string): void {
@@ -159,11 +157,11 @@ export class PtyRun implements Run {
     if (this.#finished) return
     this.#readSinceCheck = true
     if (this.#childGone) this.#bytesAfterExit += chunk.length
-    if (this.#channel.write(chunk) || this.#blocked) return
+    if (this.#io.stdout.write(chunk) || this.#blocked) return
     if (this.#childGone && this.#bytesAfterExit < TAIL_BYTES) return
     this.#blocked = true
     this.#pty?.pause()
-    this.#channel.once('drain', this.#onDrain)
+    this.#io.stdout.once('drain', this.#onDrain)
   }
 
   readonly #onDrain = (): void => {
@@ -171,7 +169,7 @@ export class PtyRun implements Run {
   }
 
   #unblock (): void {
-    this.#channel.removeListener('drain', this.#onDrain)
+    this.#io.stdout.removeListener('drain', this.#onDrain)
     if (!this.#blocked) return
     this.#blocked = false
     this.#pty?.resume()
@@ -229,7 +227,7 @@ export class PtyRun implements Run {
     if (this.#reporting || this.#finished) return
     this.#log.warn({ err }, 'pty exec spawn failed')
     // A terminal has one output stream; the message goes where the command's errors would.
-    this.#channel.write(spawnFailureMessage(err))
+    this.#io.stdout.write(spawnFailureMessage(err))
     // 127 is what a shell reports for a command it could not run.
     this.#report({ code: 127 })
   }
@@ -238,9 +236,9 @@ export class PtyRun implements Run {
     if (this.#reporting || this.#finished) return
     this.#reporting = true
     this.#unblock()
-    afterChannelFlushed(this.#channel, () => {
+    this.#io.flush(() => {
       if (this.#finished) return
-      sendExitReport(this.#channel, outcome)
+      this.#io.report(outcome)
       this.#finish()
     })
   }
@@ -254,15 +252,13 @@ export class PtyRun implements Run {
     this.#subscriptions = []
     const input = this.#input
     if (input !== undefined) {
-      this.#channel.unpipe(input)
+      this.#io.input.unpipe(input)
       input.destroy()
     }
     // Closes our side of the terminal (a no-op once node-pty has); never signals anything. Not
     // node-pty's kill() or destroy(), which send SIGHUP to the shell themselves.
     this.#socket?.destroy()
-    // Drain and drop whatever the client still sends, so ssh2 sees the channel's end and
-    // completes its close.
-    this.#channel.resume()
+    this.#io.release()
     this.#opts.onFinish()
   }
 }

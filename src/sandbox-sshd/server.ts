@@ -6,6 +6,7 @@ import { authenticate, parseAuthorizedKeys, type AuthorizedKey } from './auth.js
 import { loadHostKey } from '../ssh-keys.js'
 import { EMBEDDED_SSHD_CLOSE_MS } from '../lifecycle/bounds.js'
 import { closeWithin } from '../lifecycle/close-within.js'
+import type { Keeper } from './keeper/keeper.js'
 import type { Run } from './run.js'
 import { serveSession } from './session.js'
 
@@ -27,6 +28,11 @@ export interface EmbeddedSshdOptions {
    * fixed 200 ms instead; see pty-run.ts.
    */
   exitDrainMs?: number
+  /**
+   * Keeps the execs the gateway tags for it, beyond their channel and connection
+   * (docs/keeper-protocol.md). Without it every exec is tied to its channel, as under OpenSSH.
+   */
+  keeper?: Keeper
 }
 
 export interface EmbeddedSshd {
@@ -64,7 +70,7 @@ export async function startEmbeddedSshd (opts: EmbeddedSshdOptions): Promise<Emb
       return
     }
     connections.add(conn)
-    const runs = new Set<Run>()
+    const runs = new Set<Pick<Run, 'abort'>>()
     // Pre-auth failures (bad packets, handshake errors) land here too; none may crash us.
     conn.on('error', (err: Error) => { connLog.debug({ err }, 'ssh connection error') })
     conn.on('authentication', (ctx) => {
@@ -75,6 +81,7 @@ export async function startEmbeddedSshd (opts: EmbeddedSshdOptions): Promise<Emb
       serveSession(session, {
         exitDrainMs,
         logger: connLog,
+        keeper: opts.keeper,
         track: (run) => {
           runs.add(run)
           return () => { runs.delete(run) }

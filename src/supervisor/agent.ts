@@ -9,6 +9,7 @@ import { H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, RELAY_PATH_PREFIX, SESSION_PATH
 import {
   decode, encode, GatewayMessages, LineSplitter, REASON_MAX_CHARS, SupervisorMessages, type GatewayMessage, type SupervisorMessage
 } from '../supervisor-plane/messages.js'
+import { Keeper } from '../sandbox-sshd/keeper/keeper.js'
 import { startEmbeddedSshd, type EmbeddedSshd } from '../sandbox-sshd/server.js'
 import { Backoff } from './backoff.js'
 import { bridge } from './bridge.js'
@@ -30,7 +31,14 @@ export interface SupervisorOptions {
   tls?: { ca?: string | Buffer | undefined, pinnedCertSha256?: string | undefined } | undefined
   logger: Logger
   connectTimeoutMs?: number
+  /**
+   * The embedded daemon's keeper bounds (--keep-bytes-per-exec, --keep-total-bytes,
+   * --keep-finished-s). The embedded daemon always keeps its execs; OpenSSH targets cannot.
+   */
+  keep?: { bytesPerExec?: number | undefined, totalBytes?: number | undefined, finishedS?: number | undefined } | undefined
 }
+
+const DEFAULT_KEEP = { bytesPerExec: 8 * 1024 * 1024, totalBytes: 256 * 1024 * 1024, finishedS: 900 }
 
 const DEFAULT_PING_INTERVAL_MS = 10_000
 const DEFAULT_PING_TIMEOUT_MS = 20_000
@@ -46,6 +54,7 @@ export class Supervisor {
   readonly #log: Logger
   readonly #backoff = new Backoff({ baseMs: 100, maxMs: 5000 })
   #embedded: EmbeddedSshd | undefined
+  #keeper: Keeper | undefined
   #client: ClientHttp2Session | undefined
   #stopped = false
   #loop: Promise<void> | undefined
@@ -66,8 +75,16 @@ export class Supervisor {
 
   async start (): Promise<void> {
     if (this.#opts.sshTarget === undefined) {
+      const log = this.#log.child({ component: 'sshd' })
+      const keep = this.#opts.keep
+      this.#keeper = new Keeper({
+        bytesPerExec: keep?.bytesPerExec ?? DEFAULT_KEEP.bytesPerExec,
+        totalBytes: keep?.totalBytes ?? DEFAULT_KEEP.totalBytes,
+        finishedS: keep?.finishedS ?? DEFAULT_KEEP.finishedS,
+        logger: log
+      })
       // Nobody may log in until the gateway has told us its key.
-      this.#embedded = await startEmbeddedSshd({ authorizedKeys: [], logger: this.#log.child({ component: 'sshd' }) })
+      this.#embedded = await startEmbeddedSshd({ authorizedKeys: [], logger: log, keeper: this.#keeper })
     }
     this.#loop = this.#run()
   }
@@ -78,6 +95,10 @@ export class Supervisor {
     for (const r of this.#relays) r.destroy()
     this.#client?.destroy()
     await this.#loop
+    // Kept execs outlive gateways, not their supervisor: with nobody left to collect their
+    // outcome they would run unobserved. TERM, then KILL after a grace.
+    await this.#keeper?.shutdown()
+    this.#keeper?.close()
     await this.#embedded?.close()
   }
 
@@ -221,7 +242,7 @@ export class Supervisor {
       req.on('error', (err) => finish(err))
       req.on('close', () => finish())
       client.once('close', () => finish())
-      const hello: SupervisorMessage = { type: 'hello', instanceId: this.#instanceId, sshHostKey: o.sshHostKey ?? this.#embedded?.hostPublicKey, sshUser: o.sshUser ?? os.userInfo().username }
+      const hello: SupervisorMessage = { type: 'hello', instanceId: this.#instanceId, sshHostKey: o.sshHostKey ?? this.#embedded?.hostPublicKey, sshUser: o.sshUser ?? os.userInfo().username, ...(this.#keeper === undefined ? {} : { keepsExecs: true }) }
       // The gateway checks it with the same schema and ignores a hello it cannot take.
       const own = decode(SupervisorMessages, Buffer.from(JSON.stringify(hello)))
       if (!own.ok) this.#log.error({ why: own.why }, 'the gateway will refuse this hello (check --ssh-user and --ssh-host-key)')
