@@ -106,6 +106,9 @@ export class ExecEntry extends EventEmitter {
   // from the journal before they are called, and they still see every byte, with no gap.
   append (stream: StreamName, data: Buffer): void {
     if (this.finished || data.length === 0) return
+    // Output only comes over a relay: a reattached channel's first bytes can arrive before the
+    // run has heard that its attach succeeded, and readers must see `restored` before them.
+    if (this.#relayLost) this.#setRelay(false)
     const journal = this[stream]
     const before = journal.retained
     const chunk = journal.append(data)
@@ -209,7 +212,11 @@ export class ExecEntry extends EventEmitter {
     const encoding = opts.encoding ?? 'utf8'
     if (this.#relayLost && !this.finished) send({ type: 'relay', state: 'lost' })
     const replays = STREAMS.map((stream) => ({ stream, ...this[stream].replayFrom(startOffset(opts, stream)) }))
-    const output = new ReaderOutput(encoding, send, { stdout: replays[0].begin, stderr: replays[1].begin })
+    // A reader may resume past what the journal holds yet: an exec rebuilt after a restart
+    // refills its journal from the daemon's replay, from before the reader's offset. What it
+    // has already seen is never sent again.
+    const begins = { stdout: Math.max(replays[0].begin, startOffset(opts, 'stdout')), stderr: Math.max(replays[1].begin, startOffset(opts, 'stderr')) }
+    const output = new ReaderOutput(encoding, send, begins)
     for (const r of replays) {
       if (r.gap !== undefined) send({ type: 'gap', stream: r.stream, from: r.gap.from, to: r.gap.to + (encoding === 'utf8' ? orphanBytes(r.chunks) : 0) })
     }
@@ -265,15 +272,20 @@ function startOffset (opts: AttachOptions, stream: StreamName): number {
 class ReaderOutput {
   readonly #encoding: AttachEncoding
   readonly #send: SendEvent
+  readonly #begins: Record<StreamName, number>
   #text: Record<StreamName, Utf8Framer>
 
   constructor (encoding: AttachEncoding, send: SendEvent, begins: Record<StreamName, number>) {
     this.#encoding = encoding
     this.#send = send
+    this.#begins = begins
     this.#text = { stdout: new Utf8Framer(begins.stdout), stderr: new Utf8Framer(begins.stderr) }
   }
 
-  write (stream: StreamName, chunk: JournalChunk): void {
+  write (stream: StreamName, whole: JournalChunk): void {
+    const begin = this.#begins[stream]
+    const chunk = whole.offset >= begin ? whole : { offset: begin, data: whole.data.subarray(begin - whole.offset) }
+    if (chunk.data.length === 0) return
     const end = chunk.offset + chunk.data.length
     if (this.#encoding === 'binary') this.#send({ type: stream, offset: chunk.offset, data: '' }, end, chunk.data)
     else if (this.#encoding === 'base64') this.#send({ type: stream, offset: chunk.offset, data: chunk.data.toString('base64') }, end)

@@ -218,6 +218,12 @@ export class SessionRegistry {
       const onAbort = (): void => { done(); reject(abortError(signal)) }
       const timer = setTimeout(() => {
         done()
+        // The supervisor that was asked went away and none came back: the sandbox is what is
+        // unavailable, not a supervisor that is slow to open its stream.
+        if (this.#sandboxes.get(sandboxId)?.session === undefined) {
+          reject(new GatewayError('sandbox_unavailable', `the supervisor of sandbox ${sandboxId} went away before it opened relay ${relayId}, and none was back within ${timeoutMs} ms`))
+          return
+        }
         reject(new GatewayError('relay_open_timeout', `the supervisor of sandbox ${sandboxId} did not open relay ${relayId} within ${timeoutMs} ms`))
       }, timeoutMs)
       this.#pending.set(relayId, {

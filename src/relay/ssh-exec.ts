@@ -63,6 +63,11 @@ export class SshExec {
     states._writableState.autoDestroy = false
     channel.on('data', (chunk: Buffer) => { if (!this.#finished) opts.onStdout(chunk) })
     channel.stderr.on('data', (chunk: Buffer) => { if (!this.#finished) opts.onStderr(chunk) })
+    // A Readable holds what is pushed before its first read, and 'data' starts that read only on
+    // the next tick: a burst that came with the channel's confirmation (a reattach's replay)
+    // would reach us stdout first, then stderr, not in the order the daemon sent it.
+    channel.read(0)
+    channel.stderr.read(0)
     channel.on('error', (err: Error) => opts.logger.debug({ err }, 'ssh channel error'))
     channel.stderr.on('error', (err: Error) => opts.logger.debug({ err }, 'ssh channel stderr error'))
     channel.on('drain', () => this.#wakeDrainWaiters())

@@ -15,6 +15,7 @@ import { createFaultKit, FAST } from '../helpers/fault-kit.js'
 const KEEPALIVE_BOUND = 300 * (3 + 1)
 const PING_BOUND = 400 + 400
 const SLACK = 1500
+const REATTACH_BOUND = FAST.reattachTimeoutMs!
 
 const kit = createFaultKit(FAST)
 const { gateway, supervisor, openssh, scripted } = kit
@@ -36,18 +37,22 @@ async function waitEnded (g: TestGateway, id: string, timeoutMs: number): Promis
 }
 
 describe('supervisor process faults', () => {
-  it('SIGSTOP of the supervisor mid-exec → 503 relay_unavailable within the keepalive/ping bound; SIGCONT → it serves again', async () => {
+  it('SIGSTOP of the supervisor mid-exec → 503 relay_unavailable within the keepalive/ping bound plus the reattach bound; SIGCONT → it serves again', async () => {
     const g = await gateway()
     const sup = supervisor(g, 'stop-me')
     await g.waitConnected('stop-me')
     const id = await execStart(g.publicUrl, 'stop-me', { command: ['sh', '-c', 'echo started; sleep 8'] })
     await waitRunning(g, id)
     sup.signal('SIGSTOP')
-    const { value: exec, ms } = await timed(waitEnded(g, id, Math.max(KEEPALIVE_BOUND, PING_BOUND) + SLACK))
+    // The exec is kept by the embedded daemon: the gateway tries to reattach for
+    // --reattach-timeout-ms before it gives up on a sandbox that does not answer.
+    const bound = Math.max(KEEPALIVE_BOUND, PING_BOUND) + REATTACH_BOUND + SLACK
+    const { value: exec, ms } = await timed(waitEnded(g, id, bound))
     expect(exec.status).toBe('failed')
     expect(exec.exitCode).toBeNull()
     expect(exec.error).toMatchObject({ code: 'relay_unavailable', status: 503 })
-    expect(ms).toBeLessThan(Math.max(KEEPALIVE_BOUND, PING_BOUND) + SLACK)
+    expect(exec.error.detail).toMatch(/reattach/)
+    expect(ms).toBeLessThan(bound)
     await g.waitDisconnected('stop-me', PING_BOUND + SLACK)
     expect((await api(g.publicUrl, 'GET', '/v1/sandboxes/stop-me')).body.status).toBe('disconnected')
     sup.signal('SIGCONT')
@@ -56,7 +61,7 @@ describe('supervisor process faults', () => {
     expect(r.body).toMatchObject({ exitCode: 0, stdout: 'back\n' })
   })
 
-  it('?wait=true caller gets 503 relay_unavailable when the supervisor is SIGKILLed mid-exec, within 3 s', async () => {
+  it('?wait=true caller gets 503 relay_unavailable when the supervisor is SIGKILLed mid-exec, within the reattach bound + 3 s', async () => {
     const g = await gateway()
     const sup = supervisor(g, 'kill-me')
     await g.waitConnected('kill-me')
@@ -65,8 +70,9 @@ describe('supervisor process faults', () => {
     const killedAt = Date.now()
     sup.signal('SIGKILL')
     const { value: r } = await pending
-    expect(Date.now() - killedAt).toBeLessThan(3000)
+    expect(Date.now() - killedAt).toBeLessThan(REATTACH_BOUND + 3000)
     expect(r.status).toBe(503)
+    expect(r.body.detail).toMatch(/reattach/)
     expect(r.headers.get('content-type')).toContain('application/problem+json')
     expect(r.body).toMatchObject({ code: 'relay_unavailable', status: 503 })
     expect(r.body.execId).toMatch(/^ex_/)

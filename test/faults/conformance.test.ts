@@ -22,6 +22,8 @@ import { createFaultKit, FAST } from '../helpers/fault-kit.js'
 
 const PING_BOUND = 400 + 400
 const SLACK = 1500
+// A kept exec (embedded daemon) whose relay is lost waits this long for a reattach before its 503.
+const REATTACH_BOUND = FAST.reattachTimeoutMs!
 
 // Commands that outlive their exec (a reset relay, a killed gateway) would keep sleeping after
 // the test; each such command records its pid (a process-group leader in both daemons) here.
@@ -152,7 +154,7 @@ async function openEventsReader (baseUrl: string, id: string, accept: string): P
 }
 
 describe('supervisor connection faults', () => {
-  it('half-open supervisor connection → 503 within ping interval + timeout, session removed, sandbox disconnected; a reconnect makes it usable again', async () => {
+  it('half-open supervisor connection → 503 within ping interval + timeout + the reattach bound, session removed, sandbox disconnected; a reconnect makes it usable again', async () => {
     // SSH keepalives far out of the way: only the HTTP/2 PING can catch this.
     const g = await gateway({ sshKeepaliveIntervalMs: 30_000, sessionWaitMs: 5000 })
     const sup = hostPort(g.supervisorUrl)
@@ -165,13 +167,13 @@ describe('supervisor connection faults', () => {
 
     const blackholedAt = performance.now()
     proxy.blackholeAll()
-    const exec = await waitEnded(g.publicUrl, id, PING_BOUND + SLACK + 1000)
+    const exec = await waitEnded(g.publicUrl, id, PING_BOUND + REATTACH_BOUND + SLACK + 1000)
     const failedMs = performance.now() - blackholedAt
     expect(exec.status).toBe('failed')
     expect(exec.exitCode).toBeNull()
     expect(exec.error).toMatchObject({ code: 'relay_unavailable', status: 503 })
     expect(exec.stdoutBytes).toBe(8)
-    expect(failedMs).toBeLessThan(PING_BOUND + SLACK)
+    expect(failedMs).toBeLessThan(PING_BOUND + REATTACH_BOUND + SLACK)
 
     // The session went with the connection.
     await g.waitDisconnected('half-open', 500)

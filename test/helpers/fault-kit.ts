@@ -18,7 +18,9 @@ export const FAST: Partial<GatewayConfig> = {
   closeWaitMs: 500,
   sessionWaitMs: 1500,
   relayOpenTimeoutMs: 1500,
-  sshReadyTimeoutMs: 2000
+  sshReadyTimeoutMs: 2000,
+  // Embedded-daemon execs are kept: a lost relay is reattached within this, then 503.
+  reattachTimeoutMs: 2000
 }
 
 export interface FaultKit {
