@@ -7,7 +7,9 @@
 //   2. execs per second with 50 concurrent clients (embedded, OpenSSH, and fresh ssh clients);
 //   3. stdout throughput of a 256 MiB random file to a WebSocket client (binary subprotocol and
 //      base64 JSON), sha256-checked, against `ssh … cat file > /dev/null`;
-//   4. gateway RSS per held silent exec and its CPU while 500 / 1,000 of them idle.
+//   4. gateway RSS per held silent exec and its CPU while 500 / 1,000 of them idle;
+//   5. sandbox-side memory per kept exec: the embedded daemon's supervisor process against the
+//      sshd processes serving the same execs, silent and after unread output.
 //
 // It prints a markdown table and writes bench/RESULTS.md (machine, date, exact commands). Goals
 // missed are reported, not failed: the run fails only when something is wrong (a bad exit code,
@@ -26,6 +28,7 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, it } from 'vitest
 import { ForeignMeter } from './interference.js'
 import { FILE_MIB, HOLD_STEPS, ONLY, RATE_CLIENTS, RATE_S, RESULTS_PATH } from './knobs.js'
 import { heldExecs } from './phases/hold.js'
+import { KEEP_N, keptExecs } from './phases/keep.js'
 import { execRate } from './phases/rate.js'
 import { roundTrip } from './phases/roundtrip.js'
 import { throughput } from './phases/throughput.js'
@@ -74,5 +77,9 @@ describe('exec-gateway benchmark', () => {
 
   it.runIf(ONLY.has('hold') && HOLD_STEPS.length > 0)(`held silent execs: ${HOLD_STEPS.join(' and ')} through one gateway`, async () => {
     await heldExecs(world)
+  })
+
+  it.runIf(ONLY.has('keep'))(`sandbox-side memory per kept exec: ${KEEP_N} at once, embedded daemon vs OpenSSH's sshd`, async () => {
+    await keptExecs(world)
   })
 })

@@ -10,7 +10,8 @@ export function setBaseUrl (url: string): void { baseUrl = url }
 
 export type HttpOutcome =
   | { ok: true, status: number, text: string, json: any }
-  | { ok: false, timedOut: boolean, error: string, partial: string }
+  // refused: the connection was refused, so the request never reached a gateway (it is down).
+  | { ok: false, timedOut: boolean, error: string, partial: string, refused?: boolean }
 
 // One request on its own connection (no keep-alive pool to race with), bounded by timeoutMs.
 export function httpCall (method: string, path: string, body: unknown, timeoutMs: number, headers: Record<string, string> = {}): Promise<HttpOutcome> {
@@ -44,7 +45,7 @@ export function httpCall (method: string, path: string, body: unknown, timeoutMs
       res.on('error', (err) => finish({ ok: false, timedOut: false, error: `response error: ${err.message}`, partial: partial() }))
       res.on('close', () => finish({ ok: false, timedOut: false, error: 'response closed before its end', partial: partial() }))
     })
-    req.on('error', (err) => finish({ ok: false, timedOut: false, error: `request error: ${err.message}`, partial: partial() }))
+    req.on('error', (err: NodeJS.ErrnoException) => finish({ ok: false, timedOut: false, error: `request error: ${err.message}`, partial: partial(), ...(err.code === 'ECONNREFUSED' ? { refused: true } : {}) }))
     const timer = setTimeout(() => {
       finish({ ok: false, timedOut: true, error: `no complete answer within ${timeoutMs} ms`, partial: partial() })
       req.destroy()
@@ -60,14 +61,27 @@ export interface ReadOptions {
   // WebSocket only: sent as stdin frames once open, then eof.
   stdin?: { data: Expected, frames: 'binary' | 'text', minChunk: number, maxChunk: number, rand: () => number }
 }
-export interface StreamRead { timedOut: boolean, error?: string, closeCode?: number, paused?: boolean, stdinSent?: number }
+// status: the HTTP status when the gateway refused the attach (404 for an exec it does not know).
+export interface StreamRead { timedOut: boolean, error?: string, status?: number, closeCode?: number, paused?: boolean, stdinSent?: number }
 
 const query = (o: ReadOptions): string => o.offsets === undefined || (o.offsets.stdout === 0 && o.offsets.stderr === 0) ? '' : `?stdoutOffset=${o.offsets.stdout}&stderrOffset=${o.offsets.stderr}`
 
 // GET /events as NDJSON, each complete line handed to onEvent; a line cut off is not an event.
 export function streamNdjson (execId: string, timeoutMs: number, onEvent: (ev: any) => void, o: ReadOptions = {}): Promise<StreamRead> {
+  return streamEvents('ndjson', execId, timeoutMs, onEvent, o)
+}
+
+// GET /events as SSE: each complete event's data handed to onEvent; the offsets to resume from
+// go in Last-Event-ID, as a reconnecting EventSource sends them (the id of the last event seen).
+export function streamSse (execId: string, timeoutMs: number, onEvent: (ev: any) => void, o: ReadOptions = {}): Promise<StreamRead> {
+  return streamEvents('sse', execId, timeoutMs, onEvent, o)
+}
+
+function streamEvents (format: 'ndjson' | 'sse', execId: string, timeoutMs: number, onEvent: (ev: any) => void, o: ReadOptions): Promise<StreamRead> {
   return new Promise((resolve) => {
-    const url = new URL(`/v1/execs/${execId}/events${query(o)}`, baseUrl)
+    const resume = o.offsets === undefined || (o.offsets.stdout === 0 && o.offsets.stderr === 0) ? undefined : `${o.offsets.stdout}-${o.offsets.stderr}`
+    const url = new URL(`/v1/execs/${execId}/events${format === 'sse' ? '' : query(o)}`, baseUrl)
+    const headers: Record<string, string> = format === 'sse' ? { accept: 'text/event-stream', ...(resume === undefined ? {} : { 'last-event-id': resume }) } : { accept: 'application/x-ndjson' }
     let settled = false
     let paused = false
     let pauseTimer: NodeJS.Timeout | undefined
@@ -78,11 +92,11 @@ export function streamNdjson (execId: string, timeoutMs: number, onEvent: (ev: a
       clearTimeout(pauseTimer)
       resolve(paused ? { ...r, paused } : r)
     }
-    const req = http.get({ host: url.hostname, port: Number(url.port), path: url.pathname + url.search, agent: false, headers: { accept: 'application/x-ndjson' } }, (res) => {
+    const req = http.get({ host: url.hostname, port: Number(url.port), path: url.pathname + url.search, agent: false, headers }, (res) => {
       if (res.statusCode !== 200) {
         const chunks: Buffer[] = []
         res.on('data', (c: Buffer) => chunks.push(c))
-        res.on('end', () => finish({ timedOut: false, error: `GET /events → HTTP ${res.statusCode}: ${Buffer.concat(chunks).toString('utf8').slice(0, 200)}` }))
+        res.on('end', () => finish({ timedOut: false, status: res.statusCode ?? 0, error: `GET /events → HTTP ${res.statusCode}: ${Buffer.concat(chunks).toString('utf8').slice(0, 200)}` }))
         res.on('error', (err) => finish({ timedOut: false, error: `GET /events → HTTP ${res.statusCode}, then ${err.message}` }))
         return
       }
@@ -95,9 +109,11 @@ export function streamNdjson (execId: string, timeoutMs: number, onEvent: (ev: a
         const lines = (rest + decoder.write(c)).split('\n')
         rest = lines.pop()!
         for (const line of lines) {
-          if (line.trim() === '') continue
+          // SSE: only the data lines carry the event (id and event name repeat what it says).
+          const data = format === 'sse' ? (line.startsWith('data: ') ? line.slice(6) : '') : line
+          if (data.trim() === '') continue
           let ev: unknown
-          try { ev = JSON.parse(line) } catch { parseError ??= `unparsable NDJSON line ${JSON.stringify(line.slice(0, 100))}`; continue }
+          try { ev = JSON.parse(data) } catch { parseError ??= `unparsable ${format} line ${JSON.stringify(line.slice(0, 100))}`; continue }
           onEvent(ev)
         }
         if (o.pause !== undefined && !paused && received >= o.pause.afterBytes) {
@@ -110,7 +126,7 @@ export function streamNdjson (execId: string, timeoutMs: number, onEvent: (ev: a
       res.on('error', (err) => finish({ timedOut: false, error: `response error: ${err.message}` }))
       res.on('close', () => finish({ timedOut: false, error: parseError ?? 'response closed before its end' }))
     })
-    req.on('error', (err) => finish({ timedOut: false, error: `request error: ${err.message}` }))
+    req.on('error', (err: NodeJS.ErrnoException) => finish({ timedOut: false, error: `request error: ${err.message}` }))
     const timer = setTimeout(() => { finish({ timedOut: true }); req.destroy() }, Math.max(1, timeoutMs))
   })
 }
@@ -169,7 +185,7 @@ export function streamWs (execId: string, timeoutMs: number, onEvent: (ev: any) 
       }
       pump()
     })
-    ws.on('unexpected-response', (_req, res) => { finish({ timedOut: false, error: `WebSocket refused: HTTP ${res.statusCode}` }); ws.terminate() })
+    ws.on('unexpected-response', (_req, res) => { finish({ timedOut: false, status: res.statusCode ?? 0, error: `WebSocket refused: HTTP ${res.statusCode}` }); ws.terminate() })
     ws.on('error', (err) => finish({ timedOut: false, error: `WebSocket error: ${err.message}` }))
     ws.on('close', (code) => finish({ timedOut: false, closeCode: code }))
   })

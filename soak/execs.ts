@@ -1,15 +1,19 @@
 // One exec, start to verdict: start it, read it the way its plan says (?wait=true, attached from
 // the start, attached late, paused, feeding stdin, or nobody attached until the end), and check
 // every byte, offset, gap, final event and close code against the plan; then the agents that
-// run execs back to back.
+// run execs back to back. Like any client, it goes on through a gateway restart: a refused
+// connection is tried again, a reader cut off reconnects from its offsets, and a ?wait=true
+// whose answer was cut off finds its exec again (see resume.ts).
 import { sleep } from '../test/helpers/wait.js'
-import { httpCall, streamNdjson, streamWs } from './clients.js'
+import { httpCall, type ReadOptions, type StreamRead } from './clients.js'
 import { StreamCheck } from './expected.js'
 import { KNOBS, MAX_EXECS_PER_AGENT, RUN_ID, SEED, rng } from './knobs.js'
 import { makePlan, planBytes, type Mode, type Plan, type Shape } from './plans.js'
-import { log, rel, sessionOf, world } from './world.js'
+import { callThrough, findExec, follow, postThrough } from './resume.js'
+import { log, rel, restartAllowance, restartedSince, world } from './world.js'
 
-type Outcome = 'exit' | 'error' | 'hung' | 'broken'
+// lost: a gateway restart took the exec with it (the restarted gateway does not know it).
+type Outcome = 'exit' | 'error' | 'lost' | 'hung' | 'broken'
 export interface Observation {
   key: string
   sandbox: string
@@ -28,6 +32,9 @@ export interface Observation {
   detail?: string
   execId?: string
   startedAt?: number
+  // Reader reconnects after a gateway restart cut it off, and relay lost/restored events seen.
+  reconnects: number
+  relayEvents: number
   // Output bytes received and checked, plus stdin bytes sent.
   bytes: number
   problems: string[]
@@ -73,6 +80,8 @@ class EventCheck {
   readonly #gaps: Partial<Record<Stream, Gap>> | undefined
   readonly #gapSeen = { stdout: false, stderr: false }
   #late = false
+  // The exec's record may have been rebuilt by a restarted gateway since the exec began.
+  readonly #rebuilt = (): boolean => restartedSince(this.#obs.t0)
 
   constructor (obs: Observation, plan: Plan, from: Record<Stream, number>, gaps: Partial<Record<Stream, Gap>> | undefined) {
     this.#obs = obs
@@ -92,18 +101,29 @@ class EventCheck {
       const want = this.#gaps?.[s]
       if (want !== undefined && !this.#gapSeen[s]) {
         this.#gapSeen[s] = true
-        problem(this.#obs, `${s} data at offset ${ev.offset} without the gap ${json(want)} first`)
+        if (!this.#rebuilt()) problem(this.#obs, `${s} data at offset ${ev.offset} without the gap ${json(want)} first`)
       }
       if (ev.offset !== this.out[s].offset) problem(this.#obs, `${s} event at offset ${ev.offset}, expected ${this.out[s].offset}`)
       this.out[s].feed(Buffer.from(String(ev.data), 'utf8'))
     } else if (ev.type === 'gap') {
       const s = ev.stream as Stream
       const want = this.#gaps?.[s]
+      // After a restart, a reader after the end gets what the successor holds: what the daemon
+      // kept, which need not be what the old gateway retained. It must still start at its offset.
+      if (this.#gaps !== undefined && this.#rebuilt() && !this.#gapSeen[s] && ev.from === this.out[s].offset && ev.to >= ev.from) {
+        this.#gapSeen[s] = true
+        this.out[s].skip(ev.to)
+        return
+      }
       if (this.#gaps === undefined) problem(this.#obs, `gap event seen by an attached reader: ${json(ev)}`)
       else if (want === undefined || this.#gapSeen[s] || ev.from !== want.from || ev.to !== want.to) problem(this.#obs, `gap ${json(ev)}, want ${want === undefined ? 'none' : json(want)}`)
       else { this.#gapSeen[s] = true; this.out[s].skip(ev.to) }
     } else if (ev.type === 'exit' || ev.type === 'error') {
       this.final = ev
+    } else if (ev.type === 'relay') {
+      // A kept exec's relay lost and reattached: not final, the bytes go on exactly.
+      if (ev.state !== 'lost' && ev.state !== 'restored') problem(this.#obs, `relay event with state ${json(ev.state)}`)
+      this.#obs.relayEvents++
     } else if (ev.type !== 'heartbeat') {
       problem(this.#obs, `unexpected event ${json(ev)}`)
     }
@@ -112,7 +132,7 @@ class EventCheck {
   finish (): void {
     for (const s of ['stdout', 'stderr'] as const) {
       const want = this.#gaps?.[s]
-      if (want !== undefined && !this.#gapSeen[s]) problem(this.#obs, `no gap event for ${s}, want ${json(want)}`)
+      if (want !== undefined && !this.#gapSeen[s] && !this.#rebuilt()) problem(this.#obs, `no gap event for ${s}, want ${json(want)}`)
     }
     this.#obs.bytes += this.out.stdout.offset + this.out.stderr.offset
   }
@@ -139,10 +159,20 @@ function judgeError (obs: Observation, e: { code: unknown, status: unknown, deta
   if (c !== undefined && !c.stderr.prefixOk()) problem(obs, `stderr of a failed exec is not a prefix of the expected: ${c.stderr.describe()}`)
 }
 
-// A later GET must say the same, field for field (CONTRACT §3).
-async function checkRecord (obs: Observation, plan: Plan): Promise<void> {
+// A later GET must say the same, field for field (CONTRACT §3). A restart since the answer may
+// have taken an OpenSSH exec's record with it.
+async function checkRecord (obs: Observation, plan: Plan, left: () => number): Promise<void> {
   if (obs.execId === undefined) return
-  const r = await httpCall('GET', `/v1/execs/${obs.execId}`, undefined, 5000)
+  let r = await callThrough('GET', `/v1/execs/${obs.execId}`, () => Math.max(left(), 5000))
+  if (r.ok && r.status === 404 && restartedSince(obs.t0)) { obs.notes.push('record gone after a gateway restart'); return }
+  // A successor rebuilds a kept exec that had ended as running until its daemon has replayed it.
+  const rebuiltSince = Date.now()
+  while (r.ok && r.status === 200 && (r.json.status === 'running' || r.json.status === 'pending') && obs.outcome !== 'error' &&
+    restartedSince(obs.t0) && Date.now() - rebuiltSince < 10_000) {
+    await sleep(200)
+    r = await callThrough('GET', `/v1/execs/${obs.execId}`, () => 5000)
+  }
+  if (Date.now() - rebuiltSince > 100) obs.notes.push(`after the gateway restart, GET said running for ${Date.now() - rebuiltSince} ms although the exec had ended`)
   if (!r.ok || r.status !== 200) { problem(obs, `GET /v1/execs/${obs.execId}: ${r.ok ? `HTTP ${r.status}` : r.error}`); return }
   const j = r.json
   if (j.startedAt !== null) obs.startedAt = Date.parse(j.startedAt)
@@ -155,31 +185,71 @@ async function checkRecord (obs: Observation, plan: Plan): Promise<void> {
   }
 }
 
-function gatewayViewOf (plan: Plan, execId: string | undefined): string {
-  const g = world.g
-  const e = execId !== undefined ? g.gw.execs.get(execId) : g.gw.execs.list({ sandboxId: plan.sandbox }).find((x) => x.spec.command[2] === plan.script)
-  if (e === undefined) return 'the gateway has no record of it'
-  const j = e.toJSON()
-  return `gateway record ${j.id}: status=${j.status} exitCode=${j.exitCode} error=${j.error === null ? 'null' : j.error.code} startedAt=${rel(j.startedAt === null ? undefined : Date.parse(j.startedAt))} endedAt=${rel(j.endedAt === null ? undefined : Date.parse(j.endedAt))} stdoutBytes=${j.stdoutBytes}/${plan.stdout.bytes} stderrBytes=${j.stderrBytes}/${plan.stderr.bytes}; sandbox session ${sessionOf(plan.sandbox) === undefined ? 'absent' : 'present'}`
+// What the gateway's own record says, for a hung exec's report.
+async function gatewayViewOf (plan: Plan, execId: string | undefined): Promise<string> {
+  let j: any
+  if (execId !== undefined) {
+    const r = await httpCall('GET', `/v1/execs/${execId}`, undefined, 3000)
+    j = r.ok && r.status === 200 ? r.json : undefined
+  } else {
+    const r = await httpCall('GET', `/v1/execs?sandboxId=${plan.sandbox}`, undefined, 3000)
+    j = r.ok && r.status === 200 ? (r.json.execs as any[]).find((x) => x.command[2] === plan.script) : undefined
+  }
+  const sb = await httpCall('GET', `/v1/sandboxes/${plan.sandbox}`, undefined, 3000)
+  const session = sb.ok && sb.status === 200 ? sb.json.status : 'unknown'
+  if (j === undefined) return `the gateway has no record of it (or did not answer); sandbox ${session}`
+  return `gateway record ${j.id}: status=${j.status} exitCode=${j.exitCode} error=${j.error === null ? 'null' : j.error.code} startedAt=${rel(j.startedAt === null ? undefined : Date.parse(j.startedAt))} endedAt=${rel(j.endedAt === null ? undefined : Date.parse(j.endedAt))} stdoutBytes=${j.stdoutBytes}/${plan.stdout.bytes} stderrBytes=${j.stderrBytes}/${plan.stderr.bytes}; sandbox ${session}`
 }
 
-function markHung (obs: Observation, plan: Plan, what: string): void {
+async function markHung (obs: Observation, plan: Plan, what: string): Promise<void> {
   obs.outcome = 'hung'
   obs.tEnd = Date.now()
-  obs.problems.push(`${what}: no answer within its bound of ${plan.boundMs} ms (planned ${plan.plannedMs} ms)`)
-  obs.gatewayView = gatewayViewOf(plan, obs.execId)
-  const started = obs.execId === undefined ? undefined : world.g.gw.execs.get(obs.execId)?.startedAt
-  if (started !== undefined) obs.startedAt = started.getTime()
+  obs.problems.push(`${what}: no answer within its bound of ${plan.boundMs} ms (planned ${plan.plannedMs} ms)${restartAllowance(obs.t0) > 0 ? ` + ${restartAllowance(obs.t0)} ms for gateway restarts` : ''}`)
+  obs.gatewayView = await gatewayViewOf(plan, obs.execId)
+}
+
+function markLost (obs: Observation, why: string): void {
+  obs.outcome = 'lost'
+  obs.tEnd = Date.now()
+  obs.detail = why
 }
 
 type Body = Record<string, unknown>
 
+// Reads an exec's events through restarts; false when it ended without a verdict on its events
+// (hung, lost, or no final event: the observation says which).
+async function readEvents (obs: Observation, id: string, mode: Exclude<Mode, 'wait'>, check: EventCheck, left: () => number, first: ReadOptions): Promise<StreamRead | undefined> {
+  const f = await follow(mode, id, obs.t0, left, check.feed, () => check.final !== undefined, () => ({ stdout: check.out.stdout.offset, stderr: check.out.stderr.offset }), first)
+  obs.reconnects += f.reconnects
+  if (f.lost !== undefined) { check.finish(); markLost(obs, f.lost); return undefined }
+  return f.s
+}
+
+// The exec of a POST whose answer a restart cut off, found again and read from 0 like a reader
+// attached from the start; lost when the successor never reports it.
+async function resumeDropped (plan: Plan, obs: Observation, left: () => number): Promise<string | undefined> {
+  const id = await findExec(plan.sandbox, plan.script, left)
+  if (id === undefined) {
+    if (left() <= 0) await markHung(obs, plan, 'POST cut off by a gateway restart; its exec was never found again')
+    else markLost(obs, 'POST cut off by a gateway restart; the successor never reported its exec')
+    return undefined
+  }
+  obs.execId = id
+  obs.reconnects++
+  return id
+}
+
 // POST ?wait=true; a failed exec's replayed /events must end with the same error.
 async function runWait (plan: Plan, obs: Observation, body: Body, left: () => number): Promise<boolean> {
-  const r = await httpCall('POST', `/v1/sandboxes/${plan.sandbox}/execs?wait=true`, body, left())
+  const r = await postThrough(`/v1/sandboxes/${plan.sandbox}/execs?wait=true`, body, left)
   obs.tEnd = Date.now()
+  if (r === 'dropped') {
+    const id = await resumeDropped(plan, obs, left)
+    if (id === undefined) return false
+    return await judgeEvents(plan, obs, id, 'ndjson', undefined, left, { offsets: { stdout: 0, stderr: 0 } }, false)
+  }
   if (!r.ok) {
-    if (r.timedOut) markHung(obs, plan, 'POST ?wait=true')
+    if (r.timedOut) await markHung(obs, plan, 'POST ?wait=true')
     else problem(obs, `POST ?wait=true ended without an answer: ${r.error}`)
     return false
   }
@@ -201,9 +271,11 @@ async function runWait (plan: Plan, obs: Observation, body: Body, left: () => nu
   let c: Checks | undefined
   if (obs.execId !== undefined) {
     const check = new EventCheck(obs, plan, { stdout: 0, stderr: 0 }, undefined)
-    const replay = await streamNdjson(obs.execId, 5000, check.feed)
+    const t = Date.now()
+    const replay = await streamNdjsonOnce(obs.execId, check)
     check.finish()
-    if (replay.error !== undefined || replay.timedOut) problem(obs, `replay of the failed exec: ${replay.error ?? 'timed out'}`)
+    if (restartedSince(t)) obs.notes.push('the replay of the failed exec was cut by a gateway restart')
+    else if (replay.error !== undefined || replay.timedOut) problem(obs, `replay of the failed exec: ${replay.error ?? 'timed out'}`)
     else if (check.final?.type !== 'error' || check.final.code !== b.code) problem(obs, `replay ends with ${json(check.final)}, the answer was ${b.code}`)
     c = check.out
   } else if (b.code !== 'too_many_requests') {
@@ -213,14 +285,18 @@ async function runWait (plan: Plan, obs: Observation, body: Body, left: () => nu
   return true
 }
 
+const streamNdjsonOnce = async (id: string, check: EventCheck): Promise<StreamRead> => await follow('ndjson', id, Date.now(), () => 5000, check.feed, () => true, () => ({ stdout: 0, stderr: 0 }), {}).then((f) => f.s)
+
 // GET until the exec has ended, or has printed `until` stdout bytes: the record then, or
-// undefined (hung, or a GET that failed).
+// undefined (hung, lost, or a GET that failed).
 async function pollRecord (plan: Plan, obs: Observation, left: () => number, until: 'end' | number): Promise<any> {
   for (;;) {
     const ms = left()
-    if (ms <= 0) { markHung(obs, plan, until === 'end' ? 'nobody attached: GET never showed the end' : `waiting for ${until} stdout bytes before attaching`); return undefined }
-    const r = await httpCall('GET', `/v1/execs/${obs.execId}`, undefined, Math.min(ms, 5000))
+    if (ms <= 0) { await markHung(obs, plan, until === 'end' ? 'nobody attached: GET never showed the end' : `waiting for ${until} stdout bytes before attaching`); return undefined }
+    const t = Date.now()
+    const r = await callThrough('GET', `/v1/execs/${obs.execId}`, left)
     if (!r.ok && r.timedOut && left() <= 0) continue
+    if (r.ok && r.status === 404 && restartedSince(t - 1000)) { markLost(obs, 'after the gateway restart, GET → 404: the successor did not get the exec back'); return undefined }
     if (!r.ok || r.status !== 200) { obs.tEnd = Date.now(); problem(obs, `GET /v1/execs/${obs.execId} while waiting: ${r.ok ? `HTTP ${r.status}` : r.error}`); return undefined }
     const j = r.json
     if (j.status === 'exited' || j.status === 'failed' || (typeof until === 'number' && j.stdoutBytes >= until)) return j
@@ -228,25 +304,60 @@ async function pollRecord (plan: Plan, obs: Observation, left: () => number, unt
   }
 }
 
-// POST, then a WebSocket or NDJSON reader: from the start, or once the plan's wait is over.
+// Reads the events (through restarts) and judges the final one.
+async function judgeEvents (plan: Plan, obs: Observation, id: string, mode: Exclude<Mode, 'wait'>, gaps: Partial<Record<Stream, Gap>> | undefined,
+  left: () => number, first: ReadOptions, ended: boolean): Promise<boolean> {
+  const check = new EventCheck(obs, plan, first.offsets ?? { stdout: 0, stderr: 0 }, gaps)
+  const s = await readEvents(obs, id, mode, check, left, first)
+  if (s === undefined) return false
+  if (!ended) obs.tEnd = Date.now()
+  if (s.timedOut) { await markHung(obs, plan, `${mode} reader${ended ? ' of an exec that had ended' : ''}`); return false }
+  if (s.error !== undefined) problem(obs, `${mode} reader: ${s.error}`)
+  check.finish()
+  obs.bytes += s.stdinSent ?? 0
+  const final = check.final
+  if (final === undefined) {
+    problem(obs, `${mode} stream ended without a final event (${check.events} events${s.closeCode === undefined ? '' : `, close code ${s.closeCode}`})`)
+    return false
+  }
+  if (plan.pause !== undefined && s.paused !== true && obs.reconnects === 0) obs.notes.push('the reader did not get to pause')
+  if (final.type === 'exit') {
+    judgeExit(obs, plan, final, check.out)
+    if (plan.stdin !== undefined && s.stdinSent !== plan.stdin.data.bytes) problem(obs, `exit after ${String(s.stdinSent)} of ${plan.stdin.data.bytes} stdin bytes were sent, before eof`)
+    if (mode === 'ws' && s.closeCode !== 1000) problem(obs, `WebSocket closed with ${s.closeCode} after exit, want 1000`)
+  } else {
+    judgeError(obs, { code: final.code, status: final.status, detail: final.message }, check.out)
+    if (mode === 'ws' && s.closeCode !== 1011) problem(obs, `WebSocket closed with ${s.closeCode} after error, want 1011`)
+  }
+  return true
+}
+
+// POST, then a WebSocket, NDJSON or SSE reader: from the start, or once the plan's wait is over.
 async function runAttached (plan: Plan, obs: Observation, body: Body, left: () => number): Promise<boolean> {
-  const r = await httpCall('POST', `/v1/sandboxes/${plan.sandbox}/execs`, body, Math.min(left(), 10_000))
-  if (!r.ok) {
-    if (r.timedOut) markHung(obs, plan, 'POST (no wait)')
-    else { obs.tEnd = Date.now(); problem(obs, `POST ended without an answer: ${r.error}`) }
-    return false
+  const r = await postThrough(`/v1/sandboxes/${plan.sandbox}/execs`, body, () => Math.min(left(), 10_000))
+  let id: string
+  if (r === 'dropped') {
+    const found = await resumeDropped(plan, obs, left)
+    if (found === undefined) return false
+    id = found
+  } else {
+    if (!r.ok) {
+      if (r.timedOut) await markHung(obs, plan, 'POST (no wait)')
+      else { obs.tEnd = Date.now(); problem(obs, `POST ended without an answer: ${r.error}`) }
+      return false
+    }
+    obs.httpStatus = r.status
+    if (r.status !== 201) {
+      obs.tEnd = Date.now()
+      if (typeof r.json?.code === 'string') judgeError(obs, r.json, undefined)
+      else problem(obs, `POST → unexpected HTTP ${r.status}: ${r.text.slice(0, 300)}`)
+      return false
+    }
+    id = String(r.json.id)
+    obs.execId = id
   }
-  obs.httpStatus = r.status
-  if (r.status !== 201) {
-    obs.tEnd = Date.now()
-    if (typeof r.json?.code === 'string') judgeError(obs, r.json, undefined)
-    else problem(obs, `POST → unexpected HTTP ${r.status}: ${r.text.slice(0, 300)}`)
-    return false
-  }
-  const id = String(r.json.id)
-  obs.execId = id
   let gaps: Partial<Record<Stream, Gap>> | undefined
-  let readMs = left()
+  let readLeft = left
   if (plan.attachAfter !== undefined) {
     const rec = await pollRecord(plan, obs, left, plan.attachAfter)
     if (rec === undefined) return false
@@ -254,37 +365,18 @@ async function runAttached (plan: Plan, obs: Observation, body: Body, left: () =
       // The answer is in; reading it back is bounded by its size.
       obs.tEnd = Date.now()
       gaps = gapsAfterEnd(rec, plan.offsets)
-      readMs = Math.max(left(), 5000 + Math.ceil(planBytes(plan) / 1000))
+      const readUntil = Date.now() + Math.max(left(), 5000 + Math.ceil(planBytes(plan) / 1000))
+      const t = Date.now()
+      readLeft = () => readUntil + restartAllowance(t) - Date.now()
     }
   }
-  const ended = gaps !== undefined
-  const check = new EventCheck(obs, plan, plan.offsets, gaps)
-  const opts = {
+  const mode = plan.mode === 'wait' ? 'ndjson' : plan.mode
+  const first: ReadOptions = {
     offsets: plan.offsets,
     ...(plan.pause === undefined ? {} : { pause: plan.pause }),
     ...(plan.stdin === undefined ? {} : { stdin: { ...plan.stdin, rand: rng(`${SEED}/stdin-chunks/${plan.key}`) } })
   }
-  const s = plan.mode === 'ws' ? await streamWs(id, readMs, check.feed, opts) : await streamNdjson(id, readMs, check.feed, opts)
-  if (!ended) obs.tEnd = Date.now()
-  if (s.timedOut) { markHung(obs, plan, `${plan.mode} reader${ended ? ' of an exec that had ended' : ''}`); return false }
-  if (s.error !== undefined) problem(obs, `${plan.mode} reader: ${s.error}`)
-  check.finish()
-  obs.bytes += s.stdinSent ?? 0
-  const final = check.final
-  if (final === undefined) {
-    problem(obs, `${plan.mode} stream ended without a final event (${check.events} events${s.closeCode === undefined ? '' : `, close code ${s.closeCode}`})`)
-    return false
-  }
-  if (plan.pause !== undefined && s.paused !== true) obs.notes.push('the reader did not get to pause')
-  if (final.type === 'exit') {
-    judgeExit(obs, plan, final, check.out)
-    if (plan.stdin !== undefined && s.stdinSent !== plan.stdin.data.bytes) problem(obs, `exit after ${String(s.stdinSent)} of ${plan.stdin.data.bytes} stdin bytes were sent, before eof`)
-    if (plan.mode === 'ws' && s.closeCode !== 1000) problem(obs, `WebSocket closed with ${s.closeCode} after exit, want 1000`)
-  } else {
-    judgeError(obs, { code: final.code, status: final.status, detail: final.message }, check.out)
-    if (plan.mode === 'ws' && s.closeCode !== 1011) problem(obs, `WebSocket closed with ${s.closeCode} after error, want 1011`)
-  }
-  return true
+  return await judgeEvents(plan, obs, id, mode, gaps, readLeft, first, gaps !== undefined)
 }
 
 async function runExec (plan: Plan): Promise<Observation> {
@@ -302,19 +394,24 @@ async function runExec (plan: Plan): Promise<Observation> {
     tEnd: t0,
     outcome: 'broken',
     bytes: 0,
+    reconnects: 0,
+    relayEvents: 0,
     problems: [],
     notes: []
   }
-  const left = (): number => t0 + plan.boundMs - Date.now()
+  // A gateway restart adds its outage and the reconnect after it to the bound.
+  const left = (): number => t0 + plan.boundMs + restartAllowance(t0) - Date.now()
   const body: Body = { command: ['sh', '-c', plan.script], env: { SOAK_RUN: RUN_ID }, ...(plan.interactive ? { interactive: true } : {}) }
   try {
     const answered = plan.mode === 'wait' ? await runWait(plan, obs, body, left) : await runAttached(plan, obs, body, left)
     if (answered) {
-      await checkRecord(obs, plan)
+      await checkRecord(obs, plan, left)
       // Megabytes would otherwise stay in the gateway for the TTL.
       if (obs.execId !== undefined && planBytes(plan) > LARGE_BYTES) {
-        const d = await httpCall('DELETE', `/v1/execs/${obs.execId}`, undefined, 5000)
-        if (!d.ok || d.status !== 204) problem(obs, `DELETE of the ended exec: ${d.ok ? `HTTP ${d.status}` : d.error}`)
+        const t = Date.now()
+        const d = await callThrough('DELETE', `/v1/execs/${obs.execId}`, () => 5000)
+        const gone = d.ok && d.status === 404 && restartedSince(Math.min(t, obs.t0))
+        if (!gone && (!d.ok || d.status !== 204)) problem(obs, `DELETE of the ended exec: ${d.ok ? `HTTP ${d.status}` : d.error}`)
       }
     }
   } catch (err) {

@@ -21,7 +21,9 @@ export const SEED = process.env.SOAK_SEED !== undefined && process.env.SOAK_SEED
 export const MAX_EXECS_PER_AGENT = 100_000
 export const RUN_ID = `${process.pid}-${Date.now()}`
 
-export const ALL_FAULT_KINDS = ['kill', 'stop', 'blackhole', 'reset', 'wedge'] as const
+// gateway-restart: SIGKILL of the gateway process and a successor on the same ports and data dir;
+// it hits every sandbox at once. The others hit one sandbox.
+export const ALL_FAULT_KINDS = ['kill', 'stop', 'blackhole', 'reset', 'wedge', 'gateway-restart'] as const
 export type FaultKind = typeof ALL_FAULT_KINDS[number]
 export const FAULT_KINDS: FaultKind[] = (() => {
   const raw = process.env.SOAK_FAULTS
@@ -34,14 +36,19 @@ export const FAULT_KINDS: FaultKind[] = (() => {
 
 const MIB = 1024 * 1024
 
-// Short liveness knobs so that faults resolve in seconds.
+// Short liveness knobs so that faults resolve in seconds; the gateway process gets them as flags.
 export const KNOBS = {
   sshKeepaliveIntervalMs: 1000,
   sshKeepaliveCountMax: 3,
   h2PingIntervalMs: 1000,
   h2PingTimeoutMs: 1000,
   closeWaitMs: 500,
-  sessionWaitMs: 5000,
+  // Covers the supervisors' reconnect backoff (at most 5 s between tries) after a gateway
+  // restart, plus the successor's start: execs of a sandbox still reconnecting wait, and
+  // unknown exec ids wait for the daemons to report what they kept.
+  sessionWaitMs: 10000,
+  // A kept exec (embedded daemon) whose relay was lost waits this long for its reattach.
+  reattachTimeoutMs: 6000,
   relayOpenTimeoutMs: 5000,
   sshReadyTimeoutMs: 5000,
   // Short, so that the sweeper runs during the soak and RSS shows retention, not accumulation.
@@ -52,10 +59,24 @@ export const KNOBS = {
 
 export const KEEPALIVE_BOUND_MS = KNOBS.sshKeepaliveIntervalMs * (KNOBS.sshKeepaliveCountMax + 1)
 export const PING_BOUND_MS = KNOBS.h2PingIntervalMs + KNOBS.h2PingTimeoutMs
-export const DETECTION_BOUND_MS = Math.max(KEEPALIVE_BOUND_MS, PING_BOUND_MS, KNOBS.sessionWaitMs, KNOBS.relayOpenTimeoutMs, KNOBS.sshReadyTimeoutMs)
+// A kept exec's lost relay is seen within the ping bound, then waits for its reattach.
+export const DETECTION_BOUND_MS = Math.max(KEEPALIVE_BOUND_MS, PING_BOUND_MS + KNOBS.reattachTimeoutMs, KNOBS.sessionWaitMs, KNOBS.relayOpenTimeoutMs, KNOBS.sshReadyTimeoutMs)
 // A fault that lasts longer than this must have been detected by the gateway (ping / keepalive
 // bound plus margin); a running exec that still reports an exit through it "survived" it.
-export const MUST_DETECT_MS: Record<FaultKind, number> = { kill: 0, reset: 0, stop: PING_BOUND_MS + 1500, blackhole: PING_BOUND_MS + 1500, wedge: KEEPALIVE_BOUND_MS + 1500 }
+export const MUST_DETECT_MS: Record<FaultKind, number> = { kill: 0, reset: 0, stop: PING_BOUND_MS + 1500, blackhole: PING_BOUND_MS + 1500, wedge: KEEPALIVE_BOUND_MS + 1500, 'gateway-restart': 0 }
+// A stop or blackhole of an embedded sandbox up to this long must be bridged by the reattach:
+// the loss is seen within the ping bound, and the supervisor is back (reconnect included)
+// with time to spare before --reattach-timeout-ms runs out. Longer ones may end in 503.
+export const SHORT_FAULT_MS = KNOBS.reattachTimeoutMs - 2000
+// An exec that started on the embedded daemon at least this long before a fault was kept by it
+// and must survive the fault; one that had not (relay open, SSH handshake, exec request still in
+// flight) may honestly end in 503, or be lost to a gateway restart.
+export const KEPT_AFTER_MS = 500
+// Time a gateway restart adds to the bound of every exec it hits: its down time (measured) plus
+// the session wait for its supervisors to come back and report, plus a reattach.
+export const RESTART_ALLOWANCE_MS = KNOBS.sessionWaitMs + KNOBS.reattachTimeoutMs
+// Fewest seconds between two gateway restarts: each one hits every exec in flight.
+export const RESTART_EVERY_S = intEnv('SOAK_RESTART_EVERY_S', 25, 1, 86_400)
 
 // ---------------------------------------------------------------- seeded randomness
 

@@ -4,9 +4,9 @@ import { createHash } from 'node:crypto'
 import { Expected } from './expected.js'
 import { between, DETECTION_BOUND_MS, KNOBS, pick, rng, SEED, seededBytes, SHAPES_PCT, SLACK_MS, type Rand } from './knobs.js'
 
-export type Mode = 'wait' | 'ws' | 'ndjson'
+export type Mode = 'wait' | 'ws' | 'ndjson' | 'sse'
 
-// classic: the long, mostly silent script below, read by ?wait=true, a WebSocket or NDJSON.
+// classic: the long, mostly silent script below, read by ?wait=true, a WebSocket, NDJSON or SSE.
 // The others are the large shapes: a burst of megabytes on one stream then a write to the
 // other (or interleaved bursts) with nobody attached, read after the end; readers that attach
 // late (while it runs, or after the end past retention); readers that stop reading for
@@ -133,7 +133,7 @@ export function makePlan (agent: number, seq: number, sandbox: string): Plan {
   const shape = drawShape(r, agent, seq)
   const s = new Script(key, shape)
   const p: Omit<Plan, 'script' | 'stdout' | 'stderr' | 'exitCode' | 'sleepMs' | 'plannedMs' | 'boundMs'> = {
-    key, agent, seq, sandbox, shape, mode: pick(r, ['ws', 'ndjson'] as const), interactive: false, offsets: { stdout: 0, stderr: 0 }
+    key, agent, seq, sandbox, shape, mode: pick(r, ['ws', 'ndjson', 'sse'] as const), interactive: false, offsets: { stdout: 0, stderr: 0 }
   }
   let extraMs = 0
   switch (shape) {
@@ -144,7 +144,7 @@ export function makePlan (agent: number, seq: number, sandbox: string): Plan {
       classicBurst(r, s, 2, true)
       if (r() < 0.3) classicBurst(r, s, 1, false)
       const m = r()
-      p.mode = m < 0.7 ? 'wait' : m < 0.85 ? 'ws' : 'ndjson'
+      p.mode = m < 0.7 ? 'wait' : m < 0.8 ? 'ws' : m < 0.9 ? 'ndjson' : 'sse'
       break
     }
     case 'burst-out-err':

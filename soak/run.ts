@@ -1,29 +1,31 @@
 // The soak's three phases before the verdicts: set the world up, run the agents under chaos while
 // measuring the gateway's process, and wait for the gateway to drain back to nothing running.
 import { readFileSync } from 'node:fs'
-import { startGateway, type TestGateway } from '../test/helpers/gateway.js'
 import { startTcpProxy, type TcpProxy } from '../test/helpers/tcp-proxy.js'
 import { startOpenSshd, type OpenSshd } from '../test/helpers/openssh.js'
 import { sleep } from '../test/helpers/wait.js'
-import { setBaseUrl } from './clients.js'
+import { httpCall, setBaseUrl } from './clients.js'
 import { agentLoop, observations } from './execs.js'
+import { procStats, SoakGateway } from './gateway.js'
 import {
   AGENTS, CHAOS_MAX_MS, CHAOS_MIN_MS, DETECTION_BOUND_MS, DURATION_S, FAULT_KINDS, KEEPALIVE_BOUND_MS, KNOBS,
-  OPENSSH_SANDBOXES, PING_BOUND_MS, RUN_ID, SANDBOXES, SEED, SHAPES_PCT, SLACK_MS
+  OPENSSH_SANDBOXES, PING_BOUND_MS, RESTART_EVERY_S, RUN_ID, SANDBOXES, SEED, SHAPES_PCT, SHORT_FAULT_MS, SLACK_MS
 } from './knobs.js'
 import { codeVersion, heapAfterGcMb } from './report.js'
-import { chaosLoop, log, rel, startSupervisor, world } from './world.js'
+import { chaosLoop, log, rel, sandboxView, startSupervisor, world } from './world.js'
 
 // The gateway, one OpenSSH daemon when some sandboxes use it, and every sandbox's supervisor
 // behind its own TCP fault proxy, all connected.
-export async function setUpWorld (): Promise<TestGateway> {
+export async function setUpWorld (): Promise<SoakGateway> {
   const { cleanups, sandboxes } = world
-  const g = world.g = await startGateway(KNOBS)
+  const g = world.gw = new SoakGateway()
   cleanups.push(async () => { await g.close() })
+  await g.start()
+  // A restart keeps the ports, so this stays the gateway's address.
   setBaseUrl(g.publicUrl)
   let sshd: OpenSshd | undefined
   if (OPENSSH_SANDBOXES > 0) {
-    const d = sshd = await startOpenSshd({ authorizedKeys: [g.gw.identity.publicKey], logLevel: 'ERROR' })
+    const d = sshd = await startOpenSshd({ authorizedKeys: [g.publicKey], logLevel: 'ERROR' })
     cleanups.push(async () => { await d.close() })
   }
   const supervisorUrl = new URL(g.supervisorUrl)
@@ -43,46 +45,75 @@ export async function setUpWorld (): Promise<TestGateway> {
   }
   // Every supervisor ever started (restarts too) is stopped at the end, first of all.
   cleanups.push(async () => { await Promise.all(world.allSupervisors.map(async (s) => { await s.stop() })) })
-  for (const sb of sandboxes) await g.waitConnected(sb.id, 30_000)
+  for (let i = 0; ; i++) {
+    const v = await sandboxView()
+    if (sandboxes.every((sb) => v?.get(sb.id)?.status === 'connected')) break
+    if (i >= 300) throw new Error(`not every supervisor connected within 30 s: ${JSON.stringify([...(v ?? new Map()).entries()])}`)
+    await sleep(100)
+  }
 
   log(`[soak] code ${codeVersion()}`)
-  log(`[soak] seed=${SEED} run=${RUN_ID} duration=${DURATION_S}s agents=${AGENTS} sandboxes=${SANDBOXES} (openssh ${OPENSSH_SANDBOXES}) faults=${FAULT_KINDS.join(',') || 'none'} chaos every ${CHAOS_MIN_MS}-${CHAOS_MAX_MS} ms; large shapes ${SHAPES_PCT}% of execs`)
-  log(`[soak] bounds: keepalive ${KEEPALIVE_BOUND_MS} ms, ping ${PING_BOUND_MS} ms, session wait ${KNOBS.sessionWaitMs} ms, relay open ${KNOBS.relayOpenTimeoutMs} ms, ssh ready ${KNOBS.sshReadyTimeoutMs} ms → exec bound = planned + ${DETECTION_BOUND_MS} + close wait ${KNOBS.closeWaitMs} + slack ${SLACK_MS} ms`)
+  log(`[soak] gateway: exec-gateway serve pid ${g.pid} at ${g.publicUrl} (supervisors ${g.supervisorUrl}), data dir ${g.dataDir}`)
+  log(`[soak] seed=${SEED} run=${RUN_ID} duration=${DURATION_S}s agents=${AGENTS} sandboxes=${SANDBOXES} (openssh ${OPENSSH_SANDBOXES}) faults=${FAULT_KINDS.join(',') || 'none'} chaos every ${CHAOS_MIN_MS}-${CHAOS_MAX_MS} ms, a gateway restart at most every ${RESTART_EVERY_S} s; large shapes ${SHAPES_PCT}% of execs`)
+  log(`[soak] bounds: keepalive ${KEEPALIVE_BOUND_MS} ms, ping ${PING_BOUND_MS} ms, reattach ${KNOBS.reattachTimeoutMs} ms (embedded stop/blackhole up to ${SHORT_FAULT_MS} ms must be bridged), session wait ${KNOBS.sessionWaitMs} ms, relay open ${KNOBS.relayOpenTimeoutMs} ms, ssh ready ${KNOBS.sshReadyTimeoutMs} ms → exec bound = planned + ${DETECTION_BOUND_MS} + close wait ${KNOBS.closeWaitMs} + slack ${SLACK_MS} ms (+ each gateway restart's outage + ${KNOBS.sessionWaitMs + KNOBS.reattachTimeoutMs} ms)`)
   return g
 }
 
-// What the gateway's process (which is also the driver's) did during the load.
+// A gauge of the gateway's /metrics, or undefined when it does not answer.
+async function metric (name: string): Promise<number | undefined> {
+  const r = await httpCall('GET', '/metrics', undefined, 3000)
+  if (!r.ok || r.status !== 200) return undefined
+  const m = new RegExp(`^${name} (\\S+)$`, 'm').exec(r.text)
+  return m === null ? undefined : Number(m[1])
+}
+
+// What the gateway's processes (one per restart) and the driver did during the load.
 export interface LoadMeasure {
+  // The gateway process: RSS (bytes) at the start, the peak over all its processes, and the
+  // V8 heap in use at the start as its /metrics report it (no forced GC: it is another process).
   rssStart: number
   rssPeak: number
-  heapStartMb: number
+  heapStartMb: number | undefined
   // When the last agent returned: the drain after the deadline ends here.
   drainedAt: number
   loadS: number
-  cpuPctOfCore: number
+  gatewayCpuPctOfCore: number
+  driverCpuPctOfCore: number
+  driverHeapStartMb: number
   // Busy share of the whole machine, or undefined where /proc/stat says nothing.
   machineBusyPct: number | undefined
   warnings: Map<string, number>
 }
 
 // The agents and the chaos loop until the deadline, and until every exec in flight has ended.
-export async function runUnderChaos (g: TestGateway): Promise<LoadMeasure> {
+export async function runUnderChaos (g: SoakGateway): Promise<LoadMeasure> {
   world.runStart = Date.now()
   world.deadline = world.runStart + DURATION_S * 1000
   const warnings = new Map<string, number>()
   const onWarning = (w: Error): void => { const k = `${w.name}: ${w.message.slice(0, 120)}`; warnings.set(k, (warnings.get(k) ?? 0) + 1) }
   process.on('warning', onWarning)
   world.cleanups.push(async () => { process.off('warning', onWarning) })
-  const rssStart = process.memoryUsage.rss()
-  const heapStartMb = heapAfterGcMb()
+  // CPU seconds of each gateway process, as last read (a killed one keeps its last reading).
+  const gwCpu = new Map<number, number>()
+  const sample = (): number => {
+    const st = procStats(g.pid)
+    if (st !== undefined) gwCpu.set(g.pid, st.cpuS)
+    return st?.rss ?? 0
+  }
+  const rssStart = sample()
+  const cpuAtStart = [...gwCpu.values()].reduce((a, b) => a + b, 0)
+  const heapStartMb = await metric('nodejs_heap_size_used_bytes').then((b) => b === undefined ? undefined : b / 2 ** 20)
+  const driverHeapStartMb = heapAfterGcMb()
   const cpuStart = process.cpuUsage()
   const machineStart = machineCpu()
   let rssPeak = rssStart
-  const sampler = setInterval(() => { rssPeak = Math.max(rssPeak, process.memoryUsage.rss()) }, 1000)
+  const sampler = setInterval(() => { rssPeak = Math.max(rssPeak, sample()) }, 500)
   const progress = setInterval(() => {
-    const n = observations.length
-    const bad = observations.filter((o) => o.outcome === 'hung' || o.problems.length > 0).length
-    log(`[soak ${rel(Date.now())}] execs done=${n} flagged=${bad} gw.running=${g.gw.execs.running} pendingRelays=${g.gw.registry.pendingCount()} faults=${world.faults.length} rss=${(process.memoryUsage.rss() / 2 ** 20).toFixed(0)}MB`)
+    void metric('exec_gateway_active_execs').then((active) => {
+      const n = observations.length
+      const bad = observations.filter((o) => o.outcome === 'hung' || o.problems.length > 0).length
+      log(`[soak ${rel(Date.now())}] execs done=${n} flagged=${bad} gw.active=${active ?? 'down'} gw.pid=${g.pid} faults=${world.faults.length} restarts=${g.restarts.length} gw.rss=${(sample() / 2 ** 20).toFixed(0)}MB`)
+    })
   }, 10_000)
   try {
     await Promise.all([chaosLoop(), ...Array.from({ length: AGENTS }, async (_, i) => { await agentLoop(i) })])
@@ -90,42 +121,58 @@ export async function runUnderChaos (g: TestGateway): Promise<LoadMeasure> {
     clearInterval(sampler)
     clearInterval(progress)
   }
+  sample()
   const drainedAt = Date.now()
   const cpu = process.cpuUsage(cpuStart)
   const machineEnd = machineCpu()
   const loadS = (drainedAt - world.runStart) / 1000
+  const gwCpuS = [...gwCpu.values()].reduce((a, b) => a + b, 0) - cpuAtStart
   return {
     rssStart,
     rssPeak,
     heapStartMb,
     drainedAt,
     loadS,
-    cpuPctOfCore: ((cpu.user + cpu.system) / 1e6) / loadS * 100,
+    gatewayCpuPctOfCore: gwCpuS / loadS * 100,
+    driverCpuPctOfCore: ((cpu.user + cpu.system) / 1e6) / loadS * 100,
+    driverHeapStartMb,
     machineBusyPct: machineEnd.total > machineStart.total ? ((machineEnd.busy - machineStart.busy) / (machineEnd.total - machineStart.total)) * 100 : undefined,
     warnings
   }
 }
 
-// What the gateway still holds once the agents are done: it must be back to no running exec,
-// no pending relay and no active exec counted on any sandbox.
+// What the gateway still holds once the agents are done: it must be back to no running exec and
+// no active exec counted on any sandbox. What a client can see: its /metrics and its API.
 export interface Leftovers {
   running: number
-  pending: number
   active: string[]
-  execs: ReturnType<TestGateway['gw']['execs']['list']>
+  execs: Array<{ id: string, sandboxId: string, status: string, createdAt: string, startedAt: string | null, command: string[] }>
   rssEnd: number
+  heapEndMb: number | undefined
   retained: number
+  retainedBytes: number | undefined
 }
 
-export async function awaitDrain (g: TestGateway): Promise<Leftovers> {
-  for (let i = 0; i < 300 && (g.gw.execs.running > 0 || g.gw.registry.pendingCount() > 0); i++) await sleep(50)
+export async function awaitDrain (g: SoakGateway): Promise<Leftovers> {
+  let running = -1
+  let active: string[] = []
+  for (let i = 0; i < 150; i++) {
+    running = await metric('exec_gateway_active_execs') ?? -1
+    const v = await sandboxView()
+    active = v === undefined ? ['(no answer)'] : [...v.entries()].filter(([, s]) => s.activeExecs !== 0).map(([id, s]) => `${id}:${s.activeExecs}`)
+    if (running === 0 && active.length === 0) break
+    await sleep(100)
+  }
+  const all = await httpCall('GET', '/v1/execs', undefined, 10_000)
+  const execs: Leftovers['execs'] = all.ok && all.status === 200 ? all.json.execs : []
   return {
-    running: g.gw.execs.running,
-    pending: g.gw.registry.pendingCount(),
-    active: g.gw.registry.list().map((s) => s.id).filter((id) => g.gw.execs.activeIn(id) !== 0).map((id) => `${id}:${g.gw.execs.activeIn(id)}`),
-    execs: g.gw.execs.list({ status: 'running' }).concat(g.gw.execs.list({ status: 'pending' })),
-    rssEnd: process.memoryUsage.rss(),
-    retained: g.gw.execs.size
+    running,
+    active,
+    execs: execs.filter((e) => e.status === 'running' || e.status === 'pending'),
+    rssEnd: procStats(g.pid)?.rss ?? 0,
+    heapEndMb: await metric('nodejs_heap_size_used_bytes').then((b) => b === undefined ? undefined : b / 2 ** 20),
+    retained: execs.length,
+    retainedBytes: await metric('exec_gateway_retained_bytes')
   }
 }
 

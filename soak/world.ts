@@ -1,12 +1,13 @@
-// The world the soak runs in: the gateway, the sandboxes (a supervisor behind a TCP fault proxy
-// each), the faults injected and the execs observed, the cleanup, and the chaos loop.
+// The world the soak runs in: the gateway process, the sandboxes (a supervisor behind a TCP fault
+// proxy each), the faults injected and the execs observed, the cleanup, and the chaos loop.
 import { readdirSync, readFileSync } from 'node:fs'
-import type { TestGateway } from '../test/helpers/gateway.js'
 import { startSupervisorProcess, type SupervisorProcess } from '../test/helpers/supervisor-process.js'
 import type { TcpProxy } from '../test/helpers/tcp-proxy.js'
 import { sandboxAccount } from '../test/helpers/openssh.js'
 import { sleep } from '../test/helpers/wait.js'
-import { CHAOS_MAX_MS, CHAOS_MIN_MS, FAULT_KINDS, PING_BOUND_MS, RUN_ID, SEED, pick, rng, type FaultKind } from './knobs.js'
+import { httpCall } from './clients.js'
+import type { SoakGateway } from './gateway.js'
+import { CHAOS_MAX_MS, CHAOS_MIN_MS, FAULT_KINDS, PING_BOUND_MS, RESTART_ALLOWANCE_MS, RESTART_EVERY_S, RUN_ID, SEED, pick, rng, type FaultKind } from './knobs.js'
 
 export interface Sandbox {
   id: string
@@ -20,6 +21,7 @@ export interface Sandbox {
 export interface Fault {
   n: number
   kind: FaultKind
+  // '*' for a gateway restart, which hits every sandbox.
   sandbox: string
   start: number
   durationMs: number
@@ -30,7 +32,7 @@ export interface Fault {
 }
 
 export const world = {
-  g: undefined as unknown as TestGateway,
+  gw: undefined as unknown as SoakGateway,
   sandboxes: [] as Sandbox[],
   allSupervisors: [] as SupervisorProcess[],
   faults: [] as Fault[],
@@ -39,6 +41,17 @@ export const world = {
   deadline: Date.now(),
   aborted: false
 }
+
+// What a client is owed on top of an exec's bound: each gateway restart since t0 (its down time
+// and the reconnect, report and reattach that follow it).
+export function restartAllowance (t0: number): number {
+  let ms = 0
+  for (const r of world.gw.restarts) if (r.killAt >= t0 - 1000) ms += ((r.upAt ?? Date.now()) - r.killAt) + RESTART_ALLOWANCE_MS
+  return ms
+}
+
+// A gateway restart that began since `since` (a connection that dropped then may be resumed).
+export const restartedSince = (since: number): boolean => world.gw.restarts.some((r) => r.killAt >= since - 100)
 
 export const rel = (t: number | undefined): string => t === undefined ? '?' : `+${((t - world.runStart) / 1000).toFixed(1)}s`
 export const log = (line: string): void => { process.stdout.write(`${line}\n`) }
@@ -54,14 +67,25 @@ export function startSupervisor (sb: Omit<Sandbox, 'sup' | 'busy'>): SupervisorP
   const sup = startSupervisorProcess({
     gatewayUrl: `http://${sb.proxy.host}:${sb.proxy.port}`,
     sandboxId: sb.id,
-    token: world.g.token(sb.id),
+    token: world.gw.token(sb.id),
     ...(sb.sshdProxy === undefined ? {} : { sshTarget: `${sb.sshdProxy.host}:${sb.sshdProxy.port}`, sshUser: sandboxAccount() })
   })
   world.allSupervisors.push(sup)
   return sup
 }
 
-export const sessionOf = (id: string): { connectedAt: Date } | undefined => world.g.gw.registry.get(id)?.session
+export interface SandboxView { status: string, connectedAt: string | null, activeExecs: number }
+
+// The gateway's sandboxes as a client sees them (GET /v1/sandboxes); undefined while it is down.
+export async function sandboxView (timeoutMs = 2000): Promise<Map<string, SandboxView> | undefined> {
+  const r = await httpCall('GET', '/v1/sandboxes', undefined, timeoutMs)
+  if (!r.ok || r.status !== 200 || !Array.isArray(r.json?.sandboxes)) return undefined
+  return new Map((r.json.sandboxes as Array<SandboxView & { id: string }>).map((s) => [s.id, s]))
+}
+const connectedAt = (v: Map<string, SandboxView> | undefined, id: string): string | undefined => {
+  const s = v?.get(id)
+  return s?.status === 'connected' && s.connectedAt !== null ? s.connectedAt : undefined
+}
 
 // Kills whatever the execs of this run left behind (commands of a SIGKILLed supervisor keep
 // running as orphans): every process whose environment carries this run's SOAK_RUN tag.
@@ -94,24 +118,47 @@ export async function cleanupAll (): Promise<void> {
 
 // ---------------------------------------------------------------- chaos
 
-async function awaitRecovery (sb: Sandbox, f: Fault, before: unknown): Promise<void> {
+async function awaitRecovery (sbs: Sandbox[], f: Fault, before: Map<string, SandboxView> | undefined): Promise<void> {
   const t = f.endAction!
   if (f.kind === 'wedge') { f.recovered = t; f.reconnected = false; return }
-  for (let i = 0; i < 2000 && Date.now() - t < 20_000; i++) {
-    const s = sessionOf(sb.id)
-    if (s !== undefined && s.connectedAt.getTime() >= f.start) { f.recovered = Date.now(); f.reconnected = true; return }
+  const reconnected = (v: Map<string, SandboxView> | undefined, id: string): boolean => {
+    const at = connectedAt(v, id)
+    return at !== undefined && Date.parse(at) >= f.start
+  }
+  for (let i = 0; i < 400 && Date.now() - t < 20_000; i++) {
+    const v = await sandboxView()
+    if (sbs.every((sb) => reconnected(v, sb.id))) { f.recovered = Date.now(); f.reconnected = true; return }
     // The connection outlived the fault (it was shorter than the gateway's ping bound).
-    if (s !== undefined && s === before && Date.now() - t > PING_BOUND_MS + 2000) { f.recovered = t; f.reconnected = false; return }
-    await sleep(50)
+    const sb = sbs[0]!
+    if (sbs.length === 1 && connectedAt(v, sb.id) !== undefined && connectedAt(v, sb.id) === connectedAt(before, sb.id) && Date.now() - t > PING_BOUND_MS + 2000) {
+      f.recovered = t
+      f.reconnected = false
+      return
+    }
+    await sleep(100)
   }
   f.recovered = Date.now()
   f.recoveryTimedOut = true
 }
 
-async function runFault (sb: Sandbox, kind: FaultKind, durationMs: number): Promise<void> {
-  sb.busy = true
-  const before = sessionOf(sb.id)
-  const f: Fault = { n: world.faults.length + 1, kind, sandbox: sb.id, start: Date.now(), durationMs }
+// Which execs the gateway had started on their sandboxes, by exec key: one the embedded daemon
+// had started must come back after a restart; one it had not may honestly be lost.
+async function startedExecs (): Promise<Map<string, number | null>> {
+  const r = await httpCall('GET', '/v1/execs', undefined, 5000)
+  const m = new Map<string, number | null>()
+  if (!r.ok || r.status !== 200) return m
+  for (const e of r.json.execs as Array<{ command: string[], startedAt: string | null }>) {
+    const key = /^: soak (\S+)/.exec(e.command[2] ?? '')?.[1]
+    if (key !== undefined) m.set(key, e.startedAt === null ? null : Date.parse(e.startedAt))
+  }
+  return m
+}
+
+async function runFault (sbs: Sandbox[], kind: FaultKind, durationMs: number): Promise<void> {
+  for (const sb of sbs) sb.busy = true
+  const sb = sbs[0]!
+  const before = await sandboxView()
+  const f: Fault = { n: world.faults.length + 1, kind, sandbox: kind === 'gateway-restart' ? '*' : sb.id, start: Date.now(), durationMs }
   world.faults.push(f)
   try {
     switch (kind) {
@@ -138,13 +185,17 @@ async function runFault (sb: Sandbox, kind: FaultKind, durationMs: number): Prom
         await sleep(durationMs)
         sb.sshdProxy!.setMode('pass')
         break
+      case 'gateway-restart':
+        if (!world.aborted) await world.gw.restart(durationMs, await startedExecs())
+        break
     }
     f.endAction = Date.now()
-    await awaitRecovery(sb, f, before)
-    const what = kind === 'kill' ? `restarted after ${durationMs} ms` : kind === 'reset' ? 'connections reset' : `for ${durationMs} ms`
-    log(`[chaos ${rel(f.start)}] #${f.n} ${kind} ${sb.id} ${what}; ${f.recoveryTimedOut === true ? 'NOT reconnected within 20 s' : f.reconnected === true ? `reconnected ${rel(f.recovered)}` : 'connection survived'}`)
+    await awaitRecovery(sbs, f, before)
+    const what = kind === 'kill' ? `restarted after ${durationMs} ms` : kind === 'reset' ? 'connections reset' : kind === 'gateway-restart' ? `SIGKILLed, successor up after ${durationMs} ms down + ${f.endAction - f.start - durationMs} ms start` : `for ${durationMs} ms`
+    const target = kind === 'gateway-restart' ? 'gateway' : sb.id
+    log(`[chaos ${rel(f.start)}] #${f.n} ${kind} ${target} ${what}; ${f.recoveryTimedOut === true ? 'NOT reconnected within 20 s' : f.reconnected === true ? `${sbs.length > 1 ? 'all ' : ''}reconnected ${rel(f.recovered)}` : 'connection survived'}`)
   } finally {
-    sb.busy = false
+    for (const s of sbs) s.busy = false
   }
 }
 
@@ -152,18 +203,31 @@ export async function chaosLoop (): Promise<void> {
   if (FAULT_KINDS.length === 0) return
   const r = rng(`${SEED}/chaos`)
   const running: Array<Promise<void>> = []
+  let lastRestart = -Infinity
+  let restartWanted = false
   await sleep(Math.min(3000, Math.max(0, world.deadline - Date.now())))
   for (let i = 0; i < 100_000 && Date.now() < world.deadline && !world.aborted; i++) {
     const free = world.sandboxes.filter((s) => !s.busy)
-    if (free.length > 0) {
+    // A gateway restart hits every exec in flight, and the ones after it need time to show that
+    // they go on: one every RESTART_EVERY_S at most, none too close to the deadline. Once drawn,
+    // no new fault starts until every sandbox is free, so that it is the only fault in progress.
+    if (!restartWanted && FAULT_KINDS.includes('gateway-restart') && Date.now() - lastRestart >= RESTART_EVERY_S * 1000 &&
+      world.deadline - Date.now() > RESTART_ALLOWANCE_MS && r() < 0.3) restartWanted = true
+    if (restartWanted) {
+      if (free.length === world.sandboxes.length) {
+        restartWanted = false
+        lastRestart = Date.now()
+        running.push(runFault(world.sandboxes, 'gateway-restart', 200 + Math.floor(r() * 1800)))
+      }
+    } else if (free.length > 0) {
       const sb = pick(r, free)
-      const kinds = FAULT_KINDS.filter((k) => k !== 'wedge' || sb.sshdProxy !== undefined)
+      const kinds = FAULT_KINDS.filter((k) => k !== 'gateway-restart' && (k !== 'wedge' || sb.sshdProxy !== undefined))
       if (kinds.length > 0) {
         // Only OpenSSH sandboxes can be wedged, and the keepalive bound is only exercised by a
         // wedge: give it a fair share there.
         const kind = kinds.includes('wedge') && r() < 0.4 ? 'wedge' : pick(r, kinds)
         const durationMs = kind === 'kill' ? 500 + Math.floor(r() * 2500) : kind === 'reset' ? 0 : 1000 + Math.floor(r() * 5000)
-        running.push(runFault(sb, kind, durationMs))
+        running.push(runFault([sb], kind, durationMs))
       }
     }
     await sleep(Math.min(CHAOS_MIN_MS + r() * (CHAOS_MAX_MS - CHAOS_MIN_MS), Math.max(1, world.deadline - Date.now())))

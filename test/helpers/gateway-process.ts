@@ -23,6 +23,15 @@ export interface GatewayProcessOptions {
   env?: Record<string, string>
   /** Bound on the "listening" line; default 15000 ms. */
   startTimeoutMs?: number
+  /**
+   * --data-dir owned by the caller: stop() leaves it in place, so a second process can start on
+   * the same identity, secret and exec records (a restart). Default: a fresh temp dir, removed.
+   */
+  dataDir?: string
+  /** --listen as host:port; default 127.0.0.1:0. */
+  listen?: string
+  /** --supervisor-listen as host:port; default 127.0.0.1:0. */
+  supervisorListen?: string
 }
 
 interface GatewayExit { code: number | null, signal: NodeJS.Signals | null }
@@ -39,16 +48,26 @@ export interface GatewayProcess {
   output: () => string
   /** A supervisor token for a sandbox, signed with this gateway's secret. */
   token: (sandboxId: string) => string
-  /** SIGTERM, then SIGKILL after 5 s; always removes the data dir. Idempotent. */
+  /** SIGTERM, then SIGKILL after 5 s; removes the data dir unless the caller owns it. Idempotent. */
   stop: () => Promise<GatewayExit>
+  /** The options it was started with, so a restart can repeat them. */
+  options: GatewayProcessOptions
 }
 
+// Who removes a data dir on stop(): a restart moves the duty from the dead process to its
+// successor, so a temp dir is removed exactly once, by whichever process is stopped last.
+const dirDuty = new WeakMap<GatewayProcess, { owned: boolean }>()
+
 export async function startGatewayProcess (opts: GatewayProcessOptions = {}): Promise<GatewayProcess> {
-  const dataDir = mkdtempSync(join(tmpdir(), 'egw-proc-'))
+  return await start(opts, { owned: opts.dataDir === undefined })
+}
+
+async function start (opts: GatewayProcessOptions, duty: { owned: boolean }): Promise<GatewayProcess> {
+  const dataDir = opts.dataDir ?? mkdtempSync(join(tmpdir(), 'egw-proc-'))
   const args = [
     BIN, 'serve',
-    '--listen', '127.0.0.1:0',
-    '--supervisor-listen', '127.0.0.1:0',
+    '--listen', opts.listen ?? '127.0.0.1:0',
+    '--supervisor-listen', opts.supervisorListen ?? '127.0.0.1:0',
     '--data-dir', dataDir,
     '--shutdown-grace-ms', String(opts.shutdownGraceMs ?? 1000),
     ...(opts.localSandbox === false ? [] : ['--local-sandbox']),
@@ -68,7 +87,7 @@ export async function startGatewayProcess (opts: GatewayProcessOptions = {}): Pr
   process.once('exit', onParentExit)
 
   let stopping: Promise<GatewayExit> | undefined
-  const cleanupDir = (): void => { rmSync(dataDir, { recursive: true, force: true }) }
+  const cleanupDir = (): void => { if (duty.owned) rmSync(dataDir, { recursive: true, force: true }) }
   const stop = async (): Promise<GatewayExit> => {
     stopping ??= (async () => {
       if (proc.exitCode === null && proc.signalCode === null) {
@@ -128,7 +147,7 @@ export async function startGatewayProcess (opts: GatewayProcessOptions = {}): Pr
   }
 
   const identity = loadDataDir(dataDir)
-  return {
+  const gw: GatewayProcess = {
     ...listening,
     pid: proc.pid!,
     proc,
@@ -136,6 +155,45 @@ export async function startGatewayProcess (opts: GatewayProcessOptions = {}): Pr
     exited,
     output: () => out,
     token: (sandboxId) => signSupervisorToken(identity.tokenSecret, sandboxId),
-    stop
+    stop,
+    options: opts
   }
+  dirDuty.set(gw, duty)
+  return gw
+}
+
+/** SIGKILL (no shutdown grace, nothing flushed) and wait for the exit. Idempotent. */
+export async function killGatewayProcess (gw: GatewayProcess): Promise<GatewayExit> {
+  if (gw.proc.exitCode === null && gw.proc.signalCode === null) {
+    try { gw.proc.kill('SIGKILL') } catch { /* gone */ }
+  }
+  const res = await gw.exited
+  return res
+}
+
+function hostPort (url: string): string {
+  const u = new URL(url)
+  return `${u.hostname}:${u.port}`
+}
+
+/**
+ * A new process on the old one's data dir and on the ports it had bound, so supervisors and
+ * clients find it where they left it. The old process must have exited (see killGatewayProcess).
+ * Call it before the old one's stop(), which would remove a data dir the helper made. Immediate rebinding works: node's listen sets SO_REUSEADDR.
+ */
+export async function restartGatewayProcess (gw: GatewayProcess, opts: GatewayProcessOptions = {}): Promise<GatewayProcess> {
+  if (gw.proc.exitCode === null && gw.proc.signalCode === null) {
+    throw new Error(`restartGatewayProcess: gateway pid ${gw.pid} is still running; kill or stop it first`)
+  }
+  const old = dirDuty.get(gw) ?? { owned: false }
+  const duty = { owned: old.owned }
+  old.owned = false
+  // A start that fails stops its process and, holding the duty, removes the dir.
+  return await start({
+    ...gw.options,
+    ...opts,
+    dataDir: gw.dataDir,
+    listen: hostPort(gw.publicUrl),
+    supervisorListen: hostPort(gw.supervisorUrl)
+  }, duty)
 }

@@ -1,0 +1,113 @@
+// What a client does when the gateway restarts under it (SIGKILL, a successor on the same ports
+// and data dir): a refused connection never reached a gateway and is sent again; a sandbox the
+// successor does not know yet (its supervisor is still reconnecting) is asked again; a reader
+// that is cut off reconnects from its offsets (Last-Event-ID for SSE, the query offsets for the
+// WebSocket and NDJSON); a POST whose answer was cut off finds its exec by its command, which
+// carries the exec's unique key. The successor answers 404 for an exec it did not get back from
+// a sandbox: the exec was lost to the restart.
+import { sleep } from '../test/helpers/wait.js'
+import { httpCall, streamNdjson, streamSse, streamWs, type HttpOutcome, type ReadOptions, type StreamRead } from './clients.js'
+import { KNOBS } from './knobs.js'
+import type { Mode } from './plans.js'
+import { restartedSince, world } from './world.js'
+
+const RETRY_MS = 200
+// A GET for an id the successor does not know yet waits up to the session wait for the sandboxes
+// to report it (CONTRACT §5 rule 4), so a call is given that long plus margin.
+const CALL_MS = KNOBS.sessionWaitMs + 5000
+
+// Whether the gateway may not know every sandbox yet: it is down, or its successor started less
+// than the session wait (the supervisors' time to reconnect) ago.
+function justRestarted (): boolean {
+  const r = world.gw.restarts[world.gw.restarts.length - 1]
+  return r !== undefined && (r.upAt === undefined || Date.now() - r.upAt < KNOBS.sessionWaitMs + 2000)
+}
+
+// Whether a failure at `since` or later was the restart's doing: the connection was refused, or
+// a restart began since the call did.
+const cutByRestart = (r: { refused?: boolean, error?: string }, since: number): boolean =>
+  r.refused === true || /ECONNREFUSED/.test(r.error ?? '') || restartedSince(since) || !world.gw.up
+
+// An idempotent call (GET, DELETE) that goes on through a restart.
+export async function callThrough (method: 'GET' | 'DELETE', path: string, left: () => number): Promise<HttpOutcome> {
+  for (;;) {
+    const t = Date.now()
+    const r = await httpCall(method, path, undefined, Math.max(1, Math.min(left(), CALL_MS)))
+    if (r.ok || left() <= 0 || !cutByRestart(r, t)) return r
+    await sleep(Math.min(RETRY_MS, Math.max(1, left())))
+  }
+}
+
+// 'dropped': the connection was cut by a restart after the request was sent; the exec may exist.
+export async function postThrough (path: string, body: unknown, timeoutMs: () => number): Promise<HttpOutcome | 'dropped'> {
+  for (;;) {
+    const t = Date.now()
+    const ms = timeoutMs()
+    const r = await httpCall('POST', path, body, Math.max(1, ms))
+    const again = ms > RETRY_MS && ((!r.ok && r.refused === true) ||
+      (r.ok && r.status === 404 && r.json?.code === 'sandbox_not_found' && justRestarted()))
+    if (again) { await sleep(RETRY_MS); continue }
+    if (!r.ok && cutByRestart(r, t)) return 'dropped'
+    return r
+  }
+}
+
+// One list per sandbox at a time, shared by every client looking for its exec after a restart.
+const lists = new Map<string, { at: number, p: Promise<HttpOutcome> }>()
+
+// The id of the exec whose command is this script, once the successor knows it; undefined when
+// the session wait after the successor's start has passed without it (it was not kept).
+export async function findExec (sandbox: string, script: string, left: () => number): Promise<string | undefined> {
+  for (;;) {
+    const r = world.gw.restarts[world.gw.restarts.length - 1]
+    const until = r?.upAt === undefined ? Infinity : r.upAt + KNOBS.sessionWaitMs + 2000
+    let l = lists.get(sandbox)
+    if (l === undefined || Date.now() - l.at > 400) {
+      l = { at: Date.now(), p: httpCall('GET', `/v1/execs?sandboxId=${sandbox}`, undefined, 5000) }
+      lists.set(sandbox, l)
+    }
+    const res = await l.p
+    if (res.ok && res.status === 200 && Array.isArray(res.json?.execs)) {
+      const e = (res.json.execs as Array<{ id: string, command: string[] }>).find((x) => x.command[2] === script)
+      if (e !== undefined) return e.id
+      if (Date.now() > until) return undefined
+    }
+    if (left() <= 0) return undefined
+    await sleep(Math.min(500, Math.max(1, left())))
+  }
+}
+
+const read = (mode: Exclude<Mode, 'wait'>, id: string, ms: number, feed: (ev: any) => void, o: ReadOptions): Promise<StreamRead> =>
+  mode === 'ws' ? streamWs(id, ms, feed, o) : mode === 'sse' ? streamSse(id, ms, feed, o) : streamNdjson(id, ms, feed, o)
+
+export interface Followed {
+  s: StreamRead
+  // Why the exec was lost to a restart, when it was.
+  lost?: string
+  reconnects: number
+}
+
+// A reader that reconnects, from the offsets it has reached, when a restart cuts it off. An
+// interactive exec is not resumed: the contract has no stdin offset, so a client cannot know
+// which of its stdin bytes the old gateway passed on; it deletes the exec and counts it lost.
+// `since`: when the client learnt the exec's id; a 404 after a restart since then is a loss.
+export async function follow (mode: Exclude<Mode, 'wait'>, id: string, since: number, left: () => number, feed: (ev: any) => void, ended: () => boolean,
+  offsets: () => { stdout: number, stderr: number }, first: ReadOptions): Promise<Followed> {
+  let o = first
+  let reconnects = 0
+  for (;;) {
+    const t = Date.now()
+    const s = await read(mode, id, Math.max(1, left()), feed, o)
+    if (s.status === 404 && restartedSince(since)) return { s, lost: `after the gateway restart, ${mode} attach → 404: the successor did not get the exec back`, reconnects }
+    if (s.timedOut || ended() || !cutByRestart({ error: s.error }, t)) return { s, reconnects }
+    if (first.stdin !== undefined) {
+      await callThrough('DELETE', `/v1/execs/${id}`, left)
+      return { s, lost: 'an interactive exec cut off by a gateway restart: stdin cannot be resumed (no stdin offset in the contract), deleted', reconnects }
+    }
+    if (left() <= 0) return { s: { timedOut: true }, reconnects }
+    // A refused attempt (the successor is not up yet) is no resume; the cut before it was.
+    if (/ECONNREFUSED/.test(s.error ?? '')) await sleep(Math.min(RETRY_MS, left()))
+    else reconnects++
+    o = { offsets: offsets() }
+  }
+}
