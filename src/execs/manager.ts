@@ -51,6 +51,8 @@ export interface ExecManagerOptions {
 const LIST_BOUND_MS = 10_000
 const LIST_ATTEMPTS = 3
 const LIST_RETRY_DELAY_MS = 1000
+// How long a rebuilt finished exec may take to replay its tail and exit before it is shown anyway.
+const FINISHED_REPLAY_BOUND_MS = 10_000
 const FORGET_BOUND_MS = 5000
 
 export class ExecManager {
@@ -99,6 +101,8 @@ export class ExecManager {
   }
 
   readonly #adopted = new EventEmitter().setMaxListeners(0)
+  // Finished execs rebuilt but not shown yet (their tail and exit are being replayed).
+  readonly #replaying = new Set<string>()
 
   // What a (re)connected supervisor's daemon keeps: every exec this gateway does not know is
   // rebuilt and its run attaches to it. Known ids are left alone; their runs reattach by themselves.
@@ -121,7 +125,7 @@ export class ExecManager {
 
   #adopt (sandboxId: string, status: KeptStatus): void {
     const meta = status.meta
-    if (this.#closing || this.#execs.has(meta.execId)) return
+    if (this.#closing || this.#execs.has(meta.execId) || this.#replaying.has(meta.execId)) return
     const o = this.#opts
     const spec: ValidExec = {
       command: meta.command,
@@ -142,12 +146,28 @@ export class ExecManager {
     entry.markStarted()
     entry.startedAt = validDate(status.startedAt) ?? entry.startedAt
     this.#adoptedEnds.set(entry, status.endedAt)
-    this.#execs.set(entry.id, entry)
     // Finished ones too: the attach replays the tail and delivers the exit report, so their
-    // outcome comes the normal way.
+    // outcome comes the normal way. Until it has, such a record would say `running` with no
+    // bytes; it is shown once it has ended (or, should the replay stall, after a bound).
     this.#start(entry, status)
     o.logger.info({ execId: entry.id, sandboxId, state: status.state }, 'exec rebuilt from what the sandbox keeps')
-    this.#adopted.emit(entry.id)
+    const show = (): void => {
+      clearTimeout(timer)
+      entry.off('end', show)
+      this.#replaying.delete(entry.id)
+      if (this.#execs.has(entry.id)) return
+      this.#execs.set(entry.id, entry)
+      this.#adopted.emit(entry.id)
+    }
+    let timer: NodeJS.Timeout | undefined
+    if (status.state === 'exited' && !entry.finished) {
+      this.#replaying.add(entry.id)
+      timer = setTimeout(show, FINISHED_REPLAY_BOUND_MS)
+      timer.unref()
+      entry.once('end', show)
+    } else {
+      show()
+    }
   }
 
   list (filter: { sandboxId?: string | undefined, status?: string | undefined } = {}): ExecEntry[] {

@@ -53,6 +53,10 @@ export class SshPool {
 
   constructor (opts: SshPoolOptions) {
     this.#opts = opts
+    // A new session may be another supervisor process with another daemon (a restart, a
+    // takeover): connections made over the old one's relays lead to the old daemon. They keep
+    // the execs they carry, but new execs go over the new session.
+    opts.registry.onRegistered((sandboxId) => { this.#retire(sandboxId) })
   }
 
   // Whose sessions the pool's relays come from: the exec layer asks it what a sandbox's daemon is.
@@ -192,6 +196,17 @@ export class SshPool {
       conn.end()
     }, this.#opts.idleCloseMs)
     m.idleTimer.unref()
+  }
+
+  #retire (sandboxId: string): void {
+    for (const m of [...this.#members.get(sandboxId) ?? []]) {
+      if (m.conn === undefined) continue
+      m.dead = true
+      if (m.leased === 0) {
+        this.#remove(sandboxId, m)
+        m.conn.end()
+      }
+    }
   }
 
   #remove (sandboxId: string, m: Member): void {

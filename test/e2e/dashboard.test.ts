@@ -36,7 +36,7 @@ describe('dashboard', () => {
     }
     browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS })
     // A short session wait, so an exec on a sandbox whose supervisor died fails within the test.
-    sb = await startSandbox('embedded', 'box', { sessionWaitMs: 1000 })
+    sb = await startSandbox('embedded', 'box', { sessionWaitMs: 1000, reattachTimeoutMs: 2000 })
   })
 
   afterAll(async () => {
@@ -252,6 +252,8 @@ describe('dashboard', () => {
     expect(await statusText(page)).toBe('running')
 
     doomed.signal('SIGKILL')
+    // The embedded daemon keeps its execs: the gateway first tries to reattach, and says so.
+    await page.waitForFunction(() => document.getElementById('connection')?.textContent === 'reconnecting to the sandbox…', undefined, WAIT)
     await statusIs(page, '503 relay_unavailable')
     expect(await page.locator('#error').innerText()).toMatch(/503 relay_unavailable: \S/)
     // The output that arrived before the failure stays on screen.

@@ -177,7 +177,7 @@ describe('supervisor connection faults', () => {
 
     // The session went with the connection.
     await g.waitDisconnected('half-open', 500)
-    expect(performance.now() - blackholedAt).toBeLessThan(PING_BOUND + SLACK)
+    expect(performance.now() - blackholedAt).toBeLessThan(PING_BOUND + REATTACH_BOUND + SLACK)
     expect(g.gw.registry.get('half-open')!.session).toBeUndefined()
     expect((await api(g.publicUrl, 'GET', '/v1/sandboxes/half-open')).body).toMatchObject({ status: 'disconnected', activeExecs: 0 })
 

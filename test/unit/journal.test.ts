@@ -832,14 +832,39 @@ describe('ExecEntry relay events', () => {
     e.attach({}, (ev) => seen.push(ev))
     e.relayLost()
     e.relayLost()
-    e.append('stdout', b('hi'))
     e.relayRestored()
+    e.relayRestored()
+    e.append('stdout', b('hi'))
+    expect(seen).toEqual([
+      { type: 'relay', state: 'lost' },
+      { type: 'relay', state: 'restored' },
+      { type: 'stdout', offset: 0, data: 'hi' }
+    ])
+  })
+
+  it('says restored before the first output of a reattached channel, even before the run knows the attach succeeded', () => {
+    const e = new ExecEntry('ex_r', 'sb', relaySpec, 1024)
+    e.markStarted()
+    const seen: ExecEvent[] = []
+    e.attach({}, (ev) => seen.push(ev))
+    e.relayLost()
+    e.append('stdout', b('hi'))
     e.relayRestored()
     expect(seen).toEqual([
       { type: 'relay', state: 'lost' },
-      { type: 'stdout', offset: 0, data: 'hi' },
-      { type: 'relay', state: 'restored' }
+      { type: 'relay', state: 'restored' },
+      { type: 'stdout', offset: 0, data: 'hi' }
     ])
+  })
+
+  it('never sends a reader bytes below the offset it resumed from, when the journal holds less than that yet', () => {
+    const e = new ExecEntry('ex_r', 'sb', relaySpec, 1024)
+    e.markStarted()
+    const seen: ExecEvent[] = []
+    e.attach({ stdoutOffset: 3 }, (ev) => seen.push(ev))
+    e.append('stdout', b('ab'))
+    e.append('stdout', b('cdef'))
+    expect(seen).toEqual([{ type: 'stdout', offset: 3, data: 'def' }])
   })
 
   it('starts a reader that attaches while the relay is lost with relay lost; replays keep no relay events', () => {
