@@ -1,5 +1,3 @@
-import { spawn } from 'node:child_process'
-import { createHash } from 'node:crypto'
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -11,6 +9,7 @@ import { createFaultKit, FAST } from '../helpers/fault-kit.js'
 import type { TestGateway } from '../helpers/gateway.js'
 import type { TcpProxy } from '../helpers/tcp-proxy.js'
 import { sleep, waitFor } from '../helpers/wait.js'
+import { runBySh, sha, within } from '../helpers/restart-readers.js'
 
 // CONTRACT §5 rule 4 with real processes: a gateway in-process, a supervisor process (run
 // `npx tsc -p tsconfig.json` first) whose connection to the gateway goes through a TCP proxy
@@ -43,16 +42,6 @@ async function execJson (g: TestGateway, execId: string): Promise<any> {
   return (await api(g.publicUrl, 'GET', `/v1/execs/${execId}`)).body
 }
 
-// A hang fails the test instead of timing it out silently.
-async function within<T> (p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined
-  try {
-    return await Promise.race([p, new Promise<never>((_resolve, reject) => { timer = setTimeout(() => reject(new Error(`${what}: no result within ${ms} ms`)), ms) })])
-  } finally {
-    clearTimeout(timer)
-  }
-}
-
 async function waitEnded (g: TestGateway, execId: string, timeoutMs: number): Promise<any> {
   let exec: any
   await waitFor(async () => {
@@ -60,24 +49,6 @@ async function waitEnded (g: TestGateway, execId: string, timeoutMs: number): Pr
     return exec.status === 'exited' || exec.status === 'failed'
   }, { timeoutMs, intervalMs: 20, description: `exec ${execId} ended` })
   return exec
-}
-
-const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex')
-
-interface ShRun { stdout: Buffer, stderr: Buffer, code: number | null }
-
-// The reference: the same program run by /bin/sh on this host, streams kept apart.
-async function runBySh (script: string): Promise<ShRun> {
-  const child = spawn('/bin/sh', ['-c', script], { stdio: ['ignore', 'pipe', 'pipe'] })
-  const out: Buffer[] = []
-  const err: Buffer[] = []
-  child.stdout.on('data', (c: Buffer) => out.push(c))
-  child.stderr.on('data', (c: Buffer) => err.push(c))
-  const code = await within(new Promise<number | null>((resolve, reject) => {
-    child.once('error', reject)
-    child.once('close', (c) => resolve(c))
-  }), 30_000, `/bin/sh -c ${script.slice(0, 60)}`)
-  return { stdout: Buffer.concat(out), stderr: Buffer.concat(err), code }
 }
 
 interface Journal { stdout: Buffer, stderr: Buffer, final: any, events: any[] }

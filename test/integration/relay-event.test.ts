@@ -1,4 +1,3 @@
-import { spawn } from 'node:child_process'
 import WebSocket from 'ws'
 import { afterEach, describe, expect, it } from 'vitest'
 import { BINARY_SUBPROTOCOL } from '../../sdk/index.js'
@@ -8,6 +7,7 @@ import type { TestGateway } from '../helpers/gateway.js'
 import { sandboxAccount } from '../helpers/openssh.js'
 import type { TcpProxy } from '../helpers/tcp-proxy.js'
 import { sleep, waitFor } from '../helpers/wait.js'
+import { runBySh, within } from '../helpers/restart-readers.js'
 
 // The `relay` event (CONTRACT §4, §5 rule 4) as each transport frames it: a reader attached
 // across a supervisor connection reset gets one `lost`, then one `restored`, then the output
@@ -34,29 +34,6 @@ async function sandbox (id: string, target?: Target): Promise<{ g: TestGateway, 
   kit.supervisor(g, id, { gatewayUrl: `http://${proxy.host}:${proxy.port}`, ...extra })
   await g.waitConnected(id)
   return { g, proxy }
-}
-
-// A hang fails the test instead of timing it out silently.
-async function within<T> (p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined
-  try {
-    return await Promise.race([p, new Promise<never>((_resolve, reject) => { timer = setTimeout(() => reject(new Error(`${what}: no result within ${ms} ms`)), ms) })])
-  } finally {
-    clearTimeout(timer)
-  }
-}
-
-async function runBySh (script: string): Promise<{ stdout: Buffer, stderr: Buffer, code: number | null }> {
-  const child = spawn('/bin/sh', ['-c', script], { stdio: ['ignore', 'pipe', 'pipe'] })
-  const out: Buffer[] = []
-  const err: Buffer[] = []
-  child.stdout.on('data', (c: Buffer) => out.push(c))
-  child.stderr.on('data', (c: Buffer) => err.push(c))
-  const code = await within(new Promise<number | null>((resolve, reject) => {
-    child.once('error', reject)
-    child.once('close', (c) => resolve(c))
-  }), 30_000, '/bin/sh reference run')
-  return { stdout: Buffer.concat(out), stderr: Buffer.concat(err), code }
 }
 
 type Stream = 'stdout' | 'stderr'

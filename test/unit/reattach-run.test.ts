@@ -4,6 +4,7 @@ import type { Outcome } from '../../src/relay/outcome.js'
 import { decodeKeepMeta, KEEP_ENV } from '../../src/schemas/keeper.js'
 import { waitFor } from '../helpers/wait.js'
 import { startRig, stdoutOf, TIMEOUT_EXIT_MESSAGE, type Rig } from './reattach-rig.js'
+import { within } from '../helpers/restart-readers.js'
 
 // ExecRun's reattach loop, end to end over real sockets and real ssh2 on both sides: the daemon
 // is an ssh2 server that speaks the keeper protocol (reattach-rig.ts), the relay a TCP
@@ -16,16 +17,6 @@ async function rig (opts: Parameters<typeof startRig>[0] = {}): Promise<Rig> {
   const r = await startRig(opts)
   rigs.push(r)
   return r
-}
-
-// A hang fails the test instead of timing it out silently.
-async function within<T> (p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined
-  try {
-    return await Promise.race([p, new Promise<never>((_resolve, reject) => { timer = setTimeout(() => reject(new Error(`${what}: no result within ${ms} ms`)), ms) })])
-  } finally {
-    clearTimeout(timer)
-  }
 }
 
 // The daemon took the exec request and the gateway has its answer: the command runs.
