@@ -260,10 +260,11 @@ describe('reattach of a kept exec', () => {
     const run = new ExecRun(entry, { pool: r.pool, closeWaitMs: 200, logger: silent, events: new GatewayEvents(), reattachTimeoutMs: 5000, adopt: m.status() })
     const done = run.run()
     await waitFor(() => m.attaches === 2, { timeoutMs: 5000 })
+    // Non-interactive: its stdin ends. The EOF follows the attach's answer, so the command is
+    // only finished once the daemon has it (an exit first would close the channel before it).
+    await waitFor(() => m.stdinEof, { timeoutMs: 5000, description: 'stdin EOF on the new channel' })
     m.finish({ code: 5 })
     expect(await within(done, 5000, 'adopted end')).toMatchObject({ kind: 'exited', exitCode: 5 })
     expect(stdoutOf(entry).toString()).toBe('0123456789')
-    // Non-interactive: its stdin ends.
-    expect(m.stdinEof).toBe(true)
   })
 })
