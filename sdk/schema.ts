@@ -1194,6 +1194,8 @@ export interface components {
             endedAt: string | null;
             stdoutBytes: number;
             stderrBytes: number;
+            /** @description the stdin offset: bytes taken for the command, in order (the request's stdin, then stdin frames); the gateway delivers them through a lost relay. After a gateway restart it is what the sandbox had received: a client whose connection was cut resends its stdin from this offset */
+            stdinBytes: number;
         };
         ExecResult: {
             id: string;
@@ -1213,6 +1215,8 @@ export interface components {
             endedAt: string | null;
             stdoutBytes: number;
             stderrBytes: number;
+            /** @description the stdin offset: bytes taken for the command, in order (the request's stdin, then stdin frames); the gateway delivers them through a lost relay. After a gateway restart it is what the sandbox had received: a client whose connection was cut resends its stdin from this offset */
+            stdinBytes: number;
             /** @description the retained tail of stdout, UTF-8 (or base64 with ?encoding=base64) */
             stdout: string;
             stderr: string;

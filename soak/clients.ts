@@ -58,8 +58,8 @@ export interface ReadOptions {
   offsets?: { stdout: number, stderr: number }
   // Stop reading after this many bytes of the stream have arrived, for ms.
   pause?: { afterBytes: number, ms: number }
-  // WebSocket only: sent as stdin frames once open, then eof.
-  stdin?: { data: Expected, frames: 'binary' | 'text', minChunk: number, maxChunk: number, rand: () => number }
+  // WebSocket only: sent as stdin frames once open, from offset `from` (default 0), then eof.
+  stdin?: { data: Expected, frames: 'binary' | 'text', minChunk: number, maxChunk: number, rand: () => number, from?: number }
 }
 // status: the HTTP status when the gateway refused the attach (404 for an exec it does not know).
 export interface StreamRead { timedOut: boolean, error?: string, status?: number, closeCode?: number, paused?: boolean, stdinSent?: number }
@@ -137,7 +137,7 @@ export function streamWs (execId: string, timeoutMs: number, onEvent: (ev: any) 
     let settled = false
     let paused = false
     let received = 0
-    let stdinSent = 0
+    let stdinSent = o.stdin?.from ?? 0
     let pauseTimer: NodeJS.Timeout | undefined
     const ws = new WebSocket(`${baseUrl.replace(/^http/, 'ws')}/v1/execs/${execId}/stream${query(o)}`)
     const finish = (r: StreamRead): void => {

@@ -87,9 +87,9 @@ export interface Followed {
   reconnects: number
 }
 
-// A reader that reconnects, from the offsets it has reached, when a restart cuts it off. An
-// interactive exec is not resumed: the contract has no stdin offset, so a client cannot know
-// which of its stdin bytes the old gateway passed on; it deletes the exec and counts it lost.
+// A reader that reconnects, from the offsets it has reached, when a restart cuts it off. A
+// client that was sending stdin cannot know which of its bytes the dead gateway passed on: it
+// asks the exec record (stdinBytes, what the sandbox received) and sends again from there.
 // `since`: when the client learnt the exec's id; a 404 after a restart since then is a loss.
 export async function follow (mode: Exclude<Mode, 'wait'>, id: string, since: number, left: () => number, feed: (ev: any) => void, ended: () => boolean,
   offsets: () => { stdout: number, stderr: number }, first: ReadOptions): Promise<Followed> {
@@ -100,14 +100,19 @@ export async function follow (mode: Exclude<Mode, 'wait'>, id: string, since: nu
     const s = await read(mode, id, Math.max(1, left()), feed, o)
     if (s.status === 404 && restartedSince(since)) return { s, lost: `after the gateway restart, ${mode} attach → 404: the successor did not get the exec back`, reconnects }
     if (s.timedOut || ended() || !cutByRestart({ error: s.error }, t)) return { s, reconnects }
-    if (first.stdin !== undefined) {
-      await callThrough('DELETE', `/v1/execs/${id}`, left)
-      return { s, lost: 'an interactive exec cut off by a gateway restart: stdin cannot be resumed (no stdin offset in the contract), deleted', reconnects }
-    }
     if (left() <= 0) return { s: { timedOut: true }, reconnects }
     // A refused attempt (the successor is not up yet) is no resume; the cut before it was.
     if (/ECONNREFUSED/.test(s.error ?? '')) await sleep(Math.min(RETRY_MS, left()))
     else reconnects++
     o = { offsets: offsets() }
+    if (first.stdin !== undefined) {
+      const rec = await callThrough('GET', `/v1/execs/${id}`, left)
+      if (rec.ok && rec.status === 404 && restartedSince(since)) return { s, lost: 'after the gateway restart, GET → 404: the successor did not get the exec back', reconnects }
+      if (!rec.ok || rec.status !== 200 || typeof rec.json?.stdinBytes !== 'number') {
+        if (left() <= 0) return { s: { timedOut: true }, reconnects }
+        return { s: { timedOut: false, error: `the exec record to resume stdin from: ${rec.ok ? `HTTP ${rec.status}` : rec.error ?? 'no answer'}` }, reconnects }
+      }
+      o = { ...o, stdin: { ...first.stdin, from: rec.json.stdinBytes as number } }
+    }
   }
 }

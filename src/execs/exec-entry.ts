@@ -30,6 +30,8 @@ export class ExecEntry extends EventEmitter {
   startedAt: Date | undefined
   endedAt: Date | undefined
   outcome: Outcome | undefined
+  // The stdin offset: bytes taken for the command, in order (its run keeps it).
+  stdinBytes = 0
   readonly stdout: OutputJournal
   readonly stderr: OutputJournal
   // Readers that cannot keep up. While any holds the flow, the exec reads from the sandbox no
@@ -185,7 +187,8 @@ export class ExecEntry extends EventEmitter {
       startedAt: this.startedAt?.toISOString() ?? null,
       endedAt: this.endedAt?.toISOString() ?? null,
       stdoutBytes: this.stdout.total,
-      stderrBytes: this.stderr.total
+      stderrBytes: this.stderr.total,
+      stdinBytes: this.stdinBytes
     }
   }
 

@@ -87,6 +87,11 @@ export class ExecRun {
     this.#entry = entry
     this.#opts = opts
     this.#log = opts.logger.child({ execId: entry.id, sandboxId: entry.sandboxId })
+    // The record's stdin offset: the request's stdin is taken with it; an exec rebuilt after a
+    // restart has what its daemon received (the rest went down with the old gateway).
+    const spec = entry.spec
+    if (opts.adopt !== undefined) entry.stdinBytes = opts.adopt.stdinReceived
+    else if (!spec.interactive && spec.stdin !== undefined) entry.stdinBytes = spec.stdin.length
   }
 
   get kept (): boolean { return this.#kept }
@@ -221,6 +226,7 @@ export class ExecRun {
   // gateway had: EOF.
   async #adopt (kept: KeptStatus): Promise<RemoteCommand<SignalName>> {
     this.#kept = true
+    this.#stdin.adopt(kept.stdinReceived)
     if (!kept.meta.interactive) this.#stdin.end()
     this.#armTimeout(kept.meta.timeoutSeconds, Date.parse(kept.startedAt))
     return await this.#reattach(undefined)
@@ -366,7 +372,10 @@ export class ExecRun {
   writeStdin (data: Buffer): StdinWrite {
     if (this.#stdin.ended) return 'accepted'
     const result = this.#stdin.write(data)
-    if (result !== 'overflow') this.#opts.events.execBytes({ stream: 'stdin', bytes: data.length })
+    if (result !== 'overflow') {
+      this.#opts.events.execBytes({ stream: 'stdin', bytes: data.length })
+      this.#entry.stdinBytes += data.length
+    }
     return result
   }
 

@@ -100,6 +100,9 @@ export class StdinFlow {
   readonly #waiters = new Set<() => void>()
   // Only for a kept exec, whose command may outlive the sink (see reattach).
   #ledger: StdinLedger | undefined
+  // An exec rebuilt after a restart, not attached yet: its queue starts at the stdin offset the
+  // record told its clients (see adopt).
+  #adopted = false
 
   get ended (): boolean { return this.#ended }
 
@@ -107,6 +110,14 @@ export class StdinFlow {
   // command's stdin offset of the next byte (nonzero for an exec adopted after a restart).
   keepLedger (startAt = 0): void {
     this.#ledger ??= new StdinLedger(startAt)
+  }
+
+  // An exec rebuilt after a restart: the daemon had `received` bytes of stdin when it listed
+  // the exec, which is the offset its record shows (stdinBytes), so a client whose stdin the old
+  // gateway took resends from there and what it writes queues at that offset.
+  adopt (received: number): void {
+    this.#ledger ??= new StdinLedger(received)
+    this.#adopted = true
   }
 
   write (data: Buffer): StdinWrite {
@@ -166,7 +177,15 @@ export class StdinFlow {
     if (this.#sink !== undefined) return undefined
     const ledger = this.#ledger ?? new StdinLedger(received)
     this.#ledger = ledger
-    const resend = ledger.since(received)
+    let resend = ledger.since(received)
+    // The dead gateway's last stdin can reach the daemon after the list that rebuilt this exec
+    // and before this attach cut the old channel off; a client that resent from the listed
+    // offset has those bytes at the head of the queue, and the daemon is not given them twice.
+    if (resend === 'ahead' && this.#adopted && received - ledger.total <= this.#queued) {
+      this.#dropQueued(received - ledger.total)
+      resend = Buffer.alloc(0)
+    }
+    this.#adopted = false
     if (resend === 'gone') return `the sandbox received ${received} bytes of stdin, and the ${ledger.start - received} bytes after them are no longer held to resend (at most ${STDIN_LEDGER_MAX_BYTES} are)`
     if (resend === 'ahead') return `the sandbox claims ${received} bytes of stdin, but only ${ledger.total} were sent`
     this.#sink = sink
@@ -189,6 +208,19 @@ export class StdinFlow {
     this.#waiters.add(cb)
     if (!this.#congested) queueMicrotask(() => { if (!this.#congested) this.#wake() })
     return () => { this.#waiters.delete(cb) }
+  }
+
+  // The first n queued bytes count as delivered: into the ledger, not to the sink.
+  #dropQueued (n: number): void {
+    while (n > 0) {
+      const first = this.#queue[0]!
+      const take = Math.min(n, first.length)
+      this.#ledger?.record(first.subarray(0, take))
+      if (take === first.length) this.#queue.shift()
+      else this.#queue[0] = first.subarray(take)
+      this.#queued -= take
+      n -= take
+    }
   }
 
   #send (sink: StdinSink, data: Buffer): boolean {

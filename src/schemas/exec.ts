@@ -57,7 +57,11 @@ const execProperties = {
   startedAt: Nullable(Type.String({ format: 'date-time' })),
   endedAt: Nullable(Type.String({ format: 'date-time' })),
   stdoutBytes: Type.Integer({ minimum: 0 }),
-  stderrBytes: Type.Integer({ minimum: 0 })
+  stderrBytes: Type.Integer({ minimum: 0 }),
+  stdinBytes: Type.Integer({
+    minimum: 0,
+    description: 'the stdin offset: bytes taken for the command, in order (the request\'s stdin, then stdin frames); the gateway delivers them through a lost relay. After a gateway restart it is what the sandbox had received: a client whose connection was cut resends its stdin from this offset'
+  })
 }
 
 export const ExecSchema = Type.Object(execProperties, { $id: 'Exec' })

@@ -269,17 +269,17 @@ describe('a kept exec across supervisor connection faults (embedded daemon)', ()
     expect(live.events.filter((e) => e.ev.type === 'stdout').map((e) => Buffer.from(e.ev.data, 'base64').toString()).join('')).toBe('started\n')
   })
 
-  it('4 MiB produced while the relay is down and nobody is attached: after the reattach every byte arrives once', async () => {
+  it('1.5 MiB produced while the relay is down and nobody is attached (within the quarter of --keep-bytes-per-exec a stream may hold unsent): after the reattach every byte arrives once', async () => {
     const { g, proxy } = await sandbox('keep-4mib')
     const dir = mkdtempSync(join(tmpdir(), 'egw-4mib-'))
     kit.defer(() => { rmSync(dir, { recursive: true, force: true }) })
-    // Waits for the test's go, writes 4 MiB and a stderr line, and says when it is done.
-    const program = (d: string): string => `while [ ! -e ${d}/go ]; do sleep 0.05; done; seq 1 1000000 | head -c 4194304; echo tail >&2; : > ${d}/done; exit 4`
+    // Waits for the test's go, writes 1.5 MiB and a stderr line, and says when it is done.
+    const program = (d: string): string => `while [ ! -e ${d}/go ]; do sleep 0.05; done; seq 1 1000000 | head -c 1572864; echo tail >&2; : > ${d}/done; exit 4`
     const refDir = mkdtempSync(join(tmpdir(), 'egw-4mib-ref-'))
     writeFileSync(join(refDir, 'go'), '')
     const expected = await runBySh(program(refDir))
     rmSync(refDir, { recursive: true, force: true })
-    expect(expected.stdout.length).toBe(4 * 1024 * 1024)
+    expect(expected.stdout.length).toBe(1572864)
 
     const execId = await execStart(g.publicUrl, 'keep-4mib', { command: ['sh', '-c', program(dir)] })
     await waitFor(async () => (await execJson(g, execId)).status === 'running', { timeoutMs: 10_000, description: 'running' })
@@ -288,13 +288,13 @@ describe('a kept exec across supervisor connection faults (embedded daemon)', ()
     await g.waitDisconnected('keep-4mib', 2000)
     const downAt = performance.now()
     writeFileSync(join(dir, 'go'), '')
-    await waitFor(() => existsSync(join(dir, 'done')), { timeoutMs: 4000, description: 'the program wrote its 4 MiB with the relay down' })
+    await waitFor(() => existsSync(join(dir, 'done')), { timeoutMs: 4000, description: 'the program wrote its 1.5 MiB with the relay down' })
     // Produced while the relay was down: none of it has reached the gateway yet.
     expect((await execJson(g, execId)).stdoutBytes).toBe(0)
     proxy.setMode('pass')
 
     const exec = await waitEnded(g, execId, REATTACH_MS + 15_000)
-    expect(exec).toMatchObject({ status: 'exited', exitCode: 4, error: null, stdoutBytes: 4 * 1024 * 1024, stderrBytes: 5 })
+    expect(exec).toMatchObject({ status: 'exited', exitCode: 4, error: null, stdoutBytes: 1572864, stderrBytes: 5 })
     expect(performance.now() - downAt).toBeLessThan(REATTACH_MS + 5000)
     const j = await journalFrom0(g, execId)
     expect(j.stdout.length).toBe(expected.stdout.length)

@@ -127,6 +127,45 @@ async function expectExact (r: RestartRig, execId: string, run: AcrossRestart, w
 
 const seenBytes = (j: OffsetJournal): number => j.next.stdout + j.next.stderr
 
+function scratchDir (): string {
+  const dir = mkdtempSync(join(tmpdir(), 'egw-restart-'))
+  scratch.push(dir)
+  return dir
+}
+
+interface StdinPump {
+  // Bytes handed to the socket so far (from the start offset on).
+  sent: number
+  // Resolves with `sent` once all of it went out, or the socket closed.
+  done: Promise<number>
+}
+
+// stdin frames (ASCII payload in JSON text frames) from offset `from`, at most 1 MiB handed to
+// the socket and not yet written, as the soak's clients pace themselves.
+function pumpStdin (reader: OffsetReader, payload: Buffer, from: number): StdinPump {
+  const ws = reader.ws
+  const pump: StdinPump = { sent: from, done: Promise.resolve(from) }
+  pump.done = new Promise((resolve) => {
+    let unsent = 0
+    const step = (): void => {
+      while (ws.readyState === ws.OPEN && pump.sent < payload.length && unsent < 1024 * 1024) {
+        const n = Math.min(payload.length - pump.sent, 32 * 1024)
+        const chunk = payload.subarray(pump.sent, pump.sent + n)
+        pump.sent += n
+        unsent += n
+        ws.send(JSON.stringify({ type: 'stdin', data: chunk.toString('latin1') }), () => {
+          unsent -= n
+          if (unsent < 256 * 1024) setImmediate(step)
+        })
+      }
+      if (ws.readyState !== ws.OPEN || (pump.sent === payload.length && unsent === 0)) resolve(pump.sent)
+    }
+    ws.once('close', () => resolve(pump.sent))
+    step()
+  })
+  return pump
+}
+
 // A line on each stream every 50 ms; the exit code says it ran to its end.
 function chatty (lines: number, exitCode: number): string {
   return `i=0; while [ $i -lt ${lines} ]; do printf 'out %04d abcdefghijklmnopqrstuvwxyz\\n' $i; printf 'err %04d\\n' $i >&2; i=$((i+1)); sleep 0.05; done; exit ${exitCode}`
@@ -205,6 +244,40 @@ describe('a gateway SIGKILLed and restarted on the same data dir finds the embed
     const want = await runBySh(`printf '%s' '${before}${after}' | cat`)
     await expectExact(r, execId, run, want, { exitCode: 0, signal: null, timedOut: false })
   }, 90_000)
+
+  it('interactive exec fed 7 MiB of stdin faster than it reads, SIGKILLed mid-stream: the client resumes its stdin from the record\'s stdinBytes, and the command gets every byte once, in order', async () => {
+    const r = await sandbox('rs-stdin-flight')
+    // Echoes its stdin at about 3 MB/s, so a client at full speed has stdin held in every buffer
+    // on the way (its socket, the gateway's queue, the relay, the SSH window) when the gateway dies.
+    const echo = "process.stdin.on('data', (d) => { process.stdout.write(d); process.stdin.pause(); setTimeout(() => process.stdin.resume(), 20) })"
+    const execId = await execStart(r.gw.publicUrl, r.sandboxId, { command: [process.execPath, '-e', echo], interactive: true })
+    const payload = Buffer.from(randomBytes(5.25 * 1024 * 1024).toString('base64'))
+    let firstPump: StdinPump | undefined
+    let sentAtKill = -1
+    let listedAtResume = -1
+    const run = await acrossRestart(r, execId, {
+      first: async (reader) => { firstPump = pumpStdin(reader, payload, 0) },
+      killWhen: (j) => j.next.stdout >= 1024 * 1024,
+      whileDown: async () => { sentAtKill = await within(firstPump!.done, 5000, 'the first stdin pump stops with its socket') },
+      resumed: async (reader) => {
+        listedAtResume = (await execJson(r, execId)).stdinBytes
+        const end = await within(pumpStdin(reader, payload, listedAtResume).done, 60_000, 'the resumed client sends the rest of its stdin')
+        expect(end, 'the resumed client sent the rest of its stdin').toBe(payload.length)
+        reader.send({ type: 'eof' })
+      },
+      endBoundMs: 60_000
+    })
+    console.log(`stdin in flight: the client had sent ${sentAtKill} bytes when the gateway died, the daemon had ${listedAtResume}; ${sentAtKill - listedAtResume} sent again`)
+    expect(listedAtResume).toBeGreaterThanOrEqual(1024 * 1024)
+    // The daemon had less than the client had sent: the rest died with the gateway and came
+    // again from the resumed client.
+    expect(listedAtResume, 'stdin was in flight when the gateway died').toBeLessThan(sentAtKill)
+    const file = join(scratchDir(), 'stdin')
+    writeFileSync(file, payload)
+    const want = await runBySh(`cat '${file}'`)
+    await expectExact(r, execId, run, want, { exitCode: 0, signal: null, timedOut: false })
+    expect((await execJson(r, execId)).stdinBytes).toBe(payload.length)
+  }, 120_000)
 
   it('tty exec: the terminal\'s bytes (stdout and stderr merged, \\n as \\r\\n) exact across the restart', async () => {
     const r = await sandbox('rs-tty')

@@ -177,7 +177,7 @@ describe('keeper: the embedded daemon keeps its execs', () => {
     const c2 = await d.connect()
     const first = await until('the spool to fill', async () => {
       const s = await status(c2, 'big')
-      return s !== 'unknown' && s.stdout.end >= bytesPerExec / 2 ? s : undefined
+      return s !== 'unknown' && s.stdout.end >= bytesPerExec / 4 ? s : undefined
     })
     await new Promise((resolve) => setTimeout(resolve, 1500))
     const later = await status(c2, 'big')

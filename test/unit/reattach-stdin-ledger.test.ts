@@ -136,4 +136,40 @@ describe('StdinFlow detach and reattach', () => {
     expect(flow.reattach(b, 3, false)).toBeUndefined()
     expect(b.written).toEqual([])
   })
+
+  it('an adopted exec queues from the listed offset; bytes the daemon got after the list are not sent twice', () => {
+    // The daemon listed 10 bytes received; the client resends from 10.
+    const flow = new StdinFlow()
+    flow.adopt(10)
+    flow.write(Buffer.from('klmn'))
+    flow.write(Buffer.from('opq'))
+    flow.end()
+    // By the attach, the old gateway's last 2 bytes ("kl") had reached the daemon as well.
+    const b = new Sink()
+    expect(flow.reattach(b, 12, false)).toBeUndefined()
+    expect(b.text).toBe('mnopq')
+    expect(b.eofs).toBe(1)
+    // Lost again later: the ledger is addressed as the daemon counts.
+    flow.detach()
+    const c = new Sink()
+    expect(flow.reattach(c, 14, false)).toBeUndefined()
+    expect(c.text).toBe('opq')
+  })
+
+  it('an adopted exec whose daemon claims more than was listed and queued is refused', () => {
+    const flow = new StdinFlow()
+    flow.adopt(10)
+    flow.write(Buffer.from('ab'))
+    expect(flow.reattach(new Sink(), 13, false)).toMatch(/claims 13 bytes/)
+  })
+
+  it('only the first attach of an adopted exec may find bytes the gateway did not send', () => {
+    const flow = new StdinFlow()
+    flow.adopt(0)
+    expect(flow.reattach(new Sink(), 0, false)).toBeUndefined()
+    flow.write(Buffer.from('ab'))
+    flow.detach()
+    flow.write(Buffer.from('cd'))
+    expect(flow.reattach(new Sink(), 3, false)).toMatch(/claims 3 bytes/)
+  })
 })

@@ -28,11 +28,16 @@ export interface KeptExecOptions {
 const STDIN_HIGH_WATER_BYTES = 64 * 1024
 // What a stream's writer buffers before the run's pump pauses the pipe.
 const SINK_HIGH_WATER_BYTES = 64 * 1024
+// A stream stops taking output once this share of its bound is unsent, so at least the rest is
+// history. A gateway that dies loses what it had taken and its readers had not: its journal
+// beyond them, and the kernel buffers of their sockets, several MiB on a fast link. A quarter
+// keeps 6 MiB of history at the default bound.
+const UNSENT_SHARE = 4
 
 /**
  * An exec the daemon keeps, whatever becomes of the channel that started it: the run writes into
  * two spools instead of a channel, and whichever channel is attached is fed from them. Output
- * that no channel has taken is never dropped: while a stream holds half of its bound unsent (or
+ * that no channel has taken is never dropped: while a stream holds a quarter of its bound unsent (or
  * the daemon's total is used up), its writer waits and the run stops reading the command's pipe,
  * so the command blocks. Output already handed to a channel stays as history up to the bound,
  * so a reattach from the offsets the gateway actually received replays what was in flight.
@@ -258,7 +263,7 @@ export class KeptExec implements RunIo, AttachSource {
 
   #mayTake (stream: StreamName): boolean {
     const unsent = this.#spools[stream].end - this.#sentUpTo[stream]
-    return unsent < this.#opts.bytesPerStream / 2 && this.#opts.budget.fits()
+    return unsent < this.#opts.bytesPerStream / UNSENT_SHARE && this.#opts.budget.fits()
   }
 
   #releaseHeld (force = false): void {
