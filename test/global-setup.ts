@@ -5,6 +5,7 @@ import { spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, readdirSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import { findSshd } from './helpers/openssh.js'
+import { findRedisServer } from './helpers/redis-server.js'
 
 const CLI = fileURLToPath(new URL('../dist/src/cli.js', import.meta.url))
 
@@ -55,6 +56,36 @@ function installChromium (): void {
   throw new Error('[global-setup] `apt-get install -y chromium` failed (see output above)')
 }
 
+// The cluster tests run their own redis-server and haproxy on free ports (never the machine's
+// default ones); only the binaries come from Debian.
+const HAPROXY_CANDIDATES = ['/usr/sbin/haproxy', '/usr/bin/haproxy']
+
+function findHaproxy (): string | undefined {
+  return HAPROXY_CANDIDATES.find((p) => existsSync(p))
+}
+
+function installPackage (pkg: string): void {
+  const install = ['install', '-y', pkg]
+  if (!aptListsPresent() && !run('apt-get', ['update'])) {
+    throw new Error(`[global-setup] \`apt-get update\` failed; install ${pkg} by hand: apt-get install -y ${pkg}`)
+  }
+  if (run('apt-get', install)) return
+  if (run('apt-get', ['update']) && run('apt-get', install)) return
+  throw new Error(`[global-setup] \`apt-get install -y ${pkg}\` failed (see output above)`)
+}
+
+function ensurePackage (pkg: string, what: string, find: () => string | undefined, isRoot: boolean): void {
+  if (find() !== undefined) return
+  if (!isRoot) {
+    throw new Error(`${what} was not found. Install it with \`sudo apt-get install -y ${pkg}\` (Debian/Ubuntu), then run the tests again.`)
+  }
+  console.log(`[global-setup] ${pkg} not found: installing it with apt-get`)
+  installPackage(pkg)
+  const found = find()
+  if (found === undefined) throw new Error(`[global-setup] ${pkg} was installed but its binary is still missing; install it with \`apt-get install -y ${pkg}\``)
+  console.log(`[global-setup] installed ${found}`)
+}
+
 export function setup (): void {
   if (!existsSync(CLI)) {
     throw new Error(`${CLI} is missing: run \`npm run build\` first (npm test does it for you)`)
@@ -89,6 +120,9 @@ export function setup (): void {
     if (!existsSync(CHROMIUM)) throw new Error(`[global-setup] chromium was installed but ${CHROMIUM} is still missing; install it with \`apt-get install -y chromium\``)
     console.log(`[global-setup] installed ${CHROMIUM}`)
   }
+
+  ensurePackage('redis-server', 'redis-server, required by the cluster tests (test/integration/cluster-*)', findRedisServer, isRoot)
+  ensurePackage('haproxy', 'haproxy, required by the cluster tests (test/integration/cluster-*)', findHaproxy, isRoot)
 
   // sshd running as root insists on its privilege-separation directory; the package creates it
   // only at service start, which never happens in a container or CI without systemd.
