@@ -2,13 +2,12 @@ import type { Logger } from 'pino'
 import type { GatewayEvents } from '../diagnostics.js'
 import { GatewayError } from '../errors.js'
 import { decideOutcome, type Outcome } from '../relay/outcome.js'
-import { attachCommand, openCommand, type RemoteCommand } from '../relay/remote-command.js'
-import { CONTROL_BOUND_MS, statusKept } from '../relay/keeper-client.js'
+import { openCommand, type AttachSpec, type RemoteCommand } from '../relay/remote-command.js'
 import { encodeKeepMeta, KEEPER_PROTOCOL_VERSION, type KeepMeta, type KeptStatus } from '../schemas/keeper.js'
-import { setTimeout as sleep } from 'node:timers/promises'
 import type { SshPool } from '../relay/ssh-pool.js'
 import { assembleCommand, killScript, type SignalName } from './command.js'
 import type { ExecEntry } from './exec-entry.js'
+import { reattach, ReattachFatal, DEFAULT_REATTACH_TIMEOUT_MS, toGatewayError } from './reattach.js'
 import { RunTimers } from './run-timers.js'
 import { StdinFlow, type StdinWrite } from './stdin-flow.js'
 
@@ -26,11 +25,6 @@ const KILL_REPORT_SLACK_MS = 2000
 const KEPT_TIMEOUT_BACKSTOP_MS = 5000
 // Room for the env request's framing below ssh2's server packet cap (35,000 bytes).
 const KEEP_ENV_MAX_BYTES = 30_000
-const DEFAULT_REATTACH_TIMEOUT_MS = 30000
-// Between reattach tries: a supervisor reconnects within its own backoff (at most 5 s), and
-// each try costs the sandbox a relay and perhaps a handshake.
-const REATTACH_BACKOFF_MIN_MS = 200
-const REATTACH_BACKOFF_MAX_MS = 2000
 
 interface ExecRunOptions {
   pool: SshPool
@@ -42,22 +36,6 @@ interface ExecRunOptions {
   // The run of an exec rebuilt after a gateway restart from what its daemon keeps: it attaches
   // instead of opening, from the entry's offsets.
   adopt?: KeptStatus | undefined
-}
-
-// What surface's ExecEntry and OutputJournal add for kept execs; optional until they land.
-interface KeptEntryHooks {
-  relayLost?: () => void
-  relayRestored?: () => void
-}
-interface SkippableJournal { total: number, skipTo?: (offset: number) => void }
-
-// A reattach that must not be tried again: the daemon answered, and its answer ends the exec.
-class ReattachFatal extends Error {
-  readonly error: GatewayError
-  constructor (error: GatewayError) {
-    super(error.detail)
-    this.error = error
-  }
 }
 
 export class ExecRun {
@@ -123,9 +101,9 @@ export class ExecRun {
         command.release()
         log.info({ detail: end.failure?.detail }, 'relay of a kept exec lost; reattaching')
         this.#stdin.detach()
-        ;(entry as unknown as KeptEntryHooks).relayLost?.()
+        entry.relayLost()
         command = await this.#reattach(end.failure)
-        ;(entry as unknown as KeptEntryHooks).relayRestored?.()
+        entry.relayRestored()
         log.info('kept exec reattached')
       }
     } catch (err) {
@@ -141,7 +119,7 @@ export class ExecRun {
     return outcome
   }
 
-  #outputSpec (): { closeWaitMs: number, logger: Logger, onOutput: (stream: 'stdout' | 'stderr', chunk: Buffer) => void } {
+  #outputSpec (): AttachSpec {
     const entry = this.#entry
     return {
       closeWaitMs: this.#opts.closeWaitMs,
@@ -182,9 +160,9 @@ export class ExecRun {
       // does not know it): only the daemon can say which, so ask it as after any other loss.
       if (!this.#kept || this.#abort.signal.aborted || !GatewayError.is(err) || err.code !== 'relay_unavailable') throw err
       this.#log.info({ detail: err.detail }, 'relay lost while a kept exec was starting; reattaching')
-      ;(entry as unknown as KeptEntryHooks).relayLost?.()
+      entry.relayLost()
       const reattached = await this.#reattach(err)
-      ;(entry as unknown as KeptEntryHooks).relayRestored?.()
+      entry.relayRestored()
       this.#onStarted(reattached)
       return reattached
     }
@@ -260,39 +238,16 @@ export class ExecRun {
     return end.failure?.code === 'relay_unavailable'
   }
 
-  // Within one deadline from the loss: a relay, the daemon's word on the exec (which also cuts
-  // off the old channel if it is still there), stdin it did not receive, an attach from our
-  // offsets. Each try is bounded by what is left; between tries the run backs off.
   async #reattach (cause: GatewayError | undefined): Promise<RemoteCommand<SignalName>> {
-    const timeoutMs = this.#opts.reattachTimeoutMs ?? DEFAULT_REATTACH_TIMEOUT_MS
-    const deadline = performance.now() + timeoutMs
-    let backoff = REATTACH_BACKOFF_MIN_MS
-    let last = cause === undefined ? 'no try finished' : `the relay was lost (${cause.detail})`
-    for (;;) {
-      const left = deadline - performance.now()
-      if (left <= 0) throw this.#reattachFailed(timeoutMs, last)
-      const bound = AbortSignal.any([this.#abort.signal, AbortSignal.timeout(Math.ceil(left))])
-      try {
-        const { command, status } = await this.#withinBound(this.#attachOnce(bound, left), bound)
-        return this.#attached(command, status)
-      } catch (err) {
-        if (this.#abort.signal.aborted) throw toGatewayError(this.#abort.signal.reason, this.#log)
-        if (err instanceof ReattachFatal) throw err.error
-        last = bound.aborted
-          ? 'the last try had no answer before the deadline'
-          : GatewayError.is(err) ? `the last try: ${err.code}: ${err.detail}` : `the last try: ${String(err)}`
-        this.#log.debug({ detail: last }, 'reattach try failed')
-      }
-      const wait = Math.min(backoff, deadline - performance.now())
-      if (wait > 0) {
-        try {
-          await sleep(wait, undefined, { signal: this.#abort.signal })
-        } catch {
-          throw toGatewayError(this.#abort.signal.reason, this.#log)
-        }
-      }
-      backoff = Math.min(backoff * 2, REATTACH_BACKOFF_MAX_MS)
-    }
+    return await reattach({
+      entry: this.#entry,
+      pool: this.#opts.pool,
+      log: this.#log,
+      abort: this.#abort.signal,
+      timeoutMs: this.#opts.reattachTimeoutMs ?? DEFAULT_REATTACH_TIMEOUT_MS,
+      output: () => this.#outputSpec(),
+      attached: (command, status) => this.#attached(command, status)
+    }, cause)
   }
 
   // The new channel is the command's: stdin the daemon did not receive, then the queue, then
@@ -311,60 +266,6 @@ export class ExecRun {
     this.#queuedSignals = []
     for (const s of queued) void command.signal(s)
     return command
-  }
-
-  // A wedged daemon may never answer a channel open: the try ends with its bound all the same,
-  // and an attach that succeeds after that is given up at once.
-  async #withinBound<T extends { command: RemoteCommand<SignalName> }> (attempt: Promise<T>, bound: AbortSignal): Promise<T> {
-    return await new Promise((resolve, reject) => {
-      const onAbort = (): void => {
-        reject(bound.reason)
-        attempt.then(({ command: late }) => {
-          late.abort(new GatewayError('relay_unavailable', 'the attach was answered after its bound'))
-          late.release()
-        }, () => {})
-      }
-      if (bound.aborted) { onAbort(); return }
-      bound.addEventListener('abort', onAbort, { once: true })
-      attempt.then((c) => { bound.removeEventListener('abort', onAbort); resolve(c) }, (err: unknown) => { bound.removeEventListener('abort', onAbort); reject(err) })
-    })
-  }
-
-  #reattachFailed (timeoutMs: number, last: string): GatewayError {
-    const sandboxId = this.#entry.sandboxId
-    const why = this.#opts.pool.registry.get(sandboxId)?.session === undefined
-      ? `no supervisor of sandbox ${sandboxId} is connected (the sandbox is gone or its supervisor is not back); ${last}`
-      : `the sandbox's supervisor is connected but the reattach did not succeed (wedged?); ${last}`
-    return new GatewayError('relay_unavailable', `exec ${this.#entry.id} could not be reattached within ${timeoutMs} ms: ${why}`)
-  }
-
-  async #attachOnce (signal: AbortSignal, leftMs: number): Promise<{ command: RemoteCommand<SignalName>, status: KeptStatus }> {
-    const entry = this.#entry
-    const lease = await this.#opts.pool.acquire(entry.sandboxId, signal)
-    let handedOver = false
-    try {
-      const status = await statusKept(lease.conn, entry.id, true, Math.max(1, Math.ceil(Math.min(CONTROL_BOUND_MS, leftMs))))
-      if (status === 'unknown') throw new ReattachFatal(new GatewayError('relay_unavailable', `the sandbox no longer knows exec ${entry.id} (its supervisor restarted?)`))
-      if (signal.aborted) throw signal.reason
-      const offsets = {
-        stdout: this.#offsetFrom(entry.stdout as unknown as SkippableJournal, status.stdout.base),
-        stderr: this.#offsetFrom(entry.stderr as unknown as SkippableJournal, status.stderr.base)
-      }
-      const command = await attachCommand<SignalName>(lease, entry.id, offsets, this.#outputSpec())
-      handedOver = true
-      return { command, status }
-    } finally {
-      if (!handedOver) lease.release()
-    }
-  }
-
-  // Where the attach starts on one stream: our offset, unless the daemon no longer keeps it;
-  // then the journal records the bytes in between as gone.
-  #offsetFrom (journal: SkippableJournal, base: number): number {
-    if (base <= journal.total) return journal.total
-    this.#log.warn({ from: journal.total, to: base }, 'the sandbox no longer keeps output the gateway has not seen')
-    journal.skipTo?.(base)
-    return base
   }
 
   // 'paused': stop reading from this writer until onStdinWritable's callback; 'overflow': the
@@ -449,10 +350,4 @@ export class ExecRun {
     })
     return confirmed
   }
-}
-
-function toGatewayError (err: unknown, log: Logger): GatewayError {
-  if (GatewayError.is(err)) return err
-  log.error({ err }, 'unexpected error in exec run')
-  return new GatewayError('internal', 'unexpected error while running the exec', { cause: err })
 }
