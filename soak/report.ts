@@ -7,7 +7,7 @@ import vm from 'node:vm'
 import { median } from '../test/helpers/stats.js'
 import { ALL_FAULT_KINDS, MUST_DETECT_MS, type FaultKind } from './knobs.js'
 import { SHAPES } from './plans.js'
-import { HONEST_503, type Observation } from './execs.js'
+import { HONEST_503, type Observation } from './observation.js'
 import { allowedBy, cutsTheRelay, expectedText, mustCut, type Daemon } from './outcomes.js'
 import { rel, world, type Fault } from './world.js'
 

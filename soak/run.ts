@@ -5,7 +5,8 @@ import { startTcpProxy, type TcpProxy } from '../test/helpers/tcp-proxy.js'
 import { startOpenSshd, type OpenSshd } from '../test/helpers/openssh.js'
 import { sleep } from '../test/helpers/wait.js'
 import { httpCall, setBaseUrl } from './clients.js'
-import { agentLoop, observations } from './execs.js'
+import { agentLoop } from './execs.js'
+import { observations } from './observation.js'
 import { procStats, SoakGateway } from './gateway.js'
 import {
   AGENTS, CHAOS_MAX_MS, CHAOS_MIN_MS, DETECTION_BOUND_MS, DURATION_S, FAULT_KINDS, KEEPALIVE_BOUND_MS, KNOBS,

@@ -2,7 +2,7 @@
 // the run failed (empty when it passed).
 import { writeFileSync } from 'node:fs'
 import v8 from 'node:v8'
-import { observations } from './execs.js'
+import { observations } from './observation.js'
 import type { SoakGateway } from './gateway.js'
 import { AGENTS, DUMP_PATH, DURATION_S, HEAP_SNAPSHOT_PATH, KNOBS, MIN_TRUE_EXITS, SANDBOXES, SEED } from './knobs.js'
 import { describeVerdict, faultTable, heapAfterGcMb, judge, procRssMb, verdictTables, type Verdict } from './report.js'

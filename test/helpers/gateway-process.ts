@@ -85,6 +85,8 @@ async function start (opts: GatewayProcessOptions, duty: { owned: boolean }): Pr
   // An exit hook so a crashed test worker never leaves a gateway behind.
   const onParentExit = (): void => { try { proc.kill('SIGKILL') } catch { /* gone */ } }
   process.once('exit', onParentExit)
+  // However it ended (a SIGKILL of the test's own, too), a dead gateway needs no hook.
+  proc.once('exit', () => { process.off('exit', onParentExit) })
 
   let stopping: Promise<GatewayExit> | undefined
   const cleanupDir = (): void => { if (duty.owned) rmSync(dataDir, { recursive: true, force: true }) }
