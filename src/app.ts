@@ -19,6 +19,7 @@ import { Supervisor } from './supervisor/agent.js'
 import { signSupervisorToken } from './tokens.js'
 import { SUPERVISOR_GOAWAY_MS } from './lifecycle/bounds.js'
 import { Lifecycle } from './lifecycle/lifecycle.js'
+import { ClusterNode } from './cluster/node.js'
 
 // buildGateway(config) assembles the gateway; it never listens by itself. listen() binds both
 // listeners (and starts the embedded sandbox), close() runs the one shutdown sequence
@@ -130,6 +131,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
   })
   supervisorServer.on('error', (err) => logger.error({ err }, 'supervisor listener error'))
   let localSupervisor: Supervisor | undefined
+  let cluster: ClusterNode | undefined
 
   const listen = async (): Promise<{ publicUrl: string, supervisorUrl: string }> => {
     await new Promise<void>((resolve, reject) => {
@@ -144,6 +146,19 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     await app.listen({ host: config.listen.host, port: config.listen.port })
     const pub = app.server.address() as AddressInfo
     const publicUrl = `${publicTls === undefined ? 'http' : 'https'}://${urlHost(pub.address)}:${pub.port}`
+    if (config.redisUrl !== undefined) {
+      // Before the local sandbox registers: its session is claimed like any other.
+      cluster = new ClusterNode({
+        redisUrl: config.redisUrl,
+        replicaId: config.replicaId,
+        internalUrl: publicUrl,
+        publicUrl,
+        registry,
+        events,
+        logger: logger.child({ component: 'cluster' })
+      })
+      await cluster.start()
+    }
     if (config.localSandbox) {
       localSupervisor = new Supervisor({
         gatewayUrl: supervisorUrl,
@@ -169,6 +184,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     relays: () => { pool.close() },
     sessions: () => { registry.close() },
     'local-supervisor': async () => { await localSupervisor?.stop() },
+    cluster: async () => { await cluster?.close() },
     // app.close() runs the WebSocket plugin's preClose: 1001 within its bound (public-app.ts).
     listeners: async () => { await Promise.allSettled([app.close(), closeSupervisorConnections(SUPERVISOR_GOAWAY_MS)]) },
     observers: () => { refusals.close(); metrics.close() }

@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs'
+import { hostname } from 'node:os'
 
 // The only reader of process.env. Flags and their EXEC_GATEWAY_* variables are parsed once,
 // validated, and handed on as a frozen, typed object with units in the names.
@@ -69,6 +70,8 @@ export const serveFlags = [
   { name: 'ssh-max-rekeys-per-minute', key: 'sshMaxRekeysPerMinute', kind: 'int', default: 10, min: 1, max: 100_000, help: 'key exchanges a sandbox SSH daemon may start per connection per minute; beyond it the connection fails' },
   { name: 'ssh-max-refused-channel-opens', key: 'sshMaxRefusedChannelOpens', kind: 'int', default: 16, min: 0, max: 100_000, help: 'channels a sandbox SSH daemon may try to open towards the gateway (all refused) before its connection fails' },
   { name: 'sandbox-log-lines-per-minute', key: 'sandboxLogLinesPerMinute', kind: 'int', default: 60, min: 1, max: 1_000_000, help: 'log lines one sandbox can cause per minute; the rest are counted and summarised' },
+  { name: 'redis-url', key: 'redisUrl', kind: 'string', help: 'turns on cluster mode: replicas share their directory of sandboxes and execs in this Redis (redis://host:port)' },
+  { name: 'replica-id', key: 'replicaId', kind: 'string', help: "this replica's name in the cluster (default: host name + pid)" },
   { name: 'log-level', key: 'logLevel', kind: 'string', default: 'info', help: 'pino level: fatal, error, warn, info, debug, trace, silent' }
 ] as const satisfies readonly FlagSpec[]
 
@@ -79,7 +82,7 @@ export const supervisorFlags = [
   { name: 'ssh-target', key: 'sshTarget', kind: 'string', help: 'bridge relays to this SSH daemon (host:port); default: the embedded daemon' },
   { name: 'ssh-user', key: 'sshUser', kind: 'string', help: 'account the gateway logs in as (default: the user running the supervisor)' },
   { name: 'ssh-host-key', key: 'sshHostKey', kind: 'string', help: "file with the --ssh-target daemon's public host key (e.g. /etc/ssh/ssh_host_ed25519_key.pub); the gateway then refuses any other key" },
-  { name: 'keep-bytes-per-exec', key: 'keepBytesPerExec', kind: 'int', default: 8388608, min: 65536, max: 1024 * 1024 * 1024, help: 'embedded daemon: output kept per exec and stream for reattach (unsent output and sent history); a command whose unsent output reaches half of it blocks until a gateway reads it' },
+  { name: 'keep-bytes-per-exec', key: 'keepBytesPerExec', kind: 'int', default: 8388608, min: 65536, max: 1024 * 1024 * 1024, help: 'embedded daemon: output kept per exec and stream for reattach (unsent output and sent history); a command whose unsent output reaches a quarter of it blocks until a gateway reads it' },
   { name: 'keep-total-bytes', key: 'keepTotalBytes', kind: 'int', default: 268435456, min: 65536, max: 1024 * 1024 * 1024 * 1024, help: 'embedded daemon: output kept across all execs; finished execs are evicted oldest first beyond it' },
   { name: 'keep-finished-s', key: 'keepFinishedS', kind: 'int', default: 900, min: 0, max: 30 * 24 * 3600, help: 'embedded daemon: how long a finished exec keeps its exit status and output tail' },
   { name: 'ca', key: 'ca', kind: 'string', help: 'PEM CA certificate(s) to verify an https:// --gateway against (default: the system CAs)' },
@@ -165,7 +168,8 @@ type ServeFlags = ParsedFlags<typeof serveFlags>
 
 export interface TlsFiles { certFile: string, keyFile: string }
 
-export interface GatewayConfig extends Omit<ServeFlags, 'listen' | 'supervisorListen' | 'tlsCert' | 'tlsKey' | 'supervisorTlsCert' | 'supervisorTlsKey'> {
+export interface GatewayConfig extends Omit<ServeFlags, 'listen' | 'supervisorListen' | 'tlsCert' | 'tlsKey' | 'supervisorTlsCert' | 'supervisorTlsKey' | 'replicaId'> {
+  replicaId: string
   listen: HostPort
   supervisorListen: HostPort
   // From --api-token and --api-token-file together, as read at start.
@@ -189,8 +193,13 @@ function resolveServeConfig (flags: ServeFlags): GatewayConfig {
   }
   const tls = tlsPair(flags.tlsCert, flags.tlsKey, '--tls-cert', '--tls-key')
   const supervisorTls = tlsPair(flags.supervisorTlsCert, flags.supervisorTlsKey, '--supervisor-tls-cert', '--supervisor-tls-key')
-  const { listen: _l, supervisorListen: _s, tlsCert: _c, tlsKey: _k, supervisorTlsCert: _sc, supervisorTlsKey: _sk, ...rest } = flags
-  return Object.freeze({ ...rest, listen, supervisorListen, apiTokens, tls, supervisorTls })
+  if (flags.redisUrl !== undefined && !/^rediss?:\/\/[^\s]+$/.test(flags.redisUrl)) {
+    throw new ConfigError(`--redis-url must be a redis:// or rediss:// URL, got ${JSON.stringify(flags.redisUrl)}`)
+  }
+  const replicaId = flags.replicaId ?? `${hostname()}-${process.pid}`
+  if (!/^[A-Za-z0-9._-]{1,128}$/.test(replicaId)) throw new ConfigError(`--replica-id must be 1-128 of A-Z a-z 0-9 . _ -, got ${JSON.stringify(replicaId)}`)
+  const { listen: _l, supervisorListen: _s, tlsCert: _c, tlsKey: _k, supervisorTlsCert: _sc, supervisorTlsKey: _sk, replicaId: _r, ...rest } = flags
+  return Object.freeze({ ...rest, listen, supervisorListen, apiTokens, tls, supervisorTls, replicaId })
 }
 
 export function splitTokens (value: string): string[] {

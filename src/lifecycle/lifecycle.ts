@@ -19,6 +19,9 @@ export const SHUTDOWN_PHASES = [
   'sessions',
   // The embedded supervisor of the local sandbox (and its SSH daemon) stops.
   'local-supervisor',
+  // Cluster mode: the sandboxes this replica held are given up in the directory and its
+  // heartbeat goes, so other replicas stop forwarding here (bounded by the directory's calls).
+  'cluster',
   // Both listeners, side by side. Public: requests are answered 503 shutting_down, WebSockets
   // are closed with 1001 within a bound, connections are closed. Supervisor: GOAWAY to every
   // connection, and what has not gone within a bound is cut. Last but for the observers, so

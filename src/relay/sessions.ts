@@ -36,6 +36,7 @@ export interface RegisterInfo {
 }
 
 type RegisteredListener = (sandboxId: string, info: { keepsExecs: boolean }) => void
+type UnregisteredListener = (session: SupervisorSession) => void
 
 interface PendingRelay {
   relayId: string
@@ -62,6 +63,7 @@ export class SessionRegistry {
   // Per sandbox, supervisor processes that a newer one replaced.
   readonly #superseded = new Map<string, Set<string>>()
   readonly #registeredListeners = new Set<RegisteredListener>()
+  readonly #unregisteredListeners = new Set<UnregisteredListener>()
   #closed = false
 
   constructor (opts: SessionRegistryOptions) {
@@ -147,12 +149,26 @@ export class SessionRegistry {
     return () => { this.#registeredListeners.delete(cb) }
   }
 
+  // Called when a sandbox's current session goes and none replaces it (the cluster gives up
+  // the sandbox's owner record then); returns the function that removes the listener.
+  onUnregistered (cb: UnregisteredListener): () => void {
+    this.#unregisteredListeners.add(cb)
+    return () => { this.#unregisteredListeners.delete(cb) }
+  }
+
   // Only the current session may remove itself; a superseded one leaves the new one alone.
   unregister (session: SupervisorSession): void {
     const entry = this.#sandboxes.get(session.sandboxId)
     if (entry?.session !== session) return
     entry.session = undefined
     entry.lastSeenAt = new Date()
+    for (const cb of [...this.#unregisteredListeners]) {
+      try {
+        cb(session)
+      } catch (err) {
+        this.#opts.logger.error({ err, sandboxId: session.sandboxId }, 'an unregistration listener threw')
+      }
+    }
   }
 
   touch (sandboxId: string): void {

@@ -1,0 +1,208 @@
+import type { Logger } from 'pino'
+import { subscribeGateway, type GatewayEvents } from '../diagnostics.js'
+import type { SessionRegistry, SupervisorSession } from '../relay/sessions.js'
+import { Directory, type ExecOwner } from './directory.js'
+import type { ReplicaInfo } from './reads.js'
+import { DirectoryUnavailable } from './redis-client.js'
+
+// One replica's part in the cluster (CONTRACT §6): it publishes itself in the directory, claims
+// each sandbox whose supervisor session it holds (fenced, so exactly one replica owns a sandbox
+// at a time), gives the claim up when the session goes, and ends a session whose claim another
+// replica has taken since. The session registry stays the local truth; this keeps Redis in step
+// with it and never the other way round: Redis trouble never ends a session or an exec.
+
+export interface ClusterNodeOptions {
+  redisUrl: string
+  // Namespace of the cluster's keys; replicas of one cluster share it.
+  prefix?: string
+  replicaId: string
+  internalUrl: string
+  publicUrl: string
+  registry: SessionRegistry
+  // Execs created or rebuilt here are recorded as this replica's.
+  events: GatewayEvents
+  logger: Logger
+  replicaTtlMs?: number
+  commandTimeoutMs?: number
+  // How often held claims are compared with the directory (a claim taken by a newer session on
+  // another replica ends the local session).
+  checkIntervalMs?: number
+}
+
+interface Claim {
+  session: SupervisorSession
+  // Undefined until the directory has answered.
+  fence: number | undefined
+}
+
+const DEFAULT_PREFIX = 'exec-gateway:'
+const DEFAULT_CHECK_INTERVAL_MS = 1000
+
+export class ClusterNode {
+  readonly replicaId: string
+  readonly directory: Directory
+  readonly #o: ClusterNodeOptions
+  readonly #log: Logger
+  readonly #claims = new Map<string, Claim>()
+  readonly #off: Array<() => void> = []
+  #check: NodeJS.Timeout | undefined
+  #checking = false
+  #closed = false
+
+  constructor (o: ClusterNodeOptions) {
+    this.#o = o
+    this.replicaId = o.replicaId
+    this.#log = o.logger
+    this.directory = new Directory({
+      url: o.redisUrl,
+      prefix: o.prefix ?? DEFAULT_PREFIX,
+      replicaId: o.replicaId,
+      internalUrl: o.internalUrl,
+      publicUrl: o.publicUrl,
+      ...(o.replicaTtlMs === undefined ? {} : { replicaTtlMs: o.replicaTtlMs }),
+      ...(o.commandTimeoutMs === undefined ? {} : { commandTimeoutMs: o.commandTimeoutMs })
+    })
+    this.directory.onEvent((e) => {
+      if (e.type === 'error') this.#log.warn({ err: e.error.message }, 'redis error')
+      else if (e.type === 'republished') this.#log.info({ restored: e.restored.length, lost: e.lost.length }, 'directory entries published again after redis came back')
+    })
+  }
+
+  // Starts heartbeating; a Redis that is not there yet is waited for in the background (the
+  // replica serves its own sessions meanwhile).
+  async start (): Promise<void> {
+    const registry = this.#o.registry
+    this.#off.push(registry.onRegistered((sandboxId) => { this.#claim(sandboxId) }))
+    this.#off.push(registry.onUnregistered((session) => { void this.#release(session) }))
+    this.#off.push(subscribeGateway(this.#o.events.id, { execCreated: (m) => { void this.ownExec(m.execId, m.sandboxId) } }))
+    try {
+      await this.directory.start()
+    } catch (err) {
+      if (!(err instanceof DirectoryUnavailable)) throw err
+      this.#log.warn({ err: err.message }, 'redis is not reachable yet; going on and retrying in the background')
+    }
+    const every = this.#o.checkIntervalMs ?? DEFAULT_CHECK_INTERVAL_MS
+    this.#check = setInterval(() => { void this.#checkClaims() }, every)
+    this.#check.unref()
+  }
+
+  // The live replica that owns this sandbox, when it is another one.
+  async sandboxOwner (sandboxId: string): Promise<ReplicaInfo | undefined> {
+    if (this.#claims.has(sandboxId)) return undefined
+    const owner = await this.directory.owner(sandboxId)
+    if (owner === undefined || !owner.replicaLive || owner.replicaId === this.replicaId) return undefined
+    return await this.directory.replica(owner.replicaId)
+  }
+
+  async execOwner (execId: string): Promise<(ExecOwner & { replica: ReplicaInfo }) | undefined> {
+    const owner = await this.directory.execOwner(execId)
+    if (owner === undefined || owner.replicaId === this.replicaId) return undefined
+    const replica = await this.directory.replica(owner.replicaId)
+    return replica === undefined ? undefined : { ...owner, replica }
+  }
+
+  // The exec runs here: requests for it anywhere in the cluster come here.
+  async ownExec (execId: string, sandboxId: string): Promise<void> {
+    try {
+      await this.directory.putExecOwner(execId, { replicaId: this.replicaId, sandboxId })
+    } catch (err) {
+      if (!(err instanceof DirectoryUnavailable)) throw err
+      this.#log.warn({ execId, err: err.message }, 'could not record the exec in the directory; other replicas cannot forward to it until it is')
+    }
+  }
+
+  // Whether this replica holds the sandbox's claim (its session is here and the directory
+  // agreed, or has not answered yet).
+  holds (sandboxId: string): boolean {
+    return this.#claims.has(sandboxId)
+  }
+
+  async close (): Promise<void> {
+    if (this.#closed) return
+    this.#closed = true
+    clearInterval(this.#check)
+    for (const off of this.#off.splice(0)) off()
+    // Claims go with the sessions the shutdown ends; what Redis cannot take now expires with
+    // this replica's heartbeat as far as readers are concerned (replicaLive false).
+    await Promise.allSettled([...this.#claims.values()].map(async (c) => { await this.#release(c.session) }))
+    await this.directory.close({ deleteHeartbeat: true })
+  }
+
+  #claim (sandboxId: string): void {
+    const session = this.#o.registry.get(sandboxId)?.session
+    if (session === undefined || this.#closed) return
+    const claim: Claim = { session, fence: undefined }
+    this.#claims.set(sandboxId, claim)
+    void this.#register(sandboxId, claim)
+  }
+
+  async #register (sandboxId: string, claim: Claim): Promise<void> {
+    const session = claim.session
+    try {
+      const r = await this.directory.register({ sandboxId, replicaId: this.replicaId, instanceId: session.instanceId, sessionId: session.id })
+      if (this.#claims.get(sandboxId) !== claim) {
+        // The session went while the directory answered: give back what it just took.
+        if (r.ok) await this.#releaseFence(sandboxId, r.fence)
+        return
+      }
+      if (!r.ok) {
+        this.#log.warn({ sandboxId, owner: r.owner.replicaId, instanceId: session.instanceId }, 'a newer supervisor process serves this sandbox on another replica; refusing this one')
+        this.#claims.delete(sandboxId)
+        session.send({ type: 'rejected', reason: 'superseded: a newer supervisor process serves this sandbox' })
+        session.close('superseded by a newer supervisor process on another replica')
+        return
+      }
+      claim.fence = r.fence
+      if (r.previous !== undefined && r.previous.replicaId !== this.replicaId) {
+        this.#log.info({ sandboxId, from: r.previous.replicaId, fence: r.fence }, 'sandbox moved to this replica')
+      }
+    } catch (err) {
+      if (!(err instanceof DirectoryUnavailable)) throw err
+      // Tried again by the claim check once Redis answers.
+      this.#log.warn({ sandboxId, err: err.message }, 'could not claim the sandbox in the directory yet')
+    }
+  }
+
+  async #release (session: SupervisorSession): Promise<void> {
+    const claim = this.#claims.get(session.sandboxId)
+    if (claim === undefined || claim.session !== session) return
+    this.#claims.delete(session.sandboxId)
+    if (claim.fence !== undefined) await this.#releaseFence(session.sandboxId, claim.fence)
+  }
+
+  async #releaseFence (sandboxId: string, fence: number): Promise<void> {
+    try {
+      await this.directory.release({ sandboxId, replicaId: this.replicaId, fence })
+    } catch (err) {
+      if (!(err instanceof DirectoryUnavailable)) throw err
+      this.#log.warn({ sandboxId, err: err.message }, 'could not release the sandbox in the directory; the directory releases it when redis answers again')
+    }
+  }
+
+  // A claim another replica has taken since (a newer session there) ends the session here: two
+  // replicas must never both take execs for one sandbox. A claim the directory has not
+  // confirmed yet is registered again.
+  async #checkClaims (): Promise<void> {
+    if (this.#checking || this.#closed) return
+    this.#checking = true
+    try {
+      for (const [sandboxId, claim] of [...this.#claims]) {
+        if (claim.fence === undefined) { await this.#register(sandboxId, claim); continue }
+        const owner = await this.directory.owner(sandboxId)
+        if (this.#claims.get(sandboxId) !== claim) continue
+        if (owner !== undefined && owner.replicaId === this.replicaId && owner.sessionId === claim.session.id) {
+          // Ours, at the fence a late-answered registration left.
+          claim.fence = owner.fence
+        } else if (owner !== undefined && owner.fence > claim.fence) {
+          this.#log.info({ sandboxId, to: owner.replicaId, fence: owner.fence }, 'sandbox taken over by a newer session elsewhere; ending the session here')
+          this.#claims.delete(sandboxId)
+          claim.session.close('the sandbox moved to another replica')
+        }
+      }
+    } catch (err) {
+      if (!(err instanceof DirectoryUnavailable)) this.#log.error({ err }, 'claim check failed')
+    } finally {
+      this.#checking = false
+    }
+  }
+}

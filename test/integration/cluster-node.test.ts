@@ -1,0 +1,127 @@
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import pino from 'pino'
+import { afterEach, describe, expect, it } from 'vitest'
+import { buildGateway, type Gateway } from '../../src/app.js'
+import { Directory } from '../../src/cluster/directory.js'
+import { defaultGatewayConfig } from '../../src/config.js'
+import { loadDataDir, type GatewayIdentity } from '../../src/data-dir.js'
+import { signSupervisorToken } from '../../src/tokens.js'
+import { execWait as execWaitResponse } from '../helpers/api.js'
+import { startRedisServer, type RedisServer } from '../helpers/redis-server.js'
+import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
+import { sleep, waitFor } from '../helpers/wait.js'
+
+// Cluster mode's sandbox ownership (issue 14), with real parts: a real redis-server, two real
+// gateways in cluster mode sharing one data dir's identity, and real supervisor processes with
+// the embedded daemon. Exactly one replica holds a sandbox's claim at a time; a newer supervisor
+// process on another replica takes it over, the older one never takes it back; a session that
+// goes gives its claim up; Redis trouble ends no session and no exec.
+
+interface Replica { gw: Gateway, publicUrl: string, supervisorUrl: string, replicaId: string }
+
+const cleanups: Array<() => Promise<void>> = []
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c().catch(() => {})
+})
+
+
+async function cluster (n: number): Promise<{ redis: RedisServer, replicas: Replica[], identity: GatewayIdentity, dir: Directory }> {
+  const redis = await startRedisServer()
+  cleanups.push(async () => { await redis.stop() })
+  const dataDir = mkdtempSync(join(tmpdir(), 'egw-cluster-'))
+  cleanups.push(async () => { rmSync(dataDir, { recursive: true, force: true }) })
+  const identity = loadDataDir(dataDir)
+  const replicas: Replica[] = []
+  for (let i = 0; i < n; i++) {
+    const replicaId = `r${i}`
+    const config = defaultGatewayConfig({ dataDir, redisUrl: redis.url, replicaId, shutdownGraceMs: 1000, execRateLimitPerMinute: 0, h2PingIntervalMs: 500, h2PingTimeoutMs: 1000 })
+    const gw = await buildGateway(config, { logger: pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' }), identity })
+    const { publicUrl, supervisorUrl } = await gw.listen()
+    cleanups.push(async () => { await gw.close() })
+    replicas.push({ gw, publicUrl, supervisorUrl, replicaId })
+  }
+  // A reader of the same directory, as another replica would read it.
+  const dir = new Directory({ url: redis.url, prefix: 'exec-gateway:', replicaId: 'test-reader', internalUrl: 'http://127.0.0.1:1', publicUrl: 'http://127.0.0.1:1' })
+  cleanups.push(async () => { await dir.close({ deleteHeartbeat: true }) })
+  await dir.start()
+  return { redis, replicas, identity, dir }
+}
+
+function supervisor (r: Replica, identity: GatewayIdentity, sandboxId: string): SupervisorProcess {
+  const sup = startSupervisorProcess({ gatewayUrl: r.supervisorUrl, sandboxId, token: signSupervisorToken(identity.tokenSecret, sandboxId) })
+  cleanups.push(async () => { await sup.stop() })
+  return sup
+}
+
+const execWait = async (url: string, sandboxId: string, req: Record<string, unknown>): Promise<any> => (await execWaitResponse(url, sandboxId, req)).body
+
+const connected = (r: Replica, id: string): boolean => r.gw.registry.get(id)?.session !== undefined
+
+async function ownerOf (dir: Directory, sandboxId: string): Promise<{ replicaId: string, fence: number } | undefined> {
+  const o = await dir.owner(sandboxId)
+  return o === undefined ? undefined : { replicaId: o.replicaId, fence: o.fence }
+}
+
+describe('cluster mode: one replica owns a sandbox at a time', () => {
+  it('the replica holding the session owns the sandbox; its execs are recorded as its own; the claim goes with the session', async () => {
+    const { replicas: [a], identity, dir } = await cluster(1)
+    const sup = supervisor(a!, identity, 'own-1')
+    await waitFor(async () => (await ownerOf(dir, 'own-1'))?.replicaId === 'r0', { timeoutMs: 10_000, description: 'r0 owns own-1' })
+    expect((await dir.replicas()).map((x) => x.replicaId)).toContain('r0')
+    const done = await execWait(a!.publicUrl, 'own-1', { command: ['sh', '-c', 'echo hi'] })
+    expect(done).toMatchObject({ status: 'exited', exitCode: 0, stdout: 'hi\n' })
+    await waitFor(async () => (await dir.execOwner(done.id))?.replicaId === 'r0', { timeoutMs: 5000, description: 'the exec is recorded as r0\'s' })
+    expect(await dir.execOwner(done.id)).toEqual({ replicaId: 'r0', sandboxId: 'own-1' })
+    await sup.stop()
+    await waitFor(async () => (await ownerOf(dir, 'own-1')) === undefined, { timeoutMs: 5000, description: 'the claim is released when the session goes' })
+  })
+
+  it('a newer supervisor process on another replica takes the sandbox over; the older one never takes it back', async () => {
+    const { replicas: [a, b], identity, dir } = await cluster(2)
+    supervisor(a!, identity, 'move-1')
+    await waitFor(async () => (await ownerOf(dir, 'move-1'))?.replicaId === 'r0', { timeoutMs: 10_000, description: 'r0 owns move-1' })
+    const first = (await ownerOf(dir, 'move-1'))!
+    supervisor(b!, identity, 'move-1')
+    await waitFor(async () => (await ownerOf(dir, 'move-1'))?.replicaId === 'r1', { timeoutMs: 10_000, description: 'r1 owns move-1' })
+    expect((await ownerOf(dir, 'move-1'))!.fence).toBeGreaterThan(first.fence)
+    // r0 ends its session once its claim check sees the newer fence.
+    await waitFor(() => !connected(a!, 'move-1'), { timeoutMs: 5000, description: 'r0 ends its now stale session' })
+    // The older process keeps reconnecting to r0 (its backoff is at most 5 s) and is refused
+    // every time: for 7 s, r0 never holds a session for long and r1 keeps the claim.
+    let r0Connected = 0
+    const until = Date.now() + 7000
+    while (Date.now() < until) {
+      if (connected(a!, 'move-1')) r0Connected++
+      expect((await ownerOf(dir, 'move-1'))?.replicaId).toBe('r1')
+      await sleep(100)
+    }
+    expect(r0Connected, 'samples (of ~70) in which r0 held a session for the older process').toBeLessThanOrEqual(5)
+    expect(connected(b!, 'move-1')).toBe(true)
+    const done = await execWait(b!.publicUrl, 'move-1', { command: ['sh', '-c', 'echo on-b'] })
+    expect(done).toMatchObject({ status: 'exited', exitCode: 0, stdout: 'on-b\n' })
+  }, 60_000)
+
+  it('Redis stopped for 3 s ends no session and no exec; the claim is still there after', async () => {
+    const { redis, replicas: [a], identity, dir } = await cluster(1)
+    supervisor(a!, identity, 'pause-1')
+    await waitFor(async () => (await ownerOf(dir, 'pause-1'))?.replicaId === 'r0', { timeoutMs: 10_000, description: 'r0 owns pause-1' })
+    const before = (await ownerOf(dir, 'pause-1'))!
+    const running = execWait(a!.publicUrl, 'pause-1', { command: ['sh', '-c', 'sleep 4; echo after'] })
+    await sleep(300)
+    redis.pause()
+    try {
+      // Execs start and end while Redis does not answer.
+      const during = await execWait(a!.publicUrl, 'pause-1', { command: ['sh', '-c', 'echo during'] })
+      expect(during).toMatchObject({ status: 'exited', exitCode: 0, stdout: 'during\n' })
+      await sleep(2500)
+      expect(connected(a!, 'pause-1')).toBe(true)
+    } finally {
+      redis.resume()
+    }
+    expect(await running).toMatchObject({ status: 'exited', exitCode: 0, stdout: 'after\n' })
+    expect(connected(a!, 'pause-1')).toBe(true)
+    await waitFor(async () => (await ownerOf(dir, 'pause-1').catch(() => undefined))?.fence === before.fence, { timeoutMs: 5000, description: 'the same claim after Redis answers again' })
+  }, 60_000)
+})
