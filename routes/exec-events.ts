@@ -75,7 +75,9 @@ const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
           res.once('drain', () => { congested = false; drained() })
         }
         return ok
-      }
+      },
+      // Ended without a final event: an EventSource reconnects with Last-Event-ID by itself.
+      moved: () => { res.end() }
     })
   })
 }

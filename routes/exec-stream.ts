@@ -10,7 +10,7 @@ import { AttachQuerySchema, ExecParamsSchema } from '../src/schemas/exec.js'
 import { decodeClientFrame } from '../src/schemas/frames.js'
 import { ProblemResponse } from '../src/schemas/problem.js'
 import {
-  BINARY_SUBPROTOCOL, CLOSE_ERROR, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, JSON_SUBPROTOCOL,
+  BINARY_SUBPROTOCOL, CLOSE_ERROR, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_RECONNECT, JSON_SUBPROTOCOL,
   STDERR_CHANNEL, STDIN_CHANNEL, STDOUT_CHANNEL
 } from '../src/schemas/websocket.js'
 import { EXEC_NOT_FOUND, findExec } from './execs.js'
@@ -102,7 +102,8 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
         if (ev.type === 'error') close(ev.code === 'shutting_down' ? CLOSE_GOING_AWAY : CLOSE_ERROR, ev.code)
         else if (final) close(CLOSE_NORMAL, 'exec ended')
         return ok
-      }
+      },
+      moved: () => { close(CLOSE_RECONNECT, 'the exec moved to another replica; reconnect with your offsets') }
     })
     socket.on('close', () => { stop(); stopWaiting() })
     socket.on('message', (data: RawData, isBinary: boolean) => onClientFrame(ctx, entry, socket, client, data, isBinary))

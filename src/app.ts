@@ -155,6 +155,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
         publicUrl,
         registry,
         events,
+        onMoved: (sandboxId) => { execs.handOver(sandboxId) },
         logger: logger.child({ component: 'cluster' })
       })
       await cluster.start()

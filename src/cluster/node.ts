@@ -21,6 +21,9 @@ export interface ClusterNodeOptions {
   registry: SessionRegistry
   // Execs created or rebuilt here are recorded as this replica's.
   events: GatewayEvents
+  // The sandbox's claim went to a newer session on another replica, which rebuilds its kept
+  // execs: their runs here are to stop without an outcome (ExecManager.handOver).
+  onMoved: (sandboxId: string) => void
   logger: Logger
   replicaTtlMs?: number
   commandTimeoutMs?: number
@@ -37,6 +40,9 @@ interface Claim {
 
 const DEFAULT_PREFIX = 'exec-gateway:'
 const DEFAULT_CHECK_INTERVAL_MS = 1000
+// How long a sandbox whose session went is watched for a registration elsewhere (its kept execs'
+// runs here reattach meanwhile); well past any reattach bound.
+const WATCH_RELEASED_MS = 10 * 60_000
 
 export class ClusterNode {
   readonly replicaId: string
@@ -44,6 +50,9 @@ export class ClusterNode {
   readonly #o: ClusterNodeOptions
   readonly #log: Logger
   readonly #claims = new Map<string, Claim>()
+  // Sandboxes whose session here went, since when: if their supervisor comes back on another
+  // replica, that replica rebuilds their kept execs and the runs here must stop.
+  readonly #released = new Map<string, number>()
   readonly #off: Array<() => void> = []
   #check: NodeJS.Timeout | undefined
   #checking = false
@@ -133,6 +142,7 @@ export class ClusterNode {
     if (session === undefined || this.#closed) return
     const claim: Claim = { session, fence: undefined }
     this.#claims.set(sandboxId, claim)
+    this.#released.delete(sandboxId)
     void this.#register(sandboxId, claim)
   }
 
@@ -167,6 +177,7 @@ export class ClusterNode {
     const claim = this.#claims.get(session.sandboxId)
     if (claim === undefined || claim.session !== session) return
     this.#claims.delete(session.sandboxId)
+    if (!this.#closed) this.#released.set(session.sandboxId, Date.now())
     if (claim.fence !== undefined) await this.#releaseFence(session.sandboxId, claim.fence)
   }
 
@@ -176,6 +187,20 @@ export class ClusterNode {
     } catch (err) {
       if (!(err instanceof DirectoryUnavailable)) throw err
       this.#log.warn({ sandboxId, err: err.message }, 'could not release the sandbox in the directory; the directory releases it when redis answers again')
+    }
+  }
+
+  async #checkReleased (): Promise<void> {
+    const now = Date.now()
+    for (const [sandboxId, since] of [...this.#released]) {
+      if (now - since > WATCH_RELEASED_MS) { this.#released.delete(sandboxId); continue }
+      const owner = await this.directory.owner(sandboxId)
+      if (this.#released.get(sandboxId) !== since) continue
+      if (owner !== undefined && owner.replicaId !== this.replicaId) {
+        this.#log.info({ sandboxId, to: owner.replicaId }, 'sandbox came back on another replica; its execs go on there')
+        this.#released.delete(sandboxId)
+        this.#o.onMoved(sandboxId)
+      }
     }
   }
 
@@ -196,9 +221,12 @@ export class ClusterNode {
         } else if (owner !== undefined && owner.fence > claim.fence) {
           this.#log.info({ sandboxId, to: owner.replicaId, fence: owner.fence }, 'sandbox taken over by a newer session elsewhere; ending the session here')
           this.#claims.delete(sandboxId)
+          // Before the session goes: its runs would take the lost relays for a reason to reattach.
+          this.#o.onMoved(sandboxId)
           claim.session.close('the sandbox moved to another replica')
         }
       }
+      await this.#checkReleased()
     } catch (err) {
       if (!(err instanceof DirectoryUnavailable)) this.#log.error({ err }, 'claim check failed')
     } finally {

@@ -44,6 +44,7 @@ export class ExecEntry extends EventEmitter {
   readonly #followers = new Set<Follower>()
   #discarded = false
   #relayLost = false
+  #movedAway = false
 
   // createdAt is given for an exec rebuilt after a restart from what its sandbox keeps.
   constructor (id: string, sandboxId: string, spec: ValidExec, retentionBytes: number, budget?: RetentionBudget, createdAt?: Date) {
@@ -147,8 +148,21 @@ export class ExecEntry extends EventEmitter {
     this.stderr.dropOldest(Infinity)
   }
 
+  get movedAway (): boolean { return this.#movedAway }
+
+  // Cluster mode: the exec's sandbox moved to another replica, whose record of it goes on from
+  // its daemon. This one never ends (no outcome is written here): its readers are let go with
+  // 'moved' and reconnect, and the record is dropped.
+  moveAway (): void {
+    if (this.finished || this.#movedAway) return
+    this.#movedAway = true
+    this.#followers.clear()
+    this.emit('moved')
+    this.discard()
+  }
+
   finish (outcome: Outcome): void {
-    if (this.outcome !== undefined) return
+    if (this.outcome !== undefined || this.#movedAway) return
     this.outcome = outcome
     this.status = outcome.kind === 'failed' ? 'failed' : 'exited'
     this.endedAt = new Date()

@@ -68,6 +68,8 @@ export class ExecManager {
   // Rebuilt execs, with when their daemon said they ended (finish() would stamp now).
   readonly #adoptedEnds = new Map<ExecEntry, string | undefined>()
   readonly #adoptions = new AbortController()
+  // Runs aborted because their sandbox moved to another replica: their entries never end here.
+  readonly #movingAway = new Set<ExecEntry>()
   #closing = false
 
   constructor (opts: ExecManagerOptions) {
@@ -210,10 +212,33 @@ export class ExecManager {
     void run.run().then((outcome) => this.#ended(entry, outcome))
   }
 
-  // Resolves when the exec has its outcome.
+  // Resolves when the exec has its outcome, or has moved to another replica (movedAway).
   async waitForEnd (entry: ExecEntry): Promise<void> {
-    if (entry.finished) return
-    await new Promise<void>((resolve) => entry.once('end', () => resolve()))
+    if (entry.finished || entry.movedAway) return
+    await new Promise<void>((resolve) => {
+      const done = (): void => {
+        entry.off('end', done)
+        entry.off('moved', done)
+        resolve()
+      }
+      entry.once('end', done)
+      entry.once('moved', done)
+    })
+  }
+
+  // Cluster mode: another replica holds the sandbox's session now, and rebuilds its kept execs
+  // from the daemon. Their runs here stop without an outcome (the daemon goes on; the new owner
+  // reports the true end) and their records go; readers are told to reconnect. Execs the daemon
+  // does not keep are left to end as their relay does. Returns how many moved.
+  handOver (sandboxId: string): number {
+    let n = 0
+    for (const [entry, run] of this.#runs) {
+      if (entry.sandboxId !== sandboxId || !run.kept) continue
+      this.#movingAway.add(entry)
+      run.abort(new GatewayError('relay_unavailable', `the sandbox ${sandboxId} moved to another replica`))
+      n++
+    }
+    return n
   }
 
   // 'paused': stop reading from this writer until onStdinWritable's callback; 'overflow': the
@@ -299,6 +324,12 @@ export class ExecManager {
   #ended (entry: ExecEntry, outcome: Outcome): void {
     this.#runs.delete(entry)
     this.#addActive(entry.sandboxId, -1)
+    if (this.#movingAway.delete(entry)) {
+      if (this.#execs.get(entry.id) === entry) this.#execs.delete(entry.id)
+      entry.moveAway()
+      this.#opts.logger.info({ execId: entry.id, sandboxId: entry.sandboxId }, 'exec moved to another replica with its sandbox')
+      return
+    }
     entry.finish(outcome)
     if (this.#adoptedEnds.has(entry)) {
       entry.endedAt = validDate(this.#adoptedEnds.get(entry)) ?? entry.endedAt

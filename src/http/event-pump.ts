@@ -10,6 +10,9 @@ import type { ExecEvent } from '../schemas/events.js'
 export interface EventSink {
   // Returns false when the sink is congested; it must then call `drained` once it is not.
   send: (ev: ExecEvent, final: boolean, endOffset: number | undefined, raw: Buffer | undefined, drained: () => void) => boolean
+  // The exec moved to another replica (ExecEntry.moveAway): no final event will come here, and
+  // the reader is to reconnect.
+  moved: () => void
 }
 
 export function pumpEvents (entry: ExecEntry, opts: AttachOptions, heartbeatMs: number, sink: EventSink): () => void {
@@ -28,9 +31,16 @@ export function pumpEvents (entry: ExecEntry, opts: AttachOptions, heartbeatMs: 
   const stop = (): void => {
     stopped = true
     clearTimeout(timer)
+    entry.off('moved', onMoved)
     detach()
     entry.releaseFlow(reader)
   }
+  const onMoved = (): void => {
+    if (stopped) return
+    stop()
+    sink.moved()
+  }
+  entry.once('moved', onMoved)
   arm()
   const detach = entry.attach(opts, (ev, endOffset, raw) => {
     if (stopped) return

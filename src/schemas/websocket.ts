@@ -20,3 +20,6 @@ export const CLOSE_GOING_AWAY = 1001
 export const CLOSE_POLICY = 1008
 // After an error event.
 export const CLOSE_ERROR = 1011
+// Cluster mode: the exec now runs on another replica (its sandbox moved there); the exec goes on,
+// and a client reconnects with its offsets, through any replica.
+export const CLOSE_RECONNECT = 1012

@@ -22,6 +22,8 @@ export interface TcpProxy {
   blackholeAll(): void
   /** Client connections currently open through the proxy. */
   connectionCount(): number
+  /** New connections go to this target (a load balancer moving a client to another backend). */
+  setTarget(host: string, port: number): void
   close(): Promise<void>
 }
 
@@ -123,11 +125,12 @@ interface Connection {
 export function startTcpProxy (opts: StartTcpProxyOptions): Promise<TcpProxy> {
   const state: ProxyState = { mode: 'pass', delayMs: 0 }
   const connections = new Set<Connection>()
+  const target = { host: opts.targetHost, port: opts.targetPort }
 
   const server: Server = createServer({ allowHalfOpen: true, pauseOnConnect: true }, (client) => {
     client.on('error', () => undefined)
     client.setNoDelay(true)
-    const upstream = connect({ host: opts.targetHost, port: opts.targetPort, allowHalfOpen: true })
+    const upstream = connect({ host: target.host, port: target.port, allowHalfOpen: true })
     upstream.on('error', () => undefined)
     upstream.setNoDelay(true)
     const directions: [Direction, Direction] = [new Direction(state, client, upstream), new Direction(state, upstream, client)]
@@ -193,6 +196,10 @@ export function startTcpProxy (opts: StartTcpProxyOptions): Promise<TcpProxy> {
         },
         connectionCount () {
           return connections.size
+        },
+        setTarget (host, port) {
+          target.host = host
+          target.port = port
         },
         close () {
           closing ??= new Promise<void>((resolve) => {

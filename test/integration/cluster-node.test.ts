@@ -8,7 +8,9 @@ import { Directory } from '../../src/cluster/directory.js'
 import { defaultGatewayConfig } from '../../src/config.js'
 import { loadDataDir, type GatewayIdentity } from '../../src/data-dir.js'
 import { signSupervisorToken } from '../../src/tokens.js'
-import { execWait as execWaitResponse } from '../helpers/api.js'
+import { execStart, execWait as execWaitResponse } from '../helpers/api.js'
+import { openOffsetReader, runBySh, sha, within } from '../helpers/restart-readers.js'
+import { startTcpProxy } from '../helpers/tcp-proxy.js'
 import { startRedisServer, type RedisServer } from '../helpers/redis-server.js'
 import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
 import { sleep, waitFor } from '../helpers/wait.js'
@@ -25,7 +27,6 @@ const cleanups: Array<() => Promise<void>> = []
 afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c().catch(() => {})
 })
-
 
 async function cluster (n: number): Promise<{ redis: RedisServer, replicas: Replica[], identity: GatewayIdentity, dir: Directory }> {
   const redis = await startRedisServer()
@@ -49,8 +50,9 @@ async function cluster (n: number): Promise<{ redis: RedisServer, replicas: Repl
   return { redis, replicas, identity, dir }
 }
 
-function supervisor (r: Replica, identity: GatewayIdentity, sandboxId: string): SupervisorProcess {
-  const sup = startSupervisorProcess({ gatewayUrl: r.supervisorUrl, sandboxId, token: signSupervisorToken(identity.tokenSecret, sandboxId) })
+function supervisor (r: Replica | string, identity: GatewayIdentity, sandboxId: string): SupervisorProcess {
+  const gatewayUrl = typeof r === 'string' ? r : r.supervisorUrl
+  const sup = startSupervisorProcess({ gatewayUrl, sandboxId, token: signSupervisorToken(identity.tokenSecret, sandboxId) })
   cleanups.push(async () => { await sup.stop() })
   return sup
 }
@@ -123,5 +125,36 @@ describe('cluster mode: one replica owns a sandbox at a time', () => {
     expect(await running).toMatchObject({ status: 'exited', exitCode: 0, stdout: 'after\n' })
     expect(connected(a!, 'pause-1')).toBe(true)
     await waitFor(async () => (await ownerOf(dir, 'pause-1').catch(() => undefined))?.fence === before.fence, { timeoutMs: 5000, description: 'the same claim after Redis answers again' })
+  }, 60_000)
+
+  it('a kept exec goes on when its supervisor process comes back on another replica: the new owner rebuilds it, a reader on the old one is told to reconnect (1012), true exit and exact bytes', async () => {
+    const { replicas: [a, b], identity, dir } = await cluster(2)
+    // The balancer in front of the supervisors: it sends the supervisor to r0 first, then to r1.
+    const lb = await startTcpProxy({ targetHost: new URL(a!.supervisorUrl).hostname, targetPort: Number(new URL(a!.supervisorUrl).port) })
+    cleanups.push(async () => { await lb.close() })
+    supervisor(`http://${lb.host}:${lb.port}`, identity, 'home-1')
+    await waitFor(async () => (await ownerOf(dir, 'home-1'))?.replicaId === 'r0', { timeoutMs: 10_000, description: 'r0 owns home-1' })
+    const script = 'i=0; while [ $i -lt 60 ]; do printf "line %03d\\n" $i; i=$((i+1)); sleep 0.05; done; echo err >&2; exit 3'
+    const execId = await execStart(a!.publicUrl, 'home-1', { command: ['sh', '-c', script] })
+    const reader = openOffsetReader(a!.publicUrl, execId)
+    await within(reader.opened, 5000, 'reader on r0 opens')
+    await waitFor(() => reader.journal.next.stdout >= 5 * 9, { timeoutMs: 10_000, description: 'some output on r0' })
+    const u = new URL(b!.supervisorUrl)
+    lb.setTarget(u.hostname, Number(u.port))
+    lb.resetAll()
+    await waitFor(async () => (await ownerOf(dir, 'home-1'))?.replicaId === 'r1', { timeoutMs: 10_000, description: 'r1 owns home-1 once the supervisor is back there' })
+    expect(await within(reader.closed, 5000, 'the reader on r0 is let go'), 'close code that says reconnect').toBe(1012)
+    expect(reader.journal.final).toBeUndefined()
+    expect(a!.gw.execs.get(execId), 'r0 dropped its record').toBeUndefined()
+    // The reader reconnects where the exec now is, from its offsets.
+    const resumed = openOffsetReader(b!.publicUrl, execId, { ...reader.journal.next })
+    await within(resumed.opened, 10_000, 'reader on r1 opens')
+    expect(await within(resumed.closed, 20_000, 'the exec ends on r1')).toBe(1000)
+    const want = await runBySh(script)
+    expect(resumed.journal.problems).toEqual([])
+    expect(sha(Buffer.concat([reader.journal.bytes('stdout'), resumed.journal.bytes('stdout')]))).toBe(sha(want.stdout))
+    expect(resumed.journal.bytes('stderr').toString()).toBe('err\n')
+    expect(resumed.journal.final).toEqual({ type: 'exit', exitCode: 3, signal: null, timedOut: false })
+    expect(await dir.execOwner(execId)).toEqual({ replicaId: 'r1', sandboxId: 'home-1' })
   }, 60_000)
 })
