@@ -8,6 +8,7 @@ import type { GatewayConfig } from './config.js'
 import { loadDataDir, markGatewayRun, type GatewayIdentity } from './data-dir.js'
 import { Credentials, readTls, type TlsMaterial } from './credentials.js'
 import { GatewayEvents } from './diagnostics.js'
+import type { ExecEntry } from './execs/exec-entry.js'
 import { ExecManager } from './execs/manager.js'
 import { buildPublicApp } from './http/public-app.js'
 import { Metrics } from './metrics.js'
@@ -85,7 +86,20 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     maxRefusedChannelOpens: config.sshMaxRefusedChannelOpens,
     events
   })
-  const execs = new ExecManager({
+  const cluster: ClusterNode | undefined = config.redisUrl === undefined
+    ? undefined
+    : new ClusterNode({
+      redisUrl: config.redisUrl,
+      replicaId: config.replicaId,
+      registry,
+      events,
+      entryOf: (execId): ExecEntry | undefined => execs.get(execId),
+      execTtlMs: config.execTtlS * 1000,
+      retentionBytes: config.retentionBytes,
+      onMoved: (sandboxId) => { execs.handOver(sandboxId) },
+      logger: logger.child({ component: 'cluster' })
+    })
+  const execs: ExecManager = new ExecManager({
     registry,
     pool,
     logger: logger.child({ component: 'execs' }),
@@ -97,7 +111,8 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     closeWaitMs: config.closeWaitMs,
     maxRunningExecsPerSandbox: config.maxRunningExecsPerSandbox,
     reattachTimeoutMs: config.reattachTimeoutMs,
-    sessionWaitMs: restarted ? config.sessionWaitMs : 0
+    sessionWaitMs: restarted ? config.sessionWaitMs : 0,
+    ...(cluster === undefined ? {} : { remoteLookup: async (id: string) => await cluster.finishedExec(id), forgetRemote: (id: string) => { cluster.forgetExec(id) } })
   })
   const metrics = new Metrics({
     activeExecs: () => execs.running,
@@ -131,7 +146,6 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
   })
   supervisorServer.on('error', (err) => logger.error({ err }, 'supervisor listener error'))
   let localSupervisor: Supervisor | undefined
-  let cluster: ClusterNode | undefined
 
   const listen = async (): Promise<{ publicUrl: string, supervisorUrl: string }> => {
     await new Promise<void>((resolve, reject) => {
@@ -146,20 +160,8 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     await app.listen({ host: config.listen.host, port: config.listen.port })
     const pub = app.server.address() as AddressInfo
     const publicUrl = `${publicTls === undefined ? 'http' : 'https'}://${urlHost(pub.address)}:${pub.port}`
-    if (config.redisUrl !== undefined) {
-      // Before the local sandbox registers: its session is claimed like any other.
-      cluster = new ClusterNode({
-        redisUrl: config.redisUrl,
-        replicaId: config.replicaId,
-        internalUrl: publicUrl,
-        publicUrl,
-        registry,
-        events,
-        onMoved: (sandboxId) => { execs.handOver(sandboxId) },
-        logger: logger.child({ component: 'cluster' })
-      })
-      await cluster.start()
-    }
+    // Before the local sandbox registers: its session is claimed like any other.
+    await cluster?.start({ internalUrl: publicUrl, publicUrl })
     if (config.localSandbox) {
       localSupervisor = new Supervisor({
         gatewayUrl: supervisorUrl,

@@ -193,6 +193,11 @@ export class Directory {
     return decodeFinished(meta, record, stdout, stderr)
   }
 
+  // DELETE of an exec: no replica finds it any more.
+  async forgetExec (execId: string): Promise<void> {
+    await this.#call('forgetExec', (c) => c.del([this.#keys.finished(execId), this.#keys.execOwner(execId)]))
+  }
+
   // Stops the heartbeat, removes this replica's heartbeat key (so others stop forwarding to it
   // at once instead of after the TTL) unless told not to, and drops the connection. Resolves
   // within about one command bound, whatever Redis does.

@@ -1,7 +1,9 @@
 import type { Logger } from 'pino'
 import { subscribeGateway, type GatewayEvents } from '../diagnostics.js'
 import type { SessionRegistry, SupervisorSession } from '../relay/sessions.js'
+import type { ExecEntry } from '../execs/exec-entry.js'
 import { Directory, type ExecOwner } from './directory.js'
+import { finishedEntry, finishedInput } from './finished-view.js'
 import type { ReplicaInfo } from './reads.js'
 import { DirectoryUnavailable } from './redis-client.js'
 
@@ -16,9 +18,12 @@ export interface ClusterNodeOptions {
   // Namespace of the cluster's keys; replicas of one cluster share it.
   prefix?: string
   replicaId: string
-  internalUrl: string
-  publicUrl: string
   registry: SessionRegistry
+  // This replica's exec records: an exec that ends is written to the directory for the others.
+  entryOf: (execId: string) => ExecEntry | undefined
+  // How long a finished exec stays readable (--exec-ttl-s), and how much output a rebuilt one holds.
+  execTtlMs: number
+  retentionBytes: number
   // Execs created or rebuilt here are recorded as this replica's.
   events: GatewayEvents
   // The sandbox's claim went to a newer session on another replica, which rebuilds its kept
@@ -46,7 +51,7 @@ const WATCH_RELEASED_MS = 10 * 60_000
 
 export class ClusterNode {
   readonly replicaId: string
-  readonly directory: Directory
+  #directory: Directory | undefined
   readonly #o: ClusterNodeOptions
   readonly #log: Logger
   readonly #claims = new Map<string, Claim>()
@@ -62,28 +67,37 @@ export class ClusterNode {
     this.#o = o
     this.replicaId = o.replicaId
     this.#log = o.logger
-    this.directory = new Directory({
+  }
+
+  get directory (): Directory {
+    if (this.#directory === undefined) throw new Error('the cluster node has not started')
+    return this.#directory
+  }
+
+  // Starts heartbeating, once this replica's listeners are up; a Redis that is not there yet is
+  // waited for in the background (the replica serves its own sessions meanwhile).
+  async start (urls: { internalUrl: string, publicUrl: string }): Promise<void> {
+    const o = this.#o
+    this.#directory = new Directory({
       url: o.redisUrl,
       prefix: o.prefix ?? DEFAULT_PREFIX,
       replicaId: o.replicaId,
-      internalUrl: o.internalUrl,
-      publicUrl: o.publicUrl,
+      internalUrl: urls.internalUrl,
+      publicUrl: urls.publicUrl,
       ...(o.replicaTtlMs === undefined ? {} : { replicaTtlMs: o.replicaTtlMs }),
       ...(o.commandTimeoutMs === undefined ? {} : { commandTimeoutMs: o.commandTimeoutMs })
     })
-    this.directory.onEvent((e) => {
+    this.#directory.onEvent((e) => {
       if (e.type === 'error') this.#log.warn({ err: e.error.message }, 'redis error')
       else if (e.type === 'republished') this.#log.info({ restored: e.restored.length, lost: e.lost.length }, 'directory entries published again after redis came back')
     })
-  }
-
-  // Starts heartbeating; a Redis that is not there yet is waited for in the background (the
-  // replica serves its own sessions meanwhile).
-  async start (): Promise<void> {
     const registry = this.#o.registry
     this.#off.push(registry.onRegistered((sandboxId) => { this.#claim(sandboxId) }))
     this.#off.push(registry.onUnregistered((session) => { void this.#release(session) }))
-    this.#off.push(subscribeGateway(this.#o.events.id, { execCreated: (m) => { void this.ownExec(m.execId, m.sandboxId) } }))
+    this.#off.push(subscribeGateway(this.#o.events.id, {
+      execCreated: (m) => { void this.ownExec(m.execId, m.sandboxId) },
+      execEnded: (m) => { void this.#publishFinished(m.execId) }
+    }))
     try {
       await this.directory.start()
     } catch (err) {
@@ -120,6 +134,40 @@ export class ClusterNode {
     }
   }
 
+  // A finished exec another replica ran, as that replica last wrote it: readable after the
+  // replica is gone. Undefined when the directory has none (or cannot be asked).
+  async finishedExec (execId: string): Promise<ExecEntry | undefined> {
+    try {
+      const f = await this.directory.finished(execId)
+      return f === undefined ? undefined : finishedEntry(f, this.#o.retentionBytes)
+    } catch (err) {
+      if (!(err instanceof DirectoryUnavailable)) throw err
+      this.#log.warn({ execId, err: err.message }, 'could not look up a finished exec in the directory')
+      return undefined
+    }
+  }
+
+  // Best effort: a deleted exec that the directory still has is found until its TTL.
+  forgetExec (execId: string): void {
+    this.directory.forgetExec(execId).catch((err: Error) => {
+      this.#log.warn({ execId, err: err.message }, 'could not forget the deleted exec in the directory')
+    })
+  }
+
+  // The first terminal write wins (the directory compares and sets): a replica that got a stale
+  // outcome can never overwrite the true one.
+  async #publishFinished (execId: string): Promise<void> {
+    const entry = this.#o.entryOf(execId)
+    if (entry === undefined || !entry.finished) return
+    try {
+      const r = await this.directory.putFinished(execId, finishedInput(entry), this.#o.execTtlMs)
+      if (r === 'conflict') this.#log.warn({ execId }, 'the directory already holds another outcome for this exec; it stays')
+    } catch (err) {
+      if (!(err instanceof DirectoryUnavailable)) throw err
+      this.#log.warn({ execId, err: err.message }, 'could not write the finished exec to the directory; only this replica can answer for it')
+    }
+  }
+
   // Whether this replica holds the sandbox's claim (its session is here and the directory
   // agreed, or has not answered yet).
   holds (sandboxId: string): boolean {
@@ -134,7 +182,7 @@ export class ClusterNode {
     // Claims go with the sessions the shutdown ends; what Redis cannot take now expires with
     // this replica's heartbeat as far as readers are concerned (replicaLive false).
     await Promise.allSettled([...this.#claims.values()].map(async (c) => { await this.#release(c.session) }))
-    await this.directory.close({ deleteHeartbeat: true })
+    await this.#directory?.close({ deleteHeartbeat: true })
   }
 
   #claim (sandboxId: string): void {

@@ -41,6 +41,11 @@ export interface ExecManagerOptions {
   // During this long after the gateway starts, a request for an exec id it does not know waits
   // for the supervisors to report what their daemons keep (--session-wait-ms).
   sessionWaitMs?: number
+  // Cluster mode: an exec this replica does not know may be one another replica ran and that
+  // has finished (the directory keeps it); a read-only entry for it, or undefined.
+  remoteLookup?: (execId: string) => Promise<ExecEntry | undefined>
+  // Cluster mode: a deleted exec is forgotten there too.
+  forgetRemote?: (execId: string) => void
   // The keeper's list and forget; the real ones unless a test injects its own.
   listKept?: (sandboxId: string, signal: AbortSignal) => Promise<KeptStatus[]>
   forgetKept?: (sandboxId: string, execId: string, signal: AbortSignal) => Promise<boolean>
@@ -90,7 +95,8 @@ export class ExecManager {
   async lookup (id: string): Promise<ExecEntry | undefined> {
     const known = this.#execs.get(id)
     const left = this.#lookupUntil - Date.now()
-    if (known !== undefined || left <= 0) return known
+    if (known !== undefined) return known
+    if (left <= 0) return await this.#opts.remoteLookup?.(id)
     return await new Promise((resolve) => {
       const done = (): void => {
         clearTimeout(timer)
@@ -278,6 +284,7 @@ export class ExecManager {
     entry.discard()
     this.#runs.get(entry)?.remove()
     this.#forget(entry)
+    this.#opts.forgetRemote?.(entry.id)
   }
 
   // So that a restarted gateway does not rebuild it. Best effort: a daemon that cannot be asked

@@ -9,7 +9,8 @@ import { defaultGatewayConfig } from '../../src/config.js'
 import { loadDataDir, type GatewayIdentity } from '../../src/data-dir.js'
 import { signSupervisorToken } from '../../src/tokens.js'
 import { execStart, execWait as execWaitResponse } from '../helpers/api.js'
-import { openOffsetReader, runBySh, sha, within } from '../helpers/restart-readers.js'
+import { eventsFrom0, openOffsetReader, runBySh, sha, within } from '../helpers/restart-readers.js'
+import { api } from '../helpers/api.js'
 import { startTcpProxy } from '../helpers/tcp-proxy.js'
 import { startRedisServer, type RedisServer } from '../helpers/redis-server.js'
 import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
@@ -156,5 +157,27 @@ describe('cluster mode: one replica owns a sandbox at a time', () => {
     expect(resumed.journal.bytes('stderr').toString()).toBe('err\n')
     expect(resumed.journal.final).toEqual({ type: 'exit', exitCode: 3, signal: null, timedOut: false })
     expect(await dir.execOwner(execId)).toEqual({ replicaId: 'r1', sandboxId: 'home-1' })
+  }, 60_000)
+
+  it('a finished exec stays readable from any replica after the replica that ran it is gone: the same record, its tail and exit over /events; DELETE forgets it everywhere', async () => {
+    const { replicas: [a, b], identity } = await cluster(2)
+    supervisor(a!, identity, 'fin-1')
+    await waitFor(() => connected(a!, 'fin-1'), { timeoutMs: 10_000, description: 'fin-1 on r0' })
+    const script = 'head -c 300000 /dev/urandom | base64; echo oops >&2; exit 5'
+    const done = await execWait(a!.publicUrl, 'fin-1', { command: ['sh', '-c', script], timeoutSeconds: 60 })
+    expect(done).toMatchObject({ status: 'exited', exitCode: 5 })
+    const record = (await api(a!.publicUrl, 'GET', `/v1/execs/${done.id}`)).body
+    await a!.gw.close()
+    const fromB = await api(b!.publicUrl, 'GET', `/v1/execs/${done.id}`)
+    expect(fromB.status).toBe(200)
+    expect(fromB.body).toEqual(record)
+    const j = await eventsFrom0(b!.publicUrl, done.id, 10_000)
+    expect(j.problems).toEqual([])
+    expect(j.bytes('stdout').toString()).toBe(done.stdout)
+    expect(j.bytes('stderr').toString()).toBe('oops\n')
+    expect(j.final).toEqual({ type: 'exit', exitCode: 5, signal: null, timedOut: false })
+    expect((await api(b!.publicUrl, 'POST', `/v1/execs/${done.id}/signal`, { signal: 'TERM' })).body.code).toBe('exec_finished')
+    expect((await api(b!.publicUrl, 'DELETE', `/v1/execs/${done.id}`)).status).toBe(204)
+    await waitFor(async () => (await api(b!.publicUrl, 'GET', `/v1/execs/${done.id}`)).status === 404, { timeoutMs: 5000, description: 'the deleted exec is gone from the cluster' })
   }, 60_000)
 })
