@@ -71,6 +71,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
   }, async (req, reply) => {
     const spec = validateExecRequest(req.body)
     const entry = ctx.execs.create(req.params.sandboxId, spec)
+    await ctx.recordExec?.(entry.id, entry.sandboxId)
     if (req.query.wait !== true) {
       return reply.code(201).header('location', `/v1/execs/${entry.id}`).send(entry.toJSON())
     }

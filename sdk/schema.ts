@@ -1151,7 +1151,7 @@ export interface components {
          * @description stable, machine-readable error code; clients branch on it, never on the text
          * @enum {string}
          */
-        ErrorCode: "invalid_argument" | "unauthenticated" | "permission_denied" | "not_found" | "sandbox_not_found" | "exec_not_found" | "method_not_allowed" | "exec_finished" | "payload_too_large" | "unsupported_media_type" | "too_many_requests" | "internal" | "ssh_failed" | "sandbox_unavailable" | "relay_unavailable" | "shutting_down" | "relay_open_timeout";
+        ErrorCode: "invalid_argument" | "unauthenticated" | "permission_denied" | "not_found" | "sandbox_not_found" | "exec_not_found" | "method_not_allowed" | "exec_finished" | "payload_too_large" | "unsupported_media_type" | "too_many_requests" | "internal" | "ssh_failed" | "sandbox_unavailable" | "relay_unavailable" | "shutting_down" | "replica_unavailable" | "directory_unavailable" | "relay_open_timeout";
         ExecError: {
             code: components["schemas"]["ErrorCode"];
             status: number;

@@ -1,4 +1,5 @@
 import type { AddressInfo } from 'node:net'
+import type { Server as HttpServer } from 'node:http'
 import type { Http2SecureServer, Http2Server } from 'node:http2'
 import { X509Certificate } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
@@ -21,6 +22,8 @@ import { signSupervisorToken } from './tokens.js'
 import { SUPERVISOR_GOAWAY_MS } from './lifecycle/bounds.js'
 import { Lifecycle } from './lifecycle/lifecycle.js'
 import { ClusterNode } from './cluster/node.js'
+import { deriveReplicaSecret, verifyReplicaAuth, type ReplicaSecret } from './cluster/replica-auth.js'
+import { ClusterRouting } from './cluster/routing.js'
 
 // buildGateway(config) assembles the gateway; it never listens by itself. listen() binds both
 // listeners (and starts the embedded sandbox), close() runs the one shutdown sequence
@@ -124,13 +127,40 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     },
     retainedBytes: () => execs.retainedBytes
   }, events)
+  const routeCtx = {
+    execs,
+    registry,
+    metrics,
+    heartbeatIntervalMs: config.heartbeatIntervalMs,
+    execRateLimitPerMinute: config.execRateLimitPerMinute,
+    recordExec: cluster === undefined ? undefined : async (execId: string, sandboxId: string) => { await cluster.ownExec(execId, sandboxId) }
+  }
+  // Cluster mode: replicas authenticate each other with a key from the token secrets as they are
+  // now (SIGHUP may rotate them), so every replica of the data dir agrees.
+  const replicaSecret = (): ReplicaSecret => {
+    const secrets = credentials.tokenSecrets
+    return deriveReplicaSecret({ tokenSecret: secrets[0]!, tokenSecrets: secrets })
+  }
+  const routing = cluster === undefined
+    ? undefined
+    : new ClusterRouting({ cluster, registry, execs, secret: replicaSecret, apiTokens: () => credentials.apiTokens, scheme: publicTls === undefined ? 'http' : 'https', logger: logger.child({ component: 'cluster-routing' }) })
   const { app } = await buildPublicApp({
     logger,
     apiTokens: () => credentials.apiTokens,
     tls: publicTls,
     lifecycle,
-    ctx: { execs, registry, metrics, heartbeatIntervalMs: config.heartbeatIntervalMs, execRateLimitPerMinute: config.execRateLimitPerMinute }
+    ctx: routeCtx,
+    beforeRoutes: routing === undefined ? undefined : (a) => { routing.install(a) }
   })
+  const internal = cluster === undefined
+    ? undefined
+    : (await buildPublicApp({
+        logger: logger.child({ component: 'internal' }),
+        apiTokens: () => [],
+        lifecycle,
+        ctx: { ...routeCtx, execRateLimitPerMinute: 0 },
+        replicaAuth: (request) => verifyReplicaAuth(replicaSecret(), request.headers)
+      })).app
   const { server: supervisorServer, closeAll: closeSupervisorConnections, closeRevoked } = createSupervisorServer({
     registry,
     tokenSecrets: () => credentials.tokenSecrets,
@@ -158,10 +188,15 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     const sup = supervisorServer.address() as AddressInfo
     const supervisorUrl = `${supervisorTls === undefined ? 'http' : 'https'}://${urlHost(sup.address)}:${sup.port}`
     await app.listen({ host: config.listen.host, port: config.listen.port })
+    routing?.interceptUpgrades(app.server as unknown as HttpServer)
     const pub = app.server.address() as AddressInfo
     const publicUrl = `${publicTls === undefined ? 'http' : 'https'}://${urlHost(pub.address)}:${pub.port}`
-    // Before the local sandbox registers: its session is claimed like any other.
-    await cluster?.start({ internalUrl: publicUrl, publicUrl })
+    if (internal !== undefined && cluster !== undefined) {
+      await internal.listen({ host: config.internalListen.host, port: config.internalListen.port })
+      const int = internal.server.address() as AddressInfo
+      // Before the local sandbox registers: its session is claimed like any other.
+      await cluster.start({ internalUrl: config.internalUrl ?? `http://${urlHost(int.address)}:${int.port}`, publicUrl })
+    }
     if (config.localSandbox) {
       localSupervisor = new Supervisor({
         gatewayUrl: supervisorUrl,
@@ -189,7 +224,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     'local-supervisor': async () => { await localSupervisor?.stop() },
     cluster: async () => { await cluster?.close() },
     // app.close() runs the WebSocket plugin's preClose: 1001 within its bound (public-app.ts).
-    listeners: async () => { await Promise.allSettled([app.close(), closeSupervisorConnections(SUPERVISOR_GOAWAY_MS)]) },
+    listeners: async () => { await Promise.allSettled([routing?.close(), app.close(), internal?.close(), closeSupervisorConnections(SUPERVISOR_GOAWAY_MS)]) },
     observers: () => { refusals.close(); metrics.close() }
   }, logger)
 

@@ -72,6 +72,8 @@ export const serveFlags = [
   { name: 'sandbox-log-lines-per-minute', key: 'sandboxLogLinesPerMinute', kind: 'int', default: 60, min: 1, max: 1_000_000, help: 'log lines one sandbox can cause per minute; the rest are counted and summarised' },
   { name: 'redis-url', key: 'redisUrl', kind: 'string', help: 'turns on cluster mode: replicas share their directory of sandboxes and execs in this Redis (redis://host:port)' },
   { name: 'replica-id', key: 'replicaId', kind: 'string', help: "this replica's name in the cluster (default: host name + pid)" },
+  { name: 'internal-listen', key: 'internalListen', kind: 'string', default: '127.0.0.1:8082', help: 'cluster mode: where other replicas forward requests to this one (put it on a network only the replicas reach)' },
+  { name: 'internal-url', key: 'internalUrl', kind: 'string', help: 'cluster mode: the address other replicas use to reach --internal-listen (default: derived from it)' },
   { name: 'log-level', key: 'logLevel', kind: 'string', default: 'info', help: 'pino level: fatal, error, warn, info, debug, trace, silent' }
 ] as const satisfies readonly FlagSpec[]
 
@@ -168,8 +170,9 @@ type ServeFlags = ParsedFlags<typeof serveFlags>
 
 export interface TlsFiles { certFile: string, keyFile: string }
 
-export interface GatewayConfig extends Omit<ServeFlags, 'listen' | 'supervisorListen' | 'tlsCert' | 'tlsKey' | 'supervisorTlsCert' | 'supervisorTlsKey' | 'replicaId'> {
+export interface GatewayConfig extends Omit<ServeFlags, 'listen' | 'supervisorListen' | 'tlsCert' | 'tlsKey' | 'supervisorTlsCert' | 'supervisorTlsKey' | 'replicaId' | 'internalListen'> {
   replicaId: string
+  internalListen: HostPort
   listen: HostPort
   supervisorListen: HostPort
   // From --api-token and --api-token-file together, as read at start.
@@ -198,8 +201,12 @@ function resolveServeConfig (flags: ServeFlags): GatewayConfig {
   }
   const replicaId = flags.replicaId ?? `${hostname()}-${process.pid}`
   if (!/^[A-Za-z0-9._-]{1,128}$/.test(replicaId)) throw new ConfigError(`--replica-id must be 1-128 of A-Z a-z 0-9 . _ -, got ${JSON.stringify(replicaId)}`)
-  const { listen: _l, supervisorListen: _s, tlsCert: _c, tlsKey: _k, supervisorTlsCert: _sc, supervisorTlsKey: _sk, replicaId: _r, ...rest } = flags
-  return Object.freeze({ ...rest, listen, supervisorListen, apiTokens, tls, supervisorTls, replicaId })
+  const internalListen = parseHostPort(flags.internalListen, '--internal-listen')
+  if (flags.internalUrl !== undefined && !/^https?:\/\/[^\s/]+\/?$/.test(flags.internalUrl)) {
+    throw new ConfigError(`--internal-url must be http(s)://host:port, got ${JSON.stringify(flags.internalUrl)}`)
+  }
+  const { listen: _l, supervisorListen: _s, tlsCert: _c, tlsKey: _k, supervisorTlsCert: _sc, supervisorTlsKey: _sk, replicaId: _r, internalListen: _i, ...rest } = flags
+  return Object.freeze({ ...rest, listen, supervisorListen, apiTokens, tls, supervisorTls, replicaId, internalListen })
 }
 
 export function splitTokens (value: string): string[] {
@@ -230,7 +237,7 @@ function tlsPair (cert: string | undefined, key: string | undefined, certFlag: s
 export function defaultGatewayConfig (overrides: Partial<GatewayConfig> = {}): GatewayConfig {
   const { flags } = parseFlags(serveFlags, [], {})
   return Object.freeze({
-    ...resolveServeConfig({ ...flags, listen: '127.0.0.1:0', supervisorListen: '127.0.0.1:0' }),
+    ...resolveServeConfig({ ...flags, listen: '127.0.0.1:0', supervisorListen: '127.0.0.1:0', internalListen: '127.0.0.1:0' }),
     ...overrides
   })
 }

@@ -21,6 +21,10 @@ export const errorTable = {
   sandbox_unavailable: { status: 503, title: 'Sandbox unavailable' },
   relay_unavailable: { status: 503, title: 'Relay unavailable' },
   shutting_down: { status: 503, title: 'Shutting down' },
+  // Cluster mode: the replica that owns the sandbox or exec cannot be reached, or the shared
+  // directory (Redis) does not answer for what only it knows.
+  replica_unavailable: { status: 503, title: 'Replica unavailable' },
+  directory_unavailable: { status: 503, title: 'Cluster directory unavailable' },
   relay_open_timeout: { status: 504, title: 'Relay open timed out' }
 } as const satisfies Record<string, { status: number, title: string }>
 

@@ -1,3 +1,4 @@
+import type { IncomingHttpHeaders } from 'node:http'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import { problem } from '../errors.js'
 import { isLoopbackHost } from '../config.js'
@@ -11,16 +12,16 @@ import { sendProblem } from './errors-plugin.js'
 
 export const BEARER_SUBPROTOCOL_PREFIX = 'exec-gateway.bearer.'
 
-function offeredSubprotocols (request: FastifyRequest): string[] {
-  const raw = request.headers['sec-websocket-protocol']
+function offeredSubprotocols (headers: IncomingHttpHeaders): string[] {
+  const raw = headers['sec-websocket-protocol']
   if (raw === undefined) return []
   return String(raw).split(',').map((s) => s.trim()).filter((s) => s !== '')
 }
 
-function tokenFrom (request: FastifyRequest): string | undefined {
-  const auth = request.headers.authorization
+function tokenFrom (headers: IncomingHttpHeaders): string | undefined {
+  const auth = headers.authorization
   if (typeof auth === 'string' && auth.startsWith('Bearer ')) return auth.slice(7).trim()
-  for (const p of offeredSubprotocols(request)) {
+  for (const p of offeredSubprotocols(headers)) {
     if (p.startsWith(BEARER_SUBPROTOCOL_PREFIX)) {
       return Buffer.from(p.slice(BEARER_SUBPROTOCOL_PREFIX.length), 'base64url').toString()
     }
@@ -55,6 +56,33 @@ declare module 'fastify' {
   interface FastifyRequest { apiToken?: string }
 }
 
+// The guard's rules for a WebSocket upgrade, on its raw headers: cluster mode forwards an attach
+// to the exec's replica before any route of this one sees it, and only an attach this guard
+// would let through is forwarded (the rest goes to the routes, whose guard refuses it properly).
+export function upgradeAllowed (headers: IncomingHttpHeaders, apiTokens: readonly string[], scheme: 'http' | 'https'): boolean {
+  if (apiTokens.length > 0) {
+    const token = tokenFrom(headers)
+    return token !== undefined && matchesApiToken(apiTokens, token)
+  }
+  const host = headers.host ?? ''
+  if (!isLoopbackHost(hostName(host))) return false
+  const origin = headers.origin
+  return origin === undefined || origin === `${scheme}://${host}`
+}
+
+// The internal listener (cluster mode) answers other replicas only: every request carries the
+// replica key (src/cluster/replica-auth.ts), checked before anything else. The public guard ran
+// on the replica the client reached.
+export function installReplicaGuard (app: FastifyInstance, verify: (request: FastifyRequest) => boolean): void {
+  app.decorateRequest('apiToken', undefined)
+  app.addHook('onRequest', async (request, reply) => {
+    if (request.url === '/healthz' || request.url === '/readyz') return
+    if (verify(request)) return
+    request.log.warn({ ip: request.ip, route: request.routeOptions.url }, 'internal request without a valid replica key refused')
+    return sendProblem(reply, problem('unauthenticated', 'the internal listener answers other replicas of this cluster only'))
+  })
+}
+
 export function installGuard (app: FastifyInstance, apiTokens: () => readonly string[], scheme: 'http' | 'https'): void {
   app.decorateRequest('apiToken', undefined)
   app.addHook('onRequest', async (request, reply) => {
@@ -67,7 +95,7 @@ export function installGuard (app: FastifyInstance, apiTokens: () => readonly st
     const tokens = apiTokens()
     if (tokens.length > 0) {
       if (isOpenRoute(request)) return
-      const token = tokenFrom(request)
+      const token = tokenFrom(request.headers)
       if (token === undefined || !matchesApiToken(tokens, token)) {
         // Logged so an operator sees probing; the token itself never is.
         request.log.warn({ ip: request.ip, route: request.routeOptions.url, reason: token === undefined ? 'no token' : 'unknown token' }, 'API request refused')

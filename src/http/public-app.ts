@@ -1,5 +1,5 @@
 import type { Server as HttpServer } from 'node:http'
-import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify'
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyRequest } from 'fastify'
 import websocket from '@fastify/websocket'
 import rateLimit from '@fastify/rate-limit'
 import { Ajv } from 'ajv'
@@ -13,7 +13,7 @@ import { SANDBOX_ID_MAX_CHARS, SandboxSchema } from '../schemas/sandbox.js'
 import { ExecEventSchema } from '../schemas/events.js'
 import { installErrorHandling, sendProblem } from './errors-plugin.js'
 import { problem } from '../errors.js'
-import { installGuard } from './guard.js'
+import { installGuard, installReplicaGuard } from './guard.js'
 import { clientErrorHandler, frameworkErrors, installServerRefusals, upgradeProblem } from './transport-refusals.js'
 import { registerOpenApi } from './openapi.js'
 import type { TlsMaterial } from '../credentials.js'
@@ -35,6 +35,11 @@ export interface PublicAppOptions {
   // the public listener.
   lifecycle: Lifecycle
   ctx: Omit<RouteContext, 'readiness'>
+  // Cluster mode's internal listener: the same routes, for other replicas only (replica key
+  // instead of API tokens; the replica the client reached applied its rate limit).
+  replicaAuth?: ((request: FastifyRequest) => boolean) | undefined
+  // Hooks that must run for every route (cluster mode's forwarding), added before the routes.
+  beforeRoutes?: ((app: FastifyInstance) => void) | undefined
 }
 
 // Bodies are checked strictly (no coercion, no silently dropped fields); query strings and
@@ -104,7 +109,8 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
 
   // After the websocket plugin, whose hook marks upgrades: a refused upgrade's socket is then
   // closed with the response instead of leaking (and holding app.close() open).
-  installGuard(app, opts.apiTokens, opts.tls === undefined ? 'http' : 'https')
+  if (opts.replicaAuth !== undefined) installReplicaGuard(app, opts.replicaAuth)
+  else installGuard(app, opts.apiTokens, opts.tls === undefined ? 'http' : 'https')
   // On any route: ws would refuse a malformed handshake itself, as text/html.
   app.addHook('onRequest', async (request, reply) => {
     if ((request.raw as { upgrade?: boolean }).upgrade !== true) return
@@ -115,6 +121,7 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
   // so it is kept per API token.
   await app.register(rateLimit, { global: false })
 
+  opts.beforeRoutes?.(app)
   app.get('/openapi.json', { schema: { hide: true }, config: { openAccess: true } }, async () => app.swagger())
   await registerRoutes(app, { ...opts.ctx, readiness: () => lifecycle.readiness })
   return { app }

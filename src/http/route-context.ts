@@ -15,4 +15,7 @@ export interface RouteContext {
   // 'ready' once both listeners are up (and the embedded sandbox with them); 'draining' from
   // the first step of shutdown. /readyz answers from it, for load balancers.
   readiness: () => Readiness
+  // Cluster mode: the new exec is recorded as this replica's before the client hears of it, so
+  // a request for it on any replica that follows the answer finds it.
+  recordExec?: ((execId: string, sandboxId: string) => Promise<void>) | undefined
 }

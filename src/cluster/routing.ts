@@ -1,0 +1,164 @@
+import type { Server as HttpServer } from 'node:http'
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import type { Logger } from 'pino'
+import { problem } from '../errors.js'
+import type { ExecManager } from '../execs/manager.js'
+import { sendProblem } from '../http/errors-plugin.js'
+import { upgradeAllowed } from '../http/guard.js'
+import type { SessionRegistry } from '../relay/sessions.js'
+import { forwardHttp } from './forward-http.js'
+import { interceptUpgrades, type UpgradeInterception } from './forward-ws.js'
+import type { ClusterNode } from './node.js'
+import { DirectoryUnavailable } from './redis-client.js'
+import { replicaAuthHeader, type ReplicaSecret } from './replica-auth.js'
+
+// Cluster mode's public routing: a request for a sandbox or an exec that another replica holds
+// goes to that replica's internal listener and its answer streams back (WebSocket attaches are
+// bridged frame for frame); lists ask every live replica. Everything this replica holds, and
+// everything nobody holds (a sandbox never seen, a finished exec kept in the directory), is
+// answered here by the routes as in a single gateway.
+
+export interface ClusterRoutingOptions {
+  cluster: ClusterNode
+  registry: SessionRegistry
+  execs: ExecManager
+  secret: () => ReplicaSecret
+  apiTokens: () => readonly string[]
+  scheme: 'http' | 'https'
+  logger: Logger
+}
+
+const SANDBOX_ROUTES = new Set(['/v1/sandboxes/:sandboxId', '/v1/sandboxes/:sandboxId/execs'])
+const EXEC_ROUTES = new Set(['/v1/execs/:execId', '/v1/execs/:execId/signal', '/v1/execs/:execId/events'])
+const STREAM_PATH = /^\/v1\/execs\/([^/?#]+)\/stream(?:[?#]|$)/
+// A replica that does not answer a list in this long is left out of it (and the answer says so).
+const GATHER_TIMEOUT_MS = 3000
+
+export class ClusterRouting {
+  readonly #o: ClusterRoutingOptions
+  #upgrades: UpgradeInterception | undefined
+
+  constructor (o: ClusterRoutingOptions) {
+    this.#o = o
+  }
+
+  // On the public app, before its routes are ready: the forwarding hook.
+  install (app: FastifyInstance): void {
+    // preHandler: the guard and the route's own rate limit have run, the body is parsed and
+    // valid, so a forwarded request was admitted exactly as a local one is.
+    app.addHook('preHandler', async (request, reply) => {
+      if (request.method === 'GET' && (request.routeOptions.url === '/v1/sandboxes' || request.routeOptions.url === '/v1/execs')) {
+        return await this.#gather(request, reply)
+      }
+      let target: string | undefined
+      try {
+        target = await this.#targetFor(request)
+      } catch (err) {
+        if (!(err instanceof DirectoryUnavailable)) throw err
+        return sendProblem(reply, problem('directory_unavailable', `this replica does not hold it, and the cluster directory does not answer to say who does: ${err.message}`))
+      }
+      if (target === undefined) return
+      await forwardHttp(request, reply, this.#forward(target))
+      return reply
+    })
+  }
+
+  // Once the public app listens (its WebSocket plugin has taken the upgrade event by then).
+  interceptUpgrades (server: HttpServer): void {
+    this.#upgrades = interceptUpgrades(server, async (req) => {
+      const m = STREAM_PATH.exec(req.url ?? '')
+      if (m === null) return undefined
+      // Only what this replica's guard would admit is forwarded; the rest is refused by it.
+      if (!upgradeAllowed(req.headers, this.#o.apiTokens(), this.#o.scheme)) return undefined
+      let execId: string
+      try { execId = decodeURIComponent(m[1]!) } catch { return undefined }
+      const target = await this.#execTarget(execId).catch(() => undefined)
+      return target === undefined ? undefined : this.#forward(target)
+    }, { unavailable: (detail) => problem('replica_unavailable', detail) })
+  }
+
+  async close (): Promise<void> {
+    await this.#upgrades?.closeAll(1001)
+    this.#upgrades?.uninstall()
+  }
+
+  #forward (targetBaseUrl: string): { replicaId: string, secret: ReplicaSecret, targetBaseUrl: string, unavailable: (detail: string) => ReturnType<typeof problem> } {
+    return { replicaId: this.#o.cluster.replicaId, secret: this.#o.secret(), targetBaseUrl, unavailable: (detail) => problem('replica_unavailable', detail) }
+  }
+
+  async #targetFor (request: FastifyRequest): Promise<string | undefined> {
+    const route = request.routeOptions.url ?? ''
+    const params = request.params as Record<string, string | undefined>
+    if (SANDBOX_ROUTES.has(route) && params.sandboxId !== undefined) {
+      const id = params.sandboxId
+      if (this.#o.registry.get(id)?.session !== undefined) return undefined
+      return (await this.#o.cluster.sandboxOwner(id))?.internalUrl
+    }
+    if (EXEC_ROUTES.has(route) && params.execId !== undefined) return await this.#execTarget(params.execId)
+    return undefined
+  }
+
+  async #execTarget (execId: string): Promise<string | undefined> {
+    if (this.#o.execs.get(execId) !== undefined) return undefined
+    return (await this.#o.cluster.execOwner(execId))?.replica.internalUrl
+  }
+
+  // Every live replica's own list (its internal listener answers with what it holds), merged.
+  async #gather (request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply> {
+    const route = request.routeOptions.url
+    const key = route === '/v1/sandboxes' ? 'sandboxes' : 'execs'
+    let replicas
+    try {
+      replicas = await this.#o.cluster.directory.replicas()
+    } catch (err) {
+      if (!(err instanceof DirectoryUnavailable)) throw err
+      return await sendProblem(reply, problem('directory_unavailable', `the cluster directory does not answer, so the cluster's ${key} cannot be listed: ${err.message}`))
+    }
+    const query = request.url.includes('?') ? request.url.slice(request.url.indexOf('?')) : ''
+    const headers = replicaAuthHeader(this.#o.secret())
+    const missing: string[] = []
+    const lists = await Promise.all(replicas.map(async (r) => {
+      try {
+        const res = await fetch(new URL(`${route}${query}`, r.internalUrl), { headers, signal: AbortSignal.timeout(GATHER_TIMEOUT_MS) })
+        if (res.status !== 200) throw new Error(`HTTP ${res.status}`)
+        const body = await res.json() as Record<string, unknown>
+        return Array.isArray(body[key]) ? body[key] as Array<Record<string, unknown>> : []
+      } catch (err) {
+        this.#o.logger.warn({ replicaId: r.replicaId, err: (err as Error).message }, `replica left out of the cluster's ${key}`)
+        missing.push(r.replicaId)
+        return []
+      }
+    }))
+    if (missing.length > 0) reply.header('x-exec-gateway-partial', missing.join(','))
+    const merged = key === 'sandboxes' ? mergeSandboxes(lists.flat()) : mergeExecs(lists.flat())
+    return await reply.send({ [key]: merged })
+  }
+}
+
+// A sandbox that moved shows on its old replica too (disconnected): the connected one wins,
+// else the one seen last.
+function mergeSandboxes (all: Array<Record<string, unknown>>): Array<Record<string, unknown>> {
+  const byId = new Map<string, Record<string, unknown>>()
+  for (const s of all) {
+    const id = String(s.id)
+    const had = byId.get(id)
+    if (had === undefined || better(s, had)) byId.set(id, s)
+  }
+  return [...byId.values()].sort((a, b) => String(a.id).localeCompare(String(b.id)))
+}
+
+function better (s: Record<string, unknown>, than: Record<string, unknown>): boolean {
+  if ((s.status === 'connected') !== (than.status === 'connected')) return s.status === 'connected'
+  return String(s.lastSeenAt ?? '') > String(than.lastSeenAt ?? '')
+}
+
+// An exec shows once: where it is finished, if one replica has its end already.
+function mergeExecs (all: Array<Record<string, unknown>>): Array<Record<string, unknown>> {
+  const byId = new Map<string, Record<string, unknown>>()
+  for (const e of all) {
+    const id = String(e.id)
+    const had = byId.get(id)
+    if (had === undefined || (had.endedAt === null && e.endedAt !== null)) byId.set(id, e)
+  }
+  return [...byId.values()].sort((a, b) => String(a.createdAt).localeCompare(String(b.createdAt)) || String(a.id).localeCompare(String(b.id)))
+}
