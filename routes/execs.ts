@@ -1,9 +1,9 @@
 import { createHash } from 'node:crypto'
-import type { FastifyRequest } from 'fastify'
+import type { FastifyReply, FastifyRequest } from 'fastify'
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
 import { GatewayError } from '../src/errors.js'
-import type { ExecEntry } from '../src/execs/exec-entry.js'
+import type { Encoding, ExecEntry } from '../src/execs/exec-entry.js'
 import { validateExecRequest } from '../src/execs/validate.js'
 import {
   CreateExecQuerySchema, ExecListSchema, ExecParamsSchema, ExecRequestSchema, ExecResultSchema, ExecSchema,
@@ -25,6 +25,14 @@ export async function findExec (ctx: RouteContext, execId: string): Promise<Exec
   const entry = await ctx.execs.lookup(execId)
   if (entry === undefined) throw new GatewayError('exec_not_found', `no exec ${execId} (unknown, deleted, or past its TTL)`)
   return entry
+}
+
+// ?wait=true's answer: the result, or the exec's error as a problem naming it.
+export async function sendWaitResult (entry: ExecEntry, encoding: Encoding, reply: FastifyReply): Promise<FastifyReply> {
+  reply.header('location', `/v1/execs/${entry.id}`)
+  const err = entry.error
+  if (err !== undefined) return await sendProblem(reply, { ...err.toProblem(), execId: entry.id })
+  return await reply.code(200).send(entry.toResult(encoding))
 }
 
 // The key never holds the token itself (the limiter's store may be inspected or logged).
@@ -76,10 +84,9 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
       return reply.code(201).header('location', `/v1/execs/${entry.id}`).send(entry.toJSON())
     }
     await ctx.execs.waitForEnd(entry)
-    reply.header('location', `/v1/execs/${entry.id}`)
-    const err = entry.error
-    if (err !== undefined) return sendProblem(reply, { ...err.toProblem(), execId: entry.id })
-    return reply.code(200).send(entry.toResult(req.query.encoding ?? 'utf8'))
+    // Its sandbox moved to another replica, which has the exec now and will have its end.
+    if (entry.movedAway && ctx.waitElsewhere !== undefined) return await ctx.waitElsewhere(entry.id, req.query.encoding ?? 'utf8', req, reply)
+    return await sendWaitResult(entry, req.query.encoding ?? 'utf8', reply)
   })
 
   app.get('/v1/execs', {

@@ -14,4 +14,5 @@ export async function registerRoutes (app: FastifyInstance, ctx: RouteContext): 
   await app.register(execEvents, { ctx })
   await app.register(execStream, { ctx })
   await app.register(import('./dashboard.js'), { ctx })
+  if (ctx.internal === true) await app.register(import('./internal.js'), { ctx })
 }

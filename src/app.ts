@@ -2,14 +2,14 @@ import type { AddressInfo } from 'node:net'
 import type { Server as HttpServer } from 'node:http'
 import type { Http2SecureServer, Http2Server } from 'node:http2'
 import { X509Certificate } from 'node:crypto'
-import type { FastifyInstance } from 'fastify'
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Logger } from 'pino'
 import { createLogger } from './logger.js'
 import type { GatewayConfig } from './config.js'
 import { loadDataDir, markGatewayRun, type GatewayIdentity } from './data-dir.js'
 import { Credentials, readTls, type TlsMaterial } from './credentials.js'
 import { GatewayEvents } from './diagnostics.js'
-import type { ExecEntry } from './execs/exec-entry.js'
+import type { Encoding, ExecEntry } from './execs/exec-entry.js'
 import { ExecManager } from './execs/manager.js'
 import { buildPublicApp } from './http/public-app.js'
 import { Metrics } from './metrics.js'
@@ -127,14 +127,6 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     },
     retainedBytes: () => execs.retainedBytes
   }, events)
-  const routeCtx = {
-    execs,
-    registry,
-    metrics,
-    heartbeatIntervalMs: config.heartbeatIntervalMs,
-    execRateLimitPerMinute: config.execRateLimitPerMinute,
-    recordExec: cluster === undefined ? undefined : async (execId: string, sandboxId: string) => { await cluster.ownExec(execId, sandboxId) }
-  }
   // Cluster mode: replicas authenticate each other with a key from the token secrets as they are
   // now (SIGHUP may rotate them), so every replica of the data dir agrees.
   const replicaSecret = (): ReplicaSecret => {
@@ -144,6 +136,15 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
   const routing = cluster === undefined
     ? undefined
     : new ClusterRouting({ cluster, registry, execs, secret: replicaSecret, apiTokens: () => credentials.apiTokens, scheme: publicTls === undefined ? 'http' : 'https', logger: logger.child({ component: 'cluster-routing' }) })
+  const routeCtx = {
+    execs,
+    registry,
+    metrics,
+    heartbeatIntervalMs: config.heartbeatIntervalMs,
+    execRateLimitPerMinute: config.execRateLimitPerMinute,
+    recordExec: cluster === undefined ? undefined : async (execId: string, sandboxId: string) => { await cluster.ownExec(execId, sandboxId) },
+    waitElsewhere: routing === undefined ? undefined : async (execId: string, encoding: Encoding, request: FastifyRequest, reply: FastifyReply) => await routing.waitElsewhere(execId, encoding, request, reply)
+  }
   const { app } = await buildPublicApp({
     logger,
     apiTokens: () => credentials.apiTokens,
@@ -158,7 +159,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
         logger: logger.child({ component: 'internal' }),
         apiTokens: () => [],
         lifecycle,
-        ctx: { ...routeCtx, execRateLimitPerMinute: 0 },
+        ctx: { ...routeCtx, execRateLimitPerMinute: 0, internal: true },
         replicaAuth: (request) => verifyReplicaAuth(replicaSecret(), request.headers)
       })).app
   const { server: supervisorServer, closeAll: closeSupervisorConnections, closeRevoked } = createSupervisorServer({

@@ -1,4 +1,5 @@
 import type { Server as HttpServer } from 'node:http'
+import { setTimeout as sleep } from 'node:timers/promises'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Logger } from 'pino'
 import { problem } from '../errors.js'
@@ -33,6 +34,10 @@ const EXEC_ROUTES = new Set(['/v1/execs/:execId', '/v1/execs/:execId/signal', '/
 const STREAM_PATH = /^\/v1\/execs\/([^/?#]+)\/stream(?:[?#]|$)/
 // A replica that does not answer a list in this long is left out of it (and the answer says so).
 const GATHER_TIMEOUT_MS = 3000
+// How long a ?wait=true whose exec moved looks for the replica that has it now (that replica
+// rebuilds it once the supervisor's new session is in: its backoff plus a list).
+const MOVED_LOOKUP_MS = 30_000
+const MOVED_RETRY_MS = 200
 
 export class ClusterRouting {
   readonly #o: ClusterRoutingOptions
@@ -75,6 +80,44 @@ export class ClusterRouting {
       const target = await this.#execTarget(execId).catch(() => undefined)
       return target === undefined ? undefined : this.#forward(target)
     }, { unavailable: (detail) => problem('replica_unavailable', detail) })
+  }
+
+  // A ?wait=true on this replica whose exec moved with its sandbox: the answer comes from the
+  // replica that holds the exec now (and again from the next, should it move on).
+  async waitElsewhere (execId: string, encoding: string, _request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply> {
+    const gone = new AbortController()
+    const onClose = (): void => { if (!reply.raw.writableFinished) gone.abort() }
+    reply.raw.on('close', onClose)
+    try {
+      const deadline = performance.now() + MOVED_LOOKUP_MS
+      let last = 'no replica has taken it yet'
+      while (performance.now() < deadline && !gone.signal.aborted) {
+        const owner = await this.#o.cluster.execOwner(execId).catch((err: Error) => { last = err.message; return undefined })
+        if (owner !== undefined) {
+          let res: Response
+          try {
+            res = await fetch(new URL(`/internal/v1/execs/${encodeURIComponent(execId)}/result?encoding=${encoding}`, owner.replica.internalUrl), {
+              headers: replicaAuthHeader(this.#o.secret()),
+              signal: gone.signal
+            })
+          } catch (err) {
+            last = `replica ${owner.replicaId} did not answer: ${(err as Error).message}`
+            await sleep(MOVED_RETRY_MS)
+            continue
+          }
+          const body = await res.json() as Record<string, unknown>
+          // It moved on again: follow it.
+          if (res.status === 503 && body.code === 'replica_unavailable') { last = String(body.detail); continue }
+          reply.header('location', `/v1/execs/${execId}`)
+          if (res.status !== 200) reply.type('application/problem+json')
+          return await reply.code(res.status).send(body)
+        }
+        await sleep(MOVED_RETRY_MS)
+      }
+      return await sendProblem(reply, { ...problem('replica_unavailable', `exec ${execId} moved to another replica with its sandbox, and no replica reported it within ${MOVED_LOOKUP_MS} ms (${last}); GET /v1/execs/${execId} for its outcome`), execId })
+    } finally {
+      reply.raw.off('close', onClose)
+    }
   }
 
   async close (): Promise<void> {

@@ -1,3 +1,5 @@
+import type { FastifyReply, FastifyRequest } from 'fastify'
+import type { Encoding } from '../execs/exec-entry.js'
 import type { ExecManager } from '../execs/manager.js'
 import type { SessionRegistry } from '../relay/sessions.js'
 import type { Metrics } from '../metrics.js'
@@ -18,4 +20,8 @@ export interface RouteContext {
   // Cluster mode: the new exec is recorded as this replica's before the client hears of it, so
   // a request for it on any replica that follows the answer finds it.
   recordExec?: ((execId: string, sandboxId: string) => Promise<void>) | undefined
+  // Cluster mode: a ?wait=true whose exec moved to another replica gets its answer from there.
+  waitElsewhere?: ((execId: string, encoding: Encoding, request: FastifyRequest, reply: FastifyReply) => Promise<FastifyReply>) | undefined
+  // The internal listener: its own routes (routes/internal.ts) as well.
+  internal?: boolean | undefined
 }

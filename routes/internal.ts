@@ -1,0 +1,26 @@
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
+import { Type } from '@sinclair/typebox'
+import { GatewayError } from '../src/errors.js'
+import type { RouteContext } from '../src/http/route-context.js'
+import { ExecParamsSchema } from '../src/schemas/exec.js'
+import { sendWaitResult } from './execs.js'
+
+// Routes of the internal listener only (cluster mode), for other replicas: never in the public
+// API document. A replica whose client waits on an exec that moved here (its sandbox's
+// supervisor moved) asks for the result here and passes it on.
+const internal: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ctx }) => {
+  app.get('/internal/v1/execs/:execId/result', {
+    schema: {
+      hide: true,
+      params: ExecParamsSchema,
+      querystring: Type.Object({ encoding: Type.Optional(Type.Union([Type.Literal('utf8'), Type.Literal('base64')])) }, { additionalProperties: false })
+    }
+  }, async (req, reply) => {
+    const entry = ctx.execs.get(req.params.execId)
+    if (entry === undefined) throw new GatewayError('exec_not_found', `replica does not hold exec ${req.params.execId}`)
+    await ctx.execs.waitForEnd(entry)
+    if (entry.movedAway) throw new GatewayError('replica_unavailable', `exec ${entry.id} moved on to another replica while its result was awaited here`)
+    return await sendWaitResult(entry, req.query.encoding ?? 'utf8', reply)
+  })
+}
+export default internal
