@@ -24,12 +24,16 @@ import { Lifecycle } from './lifecycle/lifecycle.js'
 import { ClusterNode } from './cluster/node.js'
 import { deriveReplicaSecret, verifyReplicaAuth, type ReplicaSecret } from './cluster/replica-auth.js'
 import { ClusterRouting } from './cluster/routing.js'
+import { drainSessions } from './cluster/drain.js'
 
 // buildGateway(config) assembles the gateway; it never listens by itself. listen() binds both
 // listeners (and starts the embedded sandbox), close() runs the one shutdown sequence
 // (lifecycle/lifecycle.ts), which ends within the grace plus its named bounds.
 
 const LOCAL_SANDBOX_ID = 'local'
+// Cluster drain: the load balancer's checks see /readyz 503 within this (docs/haproxy.cfg: under
+// a second) before supervisors are told to move, so that their new sessions land elsewhere.
+const DRAIN_BALANCER_WAIT_MS = 1500
 
 export interface Gateway {
   app: FastifyInstance
@@ -218,7 +222,17 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
 
   // The phases and their order are lifecycle.ts's; here is what each does in this gateway.
   const close = async (): Promise<void> => await lifecycle.shutdown({
-    draining: () => {},
+    // Cluster mode: the supervisors move to other replicas first (their kept execs with them).
+    draining: async () => {
+      if (cluster === undefined) return
+      await drainSessions({
+        registry,
+        logger: logger.child({ component: 'drain' }),
+        balancerWaitMs: DRAIN_BALANCER_WAIT_MS,
+        boundMs: config.shutdownGraceMs,
+        stays: (s) => config.localSandbox && s.sandboxId === LOCAL_SANDBOX_ID
+      })
+    },
     execs: async () => { await execs.close(config.shutdownGraceMs) },
     relays: () => { pool.close() },
     sessions: () => { registry.close() },

@@ -120,8 +120,10 @@ export class ClusterRouting {
     }
   }
 
+  // Attaches bridged through this replica are let go with 1012: the exec goes on elsewhere, and
+  // the client reconnects through any other replica.
   async close (): Promise<void> {
-    await this.#upgrades?.closeAll(1001)
+    await this.#upgrades?.closeAll(1012)
     this.#upgrades?.uninstall()
   }
 

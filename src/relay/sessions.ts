@@ -65,6 +65,7 @@ export class SessionRegistry {
   readonly #registeredListeners = new Set<RegisteredListener>()
   readonly #unregisteredListeners = new Set<UnregisteredListener>()
   #closed = false
+  #accepting = true
 
   constructor (opts: SessionRegistryOptions) {
     this.#opts = opts
@@ -147,6 +148,18 @@ export class SessionRegistry {
   onRegistered (cb: RegisteredListener): () => void {
     this.#registeredListeners.add(cb)
     return () => { this.#registeredListeners.delete(cb) }
+  }
+
+  // Draining (cluster mode): new sessions are refused, so that supervisors told to move land on
+  // another replica; the sessions already here go on.
+  stopAccepting (): void { this.#accepting = false }
+  acceptingSessions (): boolean { return this.#accepting }
+
+  // The current sessions (to tell each to move).
+  sessions (): SupervisorSession[] {
+    const out: SupervisorSession[] = []
+    for (const e of this.#sandboxes.values()) if (e.session !== undefined) out.push(e.session)
+    return out
   }
 
   // Called when a sandbox's current session goes and none replaces it (the cluster gives up

@@ -50,11 +50,14 @@ export const RelaySchema = Type.Object({ type: Type.Literal('relay'), relayId: R
 const GatewayHeartbeatSchema = Type.Object({ type: Type.Literal('heartbeat') })
 const SupersededSchema = Type.Object({ type: Type.Literal('superseded') })
 export const RejectedSchema = Type.Object({ type: Type.Literal('rejected'), reason: Reason })
+// Cluster mode: this replica drains. The supervisor opens a new session (the load balancer sends
+// it to another replica) and leaves this one once the new one is accepted.
+const MoveSchema = Type.Object({ type: Type.Literal('move') })
 
 export type SupervisorMessage = Static<typeof HelloSchema> | Static<typeof SupervisorHeartbeatSchema> | Static<typeof RelayFailedSchema>
 export type GatewayMessage =
   | Static<typeof AcceptedSchema> | Static<typeof RelaySchema> | Static<typeof GatewayHeartbeatSchema>
-  | Static<typeof SupersededSchema> | Static<typeof RejectedSchema>
+  | Static<typeof SupersededSchema> | Static<typeof RejectedSchema> | Static<typeof MoveSchema>
 
 // One compiled checker per message type, chosen by `type` first: the error then names the
 // field that is wrong, not "expected one of five objects".
@@ -72,7 +75,7 @@ function codec<M> (name: string, schemas: readonly TSchema[]): Codec<M> {
 }
 
 export const SupervisorMessages: Codec<SupervisorMessage> = codec('supervisor', [HelloSchema, SupervisorHeartbeatSchema, RelayFailedSchema])
-export const GatewayMessages: Codec<GatewayMessage> = codec('gateway', [AcceptedSchema, RelaySchema, GatewayHeartbeatSchema, SupersededSchema, RejectedSchema])
+export const GatewayMessages: Codec<GatewayMessage> = codec('gateway', [AcceptedSchema, RelaySchema, GatewayHeartbeatSchema, SupersededSchema, RejectedSchema, MoveSchema])
 
 // Why a line was refused: a fixed phrase and, at most, a field path taken from our own schema,
 // never from the peer's bytes.

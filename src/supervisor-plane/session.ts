@@ -33,6 +33,8 @@ export interface SessionRegistryPort {
   unregister: (session: SupervisorSession) => void
   touch: (sandboxId: string) => void
   failRelay: (relayId: string, sandboxId: string, reason: string) => void
+  // False while the gateway drains (cluster mode): a new session is sent on to another replica.
+  acceptingSessions?: () => boolean
 }
 
 type Refuse = (reason: RefusalReason, sandboxId: string | undefined, message: string, fields?: Record<string, unknown>) => void
@@ -177,6 +179,11 @@ export class SessionMachine implements SupervisorSession {
   #hello (msg: Extract<SupervisorMessage, { type: 'hello' }>): void {
     if (this.#state !== 'awaiting_hello') {
       this.#o.refuse('bad_message', this.sandboxId, 'a second hello on one session', {})
+      return
+    }
+    if (this.#o.registry.acceptingSessions?.() === false) {
+      this.send({ type: 'rejected', reason: 'draining: this replica is shutting down; connect again to reach another one' })
+      this.#end()
       return
     }
     if (!this.#o.registry.mayRegister(this.sandboxId, msg.instanceId)) {

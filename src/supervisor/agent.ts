@@ -48,6 +48,8 @@ const MIN_HEARTBEAT_INTERVAL_MS = 100
 // A gateway line longer than this is not one of ours: the session is dropped and redialled.
 const GATEWAY_LINE_MAX_BYTES = 64 * 1024
 const HEALTHY_SESSION_MS = 10_000
+// After a move, how long the old connection's streams may take to finish before it is cut.
+const OLD_SESSION_CLOSE_MS = 5000
 
 export class Supervisor {
   readonly #opts: SupervisorOptions
@@ -55,7 +57,11 @@ export class Supervisor {
   readonly #backoff = new Backoff({ baseMs: 100, maxMs: 5000 })
   #embedded: EmbeddedSshd | undefined
   #keeper: Keeper | undefined
-  #client: ClientHttp2Session | undefined
+  // The session's connection, and for a moment during a move the new one beside it.
+  readonly #clients = new Set<ClientHttp2Session>()
+  // A move's new session, once accepted: the loop holds it next instead of dialling.
+  #handoff: Promise<void> | undefined
+  #moving = false
   #stopped = false
   #loop: Promise<void> | undefined
   #wake: (() => void) | undefined
@@ -93,7 +99,7 @@ export class Supervisor {
     this.#stopped = true
     this.#wake?.()
     for (const r of this.#relays) r.destroy()
-    this.#client?.destroy()
+    for (const c of this.#clients) c.destroy()
     await this.#loop
     // Kept execs outlive gateways, not their supervisor: with nobody left to collect their
     // outcome they would run unobserved. TERM, then KILL after a grace.
@@ -107,11 +113,16 @@ export class Supervisor {
       const started = Date.now()
       let accepted = false
       try {
-        await this.#session(() => { accepted = true })
+        const handoff = this.#handoff
+        this.#handoff = undefined
+        if (handoff !== undefined) accepted = true
+        await (handoff ?? this.#session(() => { accepted = true }))
       } catch (err) {
         this.#log.warn({ err: (err as Error).message }, 'supervisor session failed')
       }
       if (this.#stopped) break
+      // A move's new session took over from the one that just ended: hold it, no backoff.
+      if (this.#handoff !== undefined) continue
       // A session that was accepted and lived a while resets the backoff: one blip after days
       // of health must not cost the next reconnect the maximum delay.
       if (accepted && Date.now() - started >= HEALTHY_SESSION_MS) this.#backoff.reset()
@@ -132,7 +143,7 @@ export class Supervisor {
       // Relays carry SSH: no Nagle delay on the connection that multiplexes them.
       createConnection: () => this.#dial(url)
     })
-    this.#client = client
+    this.#clients.add(client)
     client.on('error', (err) => this.#log.debug({ err }, 'gateway connection error'))
     try {
       await new Promise<void>((resolve, reject) => {
@@ -149,8 +160,32 @@ export class Supervisor {
       // in SendPendingData. Let the read finish first.
       await new Promise((resolve) => setImmediate(resolve))
       client.destroy()
-      if (this.#client === client) this.#client = undefined
+      this.#clients.delete(client)
     }
+  }
+
+  // The gateway drains (cluster mode): a new session through the same address, which the load
+  // balancer sends to another replica, then the old connection is closed gracefully. Until the
+  // new session is accepted nothing changes: a try that fails leaves the old session as it was,
+  // for the next move message.
+  #move (old: ClientHttp2Session): void {
+    if (this.#moving || this.#stopped) return
+    this.#moving = true
+    let tookOver = false
+    const next: Promise<void> = this.#session(() => {
+      this.#moving = false
+      if (tookOver) return
+      tookOver = true
+      this.#handoff = next
+      this.#log.info('the new session is accepted; leaving the draining gateway')
+      setImmediate(() => {
+        try { old.close() } catch { /* gone */ }
+        setTimeout(() => old.destroy(), OLD_SESSION_CLOSE_MS).unref()
+      })
+    })
+    next.catch((err: Error) => {
+      if (!tookOver) this.#log.warn({ err: err.message }, 'could not open a new session to move to; staying')
+    }).finally(() => { if (!tookOver) this.#moving = false })
   }
 
   #dial (url: URL): net.Socket {
@@ -237,6 +272,8 @@ export class Supervisor {
           this.#log.warn('another supervisor process took over this sandbox; this one stands by until it goes away')
         } else if (msg.type === 'rejected') {
           this.#log.warn({ reason: msg.reason }, 'the gateway refused this session')
+        } else if (msg.type === 'move') {
+          this.#move(client)
         }
       }
       req.on('error', (err) => finish(err))
