@@ -8,6 +8,7 @@ import {
 } from './config.js'
 import { loadDataDir, rotateTokenSecret } from './data-dir.js'
 import { buildGateway } from './app.js'
+import { clusterFlags, runCluster } from './cluster/launcher.js'
 import { SHUTDOWN_SLACK_MS, SUPERVISOR_STOP_MS } from './lifecycle/bounds.js'
 import { closeWithin } from './lifecycle/close-within.js'
 import { Supervisor } from './supervisor/agent.js'
@@ -20,7 +21,8 @@ const COMMANDS: Record<string, { summary: string, flags: readonly FlagSpec[], us
   supervisor: { summary: 'run the in-sandbox agent that dials the gateway', flags: supervisorFlags, usage: 'exec-gateway supervisor --sandbox-id ID --token TOKEN [flags]' },
   token: { summary: 'print a supervisor token for a sandbox', flags: [...dataDirFlags, { name: 'ttl-s', key: 'ttlS', kind: 'int', default: 0, min: 0, max: 10 * 365 * 24 * 3600, help: 'token lifetime in seconds, 0 = no expiry' }], usage: 'exec-gateway token <sandboxId> [--data-dir DIR] [--ttl-s N]' },
   'rotate-token-secret': { summary: 'rotate the secret that signs supervisor tokens (old tokens stay valid until --retire)', flags: [...dataDirFlags, { name: 'retire', key: 'retire', kind: 'bool', default: false, help: 'stop accepting tokens signed with the previous secret' }], usage: 'exec-gateway rotate-token-secret [--data-dir DIR] [--retire]' },
-  'public-key': { summary: "print the gateway's SSH client public key (for authorized_keys)", flags: dataDirFlags, usage: 'exec-gateway public-key [--data-dir DIR]' }
+  'public-key': { summary: "print the gateway's SSH client public key (for authorized_keys)", flags: dataDirFlags, usage: 'exec-gateway public-key [--data-dir DIR]' },
+  cluster: { summary: 'run a local cluster: redis-server, haproxy, 3 replicas and a supervisor (npm run cluster)', flags: clusterFlags, usage: 'exec-gateway cluster [flags]' }
 }
 
 function help (command?: string): string {
@@ -55,7 +57,8 @@ export async function main (argv: string[]): Promise<void> {
       case 'supervisor': await supervisor(rest); return
       case 'token': token(rest); return
       case 'rotate-token-secret': rotate(rest); return
-      case 'public-key': publicKey(rest)
+      case 'public-key': publicKey(rest); return
+      case 'cluster': process.exitCode = await runCluster(rest)
     }
   } catch (err) {
     if (err instanceof ConfigError) {
