@@ -25,6 +25,7 @@ import { ClusterNode } from './cluster/node.js'
 import { deriveReplicaSecret, verifyReplicaAuth, type ReplicaSecret } from './cluster/replica-auth.js'
 import { ClusterRouting } from './cluster/routing.js'
 import { drainSessions } from './cluster/drain.js'
+import { clusterRateStore } from './cluster/rate-store.js'
 
 // buildGateway(config) assembles the gateway; it never listens by itself. listen() binds both
 // listeners (and starts the embedded sandbox), close() runs the one shutdown sequence
@@ -155,7 +156,8 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     tls: publicTls,
     lifecycle,
     ctx: routeCtx,
-    beforeRoutes: routing === undefined ? undefined : (a) => { routing.install(a) }
+    beforeRoutes: routing === undefined ? undefined : (a) => { routing.install(a) },
+    rateLimitStore: cluster === undefined ? undefined : clusterRateStore(() => cluster.directory)
   })
   const internal = cluster === undefined
     ? undefined

@@ -4,7 +4,7 @@ import { HeldOwners, SUPERSEDED_CAP } from './held.js'
 import { readOwners, readReplicas, type ReplicaInfo } from './reads.js'
 import { parseOwner, parseRegister, registerArgs, type OwnerView, type Registration, type RegisterResult } from './owners.js'
 import { DirectoryUnavailable, RedisLink, type RedisCall } from './redis-client.js'
-import { PUT_FINISHED, REGISTER, RELEASE, runScript } from './scripts.js'
+import { PUT_FINISHED, RATE_HIT, REGISTER, RELEASE, runScript } from './scripts.js'
 
 // The cluster's shared state in Redis: which replicas are alive, which replica holds each
 // sandbox's supervisor session (fenced), which replica runs each exec, and finished results.
@@ -191,6 +191,12 @@ export class Directory {
     const [meta, record, stdout, stderr] = await this.#call('finished', (_c, b) => b.hmGet(this.#keys.finished(execId), ['meta', 'record', 'stdout', 'stderr']))
     if (meta == null || record == null || stdout == null || stderr == null) return undefined
     return decodeFinished(meta, record, stdout, stderr)
+  }
+
+  // One hit on a cluster-wide rate limit: the count in the current window and the ms left of it.
+  async rateHit (key: string, windowMs: number): Promise<{ current: number, ttl: number }> {
+    const reply = await this.#call('rateHit', (c) => runScript(c, RATE_HIT, [this.#keys.rate(key)], [String(windowMs)])) as [number, number]
+    return { current: Number(reply[0]), ttl: Number(reply[1]) }
   }
 
   // DELETE of an exec: no replica finds it any more.

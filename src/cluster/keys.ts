@@ -14,6 +14,7 @@ export class DirectoryKeys {
   superseded (sandboxId: string): string { return `${this.#prefix}sandbox:{${sandboxId}}:superseded` }
   execOwner (execId: string): string { return `${this.#prefix}exec:{${execId}}:owner` }
   finished (execId: string): string { return `${this.#prefix}exec:{${execId}}:finished` }
+  rate (key: string): string { return `${this.#prefix}rate:{${key}}` }
 
   // SCAN patterns: the prefix is matched literally, whatever glob characters it holds.
   get replicaPattern (): string { return `${escapeGlob(this.#prefix)}replica:*` }

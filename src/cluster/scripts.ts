@@ -107,6 +107,19 @@ interface EvalClient {
 
 const shas = new Map<string, string>()
 
+// KEYS: counter. ARGV: window ms. A fixed window per key: the first hit of a window starts its
+// TTL. Returns {count in this window, ms left of it}.
+export const RATE_HIT = `
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  ttl = tonumber(ARGV[1])
+end
+return {n, ttl}
+`
+
 export async function runScript (client: EvalClient, script: string, keys: string[], args: RedisArgument[]): Promise<unknown> {
   let sha = shas.get(script)
   if (sha === undefined) {

@@ -40,6 +40,8 @@ export interface PublicAppOptions {
   replicaAuth?: ((request: FastifyRequest) => boolean) | undefined
   // Hooks that must run for every route (cluster mode's forwarding), added before the routes.
   beforeRoutes?: ((app: FastifyInstance) => void) | undefined
+  // Cluster mode: the rate limit's counters, shared by the replicas (src/cluster/rate-store.ts).
+  rateLimitStore?: (new (options: unknown) => unknown) | undefined
 }
 
 // Bodies are checked strictly (no coercion, no silently dropped fields); query strings and
@@ -119,7 +121,7 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
   })
   // Only routes that ask for it (exec creation) are limited; the limit runs after the guard,
   // so it is kept per API token.
-  await app.register(rateLimit, { global: false })
+  await app.register(rateLimit, { global: false, ...(opts.rateLimitStore === undefined ? {} : { store: opts.rateLimitStore as never }) })
 
   opts.beforeRoutes?.(app)
   app.get('/openapi.json', { schema: { hide: true }, config: { openAccess: true } }, async () => app.swagger())

@@ -30,7 +30,7 @@ afterEach(async () => {
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex')
 
-async function twoReplicasOneSandbox (sandboxId: string): Promise<{ r0: Replica, r1: Replica, identity: GatewayIdentity, dir: Directory }> {
+async function twoReplicasOneSandbox (sandboxId: string, execRateLimitPerMinute = 0): Promise<{ r0: Replica, r1: Replica, identity: GatewayIdentity, dir: Directory }> {
   const redis = await startRedisServer()
   cleanups.push(async () => { await redis.stop() })
   const dataDir = mkdtempSync(join(tmpdir(), 'egw-cluster-'))
@@ -38,7 +38,7 @@ async function twoReplicasOneSandbox (sandboxId: string): Promise<{ r0: Replica,
   const identity = loadDataDir(dataDir)
   const replicas: Replica[] = []
   for (const replicaId of ['r0', 'r1']) {
-    const config = defaultGatewayConfig({ dataDir, redisUrl: redis.url, replicaId, shutdownGraceMs: 1000, execRateLimitPerMinute: 0 })
+    const config = defaultGatewayConfig({ dataDir, redisUrl: redis.url, replicaId, shutdownGraceMs: 1000, execRateLimitPerMinute })
     const gw = await buildGateway(config, { logger: pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' }), identity })
     const { publicUrl, supervisorUrl } = await gw.listen()
     cleanups.push(async () => { await gw.close() })
@@ -144,5 +144,20 @@ describe('cluster mode: a replica that does not hold the sandbox forwards to the
     const internalUrl = (await dir.replica('r0'))!.internalUrl
     const bare = await fetch(`${internalUrl}/v1/sandboxes`)
     expect(bare.status).toBe(401)
+  }, 60_000)
+
+  it('the exec rate limit counts across the cluster: 5 a minute through either replica, the 6th is 429 on both', async () => {
+    const { r0, r1 } = await twoReplicasOneSandbox('fwd-6', 5)
+    const statuses: number[] = []
+    for (const url of [r0.publicUrl, r1.publicUrl, r0.publicUrl, r1.publicUrl, r1.publicUrl]) {
+      statuses.push((await api(url, 'POST', '/v1/sandboxes/fwd-6/execs', { command: ['true'] })).status)
+    }
+    expect(statuses).toEqual([201, 201, 201, 201, 201])
+    for (const url of [r0.publicUrl, r1.publicUrl]) {
+      const over = await api(url, 'POST', '/v1/sandboxes/fwd-6/execs', { command: ['true'] })
+      expect(over.status).toBe(429)
+      expect(over.body.code).toBe('too_many_requests')
+      expect(Number(over.headers.get('retry-after'))).toBeGreaterThan(0)
+    }
   }, 60_000)
 })
