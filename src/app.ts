@@ -104,7 +104,8 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
       entryOf: (execId): ExecEntry | undefined => execs.get(execId),
       execTtlMs: config.execTtlS * 1000,
       retentionBytes: config.retentionBytes,
-      onMoved: (sandboxId) => { execs.handOver(sandboxId) },
+      onMoved: (sandboxId) => execs.handOver(sandboxId),
+      reattachTimeoutMs: config.reattachTimeoutMs,
       logger: logger.child({ component: 'cluster' })
     })
   const execs: ExecManager = new ExecManager({

@@ -1,7 +1,7 @@
 import { decodeFinished, encodeFinished, type FinishedInput, type FinishedRecord } from './finished.js'
 import { DirectoryKeys } from './keys.js'
 import { HeldOwners, SUPERSEDED_CAP } from './held.js'
-import { readOwners, readReplicas, type ReplicaInfo } from './reads.js'
+import { incarnationOf, readOwners, readReplicas, readRunningSets, type ReplicaInfo } from './reads.js'
 import { parseOwner, parseRegister, registerArgs, type OwnerView, type Registration, type RegisterResult } from './owners.js'
 import { DirectoryUnavailable, RedisLink, type RedisCall } from './redis-client.js'
 import { PUT_FINISHED, RATE_HIT, REGISTER, RELEASE, runScript } from './scripts.js'
@@ -191,6 +191,41 @@ export class Directory {
     const [meta, record, stdout, stderr] = await this.#call('finished', (_c, b) => b.hmGet(this.#keys.finished(execId), ['meta', 'record', 'stdout', 'stderr']))
     if (meta == null || record == null || stdout == null || stderr == null) return undefined
     return decodeFinished(meta, record, stdout, stderr)
+  }
+
+  // This process in the cluster: a replica restarted under the same id is another incarnation,
+  // and what the old one ran is the old one's.
+  get incarnation (): string { return incarnationOf({ replicaId: this.replicaId, startedAt: this.#startedAt }) }
+
+  async addRunning (execId: string, record: unknown): Promise<void> {
+    await this.#call('addRunning', (c) => c.hSet(this.#keys.running(this.incarnation), execId, JSON.stringify(record)))
+  }
+
+  async removeRunning (execIds: string[], incarnation = this.incarnation): Promise<void> {
+    if (execIds.length === 0) return
+    await this.#call('removeRunning', (c) => c.hDel(this.#keys.running(incarnation), execIds))
+  }
+
+  async runningSets (): Promise<string[]> {
+    return await readRunningSets((op, run) => this.#call(op, run), this.#keys)
+  }
+
+  async runningOf (incarnation: string): Promise<Map<string, unknown>> {
+    const h = await this.#call('runningOf', (c) => c.hGetAll(this.#keys.running(incarnation)))
+    const out = new Map<string, unknown>()
+    for (const [id, json] of Object.entries(h)) {
+      try { out.set(id, JSON.parse(json)) } catch { out.set(id, undefined) }
+    }
+    return out
+  }
+
+  async isRunningIn (incarnation: string, execId: string): Promise<boolean> {
+    return await this.#call('isRunningIn', (c) => c.hExists(this.#keys.running(incarnation), execId)) === 1
+  }
+
+  // One replica at a time ends a gone incarnation's execs.
+  async claimReap (incarnation: string, ttlMs: number): Promise<boolean> {
+    return await this.#call('claimReap', (c) => c.set(this.#keys.reap(incarnation), this.incarnation, { NX: true, PX: ttlMs })) === 'OK'
   }
 
   // One hit on a cluster-wide rate limit: the count in the current window and the ms left of it.

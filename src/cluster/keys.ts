@@ -15,6 +15,12 @@ export class DirectoryKeys {
   execOwner (execId: string): string { return `${this.#prefix}exec:{${execId}}:owner` }
   finished (execId: string): string { return `${this.#prefix}exec:{${execId}}:finished` }
   rate (key: string): string { return `${this.#prefix}rate:{${key}}` }
+  // The execs one replica process (an incarnation: replica id @ start time) runs, and the lock
+  // of the replica that ends them once that process is gone.
+  running (incarnation: string): string { return `${this.#prefix}running:{${incarnation}}` }
+  reap (incarnation: string): string { return `${this.#prefix}reap:{${incarnation}}` }
+  get runningPattern (): string { return `${escapeGlob(this.#prefix)}running:{*}` }
+  incarnationOf (runningKey: string): string { return runningKey.slice(`${this.#prefix}running:{`.length, -1) }
 
   // SCAN patterns: the prefix is matched literally, whatever glob characters it holds.
   get replicaPattern (): string { return `${escapeGlob(this.#prefix)}replica:*` }

@@ -6,6 +6,7 @@ import { Directory, type ExecOwner } from './directory.js'
 import { finishedEntry, finishedInput } from './finished-view.js'
 import type { ReplicaInfo } from './reads.js'
 import { DirectoryUnavailable } from './redis-client.js'
+import { Reaper } from './reaper.js'
 
 // One replica's part in the cluster (CONTRACT §6): it publishes itself in the directory, claims
 // each sandbox whose supervisor session it holds (fenced, so exactly one replica owns a sandbox
@@ -28,7 +29,9 @@ export interface ClusterNodeOptions {
   events: GatewayEvents
   // The sandbox's claim went to a newer session on another replica, which rebuilds its kept
   // execs: their runs here are to stop without an outcome (ExecManager.handOver).
-  onMoved: (sandboxId: string) => void
+  onMoved: (sandboxId: string) => string[]
+  // How long a gone replica's execs may take to come back on another before they end with 503.
+  reattachTimeoutMs: number
   logger: Logger
   replicaTtlMs?: number
   commandTimeoutMs?: number
@@ -45,6 +48,10 @@ interface Claim {
 
 const DEFAULT_PREFIX = 'exec-gateway:'
 const DEFAULT_CHECK_INTERVAL_MS = 1000
+// The directory's own default (Directory's replicaTtlMs).
+const DEFAULT_REPLICA_TTL_MS = 5000
+// Gone replicas are looked for every few checks: a SCAN over the running sets.
+const REAP_EVERY_TICKS = 3
 // How long a sandbox whose session went is watched for a registration elsewhere (its kept execs'
 // runs here reattach meanwhile); well past any reattach bound.
 const WATCH_RELEASED_MS = 10 * 60_000
@@ -62,11 +69,20 @@ export class ClusterNode {
   #check: NodeJS.Timeout | undefined
   #checking = false
   #closed = false
+  #ticks = 0
+  readonly #reaper: Reaper
 
   constructor (o: ClusterNodeOptions) {
     this.#o = o
     this.replicaId = o.replicaId
     this.#log = o.logger
+    this.#reaper = new Reaper({
+      directory: () => this.directory,
+      reattachTimeoutMs: o.reattachTimeoutMs,
+      replicaTtlMs: o.replicaTtlMs ?? DEFAULT_REPLICA_TTL_MS,
+      execTtlMs: o.execTtlMs,
+      logger: o.logger
+    })
   }
 
   get directory (): Directory {
@@ -128,10 +144,18 @@ export class ClusterNode {
   async ownExec (execId: string, sandboxId: string): Promise<void> {
     try {
       await this.directory.putExecOwner(execId, { replicaId: this.replicaId, sandboxId })
+      const entry = this.#o.entryOf(execId)
+      if (entry !== undefined && !entry.finished) await this.directory.addRunning(execId, entry.toJSON())
     } catch (err) {
       if (!(err instanceof DirectoryUnavailable)) throw err
       this.#log.warn({ execId, err: err.message }, 'could not record the exec in the directory; other replicas cannot forward to it until it is')
     }
+  }
+
+  // The sandbox's kept execs go on elsewhere: they are no longer this process's to answer for.
+  #moved (sandboxId: string): void {
+    const ids = this.#o.onMoved(sandboxId)
+    this.directory.removeRunning(ids).catch((err: Error) => { this.#log.warn({ sandboxId, err: err.message }, 'could not remove moved execs from this replica\'s running set') })
   }
 
   // A finished exec another replica ran, as that replica last wrote it: readable after the
@@ -162,6 +186,7 @@ export class ClusterNode {
     try {
       const r = await this.directory.putFinished(execId, finishedInput(entry), this.#o.execTtlMs)
       if (r === 'conflict') this.#log.warn({ execId }, 'the directory already holds another outcome for this exec; it stays')
+      await this.directory.removeRunning([execId])
     } catch (err) {
       if (!(err instanceof DirectoryUnavailable)) throw err
       this.#log.warn({ execId, err: err.message }, 'could not write the finished exec to the directory; only this replica can answer for it')
@@ -247,7 +272,7 @@ export class ClusterNode {
       if (owner !== undefined && owner.replicaId !== this.replicaId) {
         this.#log.info({ sandboxId, to: owner.replicaId }, 'sandbox came back on another replica; its execs go on there')
         this.#released.delete(sandboxId)
-        this.#o.onMoved(sandboxId)
+        this.#moved(sandboxId)
       }
     }
   }
@@ -270,11 +295,12 @@ export class ClusterNode {
           this.#log.info({ sandboxId, to: owner.replicaId, fence: owner.fence }, 'sandbox taken over by a newer session elsewhere; ending the session here')
           this.#claims.delete(sandboxId)
           // Before the session goes: its runs would take the lost relays for a reason to reattach.
-          this.#o.onMoved(sandboxId)
+          this.#moved(sandboxId)
           claim.session.close('the sandbox moved to another replica')
         }
       }
       await this.#checkReleased()
+      if (++this.#ticks % REAP_EVERY_TICKS === 0) await this.#reaper.tick()
     } catch (err) {
       if (!(err instanceof DirectoryUnavailable)) this.#log.error({ err }, 'claim check failed')
     } finally {

@@ -14,6 +14,11 @@ export interface ReplicaInfo {
   startedAt: string
 }
 
+// A replica process: its id and when it started (a restart under the same id is a new one).
+export function incarnationOf (r: Pick<ReplicaInfo, 'replicaId' | 'startedAt'>): string {
+  return `${r.replicaId}@${r.startedAt}`
+}
+
 const BATCH = 500
 
 async function scanKeys (call: Call, op: string, pattern: string): Promise<string[]> {
@@ -36,6 +41,10 @@ async function mGetAll (call: Call, op: string, keys: string[]): Promise<Array<s
     out.push(...await call(op, (c) => c.mGet(batch)))
   }
   return out
+}
+
+export async function readRunningSets (call: Call, keys: DirectoryKeys): Promise<string[]> {
+  return (await scanKeys(call, 'runningSets', keys.runningPattern)).map((k) => keys.incarnationOf(k))
 }
 
 export async function readReplicas (call: Call, keys: DirectoryKeys): Promise<ReplicaInfo[]> {

@@ -235,16 +235,16 @@ export class ExecManager {
   // Cluster mode: another replica holds the sandbox's session now, and rebuilds its kept execs
   // from the daemon. Their runs here stop without an outcome (the daemon goes on; the new owner
   // reports the true end) and their records go; readers are told to reconnect. Execs the daemon
-  // does not keep are left to end as their relay does. Returns how many moved.
-  handOver (sandboxId: string): number {
-    let n = 0
+  // does not keep are left to end as their relay does. Returns the ids of those that moved.
+  handOver (sandboxId: string): string[] {
+    const moved: string[] = []
     for (const [entry, run] of this.#runs) {
       if (entry.sandboxId !== sandboxId || !run.kept) continue
       this.#movingAway.add(entry)
       run.abort(new GatewayError('relay_unavailable', `the sandbox ${sandboxId} moved to another replica`))
-      n++
+      moved.push(entry.id)
     }
-    return n
+    return moved
   }
 
   // 'paused': stop reading from this writer until onStdinWritable's callback; 'overflow': the
