@@ -12,9 +12,9 @@ import { loadDataDir, type GatewayIdentity } from '../../src/data-dir.js'
 import { signSupervisorToken } from '../../src/tokens.js'
 import { api, execStart } from '../helpers/api.js'
 import { eventsFrom0, openOffsetReader, within } from '../helpers/restart-readers.js'
-import { startRedisServer } from '../helpers/redis-server.js'
+import { startRedisServer, type RedisServer } from '../helpers/redis-server.js'
 import { startSupervisorProcess } from '../helpers/supervisor-process.js'
-import { waitFor } from '../helpers/wait.js'
+import { sleep, waitFor } from '../helpers/wait.js'
 
 // Cluster mode's routing (issue 14): any replica answers any request. Two real gateways in
 // cluster mode over a real redis-server; the sandbox's supervisor process holds its session on
@@ -30,7 +30,7 @@ afterEach(async () => {
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex')
 
-async function twoReplicasOneSandbox (sandboxId: string, execRateLimitPerMinute = 0): Promise<{ r0: Replica, r1: Replica, identity: GatewayIdentity, dir: Directory }> {
+async function twoReplicasOneSandbox (sandboxId: string, execRateLimitPerMinute = 0): Promise<{ r0: Replica, r1: Replica, identity: GatewayIdentity, dir: Directory, redis: RedisServer }> {
   const redis = await startRedisServer()
   cleanups.push(async () => { await redis.stop() })
   const dataDir = mkdtempSync(join(tmpdir(), 'egw-cluster-'))
@@ -53,7 +53,7 @@ async function twoReplicasOneSandbox (sandboxId: string, execRateLimitPerMinute 
   await dir.start()
   await waitFor(async () => (await dir.owner(sandboxId))?.replicaId === 'r0', { timeoutMs: 10_000, description: `r0 owns ${sandboxId}` })
   await waitFor(async () => (await dir.replicas()).length >= 3, { timeoutMs: 5000, description: 'both replicas heartbeat' })
-  return { r0: replicas[0]!, r1: replicas[1]!, identity, dir }
+  return { r0: replicas[0]!, r1: replicas[1]!, identity, dir, redis }
 }
 
 describe('cluster mode: a replica that does not hold the sandbox forwards to the one that does', () => {
@@ -160,4 +160,39 @@ describe('cluster mode: a replica that does not hold the sandbox forwards to the
       expect(Number(over.headers.get('retry-after'))).toBeGreaterThan(0)
     }
   }, 60_000)
+
+  it('Redis stopped for 8 s mid-load: no exec lost, the owner keeps serving, the other replica answers 503 directory_unavailable at once for what only Redis knows, and all is well after without a restart', async () => {
+    const { r0, r1, redis } = await twoReplicasOneSandbox('fwd-7')
+    const long = await Promise.all([0, 1, 2].map(async (i) => await execStart(r1.publicUrl, 'fwd-7', { command: ['sh', '-c', `sleep 4; echo long-${i}`] })))
+    await sleep(500)
+    redis.pause()
+    const during: number[] = []
+    let refusedFast = 0
+    try {
+      const until = performance.now() + 8000
+      while (performance.now() < until) {
+        const local = await api(r0.publicUrl, 'POST', '/v1/sandboxes/fwd-7/execs?wait=true', { command: ['sh', '-c', 'echo during'] })
+        during.push(local.status)
+        expect(local.body).toMatchObject({ status: 'exited', exitCode: 0, stdout: 'during\n' })
+        const t = performance.now()
+        const viaR1 = await api(r1.publicUrl, 'POST', '/v1/sandboxes/fwd-7/execs', { command: ['true'] })
+        expect(viaR1.status).toBe(503)
+        expect(viaR1.body.code).toBe('directory_unavailable')
+        if (performance.now() - t < 2500) refusedFast++
+        await sleep(300)
+      }
+    } finally {
+      redis.resume()
+    }
+    expect(during.length).toBeGreaterThan(5)
+    expect(refusedFast, 'refusals within the directory\'s bound, never a hang').toBe(during.length)
+    for (const [i, id] of long.entries()) {
+      await waitFor(async () => (await api(r0.publicUrl, 'GET', `/v1/execs/${id}`)).body.status === 'exited', { timeoutMs: 10_000, description: `long-${i} ends` })
+      const j = await eventsFrom0(r0.publicUrl, id, 5000)
+      expect(j.bytes('stdout').toString()).toBe(`long-${i}\n`)
+    }
+    // Recovered by itself: forwarding works again.
+    await waitFor(async () => (await api(r1.publicUrl, 'POST', '/v1/sandboxes/fwd-7/execs?wait=true', { command: ['sh', '-c', 'echo back'] })).body?.stdout === 'back\n', { timeoutMs: 10_000, description: 'forwarding again after Redis is back' })
+    expect((await api(r1.publicUrl, 'GET', `/v1/execs/${long[0]!}`)).body).toMatchObject({ status: 'exited', exitCode: 0 })
+  }, 90_000)
 })
