@@ -3,6 +3,7 @@ import { Type } from '@sinclair/typebox'
 import { GatewayError } from '../src/errors.js'
 import type { RouteContext } from '../src/http/route-context.js'
 import { ExecParamsSchema } from '../src/schemas/exec.js'
+import { SandboxParamsSchema } from '../src/schemas/sandbox.js'
 import { sendWaitResult } from './execs.js'
 
 // Routes of the internal listener only (cluster mode), for other replicas: never in the public
@@ -21,6 +22,13 @@ const internal: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, {
     await ctx.execs.waitForEnd(entry)
     if (entry.movedAway) throw new GatewayError('replica_unavailable', `exec ${entry.id} moved on to another replica while its result was awaited here`)
     return await sendWaitResult(entry, req.query.encoding ?? 'utf8', reply)
+  })
+
+  // The replica that just took the sandbox says so, so that this one lets go of its execs now
+  // rather than at its next check (the two would take the daemon's attachment from each other).
+  app.post('/internal/v1/sandboxes/:sandboxId/moved', { schema: { hide: true, params: SandboxParamsSchema } }, async (req, reply) => {
+    await ctx.sandboxMoved?.(req.params.sandboxId)
+    return await reply.code(204).send()
   })
 }
 export default internal

@@ -94,6 +94,12 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     maxRefusedChannelOpens: config.sshMaxRefusedChannelOpens,
     events
   })
+  // Cluster mode: replicas authenticate each other with a key from the token secrets as they are
+  // now (SIGHUP may rotate them), so every replica of the data dir agrees.
+  const replicaSecret = (): ReplicaSecret => {
+    const secrets = credentials.tokenSecrets
+    return deriveReplicaSecret({ tokenSecret: secrets[0]!, tokenSecrets: secrets })
+  }
   const cluster: ClusterNode | undefined = config.redisUrl === undefined
     ? undefined
     : new ClusterNode({
@@ -106,6 +112,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
       retentionBytes: config.retentionBytes,
       onMoved: (sandboxId) => execs.handOver(sandboxId),
       reattachTimeoutMs: config.reattachTimeoutMs,
+      secret: replicaSecret,
       logger: logger.child({ component: 'cluster' })
     })
   const execs: ExecManager = new ExecManager({
@@ -121,7 +128,13 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     maxRunningExecsPerSandbox: config.maxRunningExecsPerSandbox,
     reattachTimeoutMs: config.reattachTimeoutMs,
     sessionWaitMs: restarted ? config.sessionWaitMs : 0,
-    ...(cluster === undefined ? {} : { remoteLookup: async (id: string) => await cluster.finishedExec(id), forgetRemote: (id: string) => { cluster.forgetExec(id) } })
+    ...(cluster === undefined
+      ? {}
+      : {
+          remoteLookup: async (id: string) => await cluster.finishedExec(id),
+          forgetRemote: (id: string) => { cluster.forgetExec(id) },
+          beforeAdopt: async (sandboxId: string) => { await cluster.readyToAdopt(sandboxId) }
+        })
   })
   const metrics = new Metrics({
     activeExecs: () => execs.running,
@@ -133,12 +146,6 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     },
     retainedBytes: () => execs.retainedBytes
   }, events)
-  // Cluster mode: replicas authenticate each other with a key from the token secrets as they are
-  // now (SIGHUP may rotate them), so every replica of the data dir agrees.
-  const replicaSecret = (): ReplicaSecret => {
-    const secrets = credentials.tokenSecrets
-    return deriveReplicaSecret({ tokenSecret: secrets[0]!, tokenSecrets: secrets })
-  }
   const routing = cluster === undefined
     ? undefined
     : new ClusterRouting({ cluster, registry, execs, secret: replicaSecret, apiTokens: () => credentials.apiTokens, scheme: publicTls === undefined ? 'http' : 'https', logger: logger.child({ component: 'cluster-routing' }) })
@@ -149,6 +156,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     heartbeatIntervalMs: config.heartbeatIntervalMs,
     execRateLimitPerMinute: config.execRateLimitPerMinute,
     recordExec: cluster === undefined ? undefined : async (execId: string, sandboxId: string) => { await cluster.ownExec(execId, sandboxId) },
+    sandboxMoved: cluster === undefined ? undefined : async (sandboxId: string) => { await cluster.checkSandbox(sandboxId) },
     waitElsewhere: routing === undefined ? undefined : async (execId: string, encoding: Encoding, request: FastifyRequest, reply: FastifyReply) => await routing.waitElsewhere(execId, encoding, request, reply)
   }
   const { app } = await buildPublicApp({

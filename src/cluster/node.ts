@@ -7,6 +7,7 @@ import { finishedEntry, finishedInput } from './finished-view.js'
 import type { ReplicaInfo } from './reads.js'
 import { DirectoryUnavailable } from './redis-client.js'
 import { Reaper } from './reaper.js'
+import { replicaAuthHeader, type ReplicaSecret } from './replica-auth.js'
 
 // One replica's part in the cluster (CONTRACT §6): it publishes itself in the directory, claims
 // each sandbox whose supervisor session it holds (fenced, so exactly one replica owns a sandbox
@@ -32,6 +33,8 @@ export interface ClusterNodeOptions {
   onMoved: (sandboxId: string) => string[]
   // How long a gone replica's execs may take to come back on another before they end with 503.
   reattachTimeoutMs: number
+  // The replica key, to tell a previous owner that its sandbox moved here.
+  secret: () => ReplicaSecret
   logger: Logger
   replicaTtlMs?: number
   commandTimeoutMs?: number
@@ -44,6 +47,8 @@ interface Claim {
   session: SupervisorSession
   // Undefined until the directory has answered.
   fence: number | undefined
+  // The first registration's try, with the previous owner told.
+  registered: Promise<void>
 }
 
 const DEFAULT_PREFIX = 'exec-gateway:'
@@ -52,6 +57,10 @@ const DEFAULT_CHECK_INTERVAL_MS = 1000
 const DEFAULT_REPLICA_TTL_MS = 5000
 // Gone replicas are looked for every few checks: a SCAN over the running sets.
 const REAP_EVERY_TICKS = 3
+// How long a new owner waits for its registration (and the previous owner's letting go) before it
+// rebuilds the sandbox's execs anyway; and the bound on telling the previous owner.
+const ADOPT_WAIT_MS = 2000
+const TELL_MOVED_MS = 1000
 // How long a sandbox whose session went is watched for a registration elsewhere (its kept execs'
 // runs here reattach meanwhile); well past any reattach bound.
 const WATCH_RELEASED_MS = 10 * 60_000
@@ -213,10 +222,10 @@ export class ClusterNode {
   #claim (sandboxId: string): void {
     const session = this.#o.registry.get(sandboxId)?.session
     if (session === undefined || this.#closed) return
-    const claim: Claim = { session, fence: undefined }
+    const claim: Claim = { session, fence: undefined, registered: Promise.resolve() }
     this.#claims.set(sandboxId, claim)
     this.#released.delete(sandboxId)
-    void this.#register(sandboxId, claim)
+    claim.registered = this.#register(sandboxId, claim).catch((err: unknown) => { this.#log.error({ err, sandboxId }, 'claiming the sandbox failed') })
   }
 
   async #register (sandboxId: string, claim: Claim): Promise<void> {
@@ -238,6 +247,7 @@ export class ClusterNode {
       claim.fence = r.fence
       if (r.previous !== undefined && r.previous.replicaId !== this.replicaId) {
         this.#log.info({ sandboxId, from: r.previous.replicaId, fence: r.fence }, 'sandbox moved to this replica')
+        await this.#tellMoved(r.previous.replicaId, sandboxId)
       }
     } catch (err) {
       if (!(err instanceof DirectoryUnavailable)) throw err
@@ -263,17 +273,72 @@ export class ClusterNode {
     }
   }
 
+  async #checkClaim (sandboxId: string, claim: Claim): Promise<void> {
+    const owner = await this.directory.owner(sandboxId)
+    if (this.#claims.get(sandboxId) !== claim || claim.fence === undefined) return
+    if (owner !== undefined && owner.replicaId === this.replicaId && owner.sessionId === claim.session.id) {
+      // Ours, at the fence a late-answered registration left.
+      claim.fence = owner.fence
+    } else if (owner !== undefined && owner.fence > claim.fence) {
+      this.#log.info({ sandboxId, to: owner.replicaId, fence: owner.fence }, 'sandbox taken over by a newer session elsewhere; ending the session here')
+      this.#claims.delete(sandboxId)
+      // Before the session goes: its runs would take the lost relays for a reason to reattach.
+      this.#moved(sandboxId)
+      claim.session.close('the sandbox moved to another replica')
+    }
+  }
+
   async #checkReleased (): Promise<void> {
     const now = Date.now()
     for (const [sandboxId, since] of [...this.#released]) {
       if (now - since > WATCH_RELEASED_MS) { this.#released.delete(sandboxId); continue }
-      const owner = await this.directory.owner(sandboxId)
-      if (this.#released.get(sandboxId) !== since) continue
-      if (owner !== undefined && owner.replicaId !== this.replicaId) {
-        this.#log.info({ sandboxId, to: owner.replicaId }, 'sandbox came back on another replica; its execs go on there')
-        this.#released.delete(sandboxId)
-        this.#moved(sandboxId)
-      }
+      await this.#checkReleasedOne(sandboxId, since)
+    }
+  }
+
+  async #checkReleasedOne (sandboxId: string, since: number): Promise<void> {
+    const owner = await this.directory.owner(sandboxId)
+    if (this.#released.get(sandboxId) !== since) return
+    if (owner !== undefined && owner.replicaId !== this.replicaId) {
+      this.#log.info({ sandboxId, to: owner.replicaId }, 'sandbox came back on another replica; its execs go on there')
+      this.#released.delete(sandboxId)
+      this.#moved(sandboxId)
+    }
+  }
+
+  // Before this replica rebuilds a sandbox's kept execs: the replica that held it has been told
+  // to let go, so the two do not take the daemon's attachment from each other meanwhile.
+  async readyToAdopt (sandboxId: string): Promise<void> {
+    const claim = this.#claims.get(sandboxId)
+    if (claim === undefined) return
+    let timer: NodeJS.Timeout | undefined
+    await Promise.race([claim.registered, new Promise<void>((resolve) => { timer = setTimeout(resolve, ADOPT_WAIT_MS) })])
+    clearTimeout(timer)
+  }
+
+  // The replica that just took this sandbox says so (internal route): look now, not at the next check.
+  async checkSandbox (sandboxId: string): Promise<void> {
+    const claim = this.#claims.get(sandboxId)
+    try {
+      if (claim !== undefined && claim.fence !== undefined) await this.#checkClaim(sandboxId, claim)
+      else if (this.#released.has(sandboxId)) await this.#checkReleasedOne(sandboxId, this.#released.get(sandboxId)!)
+    } catch (err) {
+      if (!(err instanceof DirectoryUnavailable)) throw err
+    }
+  }
+
+  async #tellMoved (replicaId: string, sandboxId: string): Promise<void> {
+    try {
+      const r = await this.directory.replica(replicaId)
+      if (r === undefined) return
+      await fetch(new URL(`/internal/v1/sandboxes/${encodeURIComponent(sandboxId)}/moved`, r.internalUrl), {
+        method: 'POST',
+        headers: replicaAuthHeader(this.#o.secret()),
+        signal: AbortSignal.timeout(TELL_MOVED_MS)
+      })
+    } catch (err) {
+      // Its own check finds out within a second.
+      this.#log.debug({ sandboxId, replicaId, err: (err as Error).message }, 'could not tell the previous owner that the sandbox moved')
     }
   }
 
@@ -286,18 +351,7 @@ export class ClusterNode {
     try {
       for (const [sandboxId, claim] of [...this.#claims]) {
         if (claim.fence === undefined) { await this.#register(sandboxId, claim); continue }
-        const owner = await this.directory.owner(sandboxId)
-        if (this.#claims.get(sandboxId) !== claim) continue
-        if (owner !== undefined && owner.replicaId === this.replicaId && owner.sessionId === claim.session.id) {
-          // Ours, at the fence a late-answered registration left.
-          claim.fence = owner.fence
-        } else if (owner !== undefined && owner.fence > claim.fence) {
-          this.#log.info({ sandboxId, to: owner.replicaId, fence: owner.fence }, 'sandbox taken over by a newer session elsewhere; ending the session here')
-          this.#claims.delete(sandboxId)
-          // Before the session goes: its runs would take the lost relays for a reason to reattach.
-          this.#moved(sandboxId)
-          claim.session.close('the sandbox moved to another replica')
-        }
+        await this.#checkClaim(sandboxId, claim)
       }
       await this.#checkReleased()
       if (++this.#ticks % REAP_EVERY_TICKS === 0) await this.#reaper.tick()

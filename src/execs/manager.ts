@@ -44,6 +44,8 @@ export interface ExecManagerOptions {
   // Cluster mode: an exec this replica does not know may be one another replica ran and that
   // has finished (the directory keeps it); a read-only entry for it, or undefined.
   remoteLookup?: (execId: string) => Promise<ExecEntry | undefined>
+  // Cluster mode: waits until the replica that held the sandbox has let go of its execs.
+  beforeAdopt?: (sandboxId: string) => Promise<void>
   // Cluster mode: a deleted exec is forgotten there too.
   forgetRemote?: (execId: string) => void
   // The keeper's list and forget; the real ones unless a test injects its own.
@@ -117,6 +119,7 @@ export class ExecManager {
   async #adoptFrom (sandboxId: string): Promise<void> {
     const o = this.#opts
     const list = o.listKept ?? (async (id: string, signal: AbortSignal) => await listKept(o.pool, id, signal))
+    await o.beforeAdopt?.(sandboxId)
     for (let attempt = 1; attempt <= LIST_ATTEMPTS; attempt++) {
       try {
         const signal = AbortSignal.any([this.#adoptions.signal, AbortSignal.timeout(LIST_BOUND_MS)])

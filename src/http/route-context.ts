@@ -22,6 +22,8 @@ export interface RouteContext {
   recordExec?: ((execId: string, sandboxId: string) => Promise<void>) | undefined
   // Cluster mode: a ?wait=true whose exec moved to another replica gets its answer from there.
   waitElsewhere?: ((execId: string, encoding: Encoding, request: FastifyRequest, reply: FastifyReply) => Promise<FastifyReply>) | undefined
+  // Cluster mode: another replica took this sandbox (internal route): let go of it now.
+  sandboxMoved?: ((sandboxId: string) => Promise<void>) | undefined
   // The internal listener: its own routes (routes/internal.ts) as well.
   internal?: boolean | undefined
 }
