@@ -9,7 +9,8 @@
 //      base64 JSON), sha256-checked, against `ssh … cat file > /dev/null`;
 //   4. gateway RSS per held silent exec and its CPU while 500 / 1,000 of them idle;
 //   5. sandbox-side memory per kept exec: the embedded daemon's supervisor process against the
-//      sshd processes serving the same execs, silent and after unread output.
+//      sshd processes serving the same execs, silent and after unread output;
+//   6. cluster mode: a forwarded exec (replica r1 → r0) against a direct one on r0.
 //
 // It prints a markdown table and writes bench/RESULTS.md (machine, date, exact commands). Goals
 // missed are reported, not failed: the run fails only when something is wrong (a bad exit code,
@@ -27,6 +28,7 @@
 import { afterAll, afterEach, beforeAll, beforeEach, describe, it } from 'vitest'
 import { ForeignMeter } from './interference.js'
 import { FILE_MIB, HOLD_STEPS, ONLY, RATE_CLIENTS, RATE_S, RESULTS_PATH } from './knobs.js'
+import { CLUSTER_CLIENTS, CLUSTER_MIB, CLUSTER_RTT_N, clusterForwarding } from './phases/cluster.js'
 import { heldExecs } from './phases/hold.js'
 import { KEEP_N, keptExecs } from './phases/keep.js'
 import { execRate } from './phases/rate.js'
@@ -81,5 +83,9 @@ describe('exec-gateway benchmark', () => {
 
   it.runIf(ONLY.has('keep'))(`sandbox-side memory per kept exec: ${KEEP_N} at once, embedded daemon vs OpenSSH's sshd`, async () => {
     await keptExecs(world)
+  })
+
+  it.runIf(ONLY.has('cluster'))(`cluster mode, forwarded vs direct: ${CLUSTER_RTT_N} round trips, ${CLUSTER_CLIENTS} clients, ${CLUSTER_MIB} MiB streams, SSE first byte`, async () => {
+    await clusterForwarding(world)
   })
 })

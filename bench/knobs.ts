@@ -3,7 +3,7 @@
 import { fileURLToPath } from 'node:url'
 import { intEnv } from '../test/helpers/env.js'
 
-const PHASES = ['roundtrip', 'rate', 'throughput', 'hold', 'keep'] as const
+const PHASES = ['roundtrip', 'rate', 'throughput', 'hold', 'keep', 'cluster'] as const
 export type Phase = typeof PHASES[number]
 
 export const ONLY: ReadonlySet<Phase> = (() => {
