@@ -110,7 +110,8 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
       entryOf: (execId): ExecEntry | undefined => execs.get(execId),
       execTtlMs: config.execTtlS * 1000,
       retentionBytes: config.retentionBytes,
-      onMoved: (sandboxId) => execs.handOver(sandboxId),
+      onMoved: (sandboxId, ids) => execs.handOver(sandboxId, ids),
+      keptExecs: (sandboxId) => execs.keptIn(sandboxId),
       reattachTimeoutMs: config.reattachTimeoutMs,
       secret: replicaSecret,
       logger: logger.child({ component: 'cluster' })
@@ -133,7 +134,8 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
       : {
           remoteLookup: async (id: string) => await cluster.finishedExec(id),
           forgetRemote: (id: string) => { cluster.forgetExec(id) },
-          beforeAdopt: async (sandboxId: string) => { await cluster.readyToAdopt(sandboxId) }
+          beforeAdopt: async (sandboxId: string) => { await cluster.readyToAdopt(sandboxId) },
+          afterAdopt: async (sandboxId: string, ids: string[]) => { await cluster.afterAdopt(sandboxId, ids) }
         })
   })
   const metrics = new Metrics({

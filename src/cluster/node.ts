@@ -30,7 +30,10 @@ export interface ClusterNodeOptions {
   events: GatewayEvents
   // The sandbox's claim went to a newer session on another replica, which rebuilds its kept
   // execs: their runs here are to stop without an outcome (ExecManager.handOver).
-  onMoved: (sandboxId: string) => string[]
+  // ... of these execs (those another replica has rebuilt already).
+  onMoved: (sandboxId: string, execIds: ReadonlySet<string>) => string[]
+  // The kept execs of a sandbox whose runs are here.
+  keptExecs: (sandboxId: string) => string[]
   // How long a gone replica's execs may take to come back on another before they end with 503.
   reattachTimeoutMs: number
   // The replica key, to tell a previous owner that its sandbox moved here.
@@ -49,6 +52,8 @@ interface Claim {
   fence: number | undefined
   // The first registration's try, with the previous owner told.
   registered: Promise<void>
+  // The replica that held the sandbox before this claim, to tell once its execs are rebuilt here.
+  previous?: string | undefined
 }
 
 const DEFAULT_PREFIX = 'exec-gateway:'
@@ -161,10 +166,30 @@ export class ClusterNode {
     }
   }
 
-  // The sandbox's kept execs go on elsewhere: they are no longer this process's to answer for.
-  #moved (sandboxId: string): void {
-    const ids = this.#o.onMoved(sandboxId)
-    this.directory.removeRunning(ids).catch((err: Error) => { this.#log.warn({ sandboxId, err: err.message }, 'could not remove moved execs from this replica\'s running set') })
+  // The sandbox is another replica's now. Its kept execs here stop only once that replica has
+  // rebuilt them (the exec's owner in the directory is that replica): until then a reader or a
+  // GET still finds them here, never a 404 in between. Returns how many are still here.
+  async #handOverRebuilt (sandboxId: string): Promise<number> {
+    const here = this.#o.keptExecs(sandboxId)
+    const rebuilt = new Set<string>()
+    for (const id of here) {
+      const owner = await this.directory.execOwner(id)
+      if (owner !== undefined && owner.replicaId !== this.replicaId) rebuilt.add(id)
+    }
+    if (rebuilt.size > 0) {
+      const ids = this.#o.onMoved(sandboxId, rebuilt)
+      this.#log.info({ sandboxId, moved: ids.length }, 'execs rebuilt on the sandbox\'s new replica; their runs here stop')
+      await this.directory.removeRunning(ids).catch((err: Error) => { this.#log.warn({ sandboxId, err: err.message }, 'could not remove moved execs from this replica\'s running set') })
+    }
+    return here.length - rebuilt.size
+  }
+
+  // The new owner has rebuilt what the sandbox's daemon kept (ExecManager's adoption): they are
+  // recorded as this replica's, and the previous owner is told to let go of them now.
+  async afterAdopt (sandboxId: string, execIds: string[]): Promise<void> {
+    await Promise.all(execIds.map(async (id) => { await this.ownExec(id, sandboxId) }))
+    const previous = this.#claims.get(sandboxId)?.previous
+    if (previous !== undefined && execIds.length > 0) await this.#tellMoved(previous, sandboxId)
   }
 
   // A finished exec another replica ran, as that replica last wrote it: readable after the
@@ -192,6 +217,10 @@ export class ClusterNode {
   async #publishFinished (execId: string): Promise<void> {
     const entry = this.#o.entryOf(execId)
     if (entry === undefined || !entry.finished) return
+    // A kept exec cut off by this replica's shutdown goes on in its sandbox: whichever replica
+    // its supervisor reaches next rebuilds it and reports its end (or, if none does, the reaper
+    // ends it). This replica's shutting_down is no outcome of the exec's.
+    if (entry.kept && entry.error?.code === 'shutting_down') return
     try {
       const r = await this.directory.putFinished(execId, finishedInput(entry), this.#o.execTtlMs)
       if (r === 'conflict') this.#log.warn({ execId }, 'the directory already holds another outcome for this exec; it stays')
@@ -247,6 +276,7 @@ export class ClusterNode {
       claim.fence = r.fence
       if (r.previous !== undefined && r.previous.replicaId !== this.replicaId) {
         this.#log.info({ sandboxId, from: r.previous.replicaId, fence: r.fence }, 'sandbox moved to this replica')
+        claim.previous = r.previous.replicaId
         await this.#tellMoved(r.previous.replicaId, sandboxId)
       }
     } catch (err) {
@@ -282,9 +312,11 @@ export class ClusterNode {
     } else if (owner !== undefined && owner.fence > claim.fence) {
       this.#log.info({ sandboxId, to: owner.replicaId, fence: owner.fence }, 'sandbox taken over by a newer session elsewhere; ending the session here')
       this.#claims.delete(sandboxId)
-      // Before the session goes: its runs would take the lost relays for a reason to reattach.
-      this.#moved(sandboxId)
+      // Without a session here the runs cannot take the daemon's attachment back from the new
+      // owner; they stop as it rebuilds them (#handOverRebuilt).
+      this.#released.set(sandboxId, Date.now())
       claim.session.close('the sandbox moved to another replica')
+      if (await this.#handOverRebuilt(sandboxId) === 0) this.#released.delete(sandboxId)
     }
   }
 
@@ -300,9 +332,7 @@ export class ClusterNode {
     const owner = await this.directory.owner(sandboxId)
     if (this.#released.get(sandboxId) !== since) return
     if (owner !== undefined && owner.replicaId !== this.replicaId) {
-      this.#log.info({ sandboxId, to: owner.replicaId }, 'sandbox came back on another replica; its execs go on there')
-      this.#released.delete(sandboxId)
-      this.#moved(sandboxId)
+      if (await this.#handOverRebuilt(sandboxId) === 0) this.#released.delete(sandboxId)
     }
   }
 

@@ -32,6 +32,8 @@ export class ExecEntry extends EventEmitter {
   outcome: Outcome | undefined
   // The stdin offset: bytes taken for the command, in order (its run keeps it).
   stdinBytes = 0
+  // The sandbox's daemon keeps this exec (its run says so): it outlives this gateway.
+  kept = false
   readonly stdout: OutputJournal
   readonly stderr: OutputJournal
   // Readers that cannot keep up. While any holds the flow, the exec reads from the sandbox no

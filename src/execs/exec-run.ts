@@ -189,6 +189,7 @@ export class ExecRun {
   #keep (): void {
     if (this.#kept) return
     this.#kept = true
+    this.#entry.kept = true
     this.#stdin.keepLedger()
     const spec = this.#entry.spec
     if (spec.interactive) return
@@ -204,6 +205,7 @@ export class ExecRun {
   // gateway had: EOF.
   async #adopt (kept: KeptStatus): Promise<RemoteCommand<SignalName>> {
     this.#kept = true
+    this.#entry.kept = true
     this.#stdin.adopt(kept.stdinReceived)
     if (!kept.meta.interactive) this.#stdin.end()
     this.#armTimeout(kept.meta.timeoutSeconds, Date.parse(kept.startedAt))

@@ -46,6 +46,8 @@ export interface ExecManagerOptions {
   remoteLookup?: (execId: string) => Promise<ExecEntry | undefined>
   // Cluster mode: waits until the replica that held the sandbox has let go of its execs.
   beforeAdopt?: (sandboxId: string) => Promise<void>
+  // ... and is told once they are rebuilt here.
+  afterAdopt?: (sandboxId: string, execIds: string[]) => Promise<void>
   // Cluster mode: a deleted exec is forgotten there too.
   forgetRemote?: (execId: string) => void
   // The keeper's list and forget; the real ones unless a test injects its own.
@@ -124,7 +126,8 @@ export class ExecManager {
       try {
         const signal = AbortSignal.any([this.#adoptions.signal, AbortSignal.timeout(LIST_BOUND_MS)])
         const kept = await list(sandboxId, signal)
-        for (const status of kept) this.#adopt(sandboxId, status)
+        const adopted = kept.filter((status) => this.#adopt(sandboxId, status))
+        await o.afterAdopt?.(sandboxId, adopted.map((s) => s.meta.execId))
         return
       } catch (err) {
         if (this.#closing) return
@@ -134,9 +137,10 @@ export class ExecManager {
     }
   }
 
-  #adopt (sandboxId: string, status: KeptStatus): void {
+  // False when the exec is known here already (its run reattaches by itself).
+  #adopt (sandboxId: string, status: KeptStatus): boolean {
     const meta = status.meta
-    if (this.#closing || this.#execs.has(meta.execId) || this.#replaying.has(meta.execId)) return
+    if (this.#closing || this.#execs.has(meta.execId) || this.#replaying.has(meta.execId)) return false
     const o = this.#opts
     const spec: ValidExec = {
       command: meta.command,
@@ -179,6 +183,7 @@ export class ExecManager {
     } else {
       show()
     }
+    return true
   }
 
   list (filter: { sandboxId?: string | undefined, status?: string | undefined } = {}): ExecEntry[] {
@@ -235,14 +240,22 @@ export class ExecManager {
     })
   }
 
+  // The kept execs of this sandbox whose runs are here (cluster mode hands them over).
+  keptIn (sandboxId: string): string[] {
+    const out: string[] = []
+    for (const [entry, run] of this.#runs) if (entry.sandboxId === sandboxId && run.kept && !this.#movingAway.has(entry)) out.push(entry.id)
+    return out
+  }
+
   // Cluster mode: another replica holds the sandbox's session now, and rebuilds its kept execs
   // from the daemon. Their runs here stop without an outcome (the daemon goes on; the new owner
   // reports the true end) and their records go; readers are told to reconnect. Execs the daemon
   // does not keep are left to end as their relay does. Returns the ids of those that moved.
-  handOver (sandboxId: string): string[] {
+  handOver (sandboxId: string, only?: ReadonlySet<string>): string[] {
     const moved: string[] = []
     for (const [entry, run] of this.#runs) {
-      if (entry.sandboxId !== sandboxId || !run.kept) continue
+      if (entry.sandboxId !== sandboxId || !run.kept || this.#movingAway.has(entry)) continue
+      if (only !== undefined && !only.has(entry.id)) continue
       this.#movingAway.add(entry)
       run.abort(new GatewayError('relay_unavailable', `the sandbox ${sandboxId} moved to another replica`))
       moved.push(entry.id)
