@@ -368,7 +368,7 @@ describe('ExecEntry', () => {
     const j = entry.toJSON()
     expect(Object.keys(j).sort()).toEqual([
       'command', 'createdAt', 'endedAt', 'error', 'exitCode', 'id', 'interactive', 'sandboxId', 'signal',
-      'startedAt', 'status', 'stderrBytes', 'stdoutBytes', 'tty', 'timedOut'
+      'startedAt', 'status', 'stderrBytes', 'stdinBytes', 'stdoutBytes', 'tty', 'timedOut'
     ].sort())
     expect(j).toMatchObject({
       id: 'ex_42',
@@ -384,7 +384,8 @@ describe('ExecEntry', () => {
       startedAt: null,
       endedAt: null,
       stdoutBytes: 0,
-      stderrBytes: 0
+      stderrBytes: 0,
+      stdinBytes: 0
     })
     expect(new Date(j.createdAt).toISOString()).toBe(j.createdAt)
     expect(JSON.parse(JSON.stringify(entry))).toEqual(j)
