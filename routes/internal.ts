@@ -17,7 +17,7 @@ const internal: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, {
       querystring: Type.Object({ encoding: Type.Optional(Type.Union([Type.Literal('utf8'), Type.Literal('base64')])) }, { additionalProperties: false })
     }
   }, async (req, reply) => {
-    const entry = ctx.execs.get(req.params.execId)
+    const entry = ctx.execs.held(req.params.execId)
     if (entry === undefined) throw new GatewayError('exec_not_found', `replica does not hold exec ${req.params.execId}`)
     await ctx.execs.waitForEnd(entry)
     if (entry.movedAway) throw new GatewayError('replica_unavailable', `exec ${entry.id} moved on to another replica while its result was awaited here`)

@@ -150,7 +150,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
   }, events)
   const routing = cluster === undefined
     ? undefined
-    : new ClusterRouting({ cluster, registry, execs, secret: replicaSecret, apiTokens: () => credentials.apiTokens, scheme: publicTls === undefined ? 'http' : 'https', logger: logger.child({ component: 'cluster-routing' }) })
+    : new ClusterRouting({ cluster, registry, execs, secret: replicaSecret, apiTokens: () => credentials.apiTokens, scheme: publicTls === undefined ? 'http' : 'https', sessionWaitMs: config.sessionWaitMs, logger: logger.child({ component: 'cluster-routing' }) })
   const routeCtx = {
     execs,
     registry,

@@ -234,6 +234,11 @@ export class Directory {
     return { current: Number(reply[0]), ttl: Number(reply[1]) }
   }
 
+  // Whether any replica ever registered this sandbox (its fence counter exists).
+  async knowsSandbox (sandboxId: string): Promise<boolean> {
+    return await this.#call('knowsSandbox', (c) => c.exists(this.#keys.fence(sandboxId))) === 1
+  }
+
   // DELETE of an exec: no replica finds it any more.
   async forgetExec (execId: string): Promise<void> {
     await this.#call('forgetExec', (c) => c.del([this.#keys.finished(execId), this.#keys.execOwner(execId)]))

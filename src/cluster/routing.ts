@@ -26,6 +26,8 @@ export interface ClusterRoutingOptions {
   secret: () => ReplicaSecret
   apiTokens: () => readonly string[]
   scheme: 'http' | 'https'
+  // --session-wait-ms: how long a new exec waits for a known sandbox that nobody holds.
+  sessionWaitMs: number
   logger: Logger
 }
 
@@ -38,6 +40,9 @@ const GATHER_TIMEOUT_MS = 3000
 // rebuilds it once the supervisor's new session is in: its backoff plus a list).
 const MOVED_LOOKUP_MS = 30_000
 const MOVED_RETRY_MS = 200
+const OWNER_POLL_MS = 100
+
+class SandboxUnavailable extends Error {}
 
 export class ClusterRouting {
   readonly #o: ClusterRoutingOptions
@@ -59,6 +64,7 @@ export class ClusterRouting {
       try {
         target = await this.#targetFor(request)
       } catch (err) {
+        if (err instanceof SandboxUnavailable) return sendProblem(reply, problem('sandbox_unavailable', err.message))
         if (!(err instanceof DirectoryUnavailable)) throw err
         return sendProblem(reply, problem('directory_unavailable', `this replica does not hold it, and the cluster directory does not answer to say who does: ${err.message}`))
       }
@@ -137,10 +143,28 @@ export class ClusterRouting {
     if (SANDBOX_ROUTES.has(route) && params.sandboxId !== undefined) {
       const id = params.sandboxId
       if (this.#o.registry.get(id)?.session !== undefined) return undefined
-      return (await this.#o.cluster.sandboxOwner(id))?.internalUrl
+      const owner = (await this.#o.cluster.sandboxOwner(id))?.internalUrl
+      if (owner !== undefined || request.method !== 'POST') return owner
+      return await this.#awaitOwner(id)
     }
     if (EXEC_ROUTES.has(route) && params.execId !== undefined) return await this.#execTarget(params.execId)
     return undefined
+  }
+
+  // A sandbox the cluster knows but nobody holds right now (its supervisor is between sessions,
+  // perhaps moving): as a single gateway does for a disconnected sandbox, a new exec waits up to
+  // --session-wait-ms for it, wherever its session comes back. Undefined: it is (or stays) here.
+  async #awaitOwner (sandboxId: string): Promise<string | undefined> {
+    const cluster = this.#o.cluster
+    if (!await cluster.directory.knowsSandbox(sandboxId)) return undefined
+    const deadline = performance.now() + this.#o.sessionWaitMs
+    while (performance.now() < deadline) {
+      await sleep(OWNER_POLL_MS)
+      if (this.#o.registry.get(sandboxId)?.session !== undefined) return undefined
+      const owner = await cluster.sandboxOwner(sandboxId)
+      if (owner !== undefined) return owner.internalUrl
+    }
+    throw new SandboxUnavailable(`no supervisor of sandbox ${sandboxId} connected to any replica within ${this.#o.sessionWaitMs} ms`)
   }
 
   async #execTarget (execId: string): Promise<string | undefined> {

@@ -94,6 +94,15 @@ export class ExecManager {
 
   get (id: string): ExecEntry | undefined { return this.#execs.get(id) }
 
+  // get(), and also a rebuilt finished exec whose replay is not over yet (not listed, but its
+  // end is coming here).
+  held (id: string): ExecEntry | undefined {
+    const known = this.#execs.get(id)
+    if (known !== undefined || !this.#replaying.has(id)) return known
+    for (const entry of this.#runs.keys()) if (entry.id === id) return entry
+    return undefined
+  }
+
   // get(), but right after the gateway starts an id it does not know yet may be one a
   // supervisor is about to report: wait for it, or for the window to end.
   async lookup (id: string): Promise<ExecEntry | undefined> {
