@@ -7,7 +7,7 @@
 import { sleep } from '../test/helpers/wait.js'
 import { httpCall, type ReadOptions, type StreamRead } from './clients.js'
 import { StreamCheck } from './expected.js'
-import { MAX_EXECS_PER_AGENT, RUN_ID, SEED, rng } from './knobs.js'
+import { CLUSTER, MAX_EXECS_PER_AGENT, RUN_ID, SEED, rng } from './knobs.js'
 import { makePlan, planBytes, type Mode, type Plan } from './plans.js'
 import { callThrough, findExec, follow, postThrough } from './resume.js'
 import { log, rel, restartAllowance, restartedSince, world } from './world.js'
@@ -113,6 +113,16 @@ async function runWait (plan: Plan, obs: Observation, body: Body, left: () => nu
   }
   obs.httpStatus = r.status
   const b = r.json
+  // Cluster mode: the exec moved with its sandbox and the replica answering the wait did not
+  // find its new owner in time; the answer says to read it by its id, as a client does.
+  if (CLUSTER && r.status === 503 && b?.code === 'replica_unavailable' && typeof b.execId === 'string') {
+    obs.notes.push(`?wait=true → 503 replica_unavailable, read again by its id: ${String(b.detail).slice(0, 200)}`)
+    obs.execId = b.execId
+    obs.reconnects++
+    return await judgeEvents(plan, obs, b.execId, 'ndjson', undefined, left, { offsets: { stdout: 0, stderr: 0 } }, false)
+  }
+  // Cluster mode: the replica answering the wait lost track of the exec it created.
+  if (CLUSTER && r.status === 404 && b?.code === 'exec_not_found') { markLost(obs, `?wait=true → 404 exec_not_found: ${String(b.detail)}`); return false }
   if (r.status === 200 && typeof b === 'object' && b !== null) {
     obs.execId = b.id
     const c: Checks = { stdout: new StreamCheck(plan.stdout), stderr: new StreamCheck(plan.stderr) }
@@ -143,7 +153,12 @@ async function runWait (plan: Plan, obs: Observation, body: Body, left: () => nu
   return true
 }
 
-const streamNdjsonOnce = async (id: string, check: EventCheck): Promise<StreamRead> => await follow('ndjson', id, Date.now(), () => 5000, check.feed, () => true, () => ({ stdout: 0, stderr: 0 }), {}).then((f) => f.s)
+// Cluster mode: the replay reconnects by offsets like any reader (a drain or a move may cut it).
+const streamNdjsonOnce = async (id: string, check: EventCheck): Promise<StreamRead> => {
+  const until = Date.now() + (CLUSTER ? 15_000 : 5000)
+  return await follow('ndjson', id, Date.now(), () => until - Date.now(), check.feed, () => !CLUSTER || check.final !== undefined,
+    () => ({ stdout: check.out.stdout.offset, stderr: check.out.stderr.offset }), {}).then((f) => f.s)
+}
 
 // GET until the exec has ended, or has printed `until` stdout bytes: the record then, or
 // undefined (hung, lost, or a GET that failed).
@@ -155,6 +170,7 @@ async function pollRecord (plan: Plan, obs: Observation, left: () => number, unt
     const r = await callThrough('GET', `/v1/execs/${obs.execId}`, left)
     if (!r.ok && r.timedOut && left() <= 0) continue
     if (r.ok && r.status === 404 && restartedSince(t - 1000)) { markLost(obs, 'after the gateway restart, GET → 404: the successor did not get the exec back'); return undefined }
+    if (CLUSTER && r.ok && r.status === 404) { markLost(obs, `GET → 404: no replica knows the exec: ${String(r.json?.detail)}`); return undefined }
     if (!r.ok || r.status !== 200) { obs.tEnd = Date.now(); problem(obs, `GET /v1/execs/${obs.execId} while waiting: ${r.ok ? `HTTP ${r.status}` : r.error}`); return undefined }
     const j = r.json
     if (j.status === 'exited' || j.status === 'failed' || (typeof until === 'number' && j.stdoutBytes >= until)) return j

@@ -12,14 +12,26 @@ import { KNOBS } from './knobs.js'
 
 // KNOBS spelled as `serve` flags (sessionWaitMs → --session-wait-ms). No exec rate limit: the
 // soak creates thousands of execs a minute from one address, and the limit has its own tests.
-const FLAGS = [
+export const FLAGS = [
   ...Object.entries(KNOBS).flatMap(([k, v]) => [`--${k.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`, String(v)]),
   '--exec-rate-limit-per-minute', '0'
 ]
 
 // started: what the old gateway said about each exec just before the SIGKILL, by exec key (the
 // script's first line): when it started on its sandbox, or null when it had not yet.
-export interface Restart { n: number, killAt: number, upAt?: number, started: Map<string, number | null> }
+// Cluster mode records a replica fault as a restart too (clients resume through it alike):
+// kind and replica say which, `owned` the sandboxes that replica held when it began.
+export interface Restart {
+  n: number
+  killAt: number
+  upAt?: number
+  started: Map<string, number | null>
+  kind?: 'replica-kill' | 'replica-restart'
+  replica?: string
+  owned?: string[]
+  // replica-restart: SIGTERM to exit (the drain).
+  drainMs?: number
+}
 
 export class SoakGateway {
   readonly dataDir: string
@@ -44,6 +56,8 @@ export class SoakGateway {
   get publicUrl (): string { return this.#proc!.publicUrl }
   get supervisorUrl (): string { return this.#proc!.supervisorUrl }
   get pid (): number { return this.#proc!.pid }
+  // The gateway processes running now, for CPU and RSS.
+  livePids (): number[] { return [this.#proc!.pid] }
   // Down between a kill and its successor's "listening" line.
   get up (): boolean { return this.restarts.every((r) => r.upAt !== undefined) }
 
@@ -83,7 +97,7 @@ export class SoakGateway {
   }
 }
 
-function countWarnings (out: string): Map<string, number> {
+export function countWarnings (out: string): Map<string, number> {
   const m = new Map<string, number>()
   for (const line of out.split('\n')) {
     const w = /^\(node:\d+\) (\w*Warning: .{0,120})/.exec(line)

@@ -4,7 +4,12 @@ import type { GatewayConfig } from '../src/config.js'
 import { intEnv } from '../test/helpers/env.js'
 
 export const DURATION_S = intEnv('SOAK_DURATION_S', 120, 1, 7 * 24 * 3600)
-export const AGENTS = intEnv('SOAK_AGENTS', 80, 1, 2000)
+// SOAK_REPLICAS > 1: cluster mode, that many `serve` replicas behind haproxy with one redis
+// (soak/cluster.ts). Three replicas, haproxy and redis cost CPU the single gateway does not, so
+// the default load is lighter there.
+export const REPLICAS = intEnv('SOAK_REPLICAS', 1, 1, 9)
+export const CLUSTER = REPLICAS > 1
+export const AGENTS = intEnv('SOAK_AGENTS', CLUSTER ? 56 : 80, 1, 2000)
 export const SANDBOXES = intEnv('SOAK_SANDBOXES', 8, 1, 64)
 export const OPENSSH_SANDBOXES = Math.min(SANDBOXES, intEnv('SOAK_OPENSSH', 1, 0, 64))
 export const SLACK_MS = intEnv('SOAK_SLACK_MS', 10_000, 0, 600_000)
@@ -16,21 +21,28 @@ export const CHAOS_MAX_MS = intEnv('SOAK_CHAOS_MAX_MS', 5000, CHAOS_MIN_MS, 600_
 // once, so that every run has at least one of each.
 export const SHAPES_PCT = intEnv('SOAK_SHAPES_PCT', 8, 0, 100)
 export const DUMP_PATH = process.env.SOAK_DUMP ?? ''
+// Cluster mode: a directory for every replica's whole log, haproxy's and redis-server's.
+export const LOG_DIR = process.env.SOAK_LOG_DIR ?? ''
 export const HEAP_SNAPSHOT_PATH = process.env.SOAK_HEAP_SNAPSHOT ?? ''
 export const SEED = process.env.SOAK_SEED !== undefined && process.env.SOAK_SEED !== '' ? process.env.SOAK_SEED : String(Date.now() % 1_000_000_000)
 export const MAX_EXECS_PER_AGENT = 100_000
 export const RUN_ID = `${process.pid}-${Date.now()}`
 
 // gateway-restart: SIGKILL of the gateway process and a successor on the same ports and data dir;
-// it hits every sandbox at once. The others hit one sandbox.
-export const ALL_FAULT_KINDS = ['kill', 'stop', 'blackhole', 'reset', 'wedge', 'gateway-restart'] as const
+// it hits every sandbox at once. replica-kill / replica-restart (cluster mode only): SIGKILL or
+// SIGTERM (a drain) of one replica, then a new one on its ports. The others hit one sandbox.
+export const ALL_FAULT_KINDS = ['kill', 'stop', 'blackhole', 'reset', 'wedge', 'gateway-restart', 'replica-kill', 'replica-restart'] as const
 export type FaultKind = typeof ALL_FAULT_KINDS[number]
+const REPLICA_FAULTS: readonly FaultKind[] = ['replica-kill', 'replica-restart']
+// The faults that hit every sandbox at once and run alone.
+export const isWholeFault = (k: FaultKind): boolean => k === 'gateway-restart' || REPLICA_FAULTS.includes(k)
+const MODE_KINDS: readonly FaultKind[] = ALL_FAULT_KINDS.filter((k) => CLUSTER ? k !== 'gateway-restart' : !REPLICA_FAULTS.includes(k))
 export const FAULT_KINDS: FaultKind[] = (() => {
   const raw = process.env.SOAK_FAULTS
-  if (raw === undefined || raw === '') return [...ALL_FAULT_KINDS]
+  if (raw === undefined || raw === '') return [...MODE_KINDS]
   if (raw === 'none') return []
   const kinds = raw.split(',').map((s) => s.trim()).filter((s) => s !== '')
-  for (const k of kinds) if (!(ALL_FAULT_KINDS as readonly string[]).includes(k)) throw new Error(`SOAK_FAULTS: unknown fault kind ${k} (use ${ALL_FAULT_KINDS.join(',')} or none)`)
+  for (const k of kinds) if (!(MODE_KINDS as readonly string[]).includes(k)) throw new Error(`SOAK_FAULTS: unknown fault kind ${k} ${CLUSTER ? 'in cluster mode' : 'without SOAK_REPLICAS'} (use ${MODE_KINDS.join(',')} or none)`)
   return kinds as FaultKind[]
 })()
 
@@ -63,7 +75,7 @@ export const PING_BOUND_MS = KNOBS.h2PingIntervalMs + KNOBS.h2PingTimeoutMs
 export const DETECTION_BOUND_MS = Math.max(KEEPALIVE_BOUND_MS, PING_BOUND_MS + KNOBS.reattachTimeoutMs, KNOBS.sessionWaitMs, KNOBS.relayOpenTimeoutMs, KNOBS.sshReadyTimeoutMs)
 // A fault that lasts longer than this must have been detected by the gateway (ping / keepalive
 // bound plus margin); a running exec that still reports an exit through it "survived" it.
-export const MUST_DETECT_MS: Record<FaultKind, number> = { kill: 0, reset: 0, stop: PING_BOUND_MS + 1500, blackhole: PING_BOUND_MS + 1500, wedge: KEEPALIVE_BOUND_MS + 1500, 'gateway-restart': 0 }
+export const MUST_DETECT_MS: Record<FaultKind, number> = { kill: 0, reset: 0, stop: PING_BOUND_MS + 1500, blackhole: PING_BOUND_MS + 1500, wedge: KEEPALIVE_BOUND_MS + 1500, 'gateway-restart': 0, 'replica-kill': 0, 'replica-restart': 0 }
 // A stop or blackhole of an embedded sandbox up to this long must be bridged by the reattach:
 // the loss is seen within the ping bound, and the supervisor is back (reconnect included)
 // with time to spare before --reattach-timeout-ms runs out. Longer ones may end in 503.
@@ -75,8 +87,10 @@ export const KEPT_AFTER_MS = 500
 // Time a gateway restart adds to the bound of every exec it hits: its down time (measured) plus
 // the session wait for its supervisors to come back and report, plus a reattach.
 export const RESTART_ALLOWANCE_MS = KNOBS.sessionWaitMs + KNOBS.reattachTimeoutMs
-// Fewest seconds between two gateway restarts: each one hits every exec in flight.
-export const RESTART_EVERY_S = intEnv('SOAK_RESTART_EVERY_S', 25, 1, 86_400)
+// Fewest seconds between two gateway restarts (cluster mode: replica faults): each one hits every exec in flight.
+export const RESTART_EVERY_S = intEnv('SOAK_RESTART_EVERY_S', CLUSTER ? 16 : 25, 1, 86_400)
+// Cluster mode: a drained replica's --shutdown-grace-ms (OpenSSH execs that end within it end true).
+export const SHUTDOWN_GRACE_MS = 2000
 
 // ---------------------------------------------------------------- seeded randomness
 

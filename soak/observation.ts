@@ -1,4 +1,5 @@
 // What one exec came to, as the soak saw it, and the problems found on the way.
+import { CLUSTER } from './knobs.js'
 import type { Mode, Shape } from './plans.js'
 
 // lost: a gateway restart took the exec with it (the restarted gateway does not know it).
@@ -32,7 +33,9 @@ export interface Observation {
 }
 export const observations: Observation[] = []
 
-export const HONEST_503 = new Set(['relay_unavailable', 'sandbox_unavailable'])
+// Cluster mode: a drained replica ends what it cannot move (OpenSSH execs past the grace) with
+// 503 shutting_down.
+export const HONEST_503 = new Set(['relay_unavailable', 'sandbox_unavailable', ...(CLUSTER ? ['shutting_down'] : [])])
 const HONEST_OTHER: Record<string, number> = { ssh_failed: 502, relay_open_timeout: 504, too_many_requests: 429 }
 export const codeStatus = (code: string): number | undefined => HONEST_503.has(code) ? 503 : HONEST_OTHER[code]
 const MAX_PROBLEMS = 12

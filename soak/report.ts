@@ -5,7 +5,7 @@ import { readFileSync } from 'node:fs'
 import v8 from 'node:v8'
 import vm from 'node:vm'
 import { median } from '../test/helpers/stats.js'
-import { ALL_FAULT_KINDS, MUST_DETECT_MS, type FaultKind } from './knobs.js'
+import { ALL_FAULT_KINDS, CLUSTER, MUST_DETECT_MS, isWholeFault, type FaultKind } from './knobs.js'
 import { SHAPES } from './plans.js'
 import { HONEST_503, type Observation } from './observation.js'
 import { allowedBy, cutsTheRelay, expectedText, mustCut, type Daemon } from './outcomes.js'
@@ -46,8 +46,8 @@ export function judge (obs: Observation): Verdict {
   if (obs.outcome === 'exit') {
     for (const f of fs) {
       if (!ranThrough(f)) continue
-      if (cutsTheRelay(f, daemon)) {
-        const how = f.kind === 'kill' ? 'its supervisor was SIGKILLed' : f.kind === 'reset' ? 'its relay was reset' : 'the gateway was SIGKILLed'
+      if (cutsTheRelay(f, daemon, obs.sandbox)) {
+        const how = f.kind === 'kill' ? 'its supervisor was SIGKILLed' : f.kind === 'reset' ? 'its relay was reset' : f.kind === 'replica-kill' ? `its replica ${f.replica ?? '?'} was SIGKILLed` : 'the gateway was SIGKILLed'
         v.reasons.push(`exit ${String(obs.exitCode)} reported although ${how} at ${rel(f.start)} while the command was still sleeping (started ${rel(obs.startedAt)}, cannot end before ${rel(minEnd)}) and ${daemon} keeps nothing`)
       } else if (mustCut(f, daemon) && f.durationMs >= MUST_DETECT_MS[f.kind]) {
         v.survived = f
@@ -64,12 +64,12 @@ export function judge (obs: Observation): Verdict {
   if (v.category === '503' || v.category === 'lost') {
     const key = v.category as '503' | 'lost'
     const startedBy = (f: Fault): number | undefined => {
-      if (f.kind !== 'gateway-restart') return obs.startedAt
+      if (!isWholeFault(f.kind)) return obs.startedAt
       return world.gw.restarts.find((r) => Math.abs(r.killAt - f.start) < 60_000 && r.killAt >= f.start)?.started.get(obs.key) ?? undefined
     }
-    const allowed = fs.some((f) => allowedBy(f, daemon, startedBy(f))[key])
+    const allowed = fs.some((f) => allowedBy(f, daemon, startedBy(f), obs.sandbox)[key])
     if (!allowed) {
-      v.notAllowed = `${v.category === 'lost' ? 'lost to a gateway restart' : `503 ${obs.code ?? ''}`} on the ${daemon} daemon, which no fault in its lifetime allows (${fs.map((f) => `${f.kind}#${f.n}: ${expectedText(f.kind, daemon)}`).join(', ') || 'no fault: true only'})`
+      v.notAllowed = `${v.category === 'lost' ? CLUSTER ? `lost (${obs.detail ?? ''})` : 'lost to a gateway restart' : `503 ${obs.code ?? ''}`} on the ${daemon} daemon, which no fault in its lifetime allows (${fs.map((f) => `${f.kind}#${f.n}: ${expectedText(f.kind, daemon)}`).join(', ') || 'no fault: true only'})`
     }
   }
   return v
@@ -93,7 +93,7 @@ function table (header: string[], rows: Array<Array<string | number>>): string {
 
 export function describeVerdict (v: Verdict): string {
   const o = v.obs
-  const fs = v.faults.map((f) => `${f.kind}#${f.n}@${rel(f.start)}${f.durationMs > 0 ? `/${f.durationMs}ms` : ''}`).join(',') || 'none'
+  const fs = v.faults.map((f) => `${f.kind}#${f.n}@${rel(f.start)}${f.durationMs > 0 ? `/${f.durationMs}ms` : ''}${f.replica === undefined ? '' : `(${f.replica} held ${f.sandboxes?.join('+') ?? ''})`}`).join(',') || 'none'
   const script = JSON.stringify(o.script) + (o.script.length >= 200 ? '…' : '')
   return [
     `  ${o.key} ${o.shape} ${o.sandbox} (${v.daemon}) ${o.mode} execId=${o.execId ?? '?'} t0=${rel(o.t0)} end=${rel(o.tEnd)} started=${rel(o.startedAt)} bound=${o.boundMs}ms faults=${fs}`,
@@ -134,7 +134,7 @@ export function verdictTables (verdicts: Verdict[]): string[] {
     const det = vs.map((v) => v.detectMs).filter((x): x is number => x !== undefined)
     return [...counts(label, vs), expected, vs.filter((v) => v.survived !== undefined).length, det.length === 0 ? '-' : `${median(det)}/${Math.max(...det)}`]
   }
-  const cols = ['execs', 'true exit', '503', '502/504/429', 'lost to restart', 'hung', 'wrong', 'not allowed']
+  const cols = ['execs', 'true exit', '503', '502/504/429', CLUSTER ? 'lost to replica fault' : 'lost to restart', 'hung', 'wrong', 'not allowed']
   const rows: Array<Array<string | number>> = []
   for (const k of kinds) {
     for (const d of ['embedded', 'openssh'] as const) {

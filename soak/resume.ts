@@ -7,11 +7,13 @@
 // a sandbox: the exec was lost to the restart.
 import { sleep } from '../test/helpers/wait.js'
 import { httpCall, streamNdjson, streamSse, streamWs, type HttpOutcome, type ReadOptions, type StreamRead } from './clients.js'
-import { KNOBS } from './knobs.js'
+import { CLUSTER, KNOBS } from './knobs.js'
 import type { Mode } from './plans.js'
 import { restartedSince, world } from './world.js'
 
 const RETRY_MS = 200
+// Cluster mode: reconnects of one reader before its cut is taken as its answer.
+const CLUSTER_RECONNECTS = 40
 // A GET for an id the successor does not know yet waits up to the session wait for the sandboxes
 // to report it (CONTRACT §5 rule 4), so a call is given that long plus margin.
 const CALL_MS = KNOBS.sessionWaitMs + 5000
@@ -28,12 +30,21 @@ function justRestarted (): boolean {
 const cutByRestart = (r: { refused?: boolean, error?: string }, since: number): boolean =>
   r.refused === true || /ECONNREFUSED/.test(r.error ?? '') || restartedSince(since) || !world.gw.up
 
-// An idempotent call (GET, DELETE) that goes on through a restart.
+// Cluster mode: answers that say another replica will serve it, not what became of the exec:
+// haproxy's own 502/503/504 (no problem JSON), a draining replica's shutting_down before it took
+// the request, a forward to a replica that is gone or moving (replica_unavailable).
+const code = (r: HttpOutcome): unknown => r.ok ? r.json?.code : undefined
+const fromProxy = (r: HttpOutcome): boolean => CLUSTER && r.ok && [502, 503, 504].includes(r.status) && typeof code(r) !== 'string'
+const passedOn = (r: HttpOutcome): boolean => CLUSTER && r.ok && r.status === 503 && (code(r) === 'shutting_down' || code(r) === 'replica_unavailable')
+
+// An idempotent call (GET, DELETE) that goes on through a restart (cluster mode: through any
+// cut connection or passed-on answer: it may be asked again).
 export async function callThrough (method: 'GET' | 'DELETE', path: string, left: () => number): Promise<HttpOutcome> {
   for (;;) {
     const t = Date.now()
     const r = await httpCall(method, path, undefined, Math.max(1, Math.min(left(), CALL_MS)))
-    if (r.ok || left() <= 0 || !cutByRestart(r, t)) return r
+    const again = fromProxy(r) || passedOn(r) || (CLUSTER && !r.ok && !r.timedOut)
+    if ((r.ok && !again) || left() <= 0 || (!r.ok && !again && !cutByRestart(r, t))) return r
     await sleep(Math.min(RETRY_MS, Math.max(1, left())))
   }
 }
@@ -44,10 +55,13 @@ export async function postThrough (path: string, body: unknown, timeoutMs: () =>
     const t = Date.now()
     const ms = timeoutMs()
     const r = await httpCall('POST', path, body, Math.max(1, ms))
+    const notTaken = r.ok && r.status === 503 && (code(r) === undefined || (code(r) === 'shutting_down' && r.json?.execId === undefined))
     const again = ms > RETRY_MS && ((!r.ok && r.refused === true) ||
-      (r.ok && r.status === 404 && r.json?.code === 'sandbox_not_found' && justRestarted()))
+      (r.ok && r.status === 404 && r.json?.code === 'sandbox_not_found' && justRestarted()) || (CLUSTER && notTaken))
     if (again) { await sleep(RETRY_MS); continue }
     if (!r.ok && cutByRestart(r, t)) return 'dropped'
+    // Cluster mode: cut on its way through haproxy or a forward; the exec may exist.
+    if (CLUSTER && ((!r.ok && !r.timedOut) || fromProxy(r) || (passedOn(r) && r.ok && r.json?.execId === undefined))) return 'dropped'
     return r
   }
 }
@@ -99,8 +113,14 @@ export async function follow (mode: Exclude<Mode, 'wait'>, id: string, since: nu
     const t = Date.now()
     const s = await read(mode, id, Math.max(1, left()), feed, o)
     if (s.status === 404 && restartedSince(since)) return { s, lost: `after the gateway restart, ${mode} attach → 404: the successor did not get the exec back`, reconnects }
-    if (s.timedOut || ended() || !cutByRestart({ error: s.error }, t)) return { s, reconnects }
+    // Cluster mode: the replicas do not know the exec any more (its replica, or its sandbox, moved or went).
+    if (CLUSTER && s.status === 404) return { s, lost: `${mode} attach${reconnects > 0 ? ` after ${reconnects} reconnect(s)` : ''} → 404: no replica knows the exec (${s.error?.slice(0, 160) ?? ''})`, reconnects }
+    if (s.timedOut || ended()) return { s, reconnects }
+    // Cluster mode: a 1012 close (the sandbox moved, or the replica drains), a stream that ends
+    // without a final event, or a replica or haproxy that could not serve it: reconnect by offsets.
+    if (CLUSTER ? !(s.status === undefined || [502, 503, 504].includes(s.status)) || reconnects >= CLUSTER_RECONNECTS : !cutByRestart({ error: s.error }, t)) return { s, reconnects }
     if (left() <= 0) return { s: { timedOut: true }, reconnects }
+    if (CLUSTER) await sleep(Math.min(RETRY_MS / 2, left()))
     // A refused attempt (the successor is not up yet) is no resume; the cut before it was.
     if (/ECONNREFUSED/.test(s.error ?? '')) await sleep(Math.min(RETRY_MS, left()))
     else reconnects++

@@ -7,22 +7,23 @@ import { sleep } from '../test/helpers/wait.js'
 import { httpCall, setBaseUrl } from './clients.js'
 import { agentLoop } from './execs.js'
 import { observations } from './observation.js'
+import { SoakCluster } from './cluster.js'
 import { procStats, SoakGateway } from './gateway.js'
 import {
-  AGENTS, CHAOS_MAX_MS, CHAOS_MIN_MS, DETECTION_BOUND_MS, DURATION_S, FAULT_KINDS, KEEPALIVE_BOUND_MS, KNOBS,
+  AGENTS, CHAOS_MAX_MS, CHAOS_MIN_MS, CLUSTER, DETECTION_BOUND_MS, DURATION_S, FAULT_KINDS, KEEPALIVE_BOUND_MS, KNOBS,
   OPENSSH_SANDBOXES, PING_BOUND_MS, RESTART_EVERY_S, RUN_ID, SANDBOXES, SEED, SHAPES_PCT, SHORT_FAULT_MS, SLACK_MS
 } from './knobs.js'
 import { codeVersion, heapAfterGcMb } from './report.js'
-import { chaosLoop, log, rel, sandboxView, startSupervisor, world } from './world.js'
+import { chaosLoop, log, rel, sandboxView, startSupervisor, world, type Gateway } from './world.js'
 
 // The gateway, one OpenSSH daemon when some sandboxes use it, and every sandbox's supervisor
 // behind its own TCP fault proxy, all connected.
-export async function setUpWorld (): Promise<SoakGateway> {
+export async function setUpWorld (): Promise<Gateway> {
   const { cleanups, sandboxes } = world
-  const g = world.gw = new SoakGateway()
+  const g = world.gw = CLUSTER ? new SoakCluster() : new SoakGateway()
   cleanups.push(async () => { await g.close() })
   await g.start()
-  // A restart keeps the ports, so this stays the gateway's address.
+  // A restart keeps the ports, so this stays the gateway's address (cluster: haproxy's).
   setBaseUrl(g.publicUrl)
   let sshd: OpenSshd | undefined
   if (OPENSSH_SANDBOXES > 0) {
@@ -54,14 +55,16 @@ export async function setUpWorld (): Promise<SoakGateway> {
   }
 
   log(`[soak] code ${codeVersion()}`)
-  log(`[soak] gateway: exec-gateway serve pid ${g.pid} at ${g.publicUrl} (supervisors ${g.supervisorUrl}), data dir ${g.dataDir}`)
+  if (g instanceof SoakCluster) log(`[soak] cluster: ${g.describe()}, one data dir ${g.dataDir}`)
+  else log(`[soak] gateway: exec-gateway serve pid ${g.pid} at ${g.publicUrl} (supervisors ${g.supervisorUrl}), data dir ${g.dataDir}`)
   log(`[soak] seed=${SEED} run=${RUN_ID} duration=${DURATION_S}s agents=${AGENTS} sandboxes=${SANDBOXES} (openssh ${OPENSSH_SANDBOXES}) faults=${FAULT_KINDS.join(',') || 'none'} chaos every ${CHAOS_MIN_MS}-${CHAOS_MAX_MS} ms, a gateway restart at most every ${RESTART_EVERY_S} s; large shapes ${SHAPES_PCT}% of execs`)
   log(`[soak] bounds: keepalive ${KEEPALIVE_BOUND_MS} ms, ping ${PING_BOUND_MS} ms, reattach ${KNOBS.reattachTimeoutMs} ms (embedded stop/blackhole up to ${SHORT_FAULT_MS} ms must be bridged), session wait ${KNOBS.sessionWaitMs} ms, relay open ${KNOBS.relayOpenTimeoutMs} ms, ssh ready ${KNOBS.sshReadyTimeoutMs} ms → exec bound = planned + ${DETECTION_BOUND_MS} + close wait ${KNOBS.closeWaitMs} + slack ${SLACK_MS} ms (+ each gateway restart's outage + ${KNOBS.sessionWaitMs + KNOBS.reattachTimeoutMs} ms)`)
   return g
 }
 
-// A gauge of the gateway's /metrics, or undefined when it does not answer.
+// A gauge of the gateway's /metrics (cluster: summed over the replicas), or undefined when it does not answer.
 async function metric (name: string): Promise<number | undefined> {
+  if (world.gw instanceof SoakCluster) return await world.gw.metricSum(name)
   const r = await httpCall('GET', '/metrics', undefined, 3000)
   if (!r.ok || r.status !== 200) return undefined
   const m = new RegExp(`^${name} (\\S+)$`, 'm').exec(r.text)
@@ -87,7 +90,7 @@ export interface LoadMeasure {
 }
 
 // The agents and the chaos loop until the deadline, and until every exec in flight has ended.
-export async function runUnderChaos (g: SoakGateway): Promise<LoadMeasure> {
+export async function runUnderChaos (g: Gateway): Promise<LoadMeasure> {
   world.runStart = Date.now()
   world.deadline = world.runStart + DURATION_S * 1000
   const warnings = new Map<string, number>()
@@ -96,10 +99,15 @@ export async function runUnderChaos (g: SoakGateway): Promise<LoadMeasure> {
   world.cleanups.push(async () => { process.off('warning', onWarning) })
   // CPU seconds of each gateway process, as last read (a killed one keeps its last reading).
   const gwCpu = new Map<number, number>()
+  // RSS summed over the processes running now (the replicas, in cluster mode).
   const sample = (): number => {
-    const st = procStats(g.pid)
-    if (st !== undefined) gwCpu.set(g.pid, st.cpuS)
-    return st?.rss ?? 0
+    let rss = 0
+    for (const pid of g.livePids()) {
+      const st = procStats(pid)
+      if (st !== undefined) gwCpu.set(pid, st.cpuS)
+      rss += st?.rss ?? 0
+    }
+    return rss
   }
   const rssStart = sample()
   const cpuAtStart = [...gwCpu.values()].reduce((a, b) => a + b, 0)
@@ -154,7 +162,7 @@ export interface Leftovers {
   retainedBytes: number | undefined
 }
 
-export async function awaitDrain (g: SoakGateway): Promise<Leftovers> {
+export async function awaitDrain (g: Gateway): Promise<Leftovers> {
   let running = -1
   let active: string[] = []
   for (let i = 0; i < 150; i++) {
@@ -170,7 +178,7 @@ export async function awaitDrain (g: SoakGateway): Promise<Leftovers> {
     running,
     active,
     execs: execs.filter((e) => e.status === 'running' || e.status === 'pending'),
-    rssEnd: procStats(g.pid)?.rss ?? 0,
+    rssEnd: g.livePids().reduce((a, pid) => a + (procStats(pid)?.rss ?? 0), 0),
     heapEndMb: await metric('nodejs_heap_size_used_bytes').then((b) => b === undefined ? undefined : b / 2 ** 20),
     retained: execs.length,
     retainedBytes: await metric('exec_gateway_retained_bytes')

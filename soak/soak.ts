@@ -12,7 +12,8 @@
 // plans.ts (what each exec runs and must print), expected.ts (the byte-exact check), clients.ts
 // (HTTP, NDJSON, SSE, WebSocket), world.ts (sandboxes, cleanup, chaos), execs.ts (one exec, start to
 // verdict; the agents), resume.ts (clients through a gateway restart), gateway.ts (the gateway
-// process), outcomes.ts (what each fault may cause, per daemon), report.ts (verdicts and tables).
+// process), cluster.ts (SOAK_REPLICAS > 1: replicas, haproxy, redis; replica kill and drain),
+// outcomes.ts (what each fault may cause, per daemon), report.ts (verdicts and tables).
 import { describe, expect, it, afterAll } from 'vitest'
 import { AGENTS, DURATION_S, SANDBOXES } from './knobs.js'
 import { awaitDrain, runUnderChaos, setUpWorld } from './run.js'

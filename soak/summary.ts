@@ -3,11 +3,11 @@
 import { writeFileSync } from 'node:fs'
 import v8 from 'node:v8'
 import { observations } from './observation.js'
-import type { SoakGateway } from './gateway.js'
-import { AGENTS, DUMP_PATH, DURATION_S, HEAP_SNAPSHOT_PATH, KNOBS, MIN_TRUE_EXITS, SANDBOXES, SEED } from './knobs.js'
+import { SoakCluster } from './cluster.js'
+import { AGENTS, DUMP_PATH, REPLICAS, DURATION_S, HEAP_SNAPSHOT_PATH, KNOBS, MIN_TRUE_EXITS, SANDBOXES, SEED } from './knobs.js'
 import { describeVerdict, faultTable, heapAfterGcMb, judge, procRssMb, verdictTables, type Verdict } from './report.js'
 import type { Leftovers, LoadMeasure } from './run.js'
-import { rel, world } from './world.js'
+import { rel, world, type Gateway } from './world.js'
 
 export interface Summary {
   // The report, line by line.
@@ -17,7 +17,7 @@ export interface Summary {
   line: string
 }
 
-export function summarize (g: SoakGateway, load: LoadMeasure, left: Leftovers): Summary {
+export function summarize (g: Gateway, load: LoadMeasure, left: Leftovers): Summary {
   const { sandboxes } = world
   const verdicts = observations.map(judge)
   const codes = new Map<string, number>()
@@ -39,7 +39,7 @@ export function summarize (g: SoakGateway, load: LoadMeasure, left: Leftovers): 
   const mbOf = (x: number | undefined): string => x === undefined ? '?' : x.toFixed(1)
 
   const out: string[] = []
-  out.push('', `==================== soak summary (seed ${SEED}, ${DURATION_S} s, ${AGENTS} agents, ${SANDBOXES} sandboxes, ${g.restarts.length} gateway restarts) ====================`)
+  out.push('', `==================== soak summary (seed ${SEED}, ${DURATION_S} s, ${AGENTS} agents, ${SANDBOXES} sandboxes, ${g instanceof SoakCluster ? `${REPLICAS} replicas behind haproxy, ${g.restarts.length} replica faults` : `${g.restarts.length} gateway restarts`}) ====================`)
   out.push(...verdictTables(verdicts))
   out.push('', 'faults injected:', faultTable())
   out.push('', `error codes (fault:code=count): ${[...codes.entries()].sort().map(([k, n]) => `${k}=${n}`).join(' ') || 'none'}`)
@@ -51,6 +51,11 @@ export function summarize (g: SoakGateway, load: LoadMeasure, left: Leftovers): 
   out.push(`supervisor RSS (MB): ${sandboxes.map((s) => `${s.id}=${procRssMb(s.sup.pid)}`).join(' ')}`)
   const gwWarnings = g.warnings()
   out.push(`process warnings: driver ${load.warnings.size === 0 ? 'none' : [...load.warnings.entries()].map(([k, n]) => `${n}× ${k}`).join(' | ')}; gateway ${gwWarnings.size === 0 ? 'none' : [...gwWarnings.entries()].map(([k, n]) => `${n}× ${k}`).join(' | ')}`)
+  if (g instanceof SoakCluster) {
+    out.push(`replica faults: ${g.restarts.map((r) => `#${r.n} ${r.kind ?? '?'} ${r.replica ?? '?'} held [${r.owned?.join(',') ?? ''}]${r.drainMs === undefined ? '' : ` down after ${r.drainMs} ms`}`).join('; ') || 'none'}`)
+    const moving = verdicts.filter((v) => v.obs.code === 'sandbox_unavailable' && v.faults.some((f) => f.kind === 'replica-restart')).length
+    out.push(`503 sandbox_unavailable through a drain (a POST while its sandbox moved, before the command started; docs/cluster.md): ${moving}; drains SIGKILLed: ${g.forcedDrains.length}`)
+  }
   out.push(`gateway active execs=${left.running < 0 ? '? (no answer)' : left.running} sandboxes with activeExecs≠0: ${left.active.join(' ') || 'none'}`)
   const show = (title: string, vs: Verdict[]): void => {
     if (vs.length === 0) return
@@ -86,6 +91,7 @@ export function summarize (g: SoakGateway, load: LoadMeasure, left: Leftovers): 
   if (trueExits < MIN_TRUE_EXITS) failures.push(`only ${trueExits} execs ended with their true exit (need ≥ ${MIN_TRUE_EXITS}: a soak that did nothing proves nothing)`)
   if (left.running !== 0) failures.push(`the gateway's active execs are ${left.running < 0 ? 'unknown (no /metrics answer)' : left.running} after the drain, not 0`)
   if (left.active.length > 0) failures.push(`activeExecs not back to 0: ${left.active.join(' ')}`)
+  if (g instanceof SoakCluster && g.forcedDrains.length > 0) failures.push(`drains SIGKILLed: ${g.forcedDrains.join('; ')}`)
   const line = `soak: ${passed} passed, ${failed} failed${failures.length === 0 ? '' : ` (${failures.join('; ')})`}`
   out.push('', line)
   return { out, failures, line }

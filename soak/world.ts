@@ -6,8 +6,12 @@ import type { TcpProxy } from '../test/helpers/tcp-proxy.js'
 import { sandboxAccount } from '../test/helpers/openssh.js'
 import { sleep } from '../test/helpers/wait.js'
 import { httpCall } from './clients.js'
+import type { SoakCluster } from './cluster.js'
 import type { SoakGateway } from './gateway.js'
-import { CHAOS_MAX_MS, CHAOS_MIN_MS, FAULT_KINDS, PING_BOUND_MS, RESTART_ALLOWANCE_MS, RESTART_EVERY_S, RUN_ID, SEED, pick, rng, type FaultKind } from './knobs.js'
+import { CHAOS_MAX_MS, CHAOS_MIN_MS, FAULT_KINDS, PING_BOUND_MS, RESTART_ALLOWANCE_MS, RESTART_EVERY_S, RUN_ID, SEED, isWholeFault, pick, rng, type FaultKind } from './knobs.js'
+
+// The single gateway process, or the cluster (SOAK_REPLICAS > 1) that stands in for it.
+export type Gateway = SoakGateway | SoakCluster
 
 export interface Sandbox {
   id: string
@@ -29,10 +33,13 @@ export interface Fault {
   recovered?: number
   reconnected?: boolean
   recoveryTimedOut?: boolean
+  // Replica faults: the replica, and the sandboxes it held when the fault began.
+  replica?: string
+  sandboxes?: string[]
 }
 
 export const world = {
-  gw: undefined as unknown as SoakGateway,
+  gw: undefined as unknown as Gateway,
   sandboxes: [] as Sandbox[],
   allSupervisors: [] as SupervisorProcess[],
   faults: [] as Fault[],
@@ -118,19 +125,23 @@ export async function cleanupAll (): Promise<void> {
 
 // ---------------------------------------------------------------- chaos
 
-async function awaitRecovery (sbs: Sandbox[], f: Fault, before: Map<string, SandboxView> | undefined): Promise<void> {
+async function awaitRecovery (all: Sandbox[], f: Fault, before: Map<string, SandboxView> | undefined): Promise<void> {
   const t = f.endAction!
   if (f.kind === 'wedge') { f.recovered = t; f.reconnected = false; return }
+  // A replica fault has recovered once haproxy has the replica UP again and every sandbox it
+  // held has a session that connected since (on whichever replica).
+  const replica = f.replica
+  const sbs = f.sandboxes === undefined ? all : all.filter((sb) => f.sandboxes!.includes(sb.id))
   const reconnected = (v: Map<string, SandboxView> | undefined, id: string): boolean => {
     const at = connectedAt(v, id)
     return at !== undefined && Date.parse(at) >= f.start
   }
   for (let i = 0; i < 400 && Date.now() - t < 20_000; i++) {
     const v = await sandboxView()
-    if (sbs.every((sb) => reconnected(v, sb.id))) { f.recovered = Date.now(); f.reconnected = true; return }
+    if (sbs.every((sb) => reconnected(v, sb.id)) && (replica === undefined || await (world.gw as SoakCluster).serverUp(replica))) { f.recovered = Date.now(); f.reconnected = true; return }
     // The connection outlived the fault (it was shorter than the gateway's ping bound).
     const sb = sbs[0]!
-    if (sbs.length === 1 && connectedAt(v, sb.id) !== undefined && connectedAt(v, sb.id) === connectedAt(before, sb.id) && Date.now() - t > PING_BOUND_MS + 2000) {
+    if (replica === undefined && sbs.length === 1 && connectedAt(v, sb.id) !== undefined && connectedAt(v, sb.id) === connectedAt(before, sb.id) && Date.now() - t > PING_BOUND_MS + 2000) {
       f.recovered = t
       f.reconnected = false
       return
@@ -154,11 +165,39 @@ async function startedExecs (): Promise<Map<string, number | null>> {
   return m
 }
 
+const replicaRng = rng(`${SEED}/replica`)
+
+// Replica faults: one replica that holds sandboxes (any, when none does), SIGKILLed or drained.
+async function faultReplica (f: Fault, kind: 'replica-kill' | 'replica-restart', downMs: number): Promise<void> {
+  const c = world.gw as SoakCluster
+  const owners = await c.owners()
+  const holding = c.replicas.filter((r) => [...owners.values()].includes(r.id))
+  const id = pick(replicaRng, holding.length > 0 ? holding : c.replicas).id
+  f.replica = id
+  f.sandboxes = [...owners].filter(([, r]) => r === id).map(([s]) => s).sort()
+  if (!world.aborted) await c.faultReplica(kind, id, downMs, await startedExecs(), f.sandboxes)
+}
+
+function describeFault (f: Fault, durationMs: number): string {
+  const held = `holding [${f.sandboxes?.join(',') ?? ''}]`
+  switch (f.kind) {
+    case 'kill': return `restarted after ${durationMs} ms`
+    case 'reset': return 'connections reset'
+    case 'gateway-restart': return `SIGKILLed, successor up after ${durationMs} ms down + ${f.endAction! - f.start - durationMs} ms start`
+    case 'replica-kill': return `SIGKILLed ${held}, up again after ${durationMs} ms down + start`
+    case 'replica-restart': {
+      const drain = world.gw.restarts.find((r) => r.replica !== undefined && r.killAt >= f.start)?.drainMs
+      return `SIGTERM ${held}: drained and exited in ${drain ?? '?'} ms, up again after ${durationMs} ms down + start`
+    }
+    default: return `for ${durationMs} ms`
+  }
+}
+
 async function runFault (sbs: Sandbox[], kind: FaultKind, durationMs: number): Promise<void> {
   for (const sb of sbs) sb.busy = true
   const sb = sbs[0]!
   const before = await sandboxView()
-  const f: Fault = { n: world.faults.length + 1, kind, sandbox: kind === 'gateway-restart' ? '*' : sb.id, start: Date.now(), durationMs }
+  const f: Fault = { n: world.faults.length + 1, kind, sandbox: isWholeFault(kind) ? '*' : sb.id, start: Date.now(), durationMs }
   world.faults.push(f)
   try {
     switch (kind) {
@@ -186,14 +225,18 @@ async function runFault (sbs: Sandbox[], kind: FaultKind, durationMs: number): P
         sb.sshdProxy!.setMode('pass')
         break
       case 'gateway-restart':
-        if (!world.aborted) await world.gw.restart(durationMs, await startedExecs())
+        if (!world.aborted) await (world.gw as SoakGateway).restart(durationMs, await startedExecs())
+        break
+      case 'replica-kill':
+      case 'replica-restart':
+        await faultReplica(f, kind, durationMs)
         break
     }
     f.endAction = Date.now()
     await awaitRecovery(sbs, f, before)
-    const what = kind === 'kill' ? `restarted after ${durationMs} ms` : kind === 'reset' ? 'connections reset' : kind === 'gateway-restart' ? `SIGKILLed, successor up after ${durationMs} ms down + ${f.endAction - f.start - durationMs} ms start` : `for ${durationMs} ms`
-    const target = kind === 'gateway-restart' ? 'gateway' : sb.id
-    log(`[chaos ${rel(f.start)}] #${f.n} ${kind} ${target} ${what}; ${f.recoveryTimedOut === true ? 'NOT reconnected within 20 s' : f.reconnected === true ? `${sbs.length > 1 ? 'all ' : ''}reconnected ${rel(f.recovered)}` : 'connection survived'}`)
+    const what = describeFault(f, durationMs)
+    const target = kind === 'gateway-restart' ? 'gateway' : f.replica ?? sb.id
+    log(`[chaos ${rel(f.start)}] #${f.n} ${kind} ${target} ${what}; ${f.recoveryTimedOut === true ? 'NOT reconnected within 20 s' : f.reconnected === true ? `${f.replica !== undefined ? 'its sandboxes ' : sbs.length > 1 ? 'all ' : ''}reconnected ${rel(f.recovered)}` : 'connection survived'}`)
   } finally {
     for (const s of sbs) s.busy = false
   }
@@ -205,23 +248,28 @@ export async function chaosLoop (): Promise<void> {
   const running: Array<Promise<void>> = []
   let lastRestart = -Infinity
   let restartWanted = false
+  const wholeKinds = FAULT_KINDS.filter(isWholeFault)
+  let wholeCount = 0
   await sleep(Math.min(3000, Math.max(0, world.deadline - Date.now())))
   for (let i = 0; i < 100_000 && Date.now() < world.deadline && !world.aborted; i++) {
     const free = world.sandboxes.filter((s) => !s.busy)
     // A gateway restart hits every exec in flight, and the ones after it need time to show that
     // they go on: one every RESTART_EVERY_S at most, none too close to the deadline. Once drawn,
     // no new fault starts until every sandbox is free, so that it is the only fault in progress.
-    if (!restartWanted && FAULT_KINDS.includes('gateway-restart') && Date.now() - lastRestart >= RESTART_EVERY_S * 1000 &&
+    if (!restartWanted && wholeKinds.length > 0 && Date.now() - lastRestart >= RESTART_EVERY_S * 1000 &&
       world.deadline - Date.now() > RESTART_ALLOWANCE_MS && r() < 0.3) restartWanted = true
     if (restartWanted) {
       if (free.length === world.sandboxes.length) {
         restartWanted = false
         lastRestart = Date.now()
-        running.push(runFault(world.sandboxes, 'gateway-restart', 200 + Math.floor(r() * 1800)))
+        // In turn (replica-kill, replica-restart, ...), so that a short run has both; no draw, so
+        // the single gateway's sequence of draws stays as it was.
+        const kind = wholeKinds[wholeCount++ % wholeKinds.length]!
+        running.push(runFault(world.sandboxes, kind, 200 + Math.floor(r() * 1800)))
       }
     } else if (free.length > 0) {
       const sb = pick(r, free)
-      const kinds = FAULT_KINDS.filter((k) => k !== 'gateway-restart' && (k !== 'wedge' || sb.sshdProxy !== undefined))
+      const kinds = FAULT_KINDS.filter((k) => !isWholeFault(k) && (k !== 'wedge' || sb.sshdProxy !== undefined))
       if (kinds.length > 0) {
         // Only OpenSSH sandboxes can be wedged, and the keepalive bound is only exercised by a
         // wedge: give it a fair share there.

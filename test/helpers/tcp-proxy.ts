@@ -24,6 +24,8 @@ export interface TcpProxy {
   connectionCount(): number
   /** New connections go to this target (a load balancer moving a client to another backend). */
   setTarget(host: string, port: number): void
+  /** A half-open link on the connections open now only; new ones pass (a path that died). */
+  blackholeCurrent(): void
   close(): Promise<void>
 }
 
@@ -120,6 +122,8 @@ interface Connection {
   client: Socket
   upstream: Socket
   directions: [Direction, Direction]
+  // This connection's view of the mode: the proxy's, unless it was blackholed on its own.
+  view: ProxyState & { own: TcpProxyMode | undefined }
 }
 
 export function startTcpProxy (opts: StartTcpProxyOptions): Promise<TcpProxy> {
@@ -133,8 +137,15 @@ export function startTcpProxy (opts: StartTcpProxyOptions): Promise<TcpProxy> {
     const upstream = connect({ host: target.host, port: target.port, allowHalfOpen: true })
     upstream.on('error', () => undefined)
     upstream.setNoDelay(true)
-    const directions: [Direction, Direction] = [new Direction(state, client, upstream), new Direction(state, upstream, client)]
-    const conn: Connection = { client, upstream, directions }
+    const view = {
+      own: undefined as TcpProxyMode | undefined,
+      get mode (): TcpProxyMode { return this.own ?? state.mode },
+      set mode (m: TcpProxyMode) { state.mode = m },
+      get delayMs (): number { return state.delayMs },
+      set delayMs (d: number) { state.delayMs = d }
+    }
+    const directions: [Direction, Direction] = [new Direction(view, client, upstream), new Direction(view, upstream, client)]
+    const conn: Connection = { client, upstream, directions, view }
     connections.add(conn)
     let closedSides = 0
     const onSideClosed = (): void => {
@@ -200,6 +211,12 @@ export function startTcpProxy (opts: StartTcpProxyOptions): Promise<TcpProxy> {
         setTarget (host, port) {
           target.host = host
           target.port = port
+        },
+        blackholeCurrent () {
+          for (const conn of connections) {
+            conn.view.own = 'blackhole'
+            for (const d of conn.directions) { d.flush(); d.updateFlow() }
+          }
         },
         close () {
           closing ??= new Promise<void>((resolve) => {
