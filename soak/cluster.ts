@@ -5,7 +5,7 @@
 // (replica-restart), then starts it again on the same ports. To the clients it is recorded as a
 // restart (soak/gateway.ts Restart), so they resume through it as through a gateway restart.
 import { createWriteStream, mkdirSync, mkdtempSync, rmSync, writeFileSync, type WriteStream } from 'node:fs'
-import { createServer } from 'node:net'
+import { freePort } from '../src/cluster/launcher-probes.js'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { deriveReplicaSecret, replicaAuthHeader } from '../src/cluster/replica-auth.js'
@@ -27,18 +27,6 @@ const UP_BOUND_MS = 15_000
 interface Replica { id: string, proc: GatewayProcess, internalUrl: string }
 
 const hostPort = (url: string): string => { const u = new URL(url); return `${u.hostname}:${u.port}` }
-
-function freePort (): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer()
-    srv.once('error', reject)
-    srv.listen(0, HOST, () => {
-      const a = srv.address()
-      const port = typeof a === 'object' && a !== null ? a.port : 0
-      srv.close(() => { resolve(port) })
-    })
-  })
-}
 
 export class SoakCluster {
   readonly dataDir: string
@@ -79,7 +67,7 @@ export class SoakCluster {
     this.#redis = await startRedisServer()
     for (let i = 1; i <= REPLICAS; i++) {
       const id = `soak-r${i}`
-      const internalPort = await freePort()
+      const internalPort = await freePort(new Set())
       const proc = await startGatewayProcess({
         dataDir: this.dataDir,
         localSandbox: false,

@@ -5,6 +5,7 @@ import { spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, readdirSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import { findSshd } from './helpers/openssh.js'
+import { findBinary } from '../src/cluster/launcher-binaries.js'
 import { findRedisServer } from './helpers/redis-server.js'
 
 const CLI = fileURLToPath(new URL('../dist/src/cli.js', import.meta.url))
@@ -58,11 +59,7 @@ function installChromium (): void {
 
 // The cluster tests run their own redis-server and haproxy on free ports (never the machine's
 // default ones); only the binaries come from Debian.
-const HAPROXY_CANDIDATES = ['/usr/sbin/haproxy', '/usr/bin/haproxy']
-
-function findHaproxy (): string | undefined {
-  return HAPROXY_CANDIDATES.find((p) => existsSync(p))
-}
+const findHaproxy = (): string | undefined => findBinary('haproxy')
 
 function installPackage (pkg: string): void {
   const install = ['install', '-y', pkg]

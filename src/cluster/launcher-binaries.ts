@@ -12,7 +12,9 @@ const INSTALL_COMMAND = 'apt-get install -y redis-server haproxy'
 const APT_TIMEOUT_MS = 10 * 60_000
 const APT_GET = 'apt-get'
 
-function findBinary (name: string, path: string | undefined): string | undefined {
+// The first executable of that name in /usr/bin, /usr/sbin or PATH (the test setup and the
+// helpers that run Debian's daemons look them up the same way).
+export function findBinary (name: string, path: string | undefined = process.env.PATH): string | undefined {
   const candidates = [`/usr/bin/${name}`, `/usr/sbin/${name}`, ...(path ?? '').split(delimiter).filter(Boolean).map((d) => join(d, name))]
   for (const candidate of candidates) {
     try {

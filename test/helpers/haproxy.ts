@@ -4,12 +4,14 @@
 // reloads a new config while the old worker finishes its connections. test/global-setup.ts
 // installs the package; this helper only locates and runs it.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
-import { accessSync, constants as fsConstants, writeFileSync } from 'node:fs'
+import { writeFileSync } from 'node:fs'
 import { mkdtemp, rm } from 'node:fs/promises'
-import { connect, createServer } from 'node:net'
+import { connect } from 'node:net'
 import { tmpdir } from 'node:os'
-import { delimiter, join } from 'node:path'
+import { join } from 'node:path'
 import { renderHaproxyConfig, type HaproxyConfigOptions } from '../../src/cluster/haproxy-config.js'
+import { findBinary } from '../../src/cluster/launcher-binaries.js'
+import { freePort } from '../../src/cluster/launcher-probes.js'
 
 /** What the caller decides; the helper picks the binds and the admin socket. */
 export type HaproxyOptions = Omit<HaproxyConfigOptions, 'publicBind' | 'supervisorBind' | 'statsSocket' | 'statsBind'>
@@ -58,9 +60,6 @@ const EXIT_TIMEOUT_MS = 5000
 const CHECK_TIMEOUT_MS = 10_000
 const BIND_ATTEMPTS = 5
 const OUTPUT_LIMIT_BYTES = 128 * 1024
-// Ports a person may have a real service on; a free port from the kernel is never one of these
-// in practice (ephemeral range), but a test must never even try them.
-const RESERVED_PORTS = new Set([80, 443, 6379, 8080, 8081, 8082, 8404])
 
 // Masters still running if the test process exits without stop().
 const live = new Set<ChildProcess>()
@@ -79,16 +78,7 @@ function track (child: ChildProcess): void {
 }
 
 function findHaproxy (): string | undefined {
-  const candidates = ['/usr/sbin/haproxy', '/usr/bin/haproxy', ...(process.env.PATH ?? '').split(delimiter).filter(Boolean).map((d) => join(d, 'haproxy'))]
-  for (const candidate of candidates) {
-    try {
-      accessSync(candidate, fsConstants.X_OK)
-      return candidate
-    } catch {
-      // try the next one
-    }
-  }
-  return undefined
+  return findBinary('haproxy')
 }
 
 function haproxyBinary (): string {
@@ -109,25 +99,6 @@ export function validateHaproxyConfig (path: string): void {
 }
 
 /** Binds port 0 and releases it; haproxy may still lose a race for it (retried). */
-function freePort (): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer()
-    srv.once('error', reject)
-    srv.listen(0, HOST, () => {
-      const a = srv.address()
-      const port = typeof a === 'object' && a !== null ? a.port : 0
-      srv.close(() => { resolve(port) })
-    })
-  })
-}
-
-async function pickPort (taken: Set<number>): Promise<number> {
-  for (;;) {
-    const p = await freePort()
-    if (!RESERVED_PORTS.has(p) && !taken.has(p)) return p
-  }
-}
-
 /** One line to the admin socket, its whole answer back; bounded. */
 function adminCommand (socketPath: string, command: string, timeoutMs = 2000): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -228,8 +199,8 @@ export async function startHaproxy (opts: HaproxyOptions): Promise<Haproxy> {
   let lastError: unknown
   try {
     for (let attempt = 0; attempt < BIND_ATTEMPTS && child === undefined; attempt++) {
-      publicPort = await pickPort(new Set())
-      supervisorPort = await pickPort(new Set([publicPort]))
+      publicPort = await freePort(new Set())
+      supervisorPort = await freePort(new Set([publicPort]))
       config = writeConfig(opts, publicPort, supervisorPort)
       try {
         child = await launch(publicPort, supervisorPort)

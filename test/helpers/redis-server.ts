@@ -2,11 +2,12 @@
 // persistence: a restart loses everything, as a crashed cache would. test/global-setup.ts makes
 // sure the binary exists; this helper only locates and runs it.
 import { spawn, type ChildProcess } from 'node:child_process'
-import { accessSync, constants as fsConstants } from 'node:fs'
+import { findBinary } from '../../src/cluster/launcher-binaries.js'
+import { freePort } from '../../src/cluster/launcher-probes.js'
 import { mkdtemp, rm } from 'node:fs/promises'
-import { connect, createServer } from 'node:net'
+import { connect } from 'node:net'
 import { tmpdir } from 'node:os'
-import { delimiter, join } from 'node:path'
+import { join } from 'node:path'
 
 export interface RedisServer {
   url: string
@@ -52,29 +53,7 @@ function track (child: ChildProcess): void {
 }
 
 export function findRedisServer (): string | undefined {
-  const candidates = ['/usr/bin/redis-server', '/usr/sbin/redis-server', ...(process.env.PATH ?? '').split(delimiter).filter(Boolean).map((d) => join(d, 'redis-server'))]
-  for (const candidate of candidates) {
-    try {
-      accessSync(candidate, fsConstants.X_OK)
-      return candidate
-    } catch {
-      // try the next one
-    }
-  }
-  return undefined
-}
-
-/** Binds port 0 and releases it; redis-server may still lose a race for it (retried). */
-function freePort (): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer()
-    srv.once('error', reject)
-    srv.listen(0, HOST, () => {
-      const addr = srv.address()
-      const port = typeof addr === 'object' && addr !== null ? addr.port : 0
-      srv.close(() => { resolve(port) })
-    })
-  })
+  return findBinary('redis-server')
 }
 
 /** One PING over a raw socket, bounded: true on +PONG. */
@@ -142,7 +121,7 @@ export async function startRedisServer (): Promise<RedisServer> {
   let port = 0
   let lastError: unknown
   for (let attempt = 0; attempt < BIND_ATTEMPTS && child === undefined; attempt++) {
-    do port = await freePort(); while (port === 6379)
+    port = await freePort(new Set())
     try {
       child = await spawnOn(port)
     } catch (err) {
