@@ -26,7 +26,7 @@ export interface ClusterNodeOptions {
   // How long a finished exec stays readable (--exec-ttl-s), and how much output a rebuilt one holds.
   execTtlMs: number
   retentionBytes: number
-  // Execs created or rebuilt here are recorded as this replica's.
+  // An exec that ends here is written to the directory (from the execEnded event).
   events: GatewayEvents
   // The sandbox's claim went to a newer session on another replica, which rebuilds its kept
   // execs: their runs here are to stop without an outcome (ExecManager.handOver).
@@ -125,7 +125,8 @@ export class ClusterNode {
     this.#off.push(registry.onRegistered((sandboxId) => { this.#claim(sandboxId) }))
     this.#off.push(registry.onUnregistered((session) => { void this.#release(session) }))
     this.#off.push(subscribeGateway(this.#o.events.id, {
-      execCreated: (m) => { void this.ownExec(m.execId, m.sandboxId) },
+      // Created execs are recorded by their POST (before it is answered), rebuilt ones by
+      // afterAdopt: only their end is taken from the events.
       execEnded: (m) => { void this.#publishFinished(m.execId) }
     }))
     try {
