@@ -177,6 +177,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
         apiTokens: () => [],
         lifecycle,
         ctx: { ...routeCtx, execRateLimitPerMinute: 0, internal: true },
+        beforeRoutes: (a) => { routing?.installInternal(a) },
         replicaAuth: (request) => verifyReplicaAuth(replicaSecret(), request.headers)
       })).app
   const { server: supervisorServer, closeAll: closeSupervisorConnections, closeRevoked } = createSupervisorServer({

@@ -9,6 +9,11 @@ import { replicaAuthHeader, type ReplicaSecret } from './replica-auth.js'
 // briefly disagree on an owner must not bounce a request between them.
 export const FORWARDED_BY_HEADER = 'x-exec-gateway-forwarded-by'
 
+// Set by a replica on its 503 to a forwarded new exec when the sandbox has another owner by
+// now (it moved while the request was on its way): nothing was created, and the forwarding
+// replica asks the directory again instead of passing the 503 on.
+export const NOT_OWNER_HEADER = 'x-exec-gateway-not-owner'
+
 // RFC 9110 §7.6.1, plus the headers that name a connection's own framing.
 const HOP_BY_HOP = new Set([
   'connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization', 'proxy-connection',

@@ -3,7 +3,7 @@ import { Agent as HttpsAgent, request as httpsRequest } from 'node:https'
 import { pipeline } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import {
-  endToEndHeaders, FORWARDED_BY_HEADER, forwardRequestHeaders, isForwarded, replicaUnavailable,
+  endToEndHeaders, FORWARDED_BY_HEADER, forwardRequestHeaders, isForwarded, NOT_OWNER_HEADER, replicaUnavailable,
   type ForwardIdentity, type ForwardProblem
 } from './forward-headers.js'
 
@@ -35,6 +35,9 @@ export type ForwardOutcome =
   | 'unavailable'
   // The client left, or the owner's answer broke off: the client connection was destroyed.
   | 'aborted'
+  // The target no longer owns the sandbox and created nothing (NOT_OWNER_HEADER): nothing was
+  // sent to the client, the caller may look for the owner again.
+  | 'moved'
 
 const DEFAULT_CONNECT_TIMEOUT_MS = 5000
 const plainAgent = new HttpAgent({ keepAlive: false })
@@ -112,6 +115,11 @@ export async function forwardHttp (request: FastifyRequest, reply: FastifyReply,
     })
     upstream.on('response', (res: IncomingMessage) => {
       if (settled) { res.destroy(); return }
+      if (res.statusCode === 503 && res.headers[NOT_OWNER_HEADER] !== undefined) {
+        res.resume()
+        settle('moved')
+        return
+      }
       // From here the answer is the owner's; a break in it must reach the client as a break.
       reply.hijack()
       const out = reply.raw

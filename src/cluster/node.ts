@@ -69,6 +69,19 @@ const TELL_MOVED_MS = 1000
 // How long a sandbox whose session went is watched for a registration elsewhere (its kept execs'
 // runs here reattach meanwhile); well past any reattach bound.
 const WATCH_RELEASED_MS = 10 * 60_000
+// The owner check before a new exec starts here: a Redis round trip takes well under a
+// millisecond on a LAN, so past this Redis is in trouble and the session here is trusted.
+const OWNER_CHECK_MS = 250
+
+async function boundedBy<T> (ms: number, p: Promise<T>): Promise<T> {
+  let timer: NodeJS.Timeout | undefined
+  p.catch(() => {})
+  try {
+    return await Promise.race([p, new Promise<never>((_resolve, reject) => { timer = setTimeout(() => { reject(new Error(`no answer within ${ms} ms`)) }, ms) })])
+  } finally {
+    clearTimeout(timer)
+  }
+}
 
 export class ClusterNode {
   readonly replicaId: string
@@ -146,6 +159,28 @@ export class ClusterNode {
     const owner = await this.directory.owner(sandboxId)
     if (owner === undefined || !owner.replicaLive || owner.replicaId === this.replicaId) return undefined
     return await this.directory.replica(owner.replicaId)
+  }
+
+  // Before a new exec starts on a session held here: has a newer session on another replica
+  // taken the sandbox since? A session here can outlive its supervisor's move (a path that went
+  // silent, a replica that was frozen) until the claim check ends it; asking the directory now
+  // closes the window in which two replicas would both start execs for one sandbox. The
+  // session ends at once, and the answer names the new owner (undefined: start here). Asked
+  // with a short bound, and Redis trouble answers "here": a replica keeps serving the sessions
+  // it holds through an outage.
+  async takenElsewhere (sandboxId: string): Promise<{ owner: ReplicaInfo | undefined } | undefined> {
+    const claim = this.#claims.get(sandboxId)
+    if (claim === undefined || claim.fence === undefined) return undefined
+    let owner
+    try {
+      owner = await boundedBy(OWNER_CHECK_MS, this.directory.owner(sandboxId))
+    } catch {
+      return undefined
+    }
+    if (owner === undefined || owner.replicaId === this.replicaId || owner.fence <= claim.fence) return undefined
+    await this.checkSandbox(sandboxId)
+    const info = owner.replicaLive ? await this.directory.replica(owner.replicaId).catch(() => undefined) : undefined
+    return { owner: info }
   }
 
   async execOwner (execId: string): Promise<(ExecOwner & { replica: ReplicaInfo }) | undefined> {

@@ -7,6 +7,7 @@ import type { ExecManager } from '../execs/manager.js'
 import { sendProblem } from '../http/errors-plugin.js'
 import { upgradeAllowed } from '../http/guard.js'
 import type { SessionRegistry } from '../relay/sessions.js'
+import { NOT_OWNER_HEADER } from './forward-headers.js'
 import { forwardHttp } from './forward-http.js'
 import { interceptUpgrades, type UpgradeInterception } from './forward-ws.js'
 import type { ClusterNode } from './node.js'
@@ -41,6 +42,9 @@ const GATHER_TIMEOUT_MS = 3000
 const MOVED_LOOKUP_MS = 30_000
 const MOVED_RETRY_MS = 200
 const OWNER_POLL_MS = 100
+// A new exec forwarded to an owner that had just lost the sandbox is sent to the next owner;
+// more moves than this during one request mean the sandbox is flapping.
+const MOVED_FORWARDS = 3
 
 class SandboxUnavailable extends Error {}
 
@@ -60,17 +64,46 @@ export class ClusterRouting {
       if (request.method === 'GET' && (request.routeOptions.url === '/v1/sandboxes' || request.routeOptions.url === '/v1/execs')) {
         return await this.#gather(request, reply)
       }
-      let target: string | undefined
-      try {
-        target = await this.#targetFor(request)
-      } catch (err) {
-        if (err instanceof SandboxUnavailable) return sendProblem(reply, problem('sandbox_unavailable', err.message))
-        if (!(err instanceof DirectoryUnavailable)) throw err
-        return sendProblem(reply, problem('directory_unavailable', `this replica does not hold it, and the cluster directory does not answer to say who does: ${err.message}`))
+      for (let attempt = 1; ; attempt++) {
+        let target: string | undefined
+        try {
+          target = await this.#targetFor(request)
+        } catch (err) {
+          if (err instanceof SandboxUnavailable) return sendProblem(reply, problem('sandbox_unavailable', err.message))
+          if (!(err instanceof DirectoryUnavailable)) throw err
+          return sendProblem(reply, problem('directory_unavailable', `this replica does not hold it, and the cluster directory does not answer to say who does: ${err.message}`))
+        }
+        if (target === undefined) return
+        if (await forwardHttp(request, reply, this.#forward(target)) !== 'moved') return reply
+        // The owner it went to had lost the sandbox on the way and created nothing: ask again.
+        if (attempt >= MOVED_FORWARDS) {
+          return sendProblem(reply, problem('replica_unavailable', `the sandbox changed replicas ${attempt} times while this request was forwarded; nothing was created: retry`))
+        }
       }
-      if (target === undefined) return
-      await forwardHttp(request, reply, this.#forward(target))
-      return reply
+    })
+  }
+
+  // On the internal app: a new exec forwarded here for a sandbox that has moved on since (a
+  // session here that lingers after its supervisor went elsewhere, or none at all while the
+  // directory names a live owner) is refused with NOT_OWNER_HEADER, so the forwarding replica
+  // asks again instead of this one starting it on a dead session.
+  installInternal (app: FastifyInstance): void {
+    app.addHook('preHandler', async (request, reply) => {
+      if (request.method !== 'POST' || request.routeOptions.url !== '/v1/sandboxes/:sandboxId/execs') return
+      const id = (request.params as Record<string, string | undefined>).sandboxId
+      if (id === undefined) return
+      let elsewhere: string
+      if (this.#o.registry.get(id)?.session !== undefined) {
+        const taken = await this.#o.cluster.takenElsewhere(id)
+        if (taken === undefined) return
+        elsewhere = taken.owner?.replicaId ?? 'another replica'
+      } else {
+        const owner = await this.#o.cluster.sandboxOwner(id).catch(() => undefined)
+        if (owner === undefined) return
+        elsewhere = owner.replicaId
+      }
+      reply.header(NOT_OWNER_HEADER, elsewhere)
+      return sendProblem(reply, problem('replica_unavailable', `sandbox ${id} is held by ${elsewhere} now; this replica created nothing`))
     })
   }
 
@@ -142,7 +175,13 @@ export class ClusterRouting {
     const params = request.params as Record<string, string | undefined>
     if (SANDBOX_ROUTES.has(route) && params.sandboxId !== undefined) {
       const id = params.sandboxId
-      if (this.#o.registry.get(id)?.session !== undefined) return undefined
+      if (this.#o.registry.get(id)?.session !== undefined) {
+        if (request.method !== 'POST' || route !== '/v1/sandboxes/:sandboxId/execs') return undefined
+        const taken = await this.#o.cluster.takenElsewhere(id)
+        if (taken === undefined) return undefined
+        if (taken.owner !== undefined) return taken.owner.internalUrl
+        return await this.#awaitOwner(id)
+      }
       const owner = (await this.#o.cluster.sandboxOwner(id))?.internalUrl
       if (owner !== undefined || request.method !== 'POST') return owner
       return await this.#awaitOwner(id)
