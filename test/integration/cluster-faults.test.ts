@@ -75,10 +75,10 @@ describe('cluster mode: a frozen replica whose supervisor path went silent', () 
 
     // The load: a new exec every 100 ms, to r0 and r1 in turn, each waited for.
     const sent: Sent[] = []
-    let loading = true
+    const run = { loading: true }
     const inflight: Array<Promise<void>> = []
     const load = (async () => {
-      for (let i = 0; loading; i++) {
+      for (let i = 0; run.loading; i++) {
         const via = i % 2 === 0 ? 'r0' : 'r1'
         const s: Sent = { mark: `m${i}`, via, sentAt: Date.now() }
         sent.push(s)
@@ -108,7 +108,7 @@ describe('cluster mode: a frozen replica whose supervisor path went silent', () 
     await sleep(1000)
     r0.proc.kill('SIGCONT')
     await sleep(5000)
-    loading = false
+    run.loading = false
     await load
     await within(Promise.all(inflight), 60_000, 'every POST answered')
 
