@@ -121,8 +121,11 @@ export async function follow (mode: Exclude<Mode, 'wait'>, id: string, since: nu
     if (CLUSTER ? !(s.status === undefined || [502, 503, 504].includes(s.status)) || reconnects >= CLUSTER_RECONNECTS : !cutByRestart({ error: s.error }, t)) return { s, reconnects }
     if (left() <= 0) return { s: { timedOut: true }, reconnects }
     if (CLUSTER) await sleep(Math.min(RETRY_MS / 2, left()))
-    // A refused attempt (the successor is not up yet) is no resume; the cut before it was.
-    if (/ECONNREFUSED/.test(s.error ?? '')) await sleep(Math.min(RETRY_MS, left()))
+    // A refused attempt (the successor is not up yet) is no resume; the cut before it was. Nor
+    // is a 503 (cluster mode: the exec's replica is gone and its state not known anywhere until
+    // its sandbox comes back or the reaper ends it; haproxy with no server up): it is asked
+    // again until the exec's own bound.
+    if (/ECONNREFUSED/.test(s.error ?? '') || s.status === 503) await sleep(Math.min(RETRY_MS, left()))
     else reconnects++
     o = { offsets: offsets() }
     if (first.stdin !== undefined) {

@@ -45,7 +45,10 @@ export class Reaper {
       if (live.has(inc)) { this.#missingSince.delete(inc); continue }
       const since = this.#missingSince.get(inc) ?? now
       this.#missingSince.set(inc, since)
-      if (now - since < this.#o.replicaTtlMs + this.#o.reattachTimeoutMs) continue
+      // A successor under the same replica id heartbeats: the old process is gone for sure, only
+      // the reattach bound is left to wait.
+      const succeeded = [...live].some((l) => l !== inc && l.slice(0, l.lastIndexOf('@')) === inc.slice(0, inc.lastIndexOf('@')))
+      if (now - since < (succeeded ? 0 : this.#o.replicaTtlMs) + this.#o.reattachTimeoutMs) continue
       if (!await dir.claimReap(inc, REAP_LOCK_MS)) continue
       await this.#reap(dir, inc, [...live])
     }

@@ -238,7 +238,9 @@ export class ClusterRouting {
       }
     }))
     if (missing.length > 0) reply.header('x-exec-gateway-partial', missing.join(','))
-    const merged = key === 'sandboxes' ? mergeSandboxes(lists.flat()) : mergeExecs(lists.flat())
+    // After the live lists, so that a rebuilt exec shows as its new replica has it.
+    const orphans = key === 'execs' ? await this.#o.cluster.limboRecords(request.query as { sandboxId?: string, status?: string }).catch(() => []) : []
+    const merged = key === 'sandboxes' ? mergeSandboxes(lists.flat()) : mergeExecs([...lists.flat(), ...orphans])
     return await reply.send({ [key]: merged })
   }
 }

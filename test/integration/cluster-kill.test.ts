@@ -80,10 +80,23 @@ describe('cluster mode: a replica that is SIGKILLed', () => {
     await killGatewayProcess(r0)
     sup.signal('SIGKILL')
     let rec: any
+    // Until it ends, nobody knows its state: a 503 to retry and a place in the cluster's list,
+    // never a 404 (which says the exec is lost).
+    const meanwhile = new Set<string>()
+    let listed = false
     await waitFor(async () => {
-      rec = (await api(r1.publicUrl, 'GET', `/v1/execs/${execId}`)).body
+      const r = await api(r1.publicUrl, 'GET', `/v1/execs/${execId}`)
+      rec = r.body
+      if (rec?.status !== 'failed') {
+        meanwhile.add(`${r.status} ${String(rec?.code ?? rec?.status)}`)
+        const list = (await api(r1.publicUrl, 'GET', '/v1/execs?sandboxId=gone-1')).body
+        if (list?.execs?.some((e: any) => e.id === execId) === true) listed = true
+      }
       return rec?.status === 'failed'
     }, { timeoutMs: 30_000, intervalMs: 200, description: 'the exec ends on r1' })
+    expect([...meanwhile].filter((m) => m !== '503 replica_unavailable' && m !== '200 running')).toEqual([])
+    expect(meanwhile.has('503 replica_unavailable')).toBe(true)
+    expect(listed).toBe(true)
     const tookMs = performance.now() - killedAt
     console.log(`gone replica's exec ended after ${Math.round(tookMs)} ms`)
     expect(rec).toMatchObject({ id: execId, sandboxId: 'gone-1', status: 'failed', exitCode: null, error: { code: 'relay_unavailable', status: 503 } })
