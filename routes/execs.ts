@@ -1,9 +1,9 @@
 import { createHash } from 'node:crypto'
-import type { FastifyReply, FastifyRequest } from 'fastify'
+import type { FastifyRequest } from 'fastify'
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
 import { GatewayError } from '../src/errors.js'
-import type { Encoding, ExecEntry } from '../src/execs/exec-entry.js'
+import type { ExecEntry } from '../src/execs/exec-entry.js'
 import { validateExecRequest } from '../src/execs/validate.js'
 import {
   CreateExecQuerySchema, ExecListSchema, ExecParamsSchema, ExecRequestSchema, ExecResultSchema, ExecSchema,
@@ -11,7 +11,7 @@ import {
 } from '../src/schemas/exec.js'
 import { ProblemResponse, problemResponse } from '../src/schemas/problem.js'
 import { SandboxParamsSchema } from '../src/schemas/sandbox.js'
-import { sendProblem } from '../src/http/errors-plugin.js'
+import { sendWaitResult } from '../src/http/wait-result.js'
 import type { RouteContext } from '../src/http/route-context.js'
 
 const P = ProblemResponse
@@ -27,13 +27,6 @@ export async function findExec (ctx: RouteContext, execId: string): Promise<Exec
   return entry
 }
 
-// ?wait=true's answer: the result, or the exec's error as a problem naming it.
-export async function sendWaitResult (entry: ExecEntry, encoding: Encoding, reply: FastifyReply): Promise<FastifyReply> {
-  reply.header('location', `/v1/execs/${entry.id}`)
-  const err = entry.error
-  if (err !== undefined) return await sendProblem(reply, { ...err.toProblem(), execId: entry.id })
-  return await reply.code(200).send(entry.toResult(encoding))
-}
 
 // The key never holds the token itself (the limiter's store may be inspected or logged).
 function rateLimitKey (req: FastifyRequest): string {

@@ -4,7 +4,7 @@ import { GatewayError } from '../src/errors.js'
 import type { RouteContext } from '../src/http/route-context.js'
 import { ExecParamsSchema } from '../src/schemas/exec.js'
 import { SandboxParamsSchema } from '../src/schemas/sandbox.js'
-import { sendWaitResult } from './execs.js'
+import { sendWaitResult } from '../src/http/wait-result.js'
 
 // Routes of the internal listener only (cluster mode), for other replicas: never in the public
 // API document. A replica whose client waits on an exec that moved here (its sandbox's

@@ -14,6 +14,11 @@ export const FORWARDED_BY_HEADER = 'x-exec-gateway-forwarded-by'
 // replica asks the directory again instead of passing the 503 on.
 export const NOT_OWNER_HEADER = 'x-exec-gateway-not-owner'
 
+// Set, to the exec's id, on a replica's 503 to a forwarded ?wait=true whose exec moved on with
+// its sandbox: the forwarding replica waits for the exec where it is now. The replica the exec
+// left may be draining and about to exit, so it must not stand in the middle of that wait.
+export const EXEC_MOVED_HEADER = 'x-exec-gateway-exec-moved'
+
 // RFC 9110 §7.6.1, plus the headers that name a connection's own framing.
 const HOP_BY_HOP = new Set([
   'connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization', 'proxy-connection',

@@ -3,7 +3,7 @@ import { Agent as HttpsAgent, request as httpsRequest } from 'node:https'
 import { pipeline } from 'node:stream'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import {
-  endToEndHeaders, FORWARDED_BY_HEADER, forwardRequestHeaders, isForwarded, NOT_OWNER_HEADER, replicaUnavailable,
+  endToEndHeaders, FORWARDED_BY_HEADER, forwardRequestHeaders, isForwarded, EXEC_MOVED_HEADER, NOT_OWNER_HEADER, replicaUnavailable,
   type ForwardIdentity, type ForwardProblem
 } from './forward-headers.js'
 
@@ -25,6 +25,8 @@ export interface ForwardHttpOptions extends ForwardIdentity {
   agent?: HttpAgent
   // The problem to answer with when the owner cannot be reached; default replicaUnavailable.
   unavailable?: (detail: string) => ForwardProblem
+  // Told the exec id of an 'exec-moved' outcome.
+  onExecMoved?: (execId: string) => void
 }
 
 export type ForwardOutcome =
@@ -38,6 +40,9 @@ export type ForwardOutcome =
   // The target no longer owns the sandbox and created nothing (NOT_OWNER_HEADER): nothing was
   // sent to the client, the caller may look for the owner again.
   | 'moved'
+  // The target's ?wait=true exec moved on (EXEC_MOVED_HEADER): nothing was sent to the client,
+  // the caller waits for that exec where it is now (ForwardHttpOptions.onExecMoved has its id).
+  | 'exec-moved'
 
 const DEFAULT_CONNECT_TIMEOUT_MS = 5000
 const plainAgent = new HttpAgent({ keepAlive: false })
@@ -118,6 +123,13 @@ export async function forwardHttp (request: FastifyRequest, reply: FastifyReply,
       if (res.statusCode === 503 && res.headers[NOT_OWNER_HEADER] !== undefined) {
         res.resume()
         settle('moved')
+        return
+      }
+      const movedExec = res.headers[EXEC_MOVED_HEADER]
+      if (res.statusCode === 503 && typeof movedExec === 'string' && opts.onExecMoved !== undefined) {
+        res.resume()
+        opts.onExecMoved(movedExec)
+        settle('exec-moved')
         return
       }
       // From here the answer is the owner's; a break in it must reach the client as a break.

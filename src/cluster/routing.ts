@@ -1,3 +1,4 @@
+import { once } from 'node:events'
 import type { Server as HttpServer } from 'node:http'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
@@ -5,9 +6,10 @@ import type { Logger } from 'pino'
 import { problem } from '../errors.js'
 import type { ExecManager } from '../execs/manager.js'
 import { sendProblem } from '../http/errors-plugin.js'
+import { sendWaitResult } from '../http/wait-result.js'
 import { upgradeAllowed } from '../http/guard.js'
 import type { SessionRegistry } from '../relay/sessions.js'
-import { NOT_OWNER_HEADER } from './forward-headers.js'
+import { EXEC_MOVED_HEADER, isForwarded, NOT_OWNER_HEADER } from './forward-headers.js'
 import { forwardHttp } from './forward-http.js'
 import { interceptUpgrades, type UpgradeInterception } from './forward-ws.js'
 import type { ClusterNode } from './node.js'
@@ -51,6 +53,8 @@ class SandboxUnavailable extends Error {}
 export class ClusterRouting {
   readonly #o: ClusterRoutingOptions
   #upgrades: UpgradeInterception | undefined
+  // The ?wait=true answers this replica is fetching from another one (waitElsewhere).
+  readonly #waits = new Set<() => void>()
 
   constructor (o: ClusterRoutingOptions) {
     this.#o = o
@@ -74,7 +78,13 @@ export class ClusterRouting {
           return sendProblem(reply, problem('directory_unavailable', `this replica does not hold it, and the cluster directory does not answer to say who does: ${err.message}`))
         }
         if (target === undefined) return
-        if (await forwardHttp(request, reply, this.#forward(target)) !== 'moved') return reply
+        let movedExec: string | undefined
+        const outcome = await forwardHttp(request, reply, { ...this.#forward(target), onExecMoved: (id) => { movedExec = id } })
+        if (outcome === 'exec-moved' && movedExec !== undefined) {
+          const encoding = (request.query as { encoding?: string }).encoding === 'base64' ? 'base64' : 'utf8'
+          return await this.waitElsewhere(movedExec, encoding, request, reply)
+        }
+        if (outcome !== 'moved') return reply
         // The owner it went to had lost the sandbox on the way and created nothing: ask again.
         if (attempt >= MOVED_FORWARDS) {
           return sendProblem(reply, problem('replica_unavailable', `the sandbox changed replicas ${attempt} times while this request was forwarded; nothing was created: retry`))
@@ -123,14 +133,31 @@ export class ClusterRouting {
 
   // A ?wait=true on this replica whose exec moved with its sandbox: the answer comes from the
   // replica that holds the exec now (and again from the next, should it move on).
-  async waitElsewhere (execId: string, encoding: string, _request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply> {
+  async waitElsewhere (execId: string, encoding: string, request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply> {
+    // Forwarded here: the replica in front of the client waits instead (this one may be
+    // draining, and its exit would cut the answer off).
+    if (isForwarded(request.headers)) {
+      reply.header(EXEC_MOVED_HEADER, execId)
+      return await sendProblem(reply, { ...problem('replica_unavailable', `exec ${execId} moved on to another replica with its sandbox; the replica that forwarded this request waits for it there`), execId })
+    }
     const gone = new AbortController()
     const onClose = (): void => { if (!reply.raw.writableFinished) gone.abort() }
     reply.raw.on('close', onClose)
+    // This replica shutting down ends the wait with the exec's id (close()), not a cut.
+    const shutdown = new AbortController()
+    const stopWaiting = (): void => { shutdown.abort(); gone.abort() }
+    this.#waits.add(stopWaiting)
     try {
       const deadline = performance.now() + MOVED_LOOKUP_MS
       let last = 'no replica has taken it yet'
       while (performance.now() < deadline && !gone.signal.aborted) {
+        // It moved here (this replica forwarded the wait to the one it left).
+        const local = this.#o.execs.held(execId)
+        if (local !== undefined && !local.movedAway) {
+          await Promise.race([this.#o.execs.waitForEnd(local), once(gone.signal, 'abort')])
+          if (local.finished) return await sendWaitResult(local, encoding === 'base64' ? 'base64' : 'utf8', reply)
+          continue
+        }
         const owner = await this.#o.cluster.execOwner(execId).catch((err: Error) => { last = err.message; return undefined })
         if (owner !== undefined) {
           let res: Response
@@ -144,17 +171,27 @@ export class ClusterRouting {
             await sleep(MOVED_RETRY_MS)
             continue
           }
-          const body = await res.json() as Record<string, unknown>
+          const body = await res.json().catch(() => undefined) as Record<string, unknown> | undefined
+          // Cut off on the way (that replica went, or this wait was stopped): look again.
+          if (body === undefined) {
+            last = `replica ${owner.replicaId} broke off its answer`
+            await sleep(MOVED_RETRY_MS, undefined, { signal: gone.signal }).catch(() => {})
+            continue
+          }
           // It moved on again: follow it.
           if (res.status === 503 && body.code === 'replica_unavailable') { last = String(body.detail); continue }
           reply.header('location', `/v1/execs/${execId}`)
           if (res.status !== 200) reply.type('application/problem+json')
           return await reply.code(res.status).send(body)
         }
-        await sleep(MOVED_RETRY_MS)
+        await sleep(MOVED_RETRY_MS, undefined, { signal: gone.signal }).catch(() => {})
+      }
+      if (shutdown.signal.aborted && !reply.raw.destroyed) {
+        return await sendProblem(reply, { ...problem('replica_unavailable', `exec ${execId} moved to another replica with its sandbox, and this replica is shutting down; the exec goes on there: GET /v1/execs/${execId} for its outcome`), execId })
       }
       return await sendProblem(reply, { ...problem('replica_unavailable', `exec ${execId} moved to another replica with its sandbox, and no replica reported it within ${MOVED_LOOKUP_MS} ms (${last}); GET /v1/execs/${execId} for its outcome`), execId })
     } finally {
+      this.#waits.delete(stopWaiting)
       reply.raw.off('close', onClose)
     }
   }
@@ -162,6 +199,7 @@ export class ClusterRouting {
   // Attaches bridged through this replica are let go with 1012: the exec goes on elsewhere, and
   // the client reconnects through any other replica.
   async close (): Promise<void> {
+    for (const stop of [...this.#waits]) stop()
     await this.#upgrades?.closeAll(1012)
     this.#upgrades?.uninstall()
   }
@@ -207,7 +245,7 @@ export class ClusterRouting {
   }
 
   async #execTarget (execId: string): Promise<string | undefined> {
-    if (this.#o.execs.get(execId) !== undefined) return undefined
+    if (this.#o.execs.held(execId) !== undefined) return undefined
     return (await this.#o.cluster.execOwner(execId))?.replica.internalUrl
   }
 

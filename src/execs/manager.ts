@@ -107,18 +107,25 @@ export class ExecManager {
   // supervisor is about to report: wait for it, or for the window to end.
   async lookup (id: string): Promise<ExecEntry | undefined> {
     const known = this.#execs.get(id)
-    const left = this.#lookupUntil - Date.now()
     if (known !== undefined) return known
-    if (left <= 0) return await this.#opts.remoteLookup?.(id)
-    return await new Promise((resolve) => {
-      const done = (): void => {
-        clearTimeout(timer)
-        this.#adopted.off(id, done)
-        resolve(this.#execs.get(id))
-      }
-      const timer = setTimeout(done, left)
-      this.#adopted.once(id, done)
-    })
+    // A finished exec being rebuilt here shows once its replay has delivered its end (show()
+    // runs by FINISHED_REPLAY_BOUND_MS at the latest): until then it is no other replica's.
+    const replaying = this.#replaying.has(id)
+    const left = replaying ? FINISHED_REPLAY_BOUND_MS : this.#lookupUntil - Date.now()
+    if (left > 0) {
+      await new Promise<void>((resolve) => {
+        const done = (): void => {
+          clearTimeout(timer)
+          this.#adopted.off(id, done)
+          resolve()
+        }
+        const timer = setTimeout(done, left)
+        this.#adopted.once(id, done)
+      })
+    }
+    // Not reported here: cluster mode asks the directory (an exec another replica finished, or
+    // one whose replica is gone).
+    return this.#execs.get(id) ?? await this.#opts.remoteLookup?.(id)
   }
 
   readonly #adopted = new EventEmitter().setMaxListeners(0)

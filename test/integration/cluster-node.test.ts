@@ -197,4 +197,29 @@ describe('cluster mode: one replica owns a sandbox at a time', () => {
     expect(res.body).toMatchObject({ status: 'exited', exitCode: 9, stdout: 'moved-but-true\n' })
     expect(b!.gw.execs.get(res.body.id), 'the exec ended on r1').toBeDefined()
   }, 60_000)
+
+  for (const via of [2, 1]) {
+    it(`a ?wait=true forwarded to the replica the exec moved away from is taken back by the forwarder (${via === 1 ? 'which the exec moved to' : 'a third replica'}): the replica it left may then exit, the answer is the true result`, async () => {
+      const { replicas, identity, dir } = await cluster(3)
+      const [a, b] = replicas
+      const sb = `wait-via-${via}`
+      const lb = await startTcpProxy({ targetHost: new URL(a!.supervisorUrl).hostname, targetPort: Number(new URL(a!.supervisorUrl).port) })
+      cleanups.push(async () => { await lb.close() })
+      supervisor(`http://${lb.host}:${lb.port}`, identity, sb)
+      await waitFor(async () => (await ownerOf(dir, sb))?.replicaId === 'r0', { timeoutMs: 10_000, description: `r0 owns ${sb}` })
+      // Through r2 or r1, which forwards it to r0.
+      const waiting = execWaitResponse(replicas[via]!.publicUrl, sb, { command: ['sh', '-c', 'sleep 4; echo forwarded-moved-true; exit 11'] })
+      await waitFor(() => a!.gw.execs.list({ sandboxId: sb }).some((e) => e.status === 'running'), { timeoutMs: 10_000, description: 'running on r0' })
+      const u = new URL(b!.supervisorUrl)
+      lb.setTarget(u.hostname, Number(u.port))
+      lb.resetAll()
+      await waitFor(() => b!.gw.execs.list({ sandboxId: sb }).length > 0, { timeoutMs: 15_000, description: 'rebuilt on r1' })
+      await waitFor(() => a!.gw.execs.list({ sandboxId: sb }).every((e) => e.movedAway || e.finished), { timeoutMs: 10_000, description: 'r0 let it go' })
+      // r0 goes (a deploy): the wait no longer runs through it.
+      await a!.gw.close()
+      const res = await within(waiting, 30_000, '?wait=true answers')
+      expect(res.status).toBe(200)
+      expect(res.body).toMatchObject({ status: 'exited', exitCode: 11, stdout: 'forwarded-moved-true\n' })
+    }, 60_000)
+  }
 })
