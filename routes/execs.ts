@@ -27,7 +27,6 @@ export async function findExec (ctx: RouteContext, execId: string): Promise<Exec
   return entry
 }
 
-
 // The key never holds the token itself (the limiter's store may be inspected or logged).
 function rateLimitKey (req: FastifyRequest): string {
   return req.apiToken === undefined ? `ip:${req.ip}` : `token:${createHash('sha256').update(req.apiToken).digest('base64url').slice(0, 22)}`
