@@ -35,6 +35,7 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
   app.get('/v1/execs/:execId/stream', {
     websocket: true,
     schema: {
+      operationId: 'attachExec',
       tags: ['execs'],
       summary: 'WebSocket attach: the exec\'s events, and stdin/eof/resize/signal frames',
       params: ExecParamsSchema,
@@ -43,12 +44,15 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
     },
     // A plain HTTP 404 before the upgrade, not an open-then-close, for an unknown exec.
     preValidation: async (req) => {
-      await findExec(ctx, (req.params as { execId: string }).execId)
+      // Kept for the handler: an exec another replica finished comes from the cluster directory
+      // (cluster mode), not from this replica's records.
+      found.set(req.raw, await findExec(ctx, (req.params as { execId: string }).execId))
       const why = upgradeProblem(req.raw)
       if (why !== undefined) throw new GatewayError('invalid_argument', why)
     }
   }, (socket, req) => {
-    const entry = ctx.execs.get(req.params.execId)
+    const entry = found.get(req.raw) ?? ctx.execs.get(req.params.execId)
+    found.delete(req.raw)
     if (entry === undefined) { socket.close(CLOSE_POLICY, 'exec not found'); return }
     const binary = socket.protocol === BINARY_SUBPROTOCOL
     socket.on('error', (err) => req.log.debug({ err }, 'websocket error'))
@@ -117,7 +121,11 @@ interface FrameClient {
   writeStdin: (bytes: Buffer) => void
 }
 
+// The exec each upgrade's preValidation found, for its handler.
+const found = new WeakMap<object, ExecEntry>()
+
 const NOT_INTERACTIVE = 'stdin frames need an exec created with interactive: true'
+const NOT_TTY = 'resize frames need an exec created with tty: true'
 
 function onClientFrame (ctx: RouteContext, entry: ExecEntry, socket: WebSocket, client: FrameClient, data: RawData, isBinary: boolean): void {
   // ws still delivers frames that arrive while it closes: after a refusal (or the final event)
@@ -142,6 +150,7 @@ function onClientFrame (ctx: RouteContext, entry: ExecEntry, socket: WebSocket, 
       ctx.execs.endStdin(entry)
       return
     case 'resize':
+      if (!entry.spec.tty) { client.refuse(NOT_TTY); return }
       ctx.execs.resize(entry, frame.cols, frame.rows)
       return
     case 'signal':

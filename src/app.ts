@@ -128,6 +128,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     closeWaitMs: config.closeWaitMs,
     maxRunningExecsPerSandbox: config.maxRunningExecsPerSandbox,
     reattachTimeoutMs: config.reattachTimeoutMs,
+    handOffKeptOnClose: config.redisUrl !== undefined,
     sessionWaitMs: restarted ? config.sessionWaitMs : 0,
     ...(cluster === undefined
       ? {}

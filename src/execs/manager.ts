@@ -50,6 +50,11 @@ export interface ExecManagerOptions {
   afterAdopt?: (sandboxId: string, execIds: string[]) => Promise<void>
   // Cluster mode: a deleted exec is forgotten there too.
   forgetRemote?: (execId: string) => void
+  // Cluster mode: at shutdown the execs the sandbox's daemon keeps are let go of without an
+  // outcome (readers are told to reconnect), at once: another replica rebuilds them when their
+  // sandbox reconnects there, or the cluster ends them with 503. This replica's shutting_down
+  // would be a second, made-up end.
+  handOffKeptOnClose?: boolean
   // The keeper's list and forget; the real ones unless a test injects its own.
   listKept?: (sandboxId: string, signal: AbortSignal) => Promise<KeptStatus[]>
   forgetKept?: (sandboxId: string, execId: string, signal: AbortSignal) => Promise<boolean>
@@ -346,13 +351,21 @@ export class ExecManager {
     this.#closing = true
     this.#adoptions.abort()
     clearInterval(this.#sweeper)
+    if (this.#opts.handOffKeptOnClose === true) {
+      for (const [entry, run] of this.#runs) {
+        if (!run.kept || this.#movingAway.has(entry)) continue
+        this.#movingAway.add(entry)
+        run.abort(new GatewayError('relay_unavailable', 'this replica shut down; the exec goes on in its sandbox'))
+      }
+    }
     const running = [...this.#runs.keys()]
     const err = new GatewayError('shutting_down', 'the gateway shut down before the command reported an exit status')
     const cutOff = (): void => {
       for (const [entry, run] of this.#runs) {
         run.abort(err)
         // A run stuck somewhere we cannot reach still ends for its readers.
-        entry.finish({ kind: 'failed', error: err })
+        if (this.#movingAway.has(entry)) entry.moveAway()
+        else entry.finish({ kind: 'failed', error: err })
       }
     }
     // Even when every exec ended in the grace, a run that has not wound down yet is cut off.

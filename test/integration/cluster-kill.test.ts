@@ -7,13 +7,13 @@ import { buildGateway } from '../../src/app.js'
 import { defaultGatewayConfig } from '../../src/config.js'
 import { loadDataDir } from '../../src/data-dir.js'
 import { signSupervisorToken } from '../../src/tokens.js'
-import { api, execStart } from '../helpers/api.js'
+import { api, execStart, readEvents } from '../helpers/api.js'
 import { killGatewayProcess, restartGatewayProcess, startGatewayProcess, type GatewayProcess } from '../helpers/gateway-process.js'
 import { startTcpProxy } from '../helpers/tcp-proxy.js'
 import { startRedisServer, type RedisServer } from '../helpers/redis-server.js'
 import { eventsFrom0, runBySh, sha, startDashboardReader, within } from '../helpers/restart-readers.js'
 import { startSupervisorProcess } from '../helpers/supervisor-process.js'
-import { waitFor } from '../helpers/wait.js'
+import { sleep, waitFor } from '../helpers/wait.js'
 
 // A replica SIGKILLed in cluster mode (issue 14), with real processes: redis-server, an
 // `exec-gateway serve` replica process we kill, a second replica, supervisor processes with the
@@ -109,5 +109,32 @@ describe('cluster mode: a replica that is SIGKILLed', () => {
     cleanups.push(async () => { await again.stop() })
     await waitFor(async () => (await api(again.publicUrl, 'GET', `/v1/execs/${execId}`)).status === 200, { timeoutMs: 20_000, description: 'the successor answers for the exec' })
     expect((await api(again.publicUrl, 'GET', `/v1/execs/${execId}`)).body).toEqual(rec)
+  }, 90_000)
+})
+
+describe('cluster mode: a replica that drains while one of its kept execs waits for a sandbox that is gone', () => {
+  it('lets the exec go without an outcome of its own: one end for the whole cluster (503 relay_unavailable), never shutting_down and then another', async () => {
+    const { r0, r1, token } = await world()
+    const sup = startSupervisorProcess({ gatewayUrl: r0.supervisorUrl, sandboxId: 'drain-gone', token: token('drain-gone') })
+    cleanups.push(async () => { await sup.stop() })
+    await waitFor(async () => (await api(r0.publicUrl, 'GET', '/v1/sandboxes/drain-gone')).body?.status === 'connected', { timeoutMs: 10_000, description: 'drain-gone on r0' })
+    const execId = await execStart(r0.publicUrl, 'drain-gone', { command: ['sleep', '120'] })
+    await waitFor(async () => (await api(r0.publicUrl, 'GET', `/v1/execs/${execId}`)).body?.status === 'running', { timeoutMs: 10_000, description: 'running' })
+    // The sandbox's daemon dies with its supervisor: the run on r0 waits to reattach.
+    sup.signal('SIGKILL')
+    // A reader attached through r1 (forwarded to r0) while r0 drains.
+    const reader = readEvents(r1.publicUrl, execId).catch(() => [] as any[])
+    await sleep(300)
+    await r0.stop()
+    const seen = await within(reader, 20_000, 'the reader through r1 ends')
+    expect(seen.filter((e: any) => e.type === 'error' || e.type === 'exit'), 'no end of r0\'s own').toEqual([])
+    let rec: any
+    await waitFor(async () => {
+      rec = (await api(r1.publicUrl, 'GET', `/v1/execs/${execId}`)).body
+      return rec?.status === 'failed'
+    }, { timeoutMs: 30_000, intervalMs: 200, description: 'the cluster ends the exec' })
+    expect(rec.error).toMatchObject({ code: 'relay_unavailable', status: 503 })
+    const j = await eventsFrom0(r1.publicUrl, execId, 10_000)
+    expect(j.final).toMatchObject({ type: 'error', code: 'relay_unavailable', status: 503 })
   }, 90_000)
 })

@@ -8,7 +8,7 @@ import { Directory } from '../../src/cluster/directory.js'
 import { defaultGatewayConfig } from '../../src/config.js'
 import { loadDataDir, type GatewayIdentity } from '../../src/data-dir.js'
 import { signSupervisorToken } from '../../src/tokens.js'
-import { execStart, execWait as execWaitResponse } from '../helpers/api.js'
+import { execStart, execWait as execWaitResponse, outputOf, readWebSocket } from '../helpers/api.js'
 import { eventsFrom0, openOffsetReader, runBySh, sha, within } from '../helpers/restart-readers.js'
 import { api } from '../helpers/api.js'
 import { startTcpProxy } from '../helpers/tcp-proxy.js'
@@ -176,6 +176,11 @@ describe('cluster mode: one replica owns a sandbox at a time', () => {
     expect(j.bytes('stdout').toString()).toBe(done.stdout)
     expect(j.bytes('stderr').toString()).toBe('oops\n')
     expect(j.final).toEqual({ type: 'exit', exitCode: 5, signal: null, timedOut: false })
+    // Over the WebSocket too (its handler once looked only at this replica's own records).
+    const ws = await readWebSocket(b!.publicUrl, done.id)
+    expect(ws.closeCode).toBe(1000)
+    expect(ws.events.at(-1)).toEqual({ type: 'exit', exitCode: 5, signal: null, timedOut: false })
+    expect(outputOf(ws.events, 'stderr')).toBe('oops\n')
     expect((await api(b!.publicUrl, 'POST', `/v1/execs/${done.id}/signal`, { signal: 'TERM' })).body.code).toBe('exec_finished')
     expect((await api(b!.publicUrl, 'DELETE', `/v1/execs/${done.id}`)).status).toBe(204)
     await waitFor(async () => (await api(b!.publicUrl, 'GET', `/v1/execs/${done.id}`)).status === 404, { timeoutMs: 5000, description: 'the deleted exec is gone from the cluster' })
