@@ -81,6 +81,9 @@ async function serve (argv: string[]): Promise<void> {
   process.on('SIGHUP', () => gateway.reload())
 }
 
+// What useradd accepts (POSIX portable names, and Samba's trailing $), bounded.
+const SSH_USER = /^[A-Za-z0-9._][A-Za-z0-9._-]{0,62}\$?$/
+
 async function supervisor (argv: string[]): Promise<void> {
   const { flags, positionals } = parseFlags(supervisorFlags, argv)
   if (positionals.length > 0) throw new ConfigError(`supervisor takes no arguments, got ${positionals.join(' ')}`)
@@ -90,6 +93,11 @@ async function supervisor (argv: string[]): Promise<void> {
   try { gatewayUrl = new URL(flags.gateway) } catch { throw new ConfigError(`--gateway must be a URL, got ${JSON.stringify(flags.gateway)}`) }
   if (gatewayUrl.protocol !== 'http:' && gatewayUrl.protocol !== 'https:') throw new ConfigError(`--gateway must be an http:// or https:// URL, got ${flags.gateway}`)
   if (flags.ca !== undefined && gatewayUrl.protocol !== 'https:') throw new ConfigError('--ca needs an https:// --gateway')
+  // `--ssh-user "$USER"` with USER unset: every exec would later fail its SSH login with a 502
+  // that names nothing of this.
+  if (flags.sshUser !== undefined && !SSH_USER.test(flags.sshUser)) {
+    throw new ConfigError(`--ssh-user must be an account name (letters, digits, . _ -, up to 64), got ${JSON.stringify(flags.sshUser)}${flags.sshUser === '' ? ' (was it "$USER" with USER unset?); leave it out for the user running the supervisor' : ''}`)
+  }
   if (flags.sshHostKey !== undefined && flags.sshTarget === undefined) throw new ConfigError('--ssh-host-key goes with --ssh-target (the embedded daemon reports its own key)')
   const ca = flags.ca === undefined ? undefined : readFlagFile(flags.ca, '--ca')
   const sshHostKey = flags.sshHostKey === undefined ? undefined : readHostKey(flags.sshHostKey)

@@ -175,6 +175,17 @@ describe('usage errors and help', () => {
     expect(res.status).toBe(2)
     expect(res.stderr).toMatch(/--sandbox-id/)
   })
+
+  it('supervisor --ssh-user "" (an unset $USER) or a name with spaces exits 2 at start, saying so', () => {
+    const base = ['supervisor', '--sandbox-id', 'sbx-u', '--token', 'egw1.x', '--gateway', 'http://127.0.0.1:1']
+    const empty = cli([...base, '--ssh-user', ''])
+    expect(empty.status).toBe(2)
+    expect(empty.stderr).toMatch(/--ssh-user must be an account name.*""/)
+    expect(empty.stderr).toMatch(/USER unset/)
+    const spaced = cli([...base, '--ssh-user', 'a b'])
+    expect(spaced.status).toBe(2)
+    expect(spaced.stderr).toMatch(/--ssh-user must be an account name/)
+  })
 })
 
 // ---- a real serve process ---------------------------------------------------------------------
