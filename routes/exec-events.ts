@@ -13,31 +13,39 @@ import type { RouteContext } from '../src/http/route-context.js'
 
 const P = ProblemResponse
 
-function parseLastEventId (value: unknown): { stdout: number, stderr: number } | undefined {
-  const m = /^(\d+)-(\d+)$/.exec(String(value ?? ''))
+// The final event's id ends in FINAL_ID_SUFFIX: the offsets alone are those of the last output
+// event too, and a client cut off between the two must still get the final event, while one
+// that reconnects after it (an EventSource always does) is told with 204 to stop.
+const FINAL_ID_SUFFIX = '-end'
+
+function parseLastEventId (value: unknown): { stdout: number, stderr: number, final: boolean } | undefined {
+  const m = /^(\d+)-(\d+)(-end)?$/.exec(String(value ?? ''))
   if (m === null) return undefined
   const stdout = Number(m[1])
   const stderr = Number(m[2])
   // Ids this gateway wrote are exact byte counts; a number past 2^53 is not one of them, and
   // resuming from it would echo "1e+23" back in the next id.
-  return Number.isSafeInteger(stdout) && Number.isSafeInteger(stderr) ? { stdout, stderr } : undefined
+  return Number.isSafeInteger(stdout) && Number.isSafeInteger(stderr) ? { stdout, stderr, final: m[3] !== undefined } : undefined
 }
 
 const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ctx }) => {
   app.get('/v1/execs/:execId/events', {
     schema: {
+      operationId: 'getExecEvents',
       tags: ['execs'],
       summary: 'The exec\'s events as SSE or NDJSON; ends after the final event',
-      description: 'Accept: text/event-stream gives SSE (event id "<stdoutOffset>-<stderrOffset>", resumable with Last-Event-ID); anything else gives application/x-ndjson. Each line or data field is one ExecEvent. Disconnecting detaches; it never kills the exec.',
+      description: 'Accept: text/event-stream gives SSE (event id "<stdoutOffset>-<stderrOffset>", resumable with Last-Event-ID; the final event\'s id ends in "-end", and a request whose Last-Event-ID is that id gets 204 No Content, which stops an EventSource from reconnecting); anything else gives application/x-ndjson. Each line or data field is one ExecEvent. Disconnecting detaches; it never kills the exec.',
       params: ExecParamsSchema,
       querystring: AttachQuerySchema,
       produces: ['text/event-stream', 'application/x-ndjson'],
-      response: { 200: Type.Ref(ExecEventSchema, { description: 'one ExecEvent per NDJSON line or SSE event, until the final exit or error' }), 400: P, 401: P, 403: P, 404: EXEC_NOT_FOUND }
+      response: { 200: Type.Ref(ExecEventSchema, { description: 'one ExecEvent per NDJSON line or SSE event, until the final exit or error' }), 204: Type.Null({ description: 'SSE: Last-Event-ID is the final event\'s id of a finished exec; nothing more will come' }), 400: P, 401: P, 403: P, 404: EXEC_NOT_FOUND }
     }
   }, async (req, reply) => {
     const entry = await findExec(ctx, req.params.execId)
     const sse = String(req.headers.accept ?? '').includes('text/event-stream')
     const resume = sse ? parseLastEventId(req.headers['last-event-id']) : undefined
+    // The client has the final event (it sent its id back): 204 is how SSE says "do not reconnect".
+    if (resume?.final === true && entry.finished) return await reply.code(204).header('cache-control', 'no-store').send(null)
     const offsets = { stdout: resume?.stdout ?? req.query.stdoutOffset ?? 0, stderr: resume?.stderr ?? req.query.stderrOffset ?? 0 }
     reply.hijack()
     const res = reply.raw
@@ -65,7 +73,7 @@ const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
           } else if (ev.type === 'gap') {
             position[ev.stream] = Math.max(position[ev.stream], ev.to)
           }
-          ok = res.write(`id: ${position.stdout}-${position.stderr}\nevent: ${ev.type}\ndata: ${line}\n\n`)
+          ok = res.write(`id: ${position.stdout}-${position.stderr}${final ? FINAL_ID_SUFFIX : ''}\nevent: ${ev.type}\ndata: ${line}\n\n`)
         } else {
           ok = res.write(line + '\n')
         }

@@ -136,7 +136,8 @@ async function expectAcceptedEnds (baseUrl: string, res: RawResponse, what: stri
 }
 
 // The events of a finished exec: NDJSON lines or SSE blocks, ending with its one final event.
-// SSE ids are "<stdout offset>-<stderr offset>", two whole numbers (contract section 4).
+// SSE ids are "<stdout offset>-<stderr offset>", two whole numbers (contract section 4); the
+// final event's id ends in "-end".
 function expectEventsBody (res: RawResponse, final: unknown, what: string): void {
   const ct = res.headers['content-type'] ?? ''
   let events: any[]
@@ -145,7 +146,8 @@ function expectEventsBody (res: RawResponse, final: unknown, what: string): void
     for (const b of blocks) {
       const id = b.split('\n').find((l) => l.startsWith('id: '))
       expect(id, `${what}: ${b}`).toBeDefined()
-      const m = /^id: (\d+)-(\d+)$/.exec(id!)
+      const m = /^id: (\d+)-(\d+)(-end)?$/.exec(id!)
+      expect(m?.[3] !== undefined, `${what}: only the final event's id ends in -end: ${b}`).toBe(/^event: (exit|error)$/m.test(b))
       expect(m, `${what}: SSE ${id!}`).not.toBeNull()
       expect(Number.isSafeInteger(Number(m![1])) && Number.isSafeInteger(Number(m![2])), `${what}: SSE ${id!}`).toBe(true)
     }
@@ -651,7 +653,8 @@ function describeFrames (frames: WsFrame[]): string {
   }))
 }
 
-// Section 4: client frames are stdin (interactive), eof, resize (tty only: ignored here), signal;
+// Section 4: client frames are stdin (interactive), eof, resize (tty only: the exec here has no
+// tty, so even a valid one is refused), signal;
 // binary frames start with channel byte 0; anything else is refused with 1008, a message over
 // 1 MiB with 1009, a text frame that is not UTF-8 with 1007. `ends`: an eof (cat then exits) or
 // a signal reached the exec before the first refused frame.
@@ -682,8 +685,7 @@ function modelActions (frames: WsFrame[]): { refusal?: number, ends: boolean } {
         ends = true
         break
       case 'resize':
-        if (![msg.cols, msg.rows].every((n) => Number.isInteger(n) && n >= 1 && n <= 10000)) return { refusal: 1008, ends }
-        break
+        return { refusal: 1008, ends }
       case 'signal':
         if (typeof msg.signal !== 'string' || !SIGNALS.includes(msg.signal)) return { refusal: 1008, ends }
         ends = true

@@ -81,6 +81,25 @@ describe.each(['embedded', 'openssh'] as const)('streams through the %s daemon',
     expect(rest.at(-1)!.data).toEqual({ type: 'exit', exitCode: 6, signal: null, timedOut: false })
   })
 
+  it('SSE after the end: the final event\'s id ends in -end, and a reconnect with it gets 204 (an EventSource stops); one with the last output\'s id still gets the final event once', async () => {
+    const id = await execStart(g.publicUrl, sandbox, { command: ['sh', '-c', 'echo one; echo two >&2; exit 3'] })
+    const url = `${g.publicUrl}/v1/execs/${id}/events`
+    const all = await readSse(url)
+    const final = all.at(-1)!
+    expect(final.event).toBe('exit')
+    expect(final.id).toMatch(/^\d+-\d+-end$/)
+    const lastOutput = all.filter((e) => e.event === 'stdout' || e.event === 'stderr').at(-1)!
+    expect(final.id).toBe(`${lastOutput.id}-end`)
+    // Reconnecting after the final event, as an EventSource does by itself about every 3 s.
+    const again = await fetch(url, { headers: { accept: 'text/event-stream', 'last-event-id': final.id } })
+    expect(again.status).toBe(204)
+    expect(await again.text()).toBe('')
+    // Cut off between the last output and the final event: the final event comes, once.
+    const rest = await readSse(url, { 'last-event-id': lastOutput.id })
+    expect(rest.map((e) => e.event)).toEqual(['exit'])
+    expect(rest[0]!.data).toEqual({ type: 'exit', exitCode: 3, signal: null, timedOut: false })
+  })
+
   it('a 4-byte UTF-8 character split across SSH packets arrives whole, at its first byte\'s offset', async () => {
     // 😀 = F0 9F 98 80, written in two halves 300 ms apart so they travel in separate packets.
     const id = await execStart(g.publicUrl, sandbox, { command: ['sh', '-c', "printf 'a\\360\\237'; sleep 0.3; printf '\\230\\200b'"] })
