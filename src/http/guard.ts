@@ -99,6 +99,8 @@ export function installGuard (app: FastifyInstance, apiTokens: () => readonly st
       if (token === undefined || !matchesApiToken(tokens, token)) {
         // Logged so an operator sees probing; the token itself never is.
         request.log.warn({ ip: request.ip, route: request.routeOptions.url, reason: token === undefined ? 'no token' : 'unknown token' }, 'API request refused')
+        // RFC 6750 §3: a 401 names the scheme it wants.
+        reply.header('www-authenticate', token === undefined ? 'Bearer realm="exec-gateway"' : 'Bearer realm="exec-gateway", error="invalid_token"')
         return sendProblem(reply, problem('unauthenticated', 'a valid bearer token is required (Authorization: Bearer <token>)'))
       }
       request.apiToken = token

@@ -14,6 +14,7 @@ import { ExecEventSchema } from '../schemas/events.js'
 import { installErrorHandling, sendProblem } from './errors-plugin.js'
 import { problem } from '../errors.js'
 import { installGuard, installReplicaGuard } from './guard.js'
+import { installRequestEdges, routeMethods } from './request-edges.js'
 import { clientErrorHandler, frameworkErrors, installServerRefusals, upgradeProblem } from './transport-refusals.js'
 import { registerOpenApi } from './openapi.js'
 import type { TlsMaterial } from '../credentials.js'
@@ -77,7 +78,8 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
   }
   app.setValidatorCompiler(({ schema, httpPart }) => (httpPart === 'body' ? strict : coercing).compile(schema))
 
-  installErrorHandling(app)
+  installErrorHandling(app, routeMethods(app))
+  installRequestEdges(app)
   installServerRefusals(app.server as unknown as HttpServer)
   app.addHook('onRequest', async (request, reply) => {
     if (!lifecycle.reached('listeners')) return

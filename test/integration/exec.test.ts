@@ -169,6 +169,16 @@ describe.each(targets)('exec through a supervisor to the %s SSH daemon', (target
     expect(res.events.at(-1)).toEqual({ type: 'exit', exitCode: 0, signal: null, timedOut: false })
   })
 
+  it('a resize on an exec without a tty is refused (1008) as stdin on a non-interactive one is; the exec goes on', async () => {
+    const id = await execStart(g.publicUrl, sandbox, { command: ['sh', '-c', 'sleep 0.5; echo done'], interactive: true })
+    const res = await readWebSocket(g.publicUrl, id, { onOpen: (ws) => { ws.send(JSON.stringify({ type: 'resize', cols: 100, rows: 30 })) } })
+    expect(res.closeCode).toBe(1008)
+    expect(res.closeReason).toBe('resize frames need an exec created with tty: true')
+    const done = await readEvents(g.publicUrl, id)
+    expect(done.at(-1)).toEqual({ type: 'exit', exitCode: 0, signal: null, timedOut: false })
+    expect(outputOf(done, 'stdout')).toBe('done\n')
+  })
+
   it('lists execs and shows the sandbox as connected', async () => {
     const list = await api(g.publicUrl, 'GET', `/v1/execs?sandboxId=${sandbox}&status=exited`)
     expect(list.status).toBe(200)

@@ -73,6 +73,9 @@ describe('API tokens from --api-token-file, reloaded on SIGHUP', () => {
     for (const t of ['tok-flag', 'tok-file-a', 'tok-file-b']) expect(await status(url, t)).toBe(200)
     for (const t of [undefined, 'tok-old', '# dashboards', '', 'tok-file', 'tok-file-a-']) expect(await status(url, t)).toBe(401)
     expect(await status(`${gw.publicUrl}/healthz`)).toBe(200)
+    // RFC 6750: a 401 names the scheme, and says when a token was sent but is not valid.
+    expect((await fetch(url)).headers.get('www-authenticate')).toBe('Bearer realm="exec-gateway"')
+    expect((await fetch(url, { headers: { authorization: 'Bearer tok-old' } })).headers.get('www-authenticate')).toBe('Bearer realm="exec-gateway", error="invalid_token"')
 
     writeFileSync(file, 'tok-file-b\ntok-file-c\n')
     process.kill(gw.pid, 'SIGHUP')

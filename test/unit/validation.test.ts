@@ -340,7 +340,39 @@ describe('other routes without a sandbox', () => {
   it('an unknown route → 404 problem not_found', async () => {
     expectProblem(await send('GET', '/v1/nothing-here'), 404, 'not_found')
     expectProblem(await send('GET', '/nothing'), 404, 'not_found')
-    expectProblem(await send('PUT', '/v1/execs'), 404, 'not_found')
+  })
+
+  it('a known path with a method it does not take → 405 method_not_allowed with Allow', async () => {
+    const put = await fetch(`${base}/v1/execs`, { method: 'PUT' })
+    expect(put.status).toBe(405)
+    expect(put.headers.get('allow')?.split(', ').sort()).toEqual(['GET', 'HEAD'])
+    expect(((await put.json()) as any).code).toBe('method_not_allowed')
+    const patch = await fetch(`${base}/v1/execs/abc`, { method: 'PATCH' })
+    expect(patch.status).toBe(405)
+    expect(patch.headers.get('allow')?.split(', ').sort()).toEqual(['DELETE', 'GET', 'HEAD'])
+    expectProblem(await send('GET', '/v1/sandboxes/x/execs'), 405, 'method_not_allowed')
+  })
+
+  it('?wait spelled as clients spell booleans (1, True, yes, on / 0, False, no, off) is accepted; anything else is a 400', async () => {
+    const req = { command: ['true'] }
+    for (const v of ['1', 'True', 'TRUE', 'yes', 'on', '0', 'False', 'no', 'off', 'true', 'false']) {
+      expectProblem(await postExec(req, `?wait=${v}`), 404, 'sandbox_not_found')
+    }
+    const bad = await postExec(req, '?wait=maybe')
+    expectProblem(bad, 400, 'invalid_argument')
+    expect(bad.body.detail).toMatch(/wait/)
+  })
+
+  it('DELETE with Content-Type: application/json and no body is a DELETE (404 for an unknown exec), not a 400', async () => {
+    expectProblem(await send('DELETE', '/v1/execs/nope', undefined, { 'content-type': 'application/json' }), 404, 'exec_not_found')
+    // A POST still needs its body.
+    expectProblem(await send('POST', '/v1/execs/nope/signal', '', { 'content-type': 'application/json' }), 400, 'invalid_argument')
+  })
+
+  it('an enum value outside the list names the allowed values', async () => {
+    const res = await send('POST', '/v1/execs/nope/signal', JSON.stringify({ signal: 'SIGTERM' }), { 'content-type': 'application/json' })
+    expectProblem(res, 400, 'invalid_argument')
+    expect(res.body.detail).toMatch(/signal: must be one of "TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2"/)
   })
 
   it('healthz answers', async () => {
