@@ -46,6 +46,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
           }
         },
     schema: {
+      operationId: 'createExec',
       tags: ['execs'],
       summary: 'Start an exec; with ?wait=true, wait for its end',
       description: 'Returns 201 and the Exec at once; the command runs in the background. With wait=true the response is the ExecResult (200) or, when no exit status will ever come, the exec\'s error as a problem (503 relay_unavailable, ...). Closing the request never kills the exec.',
@@ -83,6 +84,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
 
   app.get('/v1/execs', {
     schema: {
+      operationId: 'listExecs',
       tags: ['execs'],
       summary: 'List execs',
       querystring: ListExecsQuerySchema,
@@ -92,6 +94,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
 
   app.get('/v1/execs/:execId', {
     schema: {
+      operationId: 'getExec',
       tags: ['execs'],
       summary: 'One exec: status, exit code or error',
       params: ExecParamsSchema,
@@ -101,6 +104,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
 
   app.post('/v1/execs/:execId/signal', {
     schema: {
+      operationId: 'signalExec',
       tags: ['execs'],
       summary: 'Send a signal to the exec\'s processes',
       params: ExecParamsSchema,
@@ -115,6 +119,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
 
   app.delete('/v1/execs/:execId', {
     schema: {
+      operationId: 'deleteExec',
       tags: ['execs'],
       summary: 'Kill a running exec and forget it',
       params: ExecParamsSchema,

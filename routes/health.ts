@@ -7,6 +7,7 @@ const health: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { c
   app.get('/healthz', {
     config: { openAccess: true },
     schema: {
+      operationId: 'getHealth',
       tags: ['health'],
       summary: 'Liveness of the gateway process',
       response: { 200: Type.Object({ status: Type.Literal('ok') }) }
@@ -16,6 +17,7 @@ const health: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { c
   app.get('/readyz', {
     config: { openAccess: true },
     schema: {
+      operationId: 'getReadiness',
       tags: ['health'],
       summary: 'Whether this gateway takes new work (for load balancers)',
       description: '200 once both listeners are up (and the embedded local sandbox, when it runs); 503 while the gateway starts or drains (from the first step of a SIGTERM).',
@@ -27,7 +29,7 @@ const health: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { c
   })
 
   app.get('/metrics', {
-    schema: { tags: ['health'], summary: 'Prometheus metrics', produces: ['text/plain'], response: { 200: Type.String() } }
+    schema: { operationId: 'getMetrics', tags: ['health'], summary: 'Prometheus metrics', produces: ['text/plain'], response: { 200: Type.String() } }
   }, async (_req, reply) => {
     reply.type(ctx.metrics.contentType)
     return await ctx.metrics.render()

@@ -19,6 +19,7 @@ function sandboxView (e: SandboxEntry, activeExecs: number): Sandbox {
 const sandboxes: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ctx }) => {
   app.get('/v1/sandboxes', {
     schema: {
+      operationId: 'listSandboxes',
       tags: ['sandboxes'],
       summary: 'Sandboxes whose supervisor has connected',
       response: { 200: SandboxListSchema, 401: P, 403: P }
@@ -27,6 +28,7 @@ const sandboxes: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, 
 
   app.get('/v1/sandboxes/:sandboxId', {
     schema: {
+      operationId: 'getSandbox',
       tags: ['sandboxes'],
       summary: 'One sandbox',
       params: SandboxParamsSchema,

@@ -12,46 +12,7 @@ export interface paths {
             cookie?: never;
         };
         /** This OpenAPI 3.1 document (also committed as openapi/openapi.json) */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description the OpenAPI 3.1 document */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            [key: string]: unknown;
-                        };
-                    };
-                };
-                /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
-                500: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-            };
-        };
+        get: operations["getOpenApiDocument"];
         put?: never;
         post?: never;
         delete?: never;
@@ -68,47 +29,7 @@ export interface paths {
             cookie?: never;
         };
         /** Liveness of the gateway process */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            /** @enum {string} */
-                            status: "ok";
-                        };
-                    };
-                };
-                /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
-                500: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-            };
-        };
+        get: operations["getHealth"];
         put?: never;
         post?: never;
         delete?: never;
@@ -128,57 +49,7 @@ export interface paths {
          * Whether this gateway takes new work (for load balancers)
          * @description 200 once both listeners are up (and the embedded local sandbox, when it runs); 503 while the gateway starts or drains (from the first step of a SIGTERM).
          */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            status: "ready" | "starting" | "draining";
-                        };
-                    };
-                };
-                /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
-                500: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description Default Response */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            status: "ready" | "starting" | "draining";
-                        };
-                    };
-                };
-            };
-        };
+        get: operations["getReadiness"];
         put?: never;
         post?: never;
         delete?: never;
@@ -195,53 +66,7 @@ export interface paths {
             cookie?: never;
         };
         /** Prometheus metrics */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "text/plain": string;
-                    };
-                };
-                /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
-                500: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-            };
-        };
+        get: operations["getMetrics"];
         put?: never;
         post?: never;
         delete?: never;
@@ -258,55 +83,7 @@ export interface paths {
             cookie?: never;
         };
         /** Sandboxes whose supervisor has connected */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            sandboxes: components["schemas"]["Sandbox"][];
-                        };
-                    };
-                };
-                /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
-                500: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-            };
-        };
+        get: operations["listSandboxes"];
         put?: never;
         post?: never;
         delete?: never;
@@ -323,74 +100,7 @@ export interface paths {
             cookie?: never;
         };
         /** One sandbox */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    /** @description 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit */
-                    sandboxId: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Sandbox"];
-                    };
-                };
-                /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `sandbox_not_found`: no supervisor for this sandbox has ever connected */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
-                500: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-            };
-        };
+        get: operations["getSandbox"];
         put?: never;
         post?: never;
         delete?: never;
@@ -412,179 +122,7 @@ export interface paths {
          * Start an exec; with ?wait=true, wait for its end
          * @description Returns 201 and the Exec at once; the command runs in the background. With wait=true the response is the ExecResult (200) or, when no exit status will ever come, the exec's error as a problem (503 relay_unavailable, ...). Closing the request never kills the exec.
          */
-        post: {
-            parameters: {
-                query?: {
-                    /** @description wait for the end and return the ExecResult */
-                    wait?: boolean;
-                    encoding?: "utf8" | "base64";
-                };
-                header?: never;
-                path: {
-                    /** @description 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit */
-                    sandboxId: string;
-                };
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": {
-                        /** @description argv; each element is shell-quoted, so the sandbox receives exactly these strings */
-                        command: string[];
-                        /** @description keys ^[A-Za-z_][A-Za-z0-9_]*$; values without NUL, CR or LF */
-                        env?: {
-                            [key: string]: string;
-                        };
-                        workdir?: string;
-                        /** @description UTF-8 text sent to the command, then EOF (at most 1 MiB) */
-                        stdin?: string;
-                        /** @description bytes sent to the command, then EOF (at most 1 MiB decoded) */
-                        stdinBase64?: string;
-                        /**
-                         * @description keep stdin open for WebSocket stdin frames
-                         * @default false
-                         */
-                        interactive?: boolean;
-                        /** @default false */
-                        tty?: boolean;
-                        /** @default 80 */
-                        cols?: number;
-                        /** @default 24 */
-                        rows?: number;
-                        /**
-                         * @description 0 = none; on expiry the process is killed and the exec ends with exitCode 124, timedOut true
-                         * @default 0
-                         */
-                        timeoutSeconds?: number;
-                    };
-                };
-            };
-            responses: {
-                /** @description wait=true: the command reported its exit status or exit signal */
-                200: {
-                    headers: {
-                        /** @description the exec's URL, /v1/execs/{execId} */
-                        Location?: string;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["ExecResult"];
-                    };
-                };
-                /** @description the exec is created and runs in the background */
-                201: {
-                    headers: {
-                        /** @description the exec's URL, /v1/execs/{execId} */
-                        Location?: string;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Exec"];
-                    };
-                };
-                /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `sandbox_not_found`, `exec_not_found`: no supervisor for this sandbox has ever connected; with wait=true also: the exec was deleted before it started */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `payload_too_large`: the body is over 8388608 bytes */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `unsupported_media_type`: the body is not application/json */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `too_many_requests`: over the per-token exec rate limit (with Retry-After), or the sandbox already has too many execs running or relays waiting to be opened; with wait=true also as the exec's error */
-                429: {
-                    headers: {
-                        /** @description seconds until the rate limit lets the token create execs again (rate limit only) */
-                        "Retry-After"?: number;
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `internal`: an unexpected error in the gateway, or (wait=true) while running the exec */
-                500: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `ssh_failed`: wait=true: the SSH handshake or authentication with the sandbox's daemon failed */
-                502: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `sandbox_unavailable`, `relay_unavailable`, `shutting_down`: the gateway is shutting down; with wait=true also: no supervisor session within --session-wait-ms, or the relay failed before the command reported an exit status */
-                503: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `relay_open_timeout`: wait=true: the supervisor did not open the relay within --relay-open-timeout-ms */
-                504: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-            };
-        };
+        post: operations["createExec"];
         delete?: never;
         options?: never;
         head?: never;
@@ -599,67 +137,7 @@ export interface paths {
             cookie?: never;
         };
         /** List execs */
-        get: {
-            parameters: {
-                query?: {
-                    sandboxId?: string;
-                    status?: "pending" | "running" | "exited" | "failed";
-                };
-                header?: never;
-                path?: never;
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            execs: components["schemas"]["Exec"][];
-                        };
-                    };
-                };
-                /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
-                500: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-            };
-        };
+        get: operations["listExecs"];
         put?: never;
         post?: never;
         delete?: never;
@@ -676,159 +154,11 @@ export interface paths {
             cookie?: never;
         };
         /** One exec: status, exit code or error */
-        get: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    execId: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description Default Response */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": components["schemas"]["Exec"];
-                    };
-                };
-                /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `exec_not_found`: no such exec: unknown, deleted, or past --exec-ttl-s */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
-                500: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-            };
-        };
+        get: operations["getExec"];
         put?: never;
         post?: never;
         /** Kill a running exec and forget it */
-        delete: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    execId: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description killed (when it was running) and forgotten */
-                204: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content?: never;
-                };
-                /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `exec_not_found`: no such exec: unknown, deleted, or past --exec-ttl-s */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `payload_too_large`: the body is over 8388608 bytes */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `unsupported_media_type`: the body is not application/json */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
-                500: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-            };
-        };
+        delete: operations["deleteExec"];
         options?: never;
         head?: never;
         patch?: never;
@@ -844,109 +174,7 @@ export interface paths {
         get?: never;
         put?: never;
         /** Send a signal to the exec's processes */
-        post: {
-            parameters: {
-                query?: never;
-                header?: never;
-                path: {
-                    execId: string;
-                };
-                cookie?: never;
-            };
-            requestBody: {
-                content: {
-                    "application/json": {
-                        signal: "TERM" | "KILL" | "INT" | "HUP" | "QUIT" | "USR1" | "USR2";
-                    };
-                };
-            };
-            responses: {
-                /** @description Default Response */
-                202: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/json": {
-                            execId: string;
-                            signal: string;
-                        };
-                    };
-                };
-                /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `exec_not_found`: no such exec: unknown, deleted, or past --exec-ttl-s */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `exec_finished`: the exec has already ended */
-                409: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `payload_too_large`: the body is over 8388608 bytes */
-                413: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `unsupported_media_type`: the body is not application/json */
-                415: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
-                500: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-            };
-        };
+        post: operations["signalExec"];
         delete?: never;
         options?: never;
         head?: never;
@@ -962,80 +190,9 @@ export interface paths {
         };
         /**
          * The exec's events as SSE or NDJSON; ends after the final event
-         * @description Accept: text/event-stream gives SSE (event id "<stdoutOffset>-<stderrOffset>", resumable with Last-Event-ID); anything else gives application/x-ndjson. Each line or data field is one ExecEvent. Disconnecting detaches; it never kills the exec.
+         * @description Accept: text/event-stream gives SSE (event id "<stdoutOffset>-<stderrOffset>", resumable with Last-Event-ID; the final event's id ends in "-end", and a request whose Last-Event-ID is that id gets 204 No Content, which stops an EventSource from reconnecting); anything else gives application/x-ndjson. Each line or data field is one ExecEvent. Disconnecting detaches; it never kills the exec.
          */
-        get: {
-            parameters: {
-                query?: {
-                    stdoutOffset?: number;
-                    stderrOffset?: number;
-                    encoding?: "utf8" | "base64";
-                };
-                header?: never;
-                path: {
-                    execId: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description one ExecEvent per NDJSON line or SSE event, until the final exit or error */
-                200: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "text/event-stream": components["schemas"]["ExecEvent"];
-                        "application/x-ndjson": components["schemas"]["ExecEvent"];
-                    };
-                };
-                /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `exec_not_found`: no such exec: unknown, deleted, or past --exec-ttl-s */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
-                500: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-            };
-        };
+        get: operations["getExecEvents"];
         put?: never;
         post?: never;
         delete?: never;
@@ -1064,77 +221,7 @@ export interface paths {
          *     - `exec-gateway.v1.json`: the default JSON text frames, by name. Selected when offered without the binary one.
          *     - `exec-gateway.bearer.<base64url(token)>`: for browsers, which cannot set an `Authorization` header on a WebSocket. Offer it next to a data subprotocol (a browser fails the handshake when the server selects none of the offered ones); the server reads it and never selects it.
          */
-        get: {
-            parameters: {
-                query?: {
-                    stdoutOffset?: number;
-                    stderrOffset?: number;
-                    encoding?: "utf8" | "base64";
-                };
-                header?: never;
-                path: {
-                    execId: string;
-                };
-                cookie?: never;
-            };
-            requestBody?: never;
-            responses: {
-                /** @description switching to the WebSocket protocol */
-                101: {
-                    headers: {
-                        /** @description exec-gateway.v1.binary when the client offered it, else exec-gateway.v1.json when offered; absent otherwise (a bearer subprotocol is never selected) */
-                        "Sec-WebSocket-Protocol"?: string;
-                        [name: string]: unknown;
-                    };
-                    content?: never;
-                };
-                /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
-                400: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
-                401: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
-                403: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `exec_not_found`: no such exec: unknown, deleted, or past --exec-ttl-s */
-                404: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-                /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
-                500: {
-                    headers: {
-                        [name: string]: unknown;
-                    };
-                    content: {
-                        "application/problem+json": components["schemas"]["Problem"];
-                    };
-                };
-            };
-        };
+        get: operations["attachExec"];
         put?: never;
         post?: never;
         delete?: never;
@@ -1379,4 +466,938 @@ export interface components {
     pathItems: never;
 }
 export type $defs = Record<string, never>;
-export type operations = Record<string, never>;
+export interface operations {
+    getOpenApiDocument: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the OpenAPI 3.1 document */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        [key: string]: unknown;
+                    };
+                };
+            };
+            /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    getHealth: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        /** @enum {string} */
+                        status: "ok";
+                    };
+                };
+            };
+            /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    getReadiness: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        status: "ready" | "starting" | "draining";
+                    };
+                };
+            };
+            /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Default Response */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        status: "ready" | "starting" | "draining";
+                    };
+                };
+            };
+        };
+    };
+    getMetrics: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/plain": string;
+                };
+            };
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    listSandboxes: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        sandboxes: components["schemas"]["Sandbox"][];
+                    };
+                };
+            };
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    getSandbox: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit */
+                sandboxId: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Sandbox"];
+                };
+            };
+            /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `sandbox_not_found`: no supervisor for this sandbox has ever connected */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    createExec: {
+        parameters: {
+            query?: {
+                /** @description wait for the end and return the ExecResult */
+                wait?: boolean;
+                encoding?: "utf8" | "base64";
+            };
+            header?: never;
+            path: {
+                /** @description 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit */
+                sandboxId: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /** @description argv; each element is shell-quoted, so the sandbox receives exactly these strings */
+                    command: string[];
+                    /** @description keys ^[A-Za-z_][A-Za-z0-9_]*$; values without NUL, CR or LF */
+                    env?: {
+                        [key: string]: string;
+                    };
+                    workdir?: string;
+                    /** @description UTF-8 text sent to the command, then EOF (at most 1 MiB) */
+                    stdin?: string;
+                    /** @description bytes sent to the command, then EOF (at most 1 MiB decoded) */
+                    stdinBase64?: string;
+                    /**
+                     * @description keep stdin open for WebSocket stdin frames
+                     * @default false
+                     */
+                    interactive?: boolean;
+                    /** @default false */
+                    tty?: boolean;
+                    /** @default 80 */
+                    cols?: number;
+                    /** @default 24 */
+                    rows?: number;
+                    /**
+                     * @description 0 = none; on expiry the process is killed and the exec ends with exitCode 124, timedOut true
+                     * @default 0
+                     */
+                    timeoutSeconds?: number;
+                };
+            };
+        };
+        responses: {
+            /** @description wait=true: the command reported its exit status or exit signal */
+            200: {
+                headers: {
+                    /** @description the exec's URL, /v1/execs/{execId} */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ExecResult"];
+                };
+            };
+            /** @description the exec is created and runs in the background */
+            201: {
+                headers: {
+                    /** @description the exec's URL, /v1/execs/{execId} */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Exec"];
+                };
+            };
+            /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `sandbox_not_found`, `exec_not_found`: no supervisor for this sandbox has ever connected; with wait=true also: the exec was deleted before it started */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `payload_too_large`: the body is over 8388608 bytes */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `unsupported_media_type`: the body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `too_many_requests`: over the per-token exec rate limit (with Retry-After), or the sandbox already has too many execs running or relays waiting to be opened; with wait=true also as the exec's error */
+            429: {
+                headers: {
+                    /** @description seconds until the rate limit lets the token create execs again (rate limit only) */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `internal`: an unexpected error in the gateway, or (wait=true) while running the exec */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `ssh_failed`: wait=true: the SSH handshake or authentication with the sandbox's daemon failed */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `sandbox_unavailable`, `relay_unavailable`, `shutting_down`: the gateway is shutting down; with wait=true also: no supervisor session within --session-wait-ms, or the relay failed before the command reported an exit status */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `relay_open_timeout`: wait=true: the supervisor did not open the relay within --relay-open-timeout-ms */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    listExecs: {
+        parameters: {
+            query?: {
+                sandboxId?: string;
+                status?: "pending" | "running" | "exited" | "failed";
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        execs: components["schemas"]["Exec"][];
+                    };
+                };
+            };
+            /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    getExec: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                execId: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Exec"];
+                };
+            };
+            /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `exec_not_found`: no such exec: unknown, deleted, or past --exec-ttl-s */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    deleteExec: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                execId: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description killed (when it was running) and forgotten */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `exec_not_found`: no such exec: unknown, deleted, or past --exec-ttl-s */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `payload_too_large`: the body is over 8388608 bytes */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `unsupported_media_type`: the body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    signalExec: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                execId: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    signal: "TERM" | "KILL" | "INT" | "HUP" | "QUIT" | "USR1" | "USR2";
+                };
+            };
+        };
+        responses: {
+            /** @description Default Response */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        execId: string;
+                        signal: string;
+                    };
+                };
+            };
+            /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `exec_not_found`: no such exec: unknown, deleted, or past --exec-ttl-s */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `exec_finished`: the exec has already ended */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `payload_too_large`: the body is over 8388608 bytes */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `unsupported_media_type`: the body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    getExecEvents: {
+        parameters: {
+            query?: {
+                stdoutOffset?: number;
+                stderrOffset?: number;
+                encoding?: "utf8" | "base64";
+            };
+            header?: never;
+            path: {
+                execId: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description one ExecEvent per NDJSON line or SSE event, until the final exit or error */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": components["schemas"]["ExecEvent"];
+                    "application/x-ndjson": components["schemas"]["ExecEvent"];
+                };
+            };
+            /** @description SSE: Last-Event-ID is the final event's id of a finished exec; nothing more will come */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `exec_not_found`: no such exec: unknown, deleted, or past --exec-ttl-s */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    attachExec: {
+        parameters: {
+            query?: {
+                stdoutOffset?: number;
+                stderrOffset?: number;
+                encoding?: "utf8" | "base64";
+            };
+            header?: never;
+            path: {
+                execId: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description switching to the WebSocket protocol */
+            101: {
+                headers: {
+                    /** @description exec-gateway.v1.binary when the client offered it, else exec-gateway.v1.json when offered; absent otherwise (a bearer subprotocol is never selected) */
+                    "Sec-WebSocket-Protocol"?: string;
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `exec_not_found`: no such exec: unknown, deleted, or past --exec-ttl-s */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+}

@@ -71,6 +71,7 @@ function transformFor (bodyLimit: number): SwaggerTransform {
       // Registered hidden (it is the document itself); published so CONTRACT §3 is complete.
       delete s.hide
       s.tags = ['meta']
+      s.operationId = 'getOpenApiDocument'
       s.summary = 'This OpenAPI 3.1 document (also committed as openapi/openapi.json)'
       s.response = { 200: { description: 'the OpenAPI 3.1 document', type: 'object', additionalProperties: true } }
     }

@@ -103,6 +103,14 @@ describe('OpenAPI document', () => {
     }
   })
 
+  it('gives every operation a stable, unique operationId (generators name their methods after it)', () => {
+    const ids = Object.values(doc.paths).flatMap((ops) => Object.values(ops).map((op) => (op as { operationId?: string }).operationId))
+    expect(ids.every((id) => typeof id === 'string' && /^[a-z][A-Za-z]+$/.test(id)), JSON.stringify(ids)).toBe(true)
+    expect(new Set(ids).size).toBe(ids.length)
+    expect((operation('POST /v1/sandboxes/{sandboxId}/execs') as { operationId?: string }).operationId).toBe('createExec')
+    expect((operation('GET /v1/execs/{execId}/events') as { operationId?: string }).operationId).toBe('getExecEvents')
+  })
+
   it('names the codes a client branches on', () => {
     const create = operation('POST /v1/sandboxes/{sandboxId}/execs').responses
     expect(create['404']!.description).toContain('`sandbox_not_found`')
