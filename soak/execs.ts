@@ -17,7 +17,7 @@ import { observations, problem, type Observation } from './observation.js'
 
 const LARGE_BYTES = 1024 * 1024
 
-// A later GET must say the same, field for field (CONTRACT §3). A restart since the answer may
+// A later GET must say the same, field for field (docs/api.md §3). A restart since the answer may
 // have taken an OpenSSH exec's record with it.
 async function checkRecord (obs: Observation, plan: Plan, left: () => number): Promise<void> {
   if (obs.execId === undefined) return

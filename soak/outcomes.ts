@@ -1,4 +1,4 @@
-// Which outcomes each fault may honestly cause, by the daemon behind the sandbox (CONTRACT §5
+// Which outcomes each fault may honestly cause, by the daemon behind the sandbox (docs/api.md §5
 // rule 4). The embedded daemon keeps its execs: a connection reset, a stop or blackhole short
 // enough for the reattach, and a gateway restart must all end with the true exit. Only its
 // supervisor's death (SIGKILL: the daemon dies with it) is an honest 503. OpenSSH keeps nothing:

@@ -15,7 +15,7 @@ const RETRY_MS = 200
 // Cluster mode: reconnects of one reader before its cut is taken as its answer.
 const CLUSTER_RECONNECTS = 40
 // A GET for an id the successor does not know yet waits up to the session wait for the sandboxes
-// to report it (CONTRACT §5 rule 4), so a call is given that long plus margin.
+// to report it (docs/api.md §5 rule 4), so a call is given that long plus margin.
 const CALL_MS = KNOBS.sessionWaitMs + 5000
 
 // Whether the gateway may not know every sandbox yet: it is down, or its successor started less

@@ -4,7 +4,7 @@
 // large shapes: megabyte bursts on both streams with nobody attached, readers that attach late or
 // stop reading, stdin floods. Every exec must end within
 // its bound with its true exit status (exact output, exact code) or an honest error (503
-// relay_unavailable / sandbox_unavailable, or the other bounded errors of CONTRACT §5: 502
+// relay_unavailable / sandbox_unavailable, or the other bounded errors of docs/api.md §5: 502
 // ssh_failed, 504 relay_open_timeout, 429), never a hang, never a made-up exit; and where the
 // embedded daemon keeps its execs, the faults it bridges must end with the true exit.
 // How to run it and read it: soak/README.md. The parts: run.ts (set up, load under chaos, drain),

@@ -48,7 +48,7 @@ export class GatewayError extends Error {
   readonly code: ErrorCode
   readonly status: number
   // What happened, for people; the same text as `message`. It is the problem's and the exec
-  // record's `detail`, and the `message` of a final `error` event (CONTRACT §3, §4).
+  // record's `detail`, and the `message` of a final `error` event (docs/api.md §3, §4).
   readonly detail: string
 
   // `cause` is the underlying error, kept for logs and debuggers; it never reaches the wire.

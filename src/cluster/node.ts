@@ -10,7 +10,7 @@ import { DirectoryUnavailable } from './redis-client.js'
 import { Reaper } from './reaper.js'
 import { replicaAuthHeader, type ReplicaSecret } from './replica-auth.js'
 
-// One replica's part in the cluster (CONTRACT §6): it publishes itself in the directory, claims
+// One replica's part in the cluster (docs/api.md §6): it publishes itself in the directory, claims
 // each sandbox whose supervisor session it holds (fenced, so exactly one replica owns a sandbox
 // at a time), gives the claim up when the session goes, and ends a session whose claim another
 // replica has taken since. The session registry stays the local truth; this keeps Redis in step

@@ -68,7 +68,7 @@ function transformFor (bodyLimit: number): SwaggerTransform {
       delete s.hide
       s.description ??= STREAM_DESCRIPTION
     } else if (url === '/openapi.json') {
-      // Registered hidden (it is the document itself); published so CONTRACT §3 is complete.
+      // Registered hidden (it is the document itself); published so docs/api.md §3 is complete.
       delete s.hide
       s.tags = ['meta']
       s.operationId = 'getOpenApiDocument'

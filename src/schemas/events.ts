@@ -14,7 +14,7 @@ const GapEventSchema = Type.Object({
   to: Type.Integer({ minimum: 0 })
 })
 const HeartbeatEventSchema = Type.Object({ type: Type.Literal('heartbeat'), time: Type.String({ format: 'date-time' }) })
-// Not final: the relay to the sandbox of a kept exec was lost, or is back (CONTRACT §5 rule 4).
+// Not final: the relay to the sandbox of a kept exec was lost, or is back (docs/api.md §5 rule 4).
 // The exec keeps running meanwhile; output resumes where it stopped, with no gap.
 const RelayEventSchema = Type.Object({
   type: Type.Literal('relay'),
@@ -30,7 +30,7 @@ const ErrorEventSchema = Type.Object({
   type: Type.Literal('error'),
   code: Type.Ref(ErrorCodeSchema),
   status: Type.Integer(),
-  // The exec record's `error.detail`, under the name CONTRACT §4 gives it.
+  // The exec record's `error.detail`, under the name docs/api.md §4 gives it.
   message: ErrorTextSchema
 })
 

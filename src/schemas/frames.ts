@@ -41,7 +41,7 @@ type ClientFrame =
   | Static<typeof ResizeFrameSchema> | Static<typeof SignalFrameSchema>
 
 // Binary frames carry raw bytes, so JSON Schema can only name their media type; the layout is
-// in the description (and in CONTRACT §4).
+// in the description (and in docs/api.md §4).
 export const BinaryOutputFrameSchema = Type.Unsafe<Uint8Array>({
   type: 'string',
   contentMediaType: 'application/octet-stream',

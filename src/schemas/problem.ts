@@ -11,7 +11,7 @@ export const ErrorCodeSchema = Type.Unsafe<ErrorCode>({
 })
 
 // What happened, for people: the same text wherever an error is reported. It is `detail` in a
-// problem and in the exec record's `error`, `message` in a final `error` event (CONTRACT §3, §4).
+// problem and in the exec record's `error`, `message` in a final `error` event (docs/api.md §3, §4).
 export const ErrorTextSchema = Type.String({ description: 'what happened, for people; never branch on it (use `code`)' })
 
 export const ProblemSchema = Type.Object({

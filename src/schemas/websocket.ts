@@ -1,4 +1,4 @@
-// The WebSocket attach's wire constants (CONTRACT §4): the data subprotocols a client may offer,
+// The WebSocket attach's wire constants (docs/api.md §4): the data subprotocols a client may offer,
 // the channel bytes of binary frames and the close codes the server ends with. The route, the
 // listener's subprotocol selection, shutdown and the OpenAPI document all read them here.
 

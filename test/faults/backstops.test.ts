@@ -8,7 +8,7 @@ import { api, execStart, execWait } from '../helpers/api.js'
 import { sleep, timed, waitFor } from '../helpers/wait.js'
 import { createFaultKit, FAST } from '../helpers/fault-kit.js'
 
-// The liveness backstops of CONTRACT §5, made to fire for real: stopped and killed supervisor
+// The liveness backstops of docs/api.md §5, made to fire for real: stopped and killed supervisor
 // processes, a blackholed TCP link, OpenSSH with a background child, and ssh2 servers scripted
 // to misbehave. Intervals are a few hundred ms; the bounds are asserted with slack.
 

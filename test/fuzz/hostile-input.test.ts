@@ -136,7 +136,7 @@ async function expectAcceptedEnds (baseUrl: string, res: RawResponse, what: stri
 }
 
 // The events of a finished exec: NDJSON lines or SSE blocks, ending with its one final event.
-// SSE ids are "<stdout offset>-<stderr offset>", two whole numbers (contract section 4); the
+// SSE ids are "<stdout offset>-<stderr offset>", two whole numbers (docs/api.md §4); the
 // final event's id ends in "-end".
 function expectEventsBody (res: RawResponse, final: unknown, what: string): void {
   const ct = res.headers['content-type'] ?? ''

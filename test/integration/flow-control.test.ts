@@ -8,7 +8,7 @@ import { startSandbox, type TestSandbox } from '../helpers/sandbox.js'
 import { execStart, openPausedBinaryReader } from '../helpers/api.js'
 import { sleep, waitFor } from '../helpers/wait.js'
 
-// CONTRACT §4 flow control: while a reader is attached the gateway reads from the sandbox no
+// docs/api.md §4 flow control: while a reader is attached the gateway reads from the sandbox no
 // faster than it, so a paused reader slows the command instead of growing the gateway's memory,
 // and an attached reader never sees a gap.
 

@@ -248,7 +248,7 @@ describe('two serve processes behind haproxy', () => {
   let dirs: string[] = []
 
   beforeAll(async () => {
-    // Same token secret and SSH key in both data dirs (as CONTRACT §6 asks of replicas), so a
+    // Same token secret and SSH key in both data dirs (as docs/api.md §6 asks of replicas), so a
     // supervisor token is good on either; separate dirs keep their exec records apart.
     dirs = [mkdtempSync(join(tmpdir(), 'egw-lb-a-')), mkdtempSync(join(tmpdir(), 'egw-lb-b-'))]
     loadDataDir(dirs[0]!)

@@ -9,7 +9,7 @@ import { api, execStart } from '../helpers/api.js'
 import { startGateway, type TestGateway } from '../helpers/gateway.js'
 import { waitFor } from '../helpers/wait.js'
 
-// CONTRACT §3: GET /readyz is 200 while the gateway takes new work and 503 while it starts or
+// docs/api.md §3: GET /readyz is 200 while the gateway takes new work and 503 while it starts or
 // drains, so a load balancer stops sending work before a replica goes away.
 
 describe('GET /readyz', () => {

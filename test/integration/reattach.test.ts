@@ -11,7 +11,7 @@ import type { TcpProxy } from '../helpers/tcp-proxy.js'
 import { sleep, waitFor } from '../helpers/wait.js'
 import { runBySh, sha, within } from '../helpers/restart-readers.js'
 
-// CONTRACT §5 rule 4 with real processes: a gateway in-process, a supervisor process (run
+// docs/api.md §5 rule 4 with real processes: a gateway in-process, a supervisor process (run
 // `npx tsc -p tsconfig.json` first) whose connection to the gateway goes through a TCP proxy
 // the test resets, blackholes or holds, or whose process it stops. The embedded daemon keeps
 // its execs, so each fault shorter than the reattach bound ends with the command's true exit

@@ -9,7 +9,7 @@ import type { TcpProxy } from '../helpers/tcp-proxy.js'
 import { sleep, waitFor } from '../helpers/wait.js'
 import { runBySh, within } from '../helpers/restart-readers.js'
 
-// The `relay` event (CONTRACT §4, §5 rule 4) as each transport frames it: a reader attached
+// The `relay` event (docs/api.md §4, §5 rule 4) as each transport frames it: a reader attached
 // across a supervisor connection reset gets one `lost`, then one `restored`, then the output
 // where it stopped and the final event: on the WebSocket (JSON text frames, and the binary
 // subprotocol where it stays a JSON text frame among binary output), in SSE (`event: relay`

@@ -5,7 +5,7 @@ import type { Encoding, Observation } from './readers.js'
 
 // How much of each stream the reader must have seen:
 // - 'all': every byte from its requested offset, never a gap (a reader attached from the start
-//   of a command that waited for it; contract §4: an attached reader never sees a gap);
+//   of a command that waited for it; docs/api.md §4: an attached reader never sees a gap);
 // - 'attached': the same, except that a command that outran retention before the reader attached
 //   may show one gap from offset 0 (then the rest exactly);
 // - 'retained': read after the end: a gap exactly up to the oldest byte retention kept (when the

@@ -12,7 +12,7 @@ const refusal = (text: string): string => {
 }
 
 describe('decodeClientFrame', () => {
-  it('takes every frame CONTRACT §4 names, extra fields ignored', () => {
+  it('takes every frame docs/api.md §4 names, extra fields ignored', () => {
     const frames = [
       { type: 'stdin', data: 'hello\n' },
       { type: 'stdin', data: '' },

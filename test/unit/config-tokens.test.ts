@@ -48,7 +48,7 @@ describe('envName', () => {
 })
 
 describe('serve flags: the contract table', () => {
-  const CONTRACT: Record<string, string | number | boolean | undefined> = {
+  const DOCUMENTED_DEFAULTS: Record<string, string | number | boolean | undefined> = {
     listen: '127.0.0.1:8080',
     'supervisor-listen': '127.0.0.1:8081',
     'data-dir': './.exec-gateway',
@@ -69,7 +69,7 @@ describe('serve flags: the contract table', () => {
   it('every contract flag exists with its contract default', () => {
     const { flags } = parseFlags(serveFlags, [], {})
     const byName = new Map<string, FlagSpec>(serveFlags.map((f) => [f.name, f]))
-    for (const [name, def] of Object.entries(CONTRACT)) {
+    for (const [name, def] of Object.entries(DOCUMENTED_DEFAULTS)) {
       const spec = byName.get(name)
       expect(spec, `--${name}`).toBeDefined()
       expect((flags as Record<string, unknown>)[spec!.key], `--${name} default`).toBe(def)

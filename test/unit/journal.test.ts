@@ -318,7 +318,7 @@ describe('ExecEntry', () => {
   })
 
   it('a replay after retention cut a character in half never sends a broken character', () => {
-    // Contract section 4: output data is "UTF-8, never splitting a character". Retention trims
+    // docs/api.md §4: output data is "UTF-8, never splitting a character". Retention trims
     // by bytes, so the oldest retained byte can be the middle of a character; the replay must
     // not turn that into U+FFFD, and what it sends must start where the gap ends.
     const entry = new ExecEntry('ex_1', 'sbx', spec, 5)

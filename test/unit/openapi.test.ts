@@ -23,7 +23,7 @@ interface Response { description: string, headers?: Record<string, unknown>, con
 interface Operation { responses: Record<string, Response>, parameters?: Array<{ name: string, in: string }>, description?: string, security?: unknown[] }
 interface OpenApiDoc { openapi: string, paths: Record<string, Record<string, Operation>>, components: { schemas: Record<string, any> } }
 
-// CONTRACT §3, every route, with every problem status it can return: the guard's 401 (not on
+// docs/api.md §3, every route, with every problem status it can return: the guard's 401 (not on
 // open routes) and 403, 400 where there is a parameter or body to break, 413/415 where a body
 // is parsed, 500 everywhere, and what each handler adds.
 const PROBLEMS: Record<string, number[]> = {
@@ -86,7 +86,7 @@ describe('OpenAPI document', () => {
     expect(doc.openapi).toBe('3.1.0')
   })
 
-  it('has every route of CONTRACT §3 with every problem it can return', () => {
+  it('has every route of docs/api.md §3 with every problem it can return', () => {
     const documented = Object.entries(doc.paths).flatMap(([path, ops]) => Object.keys(ops).map((m) => `${m.toUpperCase()} ${path}`))
     expect(documented.sort(), 'a new or removed route? list it in PROBLEMS with every problem status it can return').toEqual(Object.keys(PROBLEMS).sort())
     for (const [key, statuses] of Object.entries(PROBLEMS)) {
