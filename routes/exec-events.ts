@@ -1,5 +1,6 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
+import { eventFormat } from '../src/http/accept.js'
 import { pumpEvents } from '../src/http/event-pump.js'
 import { AttachQuerySchema, ExecParamsSchema } from '../src/schemas/exec.js'
 import { ExecEventSchema } from '../src/schemas/events.js'
@@ -34,7 +35,7 @@ const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
       operationId: 'getExecEvents',
       tags: ['execs'],
       summary: 'The exec\'s events as SSE or NDJSON; ends after the final event',
-      description: 'Accept: text/event-stream gives SSE (event id "<stdoutOffset>-<stderrOffset>", resumable with Last-Event-ID; the final event\'s id ends in "-end", and a request whose Last-Event-ID is that id gets 204 No Content, which stops an EventSource from reconnecting); anything else gives application/x-ndjson. Each line or data field is one ExecEvent. Disconnecting detaches; it never kills the exec.',
+      description: 'Accept: text/event-stream gives SSE (q-values are honoured: the higher of text/event-stream and application/x-ndjson wins; event id "<stdoutOffset>-<stderrOffset>", resumable with Last-Event-ID; the final event\'s id ends in "-end", and a request whose Last-Event-ID is that id gets 204 No Content, which stops an EventSource from reconnecting); anything else gives application/x-ndjson. Each line or data field is one ExecEvent. Disconnecting detaches; it never kills the exec.',
       params: ExecParamsSchema,
       querystring: AttachQuerySchema,
       produces: ['text/event-stream', 'application/x-ndjson'],
@@ -42,7 +43,7 @@ const execEvents: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
     }
   }, async (req, reply) => {
     const entry = await findExec(ctx, req.params.execId)
-    const sse = String(req.headers.accept ?? '').includes('text/event-stream')
+    const sse = eventFormat(req.headers.accept) === 'sse'
     const resume = sse ? parseLastEventId(req.headers['last-event-id']) : undefined
     // The client has the final event (it sent its id back): 204 is how SSE says "do not reconnect".
     if (resume?.final === true && entry.finished) return await reply.code(204).header('cache-control', 'no-store').send(null)

@@ -190,7 +190,7 @@ export interface paths {
         };
         /**
          * The exec's events as SSE or NDJSON; ends after the final event
-         * @description Accept: text/event-stream gives SSE (event id "<stdoutOffset>-<stderrOffset>", resumable with Last-Event-ID; the final event's id ends in "-end", and a request whose Last-Event-ID is that id gets 204 No Content, which stops an EventSource from reconnecting); anything else gives application/x-ndjson. Each line or data field is one ExecEvent. Disconnecting detaches; it never kills the exec.
+         * @description Accept: text/event-stream gives SSE (q-values are honoured: the higher of text/event-stream and application/x-ndjson wins; event id "<stdoutOffset>-<stderrOffset>", resumable with Last-Event-ID; the final event's id ends in "-end", and a request whose Last-Event-ID is that id gets 204 No Content, which stops an EventSource from reconnecting); anything else gives application/x-ndjson. Each line or data field is one ExecEvent. Disconnecting detaches; it never kills the exec.
          */
         get: operations["getExecEvents"];
         put?: never;
@@ -412,6 +412,8 @@ export interface components {
             type: "error";
             code: components["schemas"]["ErrorCode"];
             status: number;
+            /** @description what happened, for people; never branch on it (use `code`) */
+            detail: string;
             /** @description what happened, for people; never branch on it (use `code`) */
             message: string;
         };

@@ -181,7 +181,7 @@ export class ExecEntry extends EventEmitter {
   finalEvent (): FinalEvent | undefined {
     const o = this.outcome
     if (o === undefined) return undefined
-    if (o.kind === 'failed') return { type: 'error', code: o.error.code, status: o.error.status, message: o.error.detail }
+    if (o.kind === 'failed') return { type: 'error', code: o.error.code, status: o.error.status, detail: o.error.detail, message: o.error.detail }
     return { type: 'exit', exitCode: o.exitCode, signal: o.signal, timedOut: o.timedOut }
   }
 

@@ -30,7 +30,10 @@ const ErrorEventSchema = Type.Object({
   type: Type.Literal('error'),
   code: Type.Ref(ErrorCodeSchema),
   status: Type.Integer(),
-  // The exec record's `error.detail`, under the name docs/api.md §4 gives it.
+  // The exec record's `error.detail`, under the name a problem body gives it too, so one
+  // reader handles both; `message` carries the same text under its first name, for clients
+  // written before `detail` was added.
+  detail: ErrorTextSchema,
   message: ErrorTextSchema
 })
 

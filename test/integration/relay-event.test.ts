@@ -222,7 +222,7 @@ describe('relay events per transport', () => {
     for (const r of readers) {
       expect(relayStates(r), r.name).toEqual([])
       const last = r.items.at(-1)!
-      expect(last.kind === 'event' ? last.ev : last, r.name).toEqual({ type: 'error', code: 'relay_unavailable', status: 503, message: exec.error.detail })
+      expect(last.kind === 'event' ? last.ev : last, r.name).toEqual({ type: 'error', code: 'relay_unavailable', status: 503, detail: exec.error.detail, message: exec.error.detail })
     }
   })
 })

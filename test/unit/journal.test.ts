@@ -282,7 +282,7 @@ describe('ExecEntry', () => {
     entry.finish(EXIT0)
     entry.append('stdout', b('ignored'))
     expect(textOf(events, 'stdout')).toBe('before after')
-    expect(finals(events)).toEqual([{ type: 'error', code: 'relay_unavailable', status: 503, message: 'the relay went away' }])
+    expect(finals(events)).toEqual([{ type: 'error', code: 'relay_unavailable', status: 503, detail: 'the relay went away', message: 'the relay went away' }])
     expect(events[events.length - 1]!.type).toBe('error')
     expect(entry.readers).toBe(0)
   })

@@ -157,7 +157,7 @@ describe('OpenAPI document', () => {
     expect(s.StdoutEvent.required).toEqual(['type', 'offset', 'data'])
     expect(s.GapEvent.required).toEqual(['type', 'stream', 'from', 'to'])
     expect(s.ExitEvent.required).toEqual(['type', 'exitCode', 'signal', 'timedOut'])
-    expect(s.ErrorEvent.required).toEqual(['type', 'code', 'status', 'message'])
+    expect(s.ErrorEvent.required).toEqual(['type', 'code', 'status', 'detail', 'message'])
     // The named components and the union the gateway uses at run time are the same events.
     expect(ExecEventSchema.anyOf).toEqual(Object.values(ExecEventMembers))
     expect(Object.keys(ExecEventMembers)).toEqual(Object.values(members))
