@@ -242,7 +242,6 @@ export class ClusterNode {
     }
   }
 
-  // Best effort: a deleted exec that the directory still has is found until its TTL.
   // An exec nobody holds and nobody has finished may still be in the running set of a replica
   // process that is gone: until its sandbox reconnects to a replica that rebuilds it, or the
   // reaper ends it with 503, its state is not known anywhere. That is a 503 to retry, not a 404
@@ -284,6 +283,7 @@ export class ClusterNode {
     return out
   }
 
+  // Best effort: a deleted exec that the directory still has is found until its TTL.
   forgetExec (execId: string): void {
     this.directory.forgetExec(execId).catch((err: Error) => {
       this.#log.warn({ execId, err: err.message }, 'could not forget the deleted exec in the directory')
