@@ -5,7 +5,8 @@ import type { SessionRegistry, SupervisorSession } from '../relay/sessions.js'
 import type { ExecEntry } from '../execs/exec-entry.js'
 import { Directory, type ExecOwner } from './directory.js'
 import { finishedEntry, finishedInput } from './finished-view.js'
-import { incarnationOf, type ReplicaInfo } from './reads.js'
+import { limboRecords, limboReplica } from './limbo.js'
+import type { ReplicaInfo } from './reads.js'
 import { DirectoryUnavailable } from './redis-client.js'
 import { Reaper } from './reaper.js'
 import { replicaAuthHeader, type ReplicaSecret } from './replica-auth.js'
@@ -242,22 +243,12 @@ export class ClusterNode {
     }
   }
 
-  // An exec nobody holds and nobody has finished may still be in the running set of a replica
-  // process that is gone: until its sandbox reconnects to a replica that rebuilds it, or the
-  // reaper ends it with 503, its state is not known anywhere. That is a 503 to retry, not a 404
-  // (which would tell the client the exec was lost). Undefined: the directory knows of no such
-  // exec (or cannot be asked).
+  // An exec in limbo (src/cluster/limbo.ts) is a 503 to retry. Undefined: the directory knows
+  // of no such exec (or cannot be asked).
   async limbo (execId: string): Promise<undefined> {
     let gone: string | undefined
     try {
-      const owner = await this.directory.execOwner(execId)
-      if (owner === undefined) return undefined
-      const live = new Set((await this.directory.replicas()).map((r) => incarnationOf(r)))
-      live.add(this.directory.incarnation)
-      for (const inc of await this.directory.runningSets()) {
-        if (live.has(inc) || !inc.startsWith(`${owner.replicaId}@`)) continue
-        if (await this.directory.isRunningIn(inc, execId)) { gone = owner.replicaId; break }
-      }
+      gone = await limboReplica(this.directory, execId)
     } catch (err) {
       if (!(err instanceof DirectoryUnavailable)) throw err
       return undefined
@@ -266,21 +257,9 @@ export class ClusterNode {
     throw new GatewayError('replica_unavailable', `exec ${execId} ran on replica ${gone}, which is gone; it goes on once its sandbox reconnects to a replica, or ends with 503 relay_unavailable within ${this.#o.replicaTtlMs ?? DEFAULT_REPLICA_TTL_MS} + ${this.#o.reattachTimeoutMs} ms (--reattach-timeout-ms) of the replica's end: retry`)
   }
 
-  // The records gone replica processes last wrote of their execs still running (see limbo()),
-  // for the cluster's list: such an exec is not lost, its state is just not known anywhere yet.
+  // For the cluster's list: such an exec is not lost, its state is just not known anywhere yet.
   async limboRecords (filter: { sandboxId?: string | undefined, status?: string | undefined }): Promise<Array<Record<string, unknown>>> {
-    const live = new Set((await this.directory.replicas()).map((r) => incarnationOf(r)))
-    live.add(this.directory.incarnation)
-    const out: Array<Record<string, unknown>> = []
-    for (const inc of await this.directory.runningSets()) {
-      if (live.has(inc)) continue
-      for (const record of (await this.directory.runningOf(inc)).values()) {
-        if (typeof record !== 'object' || record === null) continue
-        const r = record as Record<string, unknown>
-        if ((filter.sandboxId === undefined || r.sandboxId === filter.sandboxId) && (filter.status === undefined || r.status === filter.status)) out.push(r)
-      }
-    }
-    return out
+    return await limboRecords(this.directory, filter)
   }
 
   // Best effort: a deleted exec that the directory still has is found until its TTL.
