@@ -18,7 +18,9 @@ const internal: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, {
     }
   }, async (req, reply) => {
     const entry = ctx.execs.held(req.params.execId)
-    if (entry === undefined) throw new GatewayError('exec_not_found', `replica does not hold exec ${req.params.execId}`)
+    // The asking replica found this one named as the exec's owner: a record that is behind (the
+    // exec moved on, or this replica let go of it while shutting down), so it looks again.
+    if (entry === undefined) throw new GatewayError('replica_unavailable', `replica does not hold exec ${req.params.execId} (it moved on, or is moving): look again`)
     await ctx.execs.waitForEnd(entry)
     if (entry.movedAway) throw new GatewayError('replica_unavailable', `exec ${entry.id} moved on to another replica while its result was awaited here`)
     return await sendWaitResult(entry, req.query.encoding ?? 'utf8', reply)

@@ -133,7 +133,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     ...(cluster === undefined
       ? {}
       : {
-          remoteLookup: async (id: string) => await cluster.finishedExec(id) ?? await cluster.limbo(id),
+          remoteLookup: async (id: string) => await cluster.lookupElsewhere(id),
           forgetRemote: (id: string) => { cluster.forgetExec(id) },
           beforeAdopt: async (sandboxId: string) => { await cluster.readyToAdopt(sandboxId) },
           afterAdopt: async (sandboxId: string, ids: string[]) => { await cluster.afterAdopt(sandboxId, ids) }

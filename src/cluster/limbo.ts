@@ -13,12 +13,21 @@ async function goneSets (dir: Directory): Promise<string[]> {
   return (await dir.runningSets()).filter((inc) => !live.has(inc))
 }
 
-// The replica id of the gone process that last ran this exec; undefined when none did.
-export async function limboReplica (dir: Directory, execId: string): Promise<string | undefined> {
+// Where an exec this process does not hold is, when it is unfinished but nobody here can say
+// more: 'leaving' when this process let go of it (a shutdown hands kept execs on to their
+// sandbox's next replica, and until that one has rebuilt them the directory still names this
+// one), 'elsewhere' when a live replica holds it now (whoever asked here had an older answer),
+// 'gone' when the gone process that last ran it still lists it. Undefined when it is none of
+// these (unknown, deleted, or ended and reaped: the finished record says so).
+export async function limboReplica (dir: Directory, execId: string): Promise<{ replicaId: string, state: 'leaving' | 'elsewhere' | 'gone' } | undefined> {
   const owner = await dir.execOwner(execId)
   if (owner === undefined) return undefined
+  // Under this replica's id but not in this process's set: a predecessor's, looked for below.
+  const mine = owner.replicaId === dir.replicaId
+  if (mine && await dir.isRunningIn(dir.incarnation, execId)) return { replicaId: owner.replicaId, state: 'leaving' }
+  if (!mine && await dir.replica(owner.replicaId) !== undefined) return { replicaId: owner.replicaId, state: 'elsewhere' }
   for (const inc of await goneSets(dir)) {
-    if (inc.startsWith(`${owner.replicaId}@`) && await dir.isRunningIn(inc, execId)) return owner.replicaId
+    if (inc.startsWith(`${owner.replicaId}@`) && await dir.isRunningIn(inc, execId)) return { replicaId: owner.replicaId, state: 'gone' }
   }
   return undefined
 }

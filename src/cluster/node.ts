@@ -243,18 +243,29 @@ export class ClusterNode {
     }
   }
 
-  // An exec in limbo (src/cluster/limbo.ts) is a 503 to retry. Undefined: the directory knows
-  // of no such exec (or cannot be asked).
-  async limbo (execId: string): Promise<undefined> {
-    let gone: string | undefined
+  // An exec this replica does not hold, as the cluster knows it: finished (the directory's
+  // record), in limbo (src/cluster/limbo.ts: a 503 to retry), or unknown (undefined, a 404). A
+  // directory that cannot be asked, or a replica past its directory, cannot tell an unknown exec
+  // from one in transit: that is a 503 too, never a 404 that would say the exec was lost.
+  async lookupElsewhere (execId: string): Promise<ExecEntry | undefined> {
+    if (this.#closed) throw new GatewayError('replica_unavailable', `this replica is shutting down and can no longer look up exec ${execId} in the cluster: retry (another replica answers)`)
     try {
-      gone = await limboReplica(this.directory, execId)
+      const f = await this.directory.finished(execId)
+      if (f !== undefined) return finishedEntry(f, this.#o.retentionBytes)
+      await this.#limbo(execId)
+      return undefined
     } catch (err) {
       if (!(err instanceof DirectoryUnavailable)) throw err
-      return undefined
+      throw new GatewayError('directory_unavailable', `this replica does not hold exec ${execId}, and the cluster directory does not answer to say where it is: ${err.message}`)
     }
-    if (gone === undefined) return undefined
-    throw new GatewayError('replica_unavailable', `exec ${execId} ran on replica ${gone}, which is gone; it goes on once its sandbox reconnects to a replica, or ends with 503 relay_unavailable within ${this.#o.replicaTtlMs ?? DEFAULT_REPLICA_TTL_MS} + ${this.#o.reattachTimeoutMs} ms (--reattach-timeout-ms) of the replica's end: retry`)
+  }
+
+  async #limbo (execId: string): Promise<void> {
+    const gone = await limboReplica(this.directory, execId)
+    if (gone === undefined) return
+    if (gone.state === 'leaving') throw new GatewayError('replica_unavailable', `exec ${execId} is moving with its sandbox from this replica, which is shutting down, to another one: retry`)
+    if (gone.state === 'elsewhere') throw new GatewayError('replica_unavailable', `exec ${execId} moved on to replica ${gone.replicaId} with its sandbox: retry`)
+    throw new GatewayError('replica_unavailable', `exec ${execId} ran on replica ${gone.replicaId}, which is gone; it goes on once its sandbox reconnects to a replica, or ends with 503 relay_unavailable within ${this.#o.replicaTtlMs ?? DEFAULT_REPLICA_TTL_MS} + ${this.#o.reattachTimeoutMs} ms (--reattach-timeout-ms) of the replica's end: retry`)
   }
 
   // For the cluster's list: such an exec is not lost, its state is just not known anywhere yet.

@@ -178,12 +178,18 @@ export class ClusterRouting {
             await sleep(MOVED_RETRY_MS, undefined, { signal: gone.signal }).catch(() => {})
             continue
           }
-          // It moved on again: follow it.
-          if (res.status === 503 && body.code === 'replica_unavailable') { last = String(body.detail); continue }
+          // It moved on again, or is moving: follow it once the directory says where.
+          if (res.status === 503 && body.code === 'replica_unavailable') {
+            last = String(body.detail)
+            if (await this.#finishedAnswer(execId, encoding, reply)) return reply
+            await sleep(MOVED_RETRY_MS, undefined, { signal: gone.signal }).catch(() => {})
+            continue
+          }
           reply.header('location', `/v1/execs/${execId}`)
           if (res.status !== 200) reply.type('application/problem+json')
           return await reply.code(res.status).send(body)
         }
+        if (await this.#finishedAnswer(execId, encoding, reply)) return reply
         await sleep(MOVED_RETRY_MS, undefined, { signal: gone.signal }).catch(() => {})
       }
       if (shutdown.signal.aborted && !reply.raw.destroyed) {
@@ -202,6 +208,16 @@ export class ClusterRouting {
     for (const stop of [...this.#waits]) stop()
     await this.#upgrades?.closeAll(1012)
     this.#upgrades?.uninstall()
+  }
+
+  // An exec that ended after its last replica let go of it (or whose replica wrote its outcome
+  // and went): the directory's record answers. Only when no replica holds it, since a holder's
+  // answer has all it retains, the record only a capped tail.
+  async #finishedAnswer (execId: string, encoding: string, reply: FastifyReply): Promise<boolean> {
+    const finished = await this.#o.cluster.finishedExec(execId)
+    if (finished === undefined) return false
+    await sendWaitResult(finished, encoding === 'base64' ? 'base64' : 'utf8', reply)
+    return true
   }
 
   #forward (targetBaseUrl: string): { replicaId: string, secret: ReplicaSecret, targetBaseUrl: string, unavailable: (detail: string) => ReturnType<typeof problem> } {

@@ -5,6 +5,8 @@ import pino from 'pino'
 import { afterEach, describe, expect, it } from 'vitest'
 import { buildGateway, type Gateway } from '../../src/app.js'
 import { Directory } from '../../src/cluster/directory.js'
+import { FORWARDED_BY_HEADER } from '../../src/cluster/forward-headers.js'
+import { deriveReplicaSecret, replicaAuthHeader } from '../../src/cluster/replica-auth.js'
 import { defaultGatewayConfig } from '../../src/config.js'
 import { loadDataDir } from '../../src/data-dir.js'
 import { signSupervisorToken } from '../../src/tokens.js'
@@ -70,6 +72,32 @@ describe('cluster drain: a replica that shuts down moves its supervisors first',
     const chattyId = await execStart(lb.publicUrl, 'drain-1', { command: ['sh', '-c', chatty] })
     const reader = startDashboardReader(lb.publicUrl, chattyId, 60_000)
     await waitFor(() => reader.seen.stdout > 200, { timeoutMs: 10_000, description: 'the reader sees output' })
+    // A blocking exec asked of the replica that stays (it forwards to the owner, then waits where
+    // the exec goes), and lookups through it all along the move: an exec in transit is a 503 to
+    // retry or its record, never a 404.
+    const waited = api(other.publicUrl, 'POST', '/v1/sandboxes/drain-1/execs?wait=true', { command: ['sh', '-c', 'sleep 5; echo waited; exit 5'] })
+    const lookups = new Map<number, number>()
+    const poll = { on: true }
+    const poller = (async () => {
+      while (poll.on) {
+        const r = await api(other.publicUrl, 'GET', `/v1/execs/${silentId}`).catch(() => undefined)
+        if (r !== undefined) lookups.set(r.status, (lookups.get(r.status) ?? 0) + 1)
+        await new Promise((resolve) => setTimeout(resolve, 25))
+      }
+    })()
+    // What a replica with an older answer from the directory forwards to the draining one, up to
+    // the moment it stops listening: that replica no longer holds the exec, which is no 404.
+    const internalUrl = (await dir.replica(owner.replicaId))!.internalUrl
+    const stale = new Map<number, number>()
+    const stalePoller = (async () => {
+      const headers = { ...replicaAuthHeader(deriveReplicaSecret(identity)), [FORWARDED_BY_HEADER]: 'test-reader' }
+      while (poll.on) {
+        const r = await api(internalUrl, 'GET', `/v1/execs/${silentId}`, undefined, headers).catch(() => undefined)
+        if (r === undefined) break
+        stale.set(r.status, (stale.get(r.status) ?? 0) + 1)
+        await new Promise((resolve) => setTimeout(resolve, 10))
+      }
+    })()
 
     const t0 = performance.now()
     owner.closed = true
@@ -90,6 +118,17 @@ describe('cluster drain: a replica that shuts down moves its supervisors first',
     expect(d.final).toEqual({ type: 'exit', exitCode: 4, signal: null, timedOut: false })
 
     await waitFor(async () => (await api(lb.publicUrl, 'GET', `/v1/execs/${silentId}`)).body.status === 'exited', { timeoutMs: 20_000, description: 'the silent exec ends' })
+    poll.on = false
+    await poller
+    await stalePoller
+    console.log(`drain: lookups through the replica that stayed by status: ${JSON.stringify(Object.fromEntries(lookups))}; forwarded to the drained one: ${JSON.stringify(Object.fromEntries(stale))}`)
+    expect([...stale.keys()].filter((status) => status !== 200 && status !== 503), 'lookups forwarded to the drained replica').toEqual([])
+    expect(stale.get(503) ?? 0, 'the drained replica said "moved on" once it had let go').toBeGreaterThan(0)
+    expect([...lookups.keys()].filter((status) => status !== 200 && status !== 503), 'lookups during the move').toEqual([])
+    expect(lookups.get(200) ?? 0).toBeGreaterThan(0)
+    const w = await within(waited, 30_000, 'the blocking exec asked of the other replica answers')
+    expect(w.status).toBe(200)
+    expect(w.body).toMatchObject({ status: 'exited', exitCode: 5, stdout: 'waited\n' })
     const rec = (await api(lb.publicUrl, 'GET', `/v1/execs/${silentId}`)).body
     expect(rec).toMatchObject({ status: 'exited', exitCode: 3, error: null, stdoutBytes: 5 })
     const events = await fetch(`${lb.publicUrl}/v1/execs/${silentId}/events`, { headers: { accept: 'application/x-ndjson' } }).then(async (r) => await r.text())
