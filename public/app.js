@@ -6,6 +6,7 @@
 //   terminal.js  the xterm.js terminal
 //   events.js    the exec on screen: its stream, reconnects, output and events
 //   lists.js     the sandboxes and recent execs
+//   utf8.js      output chunks cut at character boundaries
 import { Api, ApiError } from './api.js'
 import { Viewer } from './events.js'
 import { Lists } from './lists.js'

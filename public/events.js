@@ -40,12 +40,9 @@ export class Viewer {
   get current () { return this.#current }
 
   attach (exec) {
-    const term = this.#screen.term
     this.detach()
     this.#errors.clear()
-    term.reset()
-    // A pty already ends lines with CRLF; plain pipes end them with LF only.
-    term.options.convertEol = !exec.tty
+    this.#screen.start({ tty: exec.tty })
     this.#current = {
       id: exec.id,
       tty: exec.tty,
@@ -66,7 +63,7 @@ export class Viewer {
     setStatus(exec.status, exec.status)
     if (exec.tty) this.#screen.fit()
     this.#connect(this.#current)
-    if (exec.tty && exec.interactive) term.focus()
+    if (exec.tty && exec.interactive) this.#screen.term.focus()
   }
 
   detach () {
@@ -162,11 +159,10 @@ export class Viewer {
     const bytes = frame.subarray(1)
     if (channel === 1) {
       a.stdoutSeen += bytes.length
-      this.#screen.term.write(bytes)
+      this.#screen.output('stdout', bytes)
     } else if (channel === 2) {
       a.stderrSeen += bytes.length
-      if (a.tty) this.#screen.term.write(bytes)
-      else this.#screen.writeStderr(bytes)
+      this.#screen.output('stderr', bytes)
     }
   }
 
@@ -186,6 +182,7 @@ export class Viewer {
         return
       }
       case 'gap':
+        this.#screen.flushOutput([ev.stream])
         this.#screen.term.write(`\r\n\x1b[33m[${ev.to - ev.from} bytes of ${ev.stream} were no longer held]\x1b[0m\r\n`)
         if (ev.stream === 'stdout') a.stdoutSeen = Math.max(a.stdoutSeen, ev.to)
         else a.stderrSeen = Math.max(a.stderrSeen, ev.to)
@@ -214,6 +211,7 @@ export class Viewer {
     clearTimeout(a.watchdog)
     el.kill.disabled = true
     setConnection('closed', 'ended')
+    this.#screen.flushOutput()
     void this.#screen.flushed()
     this.#onFinished()
     if (a.tty) this.#screen.term.blur()

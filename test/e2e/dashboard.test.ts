@@ -265,4 +265,27 @@ describe('dashboard', () => {
     expect(await page.locator('#error').innerText()).toContain('503 sandbox_unavailable')
     expect(await terminalText(page)).toBe('')
   })
+
+  it('shows stderr in red, cut at character boundaries, and a tty exec\'s output as the pty wrote it', async () => {
+    const page = await openDashboard(sb!.g.publicUrl)
+    await chooseSandbox(page, 'box')
+    // € (e2 82 ac) is split across two stderr chunks; é (c3 a9) across two stdout chunks with
+    // stderr between them, so each half waits for its own stream's next chunk.
+    await run(page, String.raw`echo out; echo err >&2; printf '\342\202' >&2; sleep 0.3; printf '\254 euro\n' >&2; ` +
+      String.raw`printf '\303'; sleep 0.3; printf x >&2; sleep 0.3; printf '\251\n'`)
+    await statusIs(page, 'exit 0')
+    expect((await terminalText(page)).split('\n')).toEqual(['out', 'err', '€ euro', 'xé'])
+    // What xterm.js rendered: per row, its runs of text and whether each is red (palette 1).
+    const rows = async (): Promise<Array<Array<[string, boolean]>>> => await page.locator('#terminal .xterm-rows > div').evaluateAll((divs) =>
+      divs.map((d) => [...d.querySelectorAll('span')].filter((s) => s.textContent!.trim() !== '')
+        .map((s) => [s.textContent!.trim(), s.classList.contains('xterm-fg-1')] as [string, boolean]))
+        .filter((r) => r.length > 0))
+    await expect.poll(rows, { timeout: 5000 }).toEqual([[['out', false]], [['err', true]], [['€ euro', true]], [['x', true], ['é', false]]])
+
+    // A pty merges stderr into its output: nothing to tell apart, nothing recoloured.
+    await run(page, 'echo tty-out; echo tty-err >&2; exit 4', { tty: true })
+    await statusIs(page, 'exit 4')
+    expect((await terminalText(page)).split('\n')).toEqual(['tty-out', 'tty-err'])
+    await expect.poll(rows, { timeout: 5000 }).toEqual([[['tty-out', false]], [['tty-err', false]]])
+  })
 })
