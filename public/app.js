@@ -85,13 +85,29 @@ el.forgetToken.addEventListener('click', () => {
   void lists.refresh()
 })
 
+// What the page needs from the gateway beyond the API: its heartbeat interval. Asked again by
+// the next poll while it cannot be had; until then the viewer assumes the default.
+async function configure () {
+  try {
+    const { heartbeatIntervalMs } = await api.call('GET', 'dashboard/config')
+    viewer.heartbeatEvery(heartbeatIntervalMs)
+    return true
+  } catch {
+    return false
+  }
+}
+
 // Every POLL_MS, skipping a round while the last one is still waiting for the gateway.
 function startPolling () {
   let polling = false
+  let configured = false
   const poll = async () => {
     if (!polling) {
       polling = true
-      try { await lists.refresh() } finally { polling = false }
+      try {
+        const [ok] = await Promise.all([configured || configure(), lists.refresh()])
+        configured = ok
+      } finally { polling = false }
     }
     setTimeout(() => { void poll() }, POLL_MS)
   }
@@ -105,6 +121,7 @@ window.dashboard = {
   // Synchronous, for polling: what xterm.js has parsed so far.
   textNow: () => screen.text(),
   get execId () { return viewer.current?.id },
+  get silenceMs () { return viewer.silenceMs },
   get bytesSeen () {
     const a = viewer.current
     return a === undefined ? undefined : { stdout: a.stdoutSeen, stderr: a.stderrSeen }

@@ -5,10 +5,20 @@ import { el, outcomeText, setConnection, setStatus } from './page.js'
 
 const RECONNECT_MIN_MS = 200
 const RECONNECT_MAX_MS = 3000
-// The gateway sends a heartbeat after 15 s of silence (its default), so a socket silent for this
-// long is a dead link that TCP has not noticed (a sleeping laptop, a dropped NAT entry): drop
-// it and resume, rather than wait forever for output that cannot arrive.
-const SILENCE_MS = 45_000
+// The gateway sends a heartbeat after --heartbeat-interval-ms of silence (15 s unless set), so
+// a socket silent for three of those is a dead link that TCP has not noticed (a sleeping laptop,
+// a dropped NAT entry): drop it and resume, rather than wait forever for output that cannot
+// arrive. Never sooner than MIN_SILENCE_MS, so a short interval with a slow link or a
+// throttled background tab does not reconnect a healthy stream.
+const MIN_SILENCE_MS = 45_000
+const HEARTBEATS_MISSED = 3
+// setTimeout fires at once for longer delays (the interval may be up to a day).
+const MAX_TIMER_MS = 2 ** 31 - 1
+
+function silenceFor (heartbeatIntervalMs) {
+  if (!Number.isFinite(heartbeatIntervalMs) || heartbeatIntervalMs <= 0) return MIN_SILENCE_MS
+  return Math.min(MAX_TIMER_MS, Math.max(MIN_SILENCE_MS, HEARTBEATS_MISSED * heartbeatIntervalMs))
+}
 
 export class Viewer {
   // One attachment at a time: the exec on screen, the bytes of each stream already written to the
@@ -18,6 +28,8 @@ export class Viewer {
   #screen
   #errors
   #onFinished
+  // Until the gateway says its interval: right for its default.
+  #silenceMs = MIN_SILENCE_MS
 
   // onFinished: called when the exec on screen ends, so the lists can show it.
   constructor ({ api, screen, errors, onFinished }) {
@@ -25,6 +37,7 @@ export class Viewer {
     this.#screen = screen
     this.#errors = errors
     this.#onFinished = onFinished
+    el.connection.dataset.silenceMs = String(this.#silenceMs)
     screen.term.onData((data) => {
       const a = this.#current
       // Keystrokes are stdin only for an exec that reads it from a terminal; elsewhere they would
@@ -38,6 +51,17 @@ export class Viewer {
   }
 
   get current () { return this.#current }
+
+  get silenceMs () { return this.#silenceMs }
+
+  // The gateway's announced heartbeat interval (the page may attach before it is known).
+  heartbeatEvery (ms) {
+    this.#silenceMs = silenceFor(ms)
+    el.connection.dataset.heartbeatMs = String(ms)
+    el.connection.dataset.silenceMs = String(this.#silenceMs)
+    const a = this.#current
+    if (a !== undefined && a.ws !== undefined && !a.final) this.#armWatchdog(a)
+  }
 
   attach (exec) {
     this.detach()
@@ -92,7 +116,7 @@ export class Viewer {
       if (a !== this.#current || a.final) return
       this.#abandon(a)
       this.#scheduleReconnect(a)
-    }, SILENCE_MS)
+    }, this.#silenceMs)
   }
 
   #connect (a) {

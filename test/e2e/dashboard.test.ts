@@ -6,6 +6,7 @@ import { chromium, type Browser, type BrowserContext, type Page, type Request } 
 import { startSandbox, type TestSandbox } from '../helpers/sandbox.js'
 import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
 import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js'
+import { api } from '../helpers/api.js'
 
 // The dashboard in a real headless Chromium, against a real gateway, real supervisor processes
 // and the embedded SSH daemon: what a user sees, down to the bytes in the xterm.js terminal.
@@ -55,11 +56,13 @@ describe('dashboard', () => {
   })
 
   // A fresh profile per test: nothing (a saved token, say) leaks from one test into another.
-  async function openDashboard (url: string): Promise<Page> {
+  // fakeClock: the page's timers run on a clock the test can move (it ticks on by itself too).
+  async function openDashboard (url: string, opts: { fakeClock?: boolean } = {}): Promise<Page> {
     const context = await browser!.newContext({ viewport: { width: 1280, height: 760 } })
     contexts.push(context)
     const page = await context.newPage()
     page.on('pageerror', (err) => pageErrors.push(String(err)))
+    if (opts.fakeClock === true) await page.clock.install()
     await page.goto(url + '/')
     await page.locator('#terminal .xterm').waitFor()
     return page
@@ -175,14 +178,14 @@ describe('dashboard', () => {
     locked = await startSandbox('embedded', 'locked', { apiTokens: [TOKEN] })
     const base = locked.g.publicUrl
     // The page and xterm.js are readable without a token; the API and unknown paths are not.
-    for (const path of ['/', '/app.js', '/style.css', '/assets/xterm/lib/xterm.mjs', '/assets/xterm/css/xterm.css', '/assets/xterm-addon-fit/lib/addon-fit.mjs']) {
+    for (const path of ['/', '/app.js', '/style.css', '/dashboard/config', '/assets/xterm/lib/xterm.mjs', '/assets/xterm/css/xterm.css', '/assets/xterm-addon-fit/lib/addon-fit.mjs']) {
       expect((await fetch(base + path)).status, path).toBe(200)
     }
     expect((await fetch(`${base}/v1/sandboxes`)).status).toBe(401)
     expect((await fetch(`${base}/v1/no-such-route`)).status).toBe(401)
     expect((await fetch(`${base}/assets/xterm/package.json`)).status).not.toBe(200)
     const openapi = await (await fetch(`${base}/openapi.json`)).json() as { paths: Record<string, unknown> }
-    expect(Object.keys(openapi.paths).filter((p) => ['/', '/index.html', '/app.js', '/style.css'].includes(p) || p.startsWith('/assets/'))).toEqual([])
+    expect(Object.keys(openapi.paths).filter((p) => ['/', '/index.html', '/app.js', '/style.css'].includes(p) || p.startsWith('/assets/') || p.startsWith('/dashboard'))).toEqual([])
 
     const page = await openDashboard(base)
     const error = page.locator('#error')
@@ -287,5 +290,57 @@ describe('dashboard', () => {
     await statusIs(page, 'exit 4')
     expect((await terminalText(page)).split('\n')).toEqual(['tty-out', 'tty-err'])
     await expect.poll(rows, { timeout: 5000 }).toEqual([[['tty-out', false]], [['tty-err', false]]])
+  })
+
+  it('takes the gateway\'s announced heartbeat interval: silent for 50 s is alive at 60 s heartbeats, dead after 3 × 60 s', async () => {
+    const slow = await startSandbox('embedded', 'slow', { heartbeatIntervalMs: 60_000 })
+    try {
+      expect((await api(slow.g.publicUrl, 'GET', '/dashboard/config')).body).toEqual({ heartbeatIntervalMs: 60_000 })
+      const page = await openDashboard(slow.g.publicUrl, { fakeClock: true })
+      await page.waitForFunction(() => document.getElementById('connection')?.dataset.silenceMs === '180000', undefined, WAIT)
+      const sockets: string[] = []
+      page.on('websocket', (ws) => sockets.push(ws.url()))
+      await chooseSandbox(page, 'slow')
+      await run(page, 'echo quiet; sleep 60')
+      await page.waitForFunction(() => (window as unknown as DashboardWindow).dashboard.textNow() === 'quiet', undefined, WAIT)
+      const connection = page.locator('#connection')
+      await page.waitForFunction(() => document.getElementById('connection')?.dataset.state === 'open', undefined, WAIT)
+
+      // A laptop lid shut for 50 s: past the old fixed 45 s, so that used to reconnect (and, at a
+      // 60 s interval, every 45 s from then on); now the stream is left alone.
+      await page.clock.fastForward(50_000)
+      expect(await connection.getAttribute('data-state')).toBe('open')
+      expect(await connection.getAttribute('data-reconnects')).toBe('0')
+      expect(sockets).toHaveLength(1)
+
+      // 185 s without a frame: three heartbeats missed, the link is taken for dead and resumed.
+      await page.clock.fastForward(135_000)
+      await page.waitForFunction(() => document.getElementById('connection')?.dataset.reconnects === '1', undefined, WAIT)
+      await page.waitForFunction(() => document.getElementById('connection')?.dataset.state === 'open', undefined, WAIT)
+      expect(sockets).toHaveLength(2)
+      expect(new URL(sockets[1]!).searchParams.get('stdoutOffset')).toBe(String('quiet\n'.length))
+      await page.getByRole('button', { name: 'Kill', exact: true }).click()
+      await statusIs(page, 'signal KILL')
+      expect(await terminalText(page)).toBe('quiet')
+    } finally {
+      await slow.close()
+    }
+  })
+
+  it('never takes a stream for dead sooner than 45 s, however short the announced interval', async () => {
+    const fast = await startSandbox('embedded', 'fast', { heartbeatIntervalMs: 200 })
+    try {
+      expect((await api(fast.g.publicUrl, 'GET', '/dashboard/config')).body).toEqual({ heartbeatIntervalMs: 200 })
+      const page = await openDashboard(fast.g.publicUrl)
+      await page.waitForFunction(() => document.getElementById('connection')?.dataset.heartbeatMs === '200', undefined, WAIT)
+      expect(await page.locator('#connection').getAttribute('data-silence-ms')).toBe('45000')
+      await chooseSandbox(page, 'fast')
+      await run(page, 'sleep 1.5; echo after-heartbeats')
+      await statusIs(page, 'exit 0')
+      expect(await terminalText(page)).toBe('after-heartbeats')
+      expect(await page.locator('#connection').getAttribute('data-reconnects')).toBe('0')
+    } finally {
+      await fast.close()
+    }
   })
 })
