@@ -6,8 +6,10 @@
 //   terminal.js  the xterm.js terminal
 //   events.js    the exec on screen: its stream, reconnects, output and events
 //   lists.js     the sandboxes and recent execs
+//   durations.js how long each exec ran (clock.js: the gateway's clock)
 //   utf8.js      output chunks cut at character boundaries
 import { Api, ApiError } from './api.js'
+import { showDuration, startTicking } from './durations.js'
 import { Viewer } from './events.js'
 import { Lists } from './lists.js'
 import { el, ErrorLine, setStatus } from './page.js'
@@ -65,6 +67,7 @@ el.runForm.addEventListener('submit', async (e) => {
     screen.term.reset()
     el.execId.textContent = '–'
     el.execSandbox.textContent = lists.selectedSandbox
+    showDuration(el.duration, {})
     setStatus('failed', err instanceof ApiError ? err.short : 'failed')
     errors.show('run', err)
   } finally {
@@ -114,6 +117,7 @@ function startPolling () {
   void poll()
 }
 startPolling()
+startTicking()
 
 // For scripts and tests driving the page: what the terminal shows, once parsed.
 window.dashboard = {

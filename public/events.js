@@ -1,6 +1,8 @@
 // The exec on screen: its stream over a WebSocket, written to the terminal as it comes, resumed
 // where it stopped when the socket drops, until the final event (exit or error).
 import { ApiError } from './api.js'
+import { serverNow } from './clock.js'
+import { showDuration } from './durations.js'
 import { el, outcomeText, setConnection, setStatus } from './page.js'
 
 const RECONNECT_MIN_MS = 200
@@ -85,6 +87,7 @@ export class Viewer {
     el.connection.dataset.reconnects = '0'
     el.kill.disabled = false
     setStatus(exec.status, exec.status)
+    showDuration(el.duration, exec)
     if (exec.tty) this.#screen.fit()
     this.#connect(this.#current)
     if (exec.tty && exec.interactive) this.#screen.term.focus()
@@ -235,6 +238,8 @@ export class Viewer {
     clearTimeout(a.watchdog)
     el.kill.disabled = true
     setConnection('closed', 'ended')
+    // Stopped now; the record's endedAt replaces this at the next poll, which onFinished asks for.
+    if (el.duration.dataset.running === 'true') showDuration(el.duration, { startedAt: el.duration.dataset.startedAt, endedAt: new Date(serverNow()).toISOString() })
     this.#screen.flushOutput()
     void this.#screen.flushed()
     this.#onFinished()

@@ -1,5 +1,6 @@
 // The side lists: the sandboxes (and which one commands go to) and the recent execs, each
 // refreshed from the API by the poll and whenever an exec on screen ends.
+import { showDuration } from './durations.js'
 import { el, outcomeText, setStatus } from './page.js'
 
 const RECENT_LIMIT = 25
@@ -56,6 +57,8 @@ export class Lists {
       const a = this.#viewer.current
       const mine = a === undefined ? undefined : execs.find((ex) => ex.id === a.id)
       if (mine !== undefined && !a.final && mine.status === 'running' && el.status.dataset.state === 'pending') setStatus('running', 'running')
+      // A record read before the final event came would start the bar's clock again.
+      if (mine !== undefined && !(a.final && mine.endedAt === null)) showDuration(el.duration, mine)
       this.#errors.pollOk()
     } catch (err) {
       this.#errors.pollFailed('recent execs', err)
@@ -103,7 +106,7 @@ export class Lists {
   #renderRecent (execs) {
     el.noRecent.hidden = execs.length > 0
     // Rebuilt only when something changed, so a poll never swaps a button out from under a click.
-    const key = JSON.stringify(execs.map((ex) => [ex.id, summary(ex)]))
+    const key = JSON.stringify(execs.map((ex) => [ex.id, summary(ex), ex.startedAt, ex.endedAt]))
     if (key === this.#recentShown) return
     this.#recentShown = key
     const items = execs.map((ex) => {
@@ -123,7 +126,10 @@ export class Lists {
       const meta = document.createElement('span')
       meta.className = 'meta'
       meta.textContent = `${ex.sandboxId} · ${new Date(ex.createdAt).toLocaleTimeString()}${ex.tty ? ' · tty' : ''}`
-      b.append(cmd, st, meta)
+      const duration = document.createElement('span')
+      duration.className = 'duration'
+      showDuration(duration, ex)
+      b.append(cmd, st, meta, duration)
       b.addEventListener('click', () => this.#viewer.attach(ex))
       li.append(b)
       return li

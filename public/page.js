@@ -19,6 +19,7 @@ export const el = {
   execId: $('exec-id'),
   execSandbox: $('exec-sandbox'),
   status: $('exec-status'),
+  duration: $('exec-duration'),
   connection: $('connection'),
   kill: $('kill'),
   terminal: $('terminal')

@@ -292,6 +292,39 @@ describe('dashboard', () => {
     await expect.poll(rows, { timeout: 5000 }).toEqual([[['tty-out', false]], [['tty-err', false]]])
   })
 
+  it('shows how long each exec has been running, then how long it ran, in the exec bar and the recent list', async () => {
+    const page = await openDashboard(sb!.g.publicUrl)
+    await chooseSandbox(page, 'box')
+    await run(page, 'sleep 4')
+    const id = (await (await page.waitForFunction(() => /^ex_/.exec(document.getElementById('exec-id')?.textContent ?? '')?.input, undefined, WAIT)).jsonValue()) as string
+    const bar = page.locator('#exec-duration')
+    const listed = page.locator(`[data-testid="recent-exec"][data-exec-id="${id}"] .duration`)
+    // Counting up in whole seconds while it runs (from the first poll that has its startedAt).
+    const seconds = async (): Promise<number> => {
+      const h = await page.waitForFunction(() => /^\d s$/.exec(document.getElementById('exec-duration')?.textContent ?? '')?.[0], undefined, WAIT)
+      return parseInt(await h.jsonValue() as string)
+    }
+    const first = await seconds()
+    expect(await bar.getAttribute('data-running')).toBe('true')
+    await expect.poll(async () => await listed.textContent(), { timeout: 5000 }).toMatch(/^\d s$/)
+    await page.waitForFunction((s) => document.getElementById('exec-duration')?.textContent === `${s + 1} s`, first, WAIT)
+
+    await statusIs(page, 'exit 0')
+    const record = (await api(sb!.g.publicUrl, 'GET', `/v1/execs/${id}`)).body as { startedAt: string, endedAt: string }
+    const ms = Date.parse(record.endedAt) - Date.parse(record.startedAt)
+    expect(ms).toBeGreaterThanOrEqual(4000)
+    const expected = `${(Math.floor(ms / 100) / 10).toFixed(1)} s`
+    // From the record's startedAt and endedAt, once the poll after the exit has read them.
+    await expect.poll(async () => await bar.getAttribute('data-ended-at'), { timeout: 5000 }).toBe(record.endedAt)
+    expect(await bar.getAttribute('data-started-at')).toBe(record.startedAt)
+    expect(await bar.getAttribute('data-running')).toBe('false')
+    expect(await bar.textContent()).toBe(expected)
+    await expect.poll(async () => await listed.textContent(), { timeout: 5000 }).toBe(expected)
+    // Stopped: the next ticks leave it as it is.
+    await page.waitForTimeout(1200)
+    expect(await bar.textContent()).toBe(expected)
+  })
+
   it('takes the gateway\'s announced heartbeat interval: silent for 50 s is alive at 60 s heartbeats, dead after 3 × 60 s', async () => {
     const slow = await startSandbox('embedded', 'slow', { heartbeatIntervalMs: 60_000 })
     try {
