@@ -5,6 +5,15 @@ import { el, outcomeText, setStatus } from './page.js'
 
 const RECENT_LIMIT = 25
 
+// The recent list's filter: which execs each choice keeps. Active is pending or running, as in
+// the sandboxes' "N active".
+const FILTERS = {
+  all: () => true,
+  active: (ex) => ex.status === 'pending' || ex.status === 'running',
+  exited: (ex) => ex.status === 'exited',
+  failed: (ex) => ex.status === 'failed'
+}
+
 function commandText (command) {
   // The dashboard's own execs are sh -c "<line>": show the line as typed.
   if (command.length === 3 && command[0] === 'sh' && command[1] === '-c') return command[2]
@@ -23,11 +32,14 @@ export class Lists {
   #viewer
   #selectedSandbox
   #recentShown = ''
+  // The last list fetched, newest first, so a change of filter shows at once.
+  #execs = []
 
   constructor ({ api, errors, viewer }) {
     this.#api = api
     this.#errors = errors
     this.#viewer = viewer
+    el.recentFilter.addEventListener('change', () => this.#renderRecent())
   }
 
   // The sandbox commands go to; undefined until one has connected.
@@ -52,7 +64,8 @@ export class Lists {
     try {
       const { execs } = await this.#api.call('GET', 'v1/execs')
       execs.sort((a, b) => (a.createdAt < b.createdAt ? 1 : a.createdAt > b.createdAt ? -1 : 0))
-      this.#renderRecent(execs.slice(0, RECENT_LIMIT))
+      this.#execs = execs
+      this.#renderRecent()
       // pending → running has no event of its own; the exec record says when it happened.
       const a = this.#viewer.current
       const mine = a === undefined ? undefined : execs.find((ex) => ex.id === a.id)
@@ -103,8 +116,11 @@ export class Lists {
     }
   }
 
-  #renderRecent (execs) {
+  #renderRecent () {
+    const filter = el.recentFilter.value
+    const execs = this.#execs.filter(FILTERS[filter] ?? FILTERS.all).slice(0, RECENT_LIMIT)
     el.noRecent.hidden = execs.length > 0
+    el.noRecent.textContent = this.#execs.length === 0 || filter === 'all' ? 'None yet.' : `None ${filter}.`
     // Rebuilt only when something changed, so a poll never swaps a button out from under a click.
     const key = JSON.stringify(execs.map((ex) => [ex.id, summary(ex), ex.startedAt, ex.endedAt]))
     if (key === this.#recentShown) return

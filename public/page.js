@@ -11,6 +11,7 @@ export const el = {
   sandboxes: $('sandboxes'),
   noSandboxes: $('no-sandboxes'),
   recent: $('recent'),
+  recentFilter: $('recent-filter'),
   noRecent: $('no-recent'),
   runForm: $('run-form'),
   command: $('command'),

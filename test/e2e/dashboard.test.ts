@@ -6,7 +6,7 @@ import { chromium, type Browser, type BrowserContext, type Page, type Request } 
 import { startSandbox, type TestSandbox } from '../helpers/sandbox.js'
 import { startSupervisorProcess, type SupervisorProcess } from '../helpers/supervisor-process.js'
 import { startTcpProxy, type TcpProxy } from '../helpers/tcp-proxy.js'
-import { api } from '../helpers/api.js'
+import { api, execStart, execWait } from '../helpers/api.js'
 
 // The dashboard in a real headless Chromium, against a real gateway, real supervisor processes
 // and the embedded SSH daemon: what a user sees, down to the bytes in the xterm.js terminal.
@@ -323,6 +323,50 @@ describe('dashboard', () => {
     // Stopped: the next ticks leave it as it is.
     await page.waitForTimeout(1200)
     expect(await bar.textContent()).toBe(expected)
+  })
+
+  it('filters the recent execs by status: all, active, exited, failed', async () => {
+    const fx = await startSandbox('embedded', 'fbox', { sessionWaitMs: 300 })
+    const gone = startSupervisorProcess({ gatewayUrl: fx.g.supervisorUrl, sandboxId: 'fgone', token: fx.g.token('fgone') })
+    try {
+      await fx.g.waitConnected('fgone')
+      await gone.stop()
+      const base = fx.g.publicUrl
+      const sandboxes = async (): Promise<unknown> => (await api(base, 'GET', '/v1/sandboxes')).body.sandboxes.find((x: { id: string }) => x.id === 'fgone')?.status
+      await expect.poll(sandboxes, { timeout: 10_000 }).toBe('disconnected')
+      const ok = (await execWait(base, 'fbox', { command: ['true'] })).body.id as string
+      const three = (await execWait(base, 'fbox', { command: ['sh', '-c', 'exit 3'] })).body.id as string
+      // No supervisor within --session-wait-ms: the exec fails with sandbox_unavailable.
+      const failed = await execStart(base, 'fgone', { command: ['true'] })
+      await expect.poll(async () => (await api(base, 'GET', `/v1/execs/${failed}`)).body.status, { timeout: 10_000 }).toBe('failed')
+      const running = await execStart(base, 'fbox', { command: ['sleep', '30'] })
+
+      const page = await openDashboard(base)
+      const shown = async (): Promise<string[]> => await page.locator('[data-testid="recent-exec"]').evaluateAll((bs) => bs.map((b) => (b as HTMLElement).dataset.execId!))
+      const filter = page.getByLabel('show')
+      await expect.poll(shown, { timeout: 10_000 }).toEqual([running, failed, three, ok])
+      await filter.selectOption('active')
+      expect(await shown()).toEqual([running])
+      await filter.selectOption('exited')
+      expect(await shown()).toEqual([three, ok])
+      await filter.selectOption('failed')
+      expect(await shown()).toEqual([failed])
+      expect(await page.locator(`[data-exec-id="${failed}"] .badge`).innerText()).toBe('503 sandbox_unavailable')
+
+      // The filter holds across polls: the killed exec leaves "active" and joins "exited".
+      await filter.selectOption('active')
+      await api(base, 'POST', `/v1/execs/${running}/signal`, { signal: 'KILL' })
+      await page.locator('#no-recent').waitFor()
+      expect(await page.locator('#no-recent').innerText()).toBe('None active.')
+      expect(await shown()).toEqual([])
+      await filter.selectOption('exited')
+      expect(await shown()).toEqual([running, three, ok])
+      await filter.selectOption('all')
+      expect(await shown()).toEqual([running, failed, three, ok])
+    } finally {
+      await gone.stop()
+      await fx.close()
+    }
   })
 
   it('takes the gateway\'s announced heartbeat interval: silent for 50 s is alive at 60 s heartbeats, dead after 3 × 60 s', async () => {
