@@ -178,14 +178,14 @@ describe('dashboard', () => {
     locked = await startSandbox('embedded', 'locked', { apiTokens: [TOKEN] })
     const base = locked.g.publicUrl
     // The page and xterm.js are readable without a token; the API and unknown paths are not.
-    for (const path of ['/', '/app.js', '/style.css', '/dashboard/config', '/assets/xterm/lib/xterm.mjs', '/assets/xterm/css/xterm.css', '/assets/xterm-addon-fit/lib/addon-fit.mjs']) {
+    for (const path of ['/', '/app.js', '/style.css', '/favicon.svg', '/dashboard/config', '/assets/xterm/lib/xterm.mjs', '/assets/xterm/css/xterm.css', '/assets/xterm-addon-fit/lib/addon-fit.mjs']) {
       expect((await fetch(base + path)).status, path).toBe(200)
     }
     expect((await fetch(`${base}/v1/sandboxes`)).status).toBe(401)
     expect((await fetch(`${base}/v1/no-such-route`)).status).toBe(401)
     expect((await fetch(`${base}/assets/xterm/package.json`)).status).not.toBe(200)
     const openapi = await (await fetch(`${base}/openapi.json`)).json() as { paths: Record<string, unknown> }
-    expect(Object.keys(openapi.paths).filter((p) => ['/', '/index.html', '/app.js', '/style.css'].includes(p) || p.startsWith('/assets/') || p.startsWith('/dashboard'))).toEqual([])
+    expect(Object.keys(openapi.paths).filter((p) => ['/', '/index.html', '/app.js', '/style.css', '/favicon.svg'].includes(p) || p.startsWith('/assets/') || p.startsWith('/dashboard'))).toEqual([])
 
     const page = await openDashboard(base)
     const error = page.locator('#error')
@@ -267,6 +267,29 @@ describe('dashboard', () => {
     await statusIs(page, '503 sandbox_unavailable')
     expect(await page.locator('#error').innerText()).toContain('503 sandbox_unavailable')
     expect(await terminalText(page)).toBe('')
+  })
+
+  it('has a favicon, and loads without a failed request', async () => {
+    const res = await fetch(`${sb!.g.publicUrl}/favicon.svg`)
+    expect(res.status).toBe(200)
+    expect(res.headers.get('content-type')).toMatch(/^image\/svg\+xml/)
+    expect(await res.text()).toMatch(/^<svg xmlns="http:\/\/www\.w3\.org\/2000\/svg"/)
+
+    const failed: string[] = []
+    const context = await browser!.newContext()
+    contexts.push(context)
+    const page = await context.newPage()
+    page.on('response', (r) => { if (r.status() >= 400) failed.push(`${r.status()} ${r.url()}`) })
+    page.on('requestfailed', (r) => failed.push(`${r.failure()?.errorText ?? 'failed'} ${r.url()}`))
+    const [icon] = await Promise.all([
+      page.waitForResponse((r) => new URL(r.url()).pathname === '/favicon.svg'),
+      page.goto(sb!.g.publicUrl + '/')
+    ])
+    // What the browser itself fetched for the tab's icon.
+    expect(icon.status()).toBe(200)
+    expect(icon.headers()['content-type']).toMatch(/^image\/svg\+xml/)
+    await page.locator('[data-testid="sandbox"]').first().waitFor()
+    expect(failed).toEqual([])
   })
 
   it('shows stderr in red, cut at character boundaries, and a tty exec\'s output as the pty wrote it', async () => {
