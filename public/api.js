@@ -1,5 +1,6 @@
 // The public API as the dashboard uses it, exactly as any client would (fetch + the WebSocket
 // attach), with the API token the user saved, kept in localStorage across reloads.
+import { noteServerDate } from './clock.js'
 
 const TOKEN_KEY = 'exec-gateway.token'
 // Binary frames carry raw bytes, so the bytes seen per stream (the resume offsets) are exact even
@@ -51,11 +52,13 @@ export class Api {
     if (this.#token !== '') headers.authorization = `Bearer ${this.#token}`
     if (body !== undefined) headers['content-type'] = 'application/json'
     let res
+    const sentAt = Date.now()
     try {
       res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), cache: 'no-store' })
     } catch (err) {
       throw new ApiError(0, 'network_error', `the gateway could not be reached (${err.message})`)
     }
+    noteServerDate(res.headers.get('date'), sentAt, Date.now())
     const text = await res.text()
     let parsed
     try { parsed = text === '' ? undefined : JSON.parse(text) } catch { parsed = undefined }

@@ -6,7 +6,10 @@
 //   terminal.js  the xterm.js terminal
 //   events.js    the exec on screen: its stream, reconnects, output and events
 //   lists.js     the sandboxes and recent execs
+//   durations.js how long each exec ran (clock.js: the gateway's clock)
+//   utf8.js      output chunks cut at character boundaries
 import { Api, ApiError } from './api.js'
+import { showDuration, startTicking } from './durations.js'
 import { Viewer } from './events.js'
 import { Lists } from './lists.js'
 import { el, ErrorLine, setStatus } from './page.js'
@@ -64,6 +67,7 @@ el.runForm.addEventListener('submit', async (e) => {
     screen.term.reset()
     el.execId.textContent = '–'
     el.execSandbox.textContent = lists.selectedSandbox
+    showDuration(el.duration, {})
     setStatus('failed', err instanceof ApiError ? err.short : 'failed')
     errors.show('run', err)
   } finally {
@@ -84,19 +88,36 @@ el.forgetToken.addEventListener('click', () => {
   void lists.refresh()
 })
 
+// What the page needs from the gateway beyond the API: its heartbeat interval. Asked again by
+// the next poll while it cannot be had; until then the viewer assumes the default.
+async function configure () {
+  try {
+    const { heartbeatIntervalMs } = await api.call('GET', 'dashboard/config')
+    viewer.heartbeatEvery(heartbeatIntervalMs)
+    return true
+  } catch {
+    return false
+  }
+}
+
 // Every POLL_MS, skipping a round while the last one is still waiting for the gateway.
 function startPolling () {
   let polling = false
+  let configured = false
   const poll = async () => {
     if (!polling) {
       polling = true
-      try { await lists.refresh() } finally { polling = false }
+      try {
+        const [ok] = await Promise.all([configured || configure(), lists.refresh()])
+        configured = ok
+      } finally { polling = false }
     }
     setTimeout(() => { void poll() }, POLL_MS)
   }
   void poll()
 }
 startPolling()
+startTicking()
 
 // For scripts and tests driving the page: what the terminal shows, once parsed.
 window.dashboard = {
@@ -104,6 +125,7 @@ window.dashboard = {
   // Synchronous, for polling: what xterm.js has parsed so far.
   textNow: () => screen.text(),
   get execId () { return viewer.current?.id },
+  get silenceMs () { return viewer.silenceMs },
   get bytesSeen () {
     const a = viewer.current
     return a === undefined ? undefined : { stdout: a.stdoutSeen, stderr: a.stderrSeen }

@@ -1,14 +1,26 @@
 // The exec on screen: its stream over a WebSocket, written to the terminal as it comes, resumed
 // where it stopped when the socket drops, until the final event (exit or error).
 import { ApiError } from './api.js'
+import { serverNow } from './clock.js'
+import { showDuration } from './durations.js'
 import { el, outcomeText, setConnection, setStatus } from './page.js'
 
 const RECONNECT_MIN_MS = 200
 const RECONNECT_MAX_MS = 3000
-// The gateway sends a heartbeat after 15 s of silence (its default), so a socket silent for this
-// long is a dead link that TCP has not noticed (a sleeping laptop, a dropped NAT entry): drop
-// it and resume, rather than wait forever for output that cannot arrive.
-const SILENCE_MS = 45_000
+// The gateway sends a heartbeat after --heartbeat-interval-ms of silence (15 s unless set), so
+// a socket silent for three of those is a dead link that TCP has not noticed (a sleeping laptop,
+// a dropped NAT entry): drop it and resume, rather than wait forever for output that cannot
+// arrive. Never sooner than MIN_SILENCE_MS, so a short interval with a slow link or a
+// throttled background tab does not reconnect a healthy stream.
+const MIN_SILENCE_MS = 45_000
+const HEARTBEATS_MISSED = 3
+// setTimeout fires at once for longer delays (the interval may be up to a day).
+const MAX_TIMER_MS = 2 ** 31 - 1
+
+function silenceFor (heartbeatIntervalMs) {
+  if (!Number.isFinite(heartbeatIntervalMs) || heartbeatIntervalMs <= 0) return MIN_SILENCE_MS
+  return Math.min(MAX_TIMER_MS, Math.max(MIN_SILENCE_MS, HEARTBEATS_MISSED * heartbeatIntervalMs))
+}
 
 export class Viewer {
   // One attachment at a time: the exec on screen, the bytes of each stream already written to the
@@ -18,6 +30,8 @@ export class Viewer {
   #screen
   #errors
   #onFinished
+  // Until the gateway says its interval: right for its default.
+  #silenceMs = MIN_SILENCE_MS
 
   // onFinished: called when the exec on screen ends, so the lists can show it.
   constructor ({ api, screen, errors, onFinished }) {
@@ -25,6 +39,7 @@ export class Viewer {
     this.#screen = screen
     this.#errors = errors
     this.#onFinished = onFinished
+    el.connection.dataset.silenceMs = String(this.#silenceMs)
     screen.term.onData((data) => {
       const a = this.#current
       // Keystrokes are stdin only for an exec that reads it from a terminal; elsewhere they would
@@ -39,13 +54,21 @@ export class Viewer {
 
   get current () { return this.#current }
 
+  get silenceMs () { return this.#silenceMs }
+
+  // The gateway's announced heartbeat interval (the page may attach before it is known).
+  heartbeatEvery (ms) {
+    this.#silenceMs = silenceFor(ms)
+    el.connection.dataset.heartbeatMs = String(ms)
+    el.connection.dataset.silenceMs = String(this.#silenceMs)
+    const a = this.#current
+    if (a !== undefined && a.ws !== undefined && !a.final) this.#armWatchdog(a)
+  }
+
   attach (exec) {
-    const term = this.#screen.term
     this.detach()
     this.#errors.clear()
-    term.reset()
-    // A pty already ends lines with CRLF; plain pipes end them with LF only.
-    term.options.convertEol = !exec.tty
+    this.#screen.start({ tty: exec.tty })
     this.#current = {
       id: exec.id,
       tty: exec.tty,
@@ -64,9 +87,10 @@ export class Viewer {
     el.connection.dataset.reconnects = '0'
     el.kill.disabled = false
     setStatus(exec.status, exec.status)
+    showDuration(el.duration, exec)
     if (exec.tty) this.#screen.fit()
     this.#connect(this.#current)
-    if (exec.tty && exec.interactive) term.focus()
+    if (exec.tty && exec.interactive) this.#screen.term.focus()
   }
 
   detach () {
@@ -95,7 +119,7 @@ export class Viewer {
       if (a !== this.#current || a.final) return
       this.#abandon(a)
       this.#scheduleReconnect(a)
-    }, SILENCE_MS)
+    }, this.#silenceMs)
   }
 
   #connect (a) {
@@ -162,11 +186,10 @@ export class Viewer {
     const bytes = frame.subarray(1)
     if (channel === 1) {
       a.stdoutSeen += bytes.length
-      this.#screen.term.write(bytes)
+      this.#screen.output('stdout', bytes)
     } else if (channel === 2) {
       a.stderrSeen += bytes.length
-      if (a.tty) this.#screen.term.write(bytes)
-      else this.#screen.writeStderr(bytes)
+      this.#screen.output('stderr', bytes)
     }
   }
 
@@ -186,6 +209,7 @@ export class Viewer {
         return
       }
       case 'gap':
+        this.#screen.flushOutput([ev.stream])
         this.#screen.term.write(`\r\n\x1b[33m[${ev.to - ev.from} bytes of ${ev.stream} were no longer held]\x1b[0m\r\n`)
         if (ev.stream === 'stdout') a.stdoutSeen = Math.max(a.stdoutSeen, ev.to)
         else a.stderrSeen = Math.max(a.stderrSeen, ev.to)
@@ -214,6 +238,9 @@ export class Viewer {
     clearTimeout(a.watchdog)
     el.kill.disabled = true
     setConnection('closed', 'ended')
+    // Stopped now; the record's endedAt replaces this at the next poll, which onFinished asks for.
+    if (el.duration.dataset.running === 'true') showDuration(el.duration, { startedAt: el.duration.dataset.startedAt, endedAt: new Date(serverNow()).toISOString() })
+    this.#screen.flushOutput()
     void this.#screen.flushed()
     this.#onFinished()
     if (a.tty) this.#screen.term.blur()

@@ -1,8 +1,18 @@
 // The side lists: the sandboxes (and which one commands go to) and the recent execs, each
 // refreshed from the API by the poll and whenever an exec on screen ends.
+import { showDuration } from './durations.js'
 import { el, outcomeText, setStatus } from './page.js'
 
 const RECENT_LIMIT = 25
+
+// The recent list's filter: which execs each choice keeps. Active is pending or running, as in
+// the sandboxes' "N active".
+const FILTERS = {
+  all: () => true,
+  active: (ex) => ex.status === 'pending' || ex.status === 'running',
+  exited: (ex) => ex.status === 'exited',
+  failed: (ex) => ex.status === 'failed'
+}
 
 function commandText (command) {
   // The dashboard's own execs are sh -c "<line>": show the line as typed.
@@ -22,11 +32,14 @@ export class Lists {
   #viewer
   #selectedSandbox
   #recentShown = ''
+  // The last list fetched, newest first, so a change of filter shows at once.
+  #execs = []
 
   constructor ({ api, errors, viewer }) {
     this.#api = api
     this.#errors = errors
     this.#viewer = viewer
+    el.recentFilter.addEventListener('change', () => this.#renderRecent())
   }
 
   // The sandbox commands go to; undefined until one has connected.
@@ -51,11 +64,14 @@ export class Lists {
     try {
       const { execs } = await this.#api.call('GET', 'v1/execs')
       execs.sort((a, b) => (a.createdAt < b.createdAt ? 1 : a.createdAt > b.createdAt ? -1 : 0))
-      this.#renderRecent(execs.slice(0, RECENT_LIMIT))
+      this.#execs = execs
+      this.#renderRecent()
       // pending → running has no event of its own; the exec record says when it happened.
       const a = this.#viewer.current
       const mine = a === undefined ? undefined : execs.find((ex) => ex.id === a.id)
       if (mine !== undefined && !a.final && mine.status === 'running' && el.status.dataset.state === 'pending') setStatus('running', 'running')
+      // A record read before the final event came would start the bar's clock again.
+      if (mine !== undefined && !(a.final && mine.endedAt === null)) showDuration(el.duration, mine)
       this.#errors.pollOk()
     } catch (err) {
       this.#errors.pollFailed('recent execs', err)
@@ -100,10 +116,13 @@ export class Lists {
     }
   }
 
-  #renderRecent (execs) {
+  #renderRecent () {
+    const filter = el.recentFilter.value
+    const execs = this.#execs.filter(FILTERS[filter] ?? FILTERS.all).slice(0, RECENT_LIMIT)
     el.noRecent.hidden = execs.length > 0
+    el.noRecent.textContent = this.#execs.length === 0 || filter === 'all' ? 'None yet.' : `None ${filter}.`
     // Rebuilt only when something changed, so a poll never swaps a button out from under a click.
-    const key = JSON.stringify(execs.map((ex) => [ex.id, summary(ex)]))
+    const key = JSON.stringify(execs.map((ex) => [ex.id, summary(ex), ex.startedAt, ex.endedAt]))
     if (key === this.#recentShown) return
     this.#recentShown = key
     const items = execs.map((ex) => {
@@ -123,7 +142,10 @@ export class Lists {
       const meta = document.createElement('span')
       meta.className = 'meta'
       meta.textContent = `${ex.sandboxId} · ${new Date(ex.createdAt).toLocaleTimeString()}${ex.tty ? ' · tty' : ''}`
-      b.append(cmd, st, meta)
+      const duration = document.createElement('span')
+      duration.className = 'duration'
+      showDuration(duration, ex)
+      b.append(cmd, st, meta, duration)
       b.addEventListener('click', () => this.#viewer.attach(ex))
       li.append(b)
       return li

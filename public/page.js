@@ -11,6 +11,7 @@ export const el = {
   sandboxes: $('sandboxes'),
   noSandboxes: $('no-sandboxes'),
   recent: $('recent'),
+  recentFilter: $('recent-filter'),
   noRecent: $('no-recent'),
   runForm: $('run-form'),
   command: $('command'),
@@ -19,6 +20,7 @@ export const el = {
   execId: $('exec-id'),
   execSandbox: $('exec-sandbox'),
   status: $('exec-status'),
+  duration: $('exec-duration'),
   connection: $('connection'),
   kill: $('kill'),
   terminal: $('terminal')

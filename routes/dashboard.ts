@@ -42,7 +42,7 @@ const CONTENT_SECURITY_POLICY = [
   "frame-ancestors 'none'"
 ].join('; ')
 
-const dashboard: FastifyPluginAsync<{ ctx: RouteContext }> = async (app) => {
+const dashboard: FastifyPluginAsync<{ ctx: RouteContext }> = async (app, { ctx }) => {
   const root = packageRoot()
   const publicDir = join(root, 'public')
   if (!existsSync(join(publicDir, 'index.html'))) throw new Error(`dashboard files are missing: ${publicDir}/index.html`)
@@ -57,6 +57,15 @@ const dashboard: FastifyPluginAsync<{ ctx: RouteContext }> = async (app) => {
     reply.header('content-security-policy', CONTENT_SECURITY_POLICY)
     reply.header('x-content-type-options', 'nosniff')
     return payload
+  })
+
+  // What the page cannot learn from the API: how long a healthy stream may stay silent (the
+  // heartbeat comes after --heartbeat-interval-ms without output), so that it does not take a
+  // quiet exec for a dead link. Read before a token is saved, like the page; it tells no more
+  // than any stream's heartbeat timing does.
+  app.get('/dashboard/config', async (_req, reply) => {
+    void reply.header('cache-control', 'no-store')
+    return { heartbeatIntervalMs: ctx.heartbeatIntervalMs }
   })
 
   // wildcard: false registers one route per file found at start, so unknown paths (a mistyped
