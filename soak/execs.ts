@@ -171,6 +171,14 @@ async function pollRecord (plan: Plan, obs: Observation, left: () => number, unt
     if (!r.ok && r.timedOut && left() <= 0) continue
     if (r.ok && r.status === 404 && restartedSince(t - 1000)) { markLost(obs, 'after the gateway restart, GET → 404: the successor did not get the exec back'); return undefined }
     if (CLUSTER && r.ok && r.status === 404) { markLost(obs, `GET → 404: no replica knows the exec: ${String(r.json?.detail)}`); return undefined }
+    // A replica that was just killed, or an exec on its way between replicas: docs/cluster.md says
+    // retry, and the exec's bound still holds.
+    if (CLUSTER && r.ok && r.status === 503 && (r.json?.code === 'replica_unavailable' || r.json?.code === 'directory_unavailable')) {
+      const note = `GET → 503 ${String(r.json.code)}, retried`
+      if (!obs.notes.includes(note)) obs.notes.push(note)
+      await sleep(Math.min(250, Math.max(1, left())))
+      continue
+    }
     if (!r.ok || r.status !== 200) { obs.tEnd = Date.now(); problem(obs, `GET /v1/execs/${obs.execId} while waiting: ${r.ok ? `HTTP ${r.status}` : r.error}`); return undefined }
     const j = r.json
     if (j.status === 'exited' || j.status === 'failed' || (typeof until === 'number' && j.stdoutBytes >= until)) return j

@@ -136,7 +136,8 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
           remoteLookup: async (id: string) => await cluster.lookupElsewhere(id),
           forgetRemote: (id: string) => { cluster.forgetExec(id) },
           beforeAdopt: async (sandboxId: string) => { await cluster.readyToAdopt(sandboxId) },
-          afterAdopt: async (sandboxId: string, ids: string[]) => { await cluster.afterAdopt(sandboxId, ids) }
+          afterAdopt: async (sandboxId: string, ids: string[]) => { await cluster.afterAdopt(sandboxId, ids) },
+          settled: async (ids: string[]) => await cluster.settled(ids)
         })
   })
   const metrics = new Metrics({

@@ -100,6 +100,9 @@ export class ClusterNode {
   #closed = false
   #ticks = 0
   readonly #reaper: Reaper
+  // Execs whose record Redis did not take (it was away), by id with their sandbox: written again
+  // after it is back.
+  readonly #unwritten = new Map<string, string>()
 
   constructor (o: ClusterNodeOptions) {
     this.#o = o
@@ -200,7 +203,23 @@ export class ClusterNode {
       if (entry !== undefined && !entry.finished) await this.directory.addRunning(execId, entry.toJSON())
     } catch (err) {
       if (!(err instanceof DirectoryUnavailable)) throw err
-      this.#log.warn({ execId, err: err.message }, 'could not record the exec in the directory; other replicas cannot forward to it until it is')
+      this.#unwritten.set(execId, sandboxId)
+      this.#log.warn({ execId, err: err.message }, 'could not record the exec in the directory; other replicas cannot forward to it until it is (written once redis is back)')
+    }
+  }
+
+  // What Redis missed while it was away: the records of execs that started or ended meanwhile
+  // (from the claim check, which runs every second). A record that fails again stays listed.
+  async #rewriteExecs (): Promise<void> {
+    for (const [execId, sandboxId] of [...this.#unwritten]) {
+      if (this.#closed) return
+      this.#unwritten.delete(execId)
+      const entry = this.#o.entryOf(execId)
+      if (entry === undefined) continue
+      await this.ownExec(execId, sandboxId)
+      await this.#publishFinished(execId)
+      // Redis is away again: the rest wait for the next check rather than each for its bound.
+      if (this.#unwritten.has(execId)) return
     }
   }
 
@@ -228,6 +247,20 @@ export class ClusterNode {
     await Promise.all(execIds.map(async (id) => { await this.ownExec(id, sandboxId) }))
     const previous = this.#claims.get(sandboxId)?.previous
     if (previous !== undefined && execIds.length > 0) await this.#tellMoved(previous, sandboxId)
+  }
+
+  // Of these execs, those whose end the directory holds. None when it cannot be asked: Redis
+  // trouble never stops a rebuild.
+  async settled (execIds: string[]): Promise<ReadonlySet<string>> {
+    const out = new Set<string>()
+    try {
+      for (const id of execIds) if (await this.directory.finished(id) !== undefined) out.add(id)
+    } catch (err) {
+      if (!(err instanceof DirectoryUnavailable)) throw err
+      this.#log.warn({ err: err.message }, 'could not ask the directory which kept execs have ended; rebuilding them all')
+      out.clear()
+    }
+    return out
   }
 
   // A finished exec another replica ran, as that replica last wrote it: readable after the
@@ -295,7 +328,8 @@ export class ClusterNode {
       await this.directory.removeRunning([execId])
     } catch (err) {
       if (!(err instanceof DirectoryUnavailable)) throw err
-      this.#log.warn({ execId, err: err.message }, 'could not write the finished exec to the directory; only this replica can answer for it')
+      this.#unwritten.set(execId, entry.sandboxId)
+      this.#log.warn({ execId, err: err.message }, 'could not write the finished exec to the directory; only this replica can answer for it until redis is back')
     }
   }
 
@@ -452,6 +486,8 @@ export class ClusterNode {
         await this.#checkClaim(sandboxId, claim)
       }
       await this.#checkReleased()
+      // Redis answers again (a pause may end before any reconnect or republish would tell).
+      if (this.#unwritten.size > 0) await this.#rewriteExecs()
       if (++this.#ticks % REAP_EVERY_TICKS === 0) await this.#reaper.tick()
     } catch (err) {
       if (!(err instanceof DirectoryUnavailable)) this.#log.error({ err }, 'claim check failed')

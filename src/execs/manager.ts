@@ -48,6 +48,10 @@ export interface ExecManagerOptions {
   beforeAdopt?: (sandboxId: string) => Promise<void>
   // ... and is told once they are rebuilt here.
   afterAdopt?: (sandboxId: string, execIds: string[]) => Promise<void>
+  // Cluster mode: of these kept execs, those the cluster has already ended (a replica reported
+  // their end, or the reaper ended them with 503 when their sandbox was away past the bound):
+  // they are not rebuilt, since a second, later end would contradict the one clients were told.
+  settled?: (execIds: string[]) => Promise<ReadonlySet<string>>
   // Cluster mode: a deleted exec is forgotten there too.
   forgetRemote?: (execId: string) => void
   // Cluster mode: at shutdown the execs the sandbox's daemon keeps are let go of without an
@@ -147,7 +151,9 @@ export class ExecManager {
       try {
         const signal = AbortSignal.any([this.#adoptions.signal, AbortSignal.timeout(LIST_BOUND_MS)])
         const kept = await list(sandboxId, signal)
-        const adopted = kept.filter((status) => this.#adopt(sandboxId, status))
+        const settled = await o.settled?.(kept.map((status) => status.meta.execId)) ?? new Set<string>()
+        for (const status of kept) if (settled.has(status.meta.execId) && status.state === 'running') this.#stopSettled(sandboxId, status.meta.execId)
+        const adopted = kept.filter((status) => !settled.has(status.meta.execId) && this.#adopt(sandboxId, status))
         await o.afterAdopt?.(sandboxId, adopted.map((s) => s.meta.execId))
         return
       } catch (err) {
@@ -156,6 +162,16 @@ export class ExecManager {
         if (attempt < LIST_ATTEMPTS) await new Promise((resolve) => setTimeout(resolve, LIST_RETRY_DELAY_MS).unref())
       }
     }
+  }
+
+  // Its clients were told it ended: the command still running in the sandbox is killed.
+  #stopSettled (sandboxId: string, execId: string): void {
+    const o = this.#opts
+    o.logger.warn({ sandboxId, execId }, 'the sandbox still runs an exec the cluster has already ended; it is stopped, not rebuilt')
+    const forget = o.forgetKept ?? (async (id: string, exec: string, signal: AbortSignal) => await forgetKept(o.pool, id, exec, signal))
+    forget(sandboxId, execId, AbortSignal.timeout(FORGET_BOUND_MS)).catch((err: Error) => {
+      o.logger.warn({ execId, sandboxId, err: err.message }, 'could not stop an exec the cluster has already ended')
+    })
   }
 
   // False when the exec is known here already (its run reattaches by itself).

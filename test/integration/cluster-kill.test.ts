@@ -1,3 +1,4 @@
+import { spawnSync } from 'node:child_process'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -109,6 +110,43 @@ describe('cluster mode: a replica that is SIGKILLed', () => {
     cleanups.push(async () => { await again.stop() })
     await waitFor(async () => (await api(again.publicUrl, 'GET', `/v1/execs/${execId}`)).status === 200, { timeoutMs: 20_000, description: 'the successor answers for the exec' })
     expect((await api(again.publicUrl, 'GET', `/v1/execs/${execId}`)).body).toEqual(rec)
+  }, 90_000)
+})
+
+describe('cluster mode: a sandbox that comes back after the cluster ended its exec', () => {
+  it('the exec is not rebuilt: its one end (503 relay_unavailable) stays, and the command still running in the sandbox is stopped', async () => {
+    const { r0, r1, token } = await world()
+    const hp = (u: string): URL => new URL(u)
+    const lb = await startTcpProxy({ targetHost: hp(r0.supervisorUrl).hostname, targetPort: Number(hp(r0.supervisorUrl).port) })
+    cleanups.push(async () => { await lb.close() })
+    const sup = startSupervisorProcess({ gatewayUrl: `http://${lb.host}:${lb.port}`, sandboxId: 'late-1', token: token('late-1') })
+    cleanups.push(async () => { sup.signal('SIGCONT'); await sup.stop() })
+    await waitFor(async () => (await api(r0.publicUrl, 'GET', '/v1/sandboxes/late-1')).body?.status === 'connected', { timeoutMs: 10_000, description: 'late-1 on r0' })
+    // A command line no other process here has, to find it in the process table.
+    const marker = `sleep 117.${process.pid}`
+    cleanups.push(async () => { spawnSync('pkill', ['-f', marker]) })
+    const running = (): boolean => spawnSync('pgrep', ['-f', marker]).status === 0
+    const execId = await execStart(r0.publicUrl, 'late-1', { command: ['sh', '-c', `${marker}; echo never`] })
+    await waitFor(async () => (await api(r1.publicUrl, 'GET', `/v1/execs/${execId}`)).body?.status === 'running', { timeoutMs: 10_000, description: 'running, seen through r1' })
+    // The sandbox is away (frozen) when its replica dies, and past the reattach bound.
+    sup.signal('SIGSTOP')
+    await killGatewayProcess(r0)
+    let rec: any
+    await waitFor(async () => { rec = (await api(r1.publicUrl, 'GET', `/v1/execs/${execId}`)).body; return rec?.status === 'failed' }, { timeoutMs: 30_000, intervalMs: 200, description: 'the cluster ends the exec' })
+    expect(rec).toMatchObject({ status: 'failed', error: { code: 'relay_unavailable', status: 503 } })
+    expect(running(), 'the command still runs in the frozen sandbox').toBe(true)
+    // Back, through the balancer, on the survivor: its daemon still keeps the exec.
+    lb.setTarget(hp(r1.supervisorUrl).hostname, Number(hp(r1.supervisorUrl).port))
+    sup.signal('SIGCONT')
+    await waitFor(async () => (await api(r1.publicUrl, 'GET', '/v1/sandboxes/late-1')).body?.status === 'connected', { timeoutMs: 20_000, description: 'late-1 on r1' })
+    await waitFor(() => !running(), { timeoutMs: 10_000, intervalMs: 100, description: 'the command is stopped' })
+    for (let i = 0; i < 10; i++) {
+      expect((await api(r1.publicUrl, 'GET', `/v1/execs/${execId}`)).body).toEqual(rec)
+      await sleep(200)
+    }
+    const j = await eventsFrom0(r1.publicUrl, execId, 10_000)
+    expect(j.final).toMatchObject({ type: 'error', code: 'relay_unavailable', status: 503 })
+    expect(j.problems).toEqual([])
   }, 90_000)
 })
 

@@ -167,6 +167,7 @@ describe('cluster mode: a replica that does not hold the sandbox forwards to the
     await sleep(500)
     redis.pause()
     const during: number[] = []
+    const startedDuring: string[] = []
     let refusedFast = 0
     try {
       const until = performance.now() + 8000
@@ -174,6 +175,7 @@ describe('cluster mode: a replica that does not hold the sandbox forwards to the
         const local = await api(r0.publicUrl, 'POST', '/v1/sandboxes/fwd-7/execs?wait=true', { command: ['sh', '-c', 'echo during'] })
         during.push(local.status)
         expect(local.body).toMatchObject({ status: 'exited', exitCode: 0, stdout: 'during\n' })
+        startedDuring.push(local.headers.get('location')!.split('/').pop()!)
         const t = performance.now()
         const viaR1 = await api(r1.publicUrl, 'POST', '/v1/sandboxes/fwd-7/execs', { command: ['true'] })
         expect(viaR1.status).toBe(503)
@@ -194,5 +196,11 @@ describe('cluster mode: a replica that does not hold the sandbox forwards to the
     // Recovered by itself: forwarding works again.
     await waitFor(async () => (await api(r1.publicUrl, 'POST', '/v1/sandboxes/fwd-7/execs?wait=true', { command: ['sh', '-c', 'echo back'] })).body?.stdout === 'back\n', { timeoutMs: 10_000, description: 'forwarding again after Redis is back' })
     expect((await api(r1.publicUrl, 'GET', `/v1/execs/${long[0]!}`)).body).toMatchObject({ status: 'exited', exitCode: 0 })
+    // What Redis missed is written once it is back: the other replica finds the execs that
+    // started and ended meanwhile.
+    for (const id of startedDuring) {
+      await waitFor(async () => (await api(r1.publicUrl, 'GET', `/v1/execs/${id}`)).status === 200, { timeoutMs: 5000, description: `${id} is found through r1` })
+      expect((await api(r1.publicUrl, 'GET', `/v1/execs/${id}`)).body).toMatchObject({ id, status: 'exited', exitCode: 0, stdoutBytes: 7 })
+    }
   }, 90_000)
 })
