@@ -175,7 +175,11 @@ async function faultReplica (f: Fault, kind: 'replica-kill' | 'replica-restart',
   const id = pick(replicaRng, holding.length > 0 ? holding : c.replicas).id
   f.replica = id
   f.sandboxes = [...owners].filter(([, r]) => r === id).map(([s]) => s).sort()
-  if (!world.aborted) await c.faultReplica(kind, id, downMs, await startedExecs(), f.sandboxes)
+  if (world.aborted) return
+  const started = await startedExecs()
+  // The fault begins with the signal, not with the lookups before it.
+  f.start = Date.now()
+  await c.faultReplica(kind, id, downMs, started, f.sandboxes)
 }
 
 function describeFault (f: Fault, durationMs: number): string {
@@ -225,7 +229,13 @@ async function runFault (sbs: Sandbox[], kind: FaultKind, durationMs: number): P
         sb.sshdProxy!.setMode('pass')
         break
       case 'gateway-restart':
-        if (!world.aborted) await (world.gw as SoakGateway).restart(durationMs, await startedExecs())
+        if (!world.aborted) {
+          const started = await startedExecs()
+          // The fault begins with the kill, not with the lookups before it (they can take a
+          // while on a loaded host, and an exec that ends meanwhile was not cut by it).
+          f.start = Date.now()
+          await (world.gw as SoakGateway).restart(durationMs, started)
+        }
         break
       case 'replica-kill':
       case 'replica-restart':

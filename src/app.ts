@@ -133,11 +133,11 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     ...(cluster === undefined
       ? {}
       : {
-          remoteLookup: async (id: string) => await cluster.lookupElsewhere(id),
-          forgetRemote: (id: string) => { cluster.forgetExec(id) },
+          remoteLookup: async (id: string) => await cluster.records.lookupElsewhere(id),
+          forgetRemote: (id: string) => { cluster.records.forgetExec(id) },
           beforeAdopt: async (sandboxId: string) => { await cluster.readyToAdopt(sandboxId) },
           afterAdopt: async (sandboxId: string, ids: string[]) => { await cluster.afterAdopt(sandboxId, ids) },
-          settled: async (ids: string[]) => await cluster.settled(ids)
+          settled: async (ids: string[]) => await cluster.records.settled(ids)
         })
   })
   const metrics = new Metrics({
@@ -159,7 +159,7 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     metrics,
     heartbeatIntervalMs: config.heartbeatIntervalMs,
     execRateLimitPerMinute: config.execRateLimitPerMinute,
-    recordExec: cluster === undefined ? undefined : async (execId: string, sandboxId: string) => { await cluster.ownExec(execId, sandboxId) },
+    recordExec: cluster === undefined ? undefined : async (execId: string, sandboxId: string) => { await cluster.records.ownExec(execId, sandboxId) },
     sandboxMoved: cluster === undefined ? undefined : async (sandboxId: string) => { await cluster.checkSandbox(sandboxId) },
     waitElsewhere: routing === undefined ? undefined : async (execId: string, encoding: Encoding, request: FastifyRequest, reply: FastifyReply) => await routing.waitElsewhere(execId, encoding, request, reply)
   }

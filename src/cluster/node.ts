@@ -1,11 +1,9 @@
 import type { Logger } from 'pino'
-import { GatewayError } from '../errors.js'
 import { subscribeGateway, type GatewayEvents } from '../diagnostics.js'
 import type { SessionRegistry, SupervisorSession } from '../relay/sessions.js'
 import type { ExecEntry } from '../execs/exec-entry.js'
-import { Directory, type ExecOwner } from './directory.js'
-import { finishedEntry, finishedInput } from './finished-view.js'
-import { limboRecords, limboReplica } from './limbo.js'
+import { Directory } from './directory.js'
+import { ExecRecords } from './exec-records.js'
 import type { ReplicaInfo } from './reads.js'
 import { DirectoryUnavailable } from './redis-client.js'
 import { Reaper } from './reaper.js'
@@ -100,14 +98,24 @@ export class ClusterNode {
   #closed = false
   #ticks = 0
   readonly #reaper: Reaper
-  // Execs whose record Redis did not take (it was away), by id with their sandbox: written again
-  // after it is back.
-  readonly #unwritten = new Map<string, string>()
+  // Its execs' records in the directory, and the cluster's knowledge of execs not held here.
+  readonly records: ExecRecords
 
   constructor (o: ClusterNodeOptions) {
     this.#o = o
     this.replicaId = o.replicaId
     this.#log = o.logger
+    this.records = new ExecRecords({
+      directory: () => this.directory,
+      replicaId: o.replicaId,
+      entryOf: o.entryOf,
+      execTtlMs: o.execTtlMs,
+      retentionBytes: o.retentionBytes,
+      replicaTtlMs: o.replicaTtlMs ?? DEFAULT_REPLICA_TTL_MS,
+      reattachTimeoutMs: o.reattachTimeoutMs,
+      closed: () => this.#closed,
+      logger: o.logger
+    })
     this.#reaper = new Reaper({
       directory: () => this.directory,
       reattachTimeoutMs: o.reattachTimeoutMs,
@@ -145,7 +153,7 @@ export class ClusterNode {
     this.#off.push(subscribeGateway(this.#o.events.id, {
       // Created execs are recorded by their POST (before it is answered), rebuilt ones by
       // afterAdopt: only their end is taken from the events.
-      execEnded: (m) => { void this.#publishFinished(m.execId) }
+      execEnded: (m) => { void this.records.publishFinished(m.execId) }
     }))
     try {
       await this.directory.start()
@@ -188,41 +196,6 @@ export class ClusterNode {
     return { owner: info }
   }
 
-  async execOwner (execId: string): Promise<(ExecOwner & { replica: ReplicaInfo }) | undefined> {
-    const owner = await this.directory.execOwner(execId)
-    if (owner === undefined || owner.replicaId === this.replicaId) return undefined
-    const replica = await this.directory.replica(owner.replicaId)
-    return replica === undefined ? undefined : { ...owner, replica }
-  }
-
-  // The exec runs here: requests for it anywhere in the cluster come here.
-  async ownExec (execId: string, sandboxId: string): Promise<void> {
-    try {
-      await this.directory.putExecOwner(execId, { replicaId: this.replicaId, sandboxId })
-      const entry = this.#o.entryOf(execId)
-      if (entry !== undefined && !entry.finished) await this.directory.addRunning(execId, entry.toJSON())
-    } catch (err) {
-      if (!(err instanceof DirectoryUnavailable)) throw err
-      this.#unwritten.set(execId, sandboxId)
-      this.#log.warn({ execId, err: err.message }, 'could not record the exec in the directory; other replicas cannot forward to it until it is (written once redis is back)')
-    }
-  }
-
-  // What Redis missed while it was away: the records of execs that started or ended meanwhile
-  // (from the claim check, which runs every second). A record that fails again stays listed.
-  async #rewriteExecs (): Promise<void> {
-    for (const [execId, sandboxId] of [...this.#unwritten]) {
-      if (this.#closed) return
-      this.#unwritten.delete(execId)
-      const entry = this.#o.entryOf(execId)
-      if (entry === undefined) continue
-      await this.ownExec(execId, sandboxId)
-      await this.#publishFinished(execId)
-      // Redis is away again: the rest wait for the next check rather than each for its bound.
-      if (this.#unwritten.has(execId)) return
-    }
-  }
-
   // The sandbox is another replica's now. Its kept execs here stop only once that replica has
   // rebuilt them (the exec's owner in the directory is that replica): until then a reader or a
   // GET still finds them here, never a 404 in between. Returns how many are still here.
@@ -244,93 +217,9 @@ export class ClusterNode {
   // The new owner has rebuilt what the sandbox's daemon kept (ExecManager's adoption): they are
   // recorded as this replica's, and the previous owner is told to let go of them now.
   async afterAdopt (sandboxId: string, execIds: string[]): Promise<void> {
-    await Promise.all(execIds.map(async (id) => { await this.ownExec(id, sandboxId) }))
+    await Promise.all(execIds.map(async (id) => { await this.records.ownExec(id, sandboxId) }))
     const previous = this.#claims.get(sandboxId)?.previous
     if (previous !== undefined && execIds.length > 0) await this.#tellMoved(previous, sandboxId)
-  }
-
-  // Of these execs, those whose end the directory holds. None when it cannot be asked: Redis
-  // trouble never stops a rebuild.
-  async settled (execIds: string[]): Promise<ReadonlySet<string>> {
-    const out = new Set<string>()
-    try {
-      for (const id of execIds) if (await this.directory.finished(id) !== undefined) out.add(id)
-    } catch (err) {
-      if (!(err instanceof DirectoryUnavailable)) throw err
-      this.#log.warn({ err: err.message }, 'could not ask the directory which kept execs have ended; rebuilding them all')
-      out.clear()
-    }
-    return out
-  }
-
-  // A finished exec another replica ran, as that replica last wrote it: readable after the
-  // replica is gone. Undefined when the directory has none (or cannot be asked).
-  async finishedExec (execId: string): Promise<ExecEntry | undefined> {
-    try {
-      const f = await this.directory.finished(execId)
-      return f === undefined ? undefined : finishedEntry(f, this.#o.retentionBytes)
-    } catch (err) {
-      if (!(err instanceof DirectoryUnavailable)) throw err
-      this.#log.warn({ execId, err: err.message }, 'could not look up a finished exec in the directory')
-      return undefined
-    }
-  }
-
-  // An exec this replica does not hold, as the cluster knows it: finished (the directory's
-  // record), in limbo (src/cluster/limbo.ts: a 503 to retry), or unknown (undefined, a 404). A
-  // directory that cannot be asked, or a replica past its directory, cannot tell an unknown exec
-  // from one in transit: that is a 503 too, never a 404 that would say the exec was lost.
-  async lookupElsewhere (execId: string): Promise<ExecEntry | undefined> {
-    if (this.#closed) throw new GatewayError('replica_unavailable', `this replica is shutting down and can no longer look up exec ${execId} in the cluster: retry (another replica answers)`)
-    try {
-      const f = await this.directory.finished(execId)
-      if (f !== undefined) return finishedEntry(f, this.#o.retentionBytes)
-      await this.#limbo(execId)
-      return undefined
-    } catch (err) {
-      if (!(err instanceof DirectoryUnavailable)) throw err
-      throw new GatewayError('directory_unavailable', `this replica does not hold exec ${execId}, and the cluster directory does not answer to say where it is: ${err.message}`)
-    }
-  }
-
-  async #limbo (execId: string): Promise<void> {
-    const gone = await limboReplica(this.directory, execId)
-    if (gone === undefined) return
-    if (gone.state === 'leaving') throw new GatewayError('replica_unavailable', `exec ${execId} is moving with its sandbox from this replica, which is shutting down, to another one: retry`)
-    if (gone.state === 'elsewhere') throw new GatewayError('replica_unavailable', `exec ${execId} moved on to replica ${gone.replicaId} with its sandbox: retry`)
-    throw new GatewayError('replica_unavailable', `exec ${execId} ran on replica ${gone.replicaId}, which is gone; it goes on once its sandbox reconnects to a replica, or ends with 503 relay_unavailable within ${this.#o.replicaTtlMs ?? DEFAULT_REPLICA_TTL_MS} + ${this.#o.reattachTimeoutMs} ms (--reattach-timeout-ms) of the replica's end: retry`)
-  }
-
-  // For the cluster's list: such an exec is not lost, its state is just not known anywhere yet.
-  async limboRecords (filter: { sandboxId?: string | undefined, status?: string | undefined }): Promise<Array<Record<string, unknown>>> {
-    return await limboRecords(this.directory, filter)
-  }
-
-  // Best effort: a deleted exec that the directory still has is found until its TTL.
-  forgetExec (execId: string): void {
-    this.directory.forgetExec(execId).catch((err: Error) => {
-      this.#log.warn({ execId, err: err.message }, 'could not forget the deleted exec in the directory')
-    })
-  }
-
-  // The first terminal write wins (the directory compares and sets): a replica that got a stale
-  // outcome can never overwrite the true one.
-  async #publishFinished (execId: string): Promise<void> {
-    const entry = this.#o.entryOf(execId)
-    if (entry === undefined || !entry.finished) return
-    // A kept exec cut off by this replica's shutdown goes on in its sandbox: whichever replica
-    // its supervisor reaches next rebuilds it and reports its end (or, if none does, the reaper
-    // ends it). This replica's shutting_down is no outcome of the exec's.
-    if (entry.kept && entry.error?.code === 'shutting_down') return
-    try {
-      const r = await this.directory.putFinished(execId, finishedInput(entry), this.#o.execTtlMs)
-      if (r === 'conflict') this.#log.warn({ execId }, 'the directory already holds another outcome for this exec; it stays')
-      await this.directory.removeRunning([execId])
-    } catch (err) {
-      if (!(err instanceof DirectoryUnavailable)) throw err
-      this.#unwritten.set(execId, entry.sandboxId)
-      this.#log.warn({ execId, err: err.message }, 'could not write the finished exec to the directory; only this replica can answer for it until redis is back')
-    }
   }
 
   // Whether this replica holds the sandbox's claim (its session is here and the directory
@@ -487,7 +376,7 @@ export class ClusterNode {
       }
       await this.#checkReleased()
       // Redis answers again (a pause may end before any reconnect or republish would tell).
-      if (this.#unwritten.size > 0) await this.#rewriteExecs()
+      await this.records.rewriteUnwritten()
       if (++this.#ticks % REAP_EVERY_TICKS === 0) await this.#reaper.tick()
     } catch (err) {
       if (!(err instanceof DirectoryUnavailable)) this.#log.error({ err }, 'claim check failed')

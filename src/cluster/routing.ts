@@ -158,7 +158,7 @@ export class ClusterRouting {
           if (local.finished) return await sendWaitResult(local, encoding === 'base64' ? 'base64' : 'utf8', reply)
           continue
         }
-        const owner = await this.#o.cluster.execOwner(execId).catch((err: Error) => { last = err.message; return undefined })
+        const owner = await this.#o.cluster.records.execOwner(execId).catch((err: Error) => { last = err.message; return undefined })
         if (owner !== undefined) {
           let res: Response
           try {
@@ -214,7 +214,7 @@ export class ClusterRouting {
   // and went): the directory's record answers. Only when no replica holds it, since a holder's
   // answer has all it retains, the record only a capped tail.
   async #finishedAnswer (execId: string, encoding: string, reply: FastifyReply): Promise<boolean> {
-    const finished = await this.#o.cluster.finishedExec(execId)
+    const finished = await this.#o.cluster.records.finishedExec(execId)
     if (finished === undefined) return false
     await sendWaitResult(finished, encoding === 'base64' ? 'base64' : 'utf8', reply)
     return true
@@ -262,7 +262,7 @@ export class ClusterRouting {
 
   async #execTarget (execId: string): Promise<string | undefined> {
     if (this.#o.execs.held(execId) !== undefined) return undefined
-    return (await this.#o.cluster.execOwner(execId))?.replica.internalUrl
+    return (await this.#o.cluster.records.execOwner(execId))?.replica.internalUrl
   }
 
   // Every live replica's own list (its internal listener answers with what it holds), merged.
@@ -293,7 +293,7 @@ export class ClusterRouting {
     }))
     if (missing.length > 0) reply.header('x-exec-gateway-partial', missing.join(','))
     // After the live lists, so that a rebuilt exec shows as its new replica has it.
-    const orphans = key === 'execs' ? await this.#o.cluster.limboRecords(request.query as { sandboxId?: string, status?: string }).catch(() => []) : []
+    const orphans = key === 'execs' ? await this.#o.cluster.records.limboRecords(request.query as { sandboxId?: string, status?: string }).catch(() => []) : []
     const merged = key === 'sandboxes' ? mergeSandboxes(lists.flat()) : mergeExecs([...lists.flat(), ...orphans])
     return await reply.send({ [key]: merged })
   }
