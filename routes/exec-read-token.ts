@@ -1,13 +1,15 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox'
 import { Type } from '@sinclair/typebox'
 import { ACCESS_TOKEN_PARAM, mintReadToken } from '../src/http/read-token.js'
-import { ExecParamsSchema, READ_TOKEN_DEFAULT_TTL_S, ReadTokenRequestSchema, ReadTokenSchema } from '../src/schemas/exec.js'
+import { ExecParamsSchema, READ_TOKEN_DEFAULT_TTL_S, ReadTokenQuerySchema, ReadTokenSchema } from '../src/schemas/exec.js'
 import { ProblemResponse } from '../src/schemas/problem.js'
 import { EXEC_NOT_FOUND, findExec } from './execs.js'
 import type { RouteContext } from '../src/http/route-context.js'
 
 // Mints the one credential a URL may carry (src/http/read-token.ts): for a browser's
-// EventSource, which cannot send Authorization, and for links that should only watch.
+// EventSource, which cannot send Authorization, and for links that should only watch. The
+// lifetime is a query parameter, not a body: a bare POST (curl -X POST, fetch without a body)
+// is the common call, and Fastify would validate an absent body as an empty one.
 
 const P = ProblemResponse
 
@@ -17,16 +19,14 @@ const execReadToken: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (a
       operationId: 'createExecReadToken',
       tags: ['execs'],
       summary: 'A short-lived, read-only token for one exec\'s events and stream, to put in a URL',
-      description: `Needs the bearer token (a read token cannot mint another). The token goes in the query as ?${ACCESS_TOKEN_PARAM}= on GET /v1/execs/{execId}/events and GET /v1/execs/{execId}/stream of this exec only, until expiresAt; every other route refuses it with 401. A WebSocket attached with it is read-only: any client frame closes it with 1008. The gateway never logs it. The body is optional.`,
+      description: `Needs the bearer token (a read token cannot mint another). The token goes in the query as ?${ACCESS_TOKEN_PARAM}= on GET /v1/execs/{execId}/events and GET /v1/execs/{execId}/stream of this exec only, until expiresAt; every other route refuses it with 401. A WebSocket attached with it is read-only: any client frame closes it with 1008. The gateway never logs it. It takes no body: the lifetime is the query's ttlSeconds.`,
       params: ExecParamsSchema,
-      body: ReadTokenRequestSchema,
+      querystring: ReadTokenQuerySchema,
       response: { 201: Type.Ref(ReadTokenSchema), 400: P, 401: P, 403: P, 404: EXEC_NOT_FOUND }
-    },
-    // No body means the defaults: Fastify would otherwise validate the absent body as one.
-    preValidation: async (req) => { req.body ??= {} }
+    }
   }, async (req, reply) => {
     const entry = await findExec(ctx, req.params.execId)
-    const ttlS = req.body.ttlSeconds ?? READ_TOKEN_DEFAULT_TTL_S
+    const ttlS = req.query.ttlSeconds ?? READ_TOKEN_DEFAULT_TTL_S
     const expiresAtS = Math.floor(Date.now() / 1000) + ttlS
     const token = mintReadToken(ctx.tokenSecrets()[0]!, entry.id, expiresAtS)
     const path = `/v1/execs/${encodeURIComponent(entry.id)}`

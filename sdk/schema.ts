@@ -243,7 +243,7 @@ export interface paths {
         put?: never;
         /**
          * A short-lived, read-only token for one exec's events and stream, to put in a URL
-         * @description Needs the bearer token (a read token cannot mint another). The token goes in the query as ?access_token= on GET /v1/execs/{execId}/events and GET /v1/execs/{execId}/stream of this exec only, until expiresAt; every other route refuses it with 401. A WebSocket attached with it is read-only: any client frame closes it with 1008. The gateway never logs it. The body is optional.
+         * @description Needs the bearer token (a read token cannot mint another). The token goes in the query as ?access_token= on GET /v1/execs/{execId}/events and GET /v1/execs/{execId}/stream of this exec only, until expiresAt; every other route refuses it with 401. A WebSocket attached with it is read-only: any client frame closes it with 1008. The gateway never logs it. It takes no body: the lifetime is the query's ttlSeconds.
          */
         post: operations["createExecReadToken"];
         delete?: never;
@@ -1440,24 +1440,17 @@ export interface operations {
     };
     createExecReadToken: {
         parameters: {
-            query?: never;
+            query?: {
+                /** @description how long the token opens a stream, in seconds (at most 3600) */
+                ttlSeconds?: number;
+            };
             header?: never;
             path: {
                 execId: string;
             };
             cookie?: never;
         };
-        requestBody: {
-            content: {
-                "application/json": {
-                    /**
-                     * @description how long the token opens a stream
-                     * @default 300
-                     */
-                    ttlSeconds?: number;
-                };
-            };
-        };
+        requestBody?: never;
         responses: {
             /** @description Default Response */
             201: {

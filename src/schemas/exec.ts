@@ -103,8 +103,8 @@ export const AttachQuerySchema = Type.Object({
   access_token: Type.Optional(Type.String({ description: 'a read token from POST /v1/execs/{execId}/read-token, for clients that cannot send Authorization (a browser\'s EventSource): this exec only, until it expires, read-only; never logged' }))
 }, { additionalProperties: false })
 
-export const ReadTokenRequestSchema = Type.Object({
-  ttlSeconds: Type.Optional(Type.Integer({ minimum: 1, maximum: READ_TOKEN_MAX_TTL_S, default: READ_TOKEN_DEFAULT_TTL_S, description: 'how long the token opens a stream' }))
+export const ReadTokenQuerySchema = Type.Object({
+  ttlSeconds: Type.Optional(Type.Integer({ minimum: 1, maximum: READ_TOKEN_MAX_TTL_S, default: READ_TOKEN_DEFAULT_TTL_S, description: `how long the token opens a stream, in seconds (at most ${READ_TOKEN_MAX_TTL_S})` }))
 }, { additionalProperties: false })
 
 export const ReadTokenSchema = Type.Object({
