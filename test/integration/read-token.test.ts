@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { api, outputOf, readWebSocket } from '../helpers/api.js'
 import { startGatewayProcess, type GatewayProcess } from '../helpers/gateway-process.js'
+import { createGatewayClient, type components } from '../../sdk/index.js'
 import { sleep, waitFor } from '../helpers/wait.js'
 
 // Exec read tokens against the built gateway as a process (its log output is what an operator
@@ -8,6 +9,7 @@ import { sleep, waitFor } from '../helpers/wait.js'
 // until they expire, and never show in the log.
 
 const BEARER = { authorization: 'Bearer ops-token' }
+type ReadToken = components['schemas']['ReadToken']
 
 describe('exec read tokens', () => {
   let gw: GatewayProcess
@@ -19,11 +21,15 @@ describe('exec read tokens', () => {
     return res.body.id as string
   }
 
-  async function mint (execId: string, query = ''): Promise<{ token: string, eventsUrl: string, streamUrl: string, expiresAt: string, execId: string }> {
-    const res = await api(gw.publicUrl, 'POST', `/v1/execs/${execId}/read-token${query}`, undefined, BEARER)
-    expect(res.status, res.text).toBe(201)
-    minted.push(res.body.token)
-    return res.body
+  // Through the generated SDK, as a client's code would mint one.
+  async function mint (execId: string, ttlSeconds?: number): Promise<ReadToken> {
+    const client = createGatewayClient({ baseUrl: gw.publicUrl, token: 'ops-token' })
+    const { data, error, response } = await client.POST('/v1/execs/{execId}/read-token', {
+      params: { path: { execId }, query: ttlSeconds === undefined ? {} : { ttlSeconds } }
+    })
+    expect(response.status, JSON.stringify(error)).toBe(201)
+    minted.push(data!.token)
+    return data!
   }
 
   beforeAll(async () => {
@@ -41,7 +47,7 @@ describe('exec read tokens', () => {
     const ttl = (Date.parse(t.expiresAt) - before) / 1000
     expect(ttl).toBeGreaterThan(298)
     expect(ttl).toBeLessThanOrEqual(301)
-    const long = await mint(id, '?ttlSeconds=3600')
+    const long = await mint(id, 3600)
     expect(Date.parse(long.expiresAt) - before).toBeGreaterThan(3590_000)
     for (const query of ['?ttlSeconds=0', '?ttlSeconds=3601', '?ttlSeconds=1.5', '?ttlSeconds=soon', '?ttl=60']) {
       const res = await api(gw.publicUrl, 'POST', `/v1/execs/${id}/read-token${query}`, undefined, BEARER)
@@ -117,7 +123,7 @@ describe('exec read tokens', () => {
 
   it('stops opening anything once it has expired', async () => {
     const id = await start(['true'])
-    const t = await mint(id, '?ttlSeconds=1')
+    const t = await mint(id, 1)
     await waitFor(async () => (await api(gw.publicUrl, 'GET', t.eventsUrl)).status === 401, { timeoutMs: 5000, intervalMs: 200 })
     const res = await api(gw.publicUrl, 'GET', t.eventsUrl)
     expect(res.body.detail).toBe('read token expired')
