@@ -110,7 +110,11 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
       moved: () => { close(CLOSE_RECONNECT, 'the exec moved to another replica; reconnect with your offsets') }
     })
     socket.on('close', () => { stop(); stopWaiting() })
-    socket.on('message', (data: RawData, isBinary: boolean) => onClientFrame(ctx, entry, socket, client, data, isBinary))
+    socket.on('message', (data: RawData, isBinary: boolean) => {
+      // Attached with a read token: it may watch, never type, resize or signal.
+      if (req.readOnly) { if (socket.readyState === socket.OPEN) client.refuse(READ_ONLY); return }
+      onClientFrame(ctx, entry, socket, client, data, isBinary)
+    })
   })
 }
 
@@ -126,6 +130,7 @@ const found = new WeakMap<object, ExecEntry>()
 
 const NOT_INTERACTIVE = 'stdin frames need an exec created with interactive: true'
 const NOT_TTY = 'resize frames need an exec created with tty: true'
+const READ_ONLY = 'attached with a read token (access_token): read-only, no stdin, eof, resize or signal frames'
 
 function onClientFrame (ctx: RouteContext, entry: ExecEntry, socket: WebSocket, client: FrameClient, data: RawData, isBinary: boolean): void {
   // ws still delivers frames that arrive while it closes: after a refusal (or the final event)

@@ -220,10 +220,32 @@ export interface paths {
          *     - `exec-gateway.v1.binary`: output arrives as `BinaryOutputFrame`s (channel byte 1 = stdout, 2 = stderr, then the raw bytes) while control events stay JSON text; the client may send `BinaryStdinFrame`s (channel byte 0, then stdin bytes). Selected when offered.
          *     - `exec-gateway.v1.json`: the default JSON text frames, by name. Selected when offered without the binary one.
          *     - `exec-gateway.bearer.<base64url(token)>`: for browsers, which cannot set an `Authorization` header on a WebSocket. Offer it next to a data subprotocol (a browser fails the handshake when the server selects none of the offered ones); the server reads it and never selects it.
+         *
+         *     Attached with a read token (`?access_token=`, from POST /v1/execs/{execId}/read-token) instead, the socket is read-only: any client frame closes it with 1008.
          */
         get: operations["attachExec"];
         put?: never;
         post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/execs/{execId}/read-token": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * A short-lived, read-only token for one exec's events and stream, to put in a URL
+         * @description Needs the bearer token (a read token cannot mint another). The token goes in the query as ?access_token= on GET /v1/execs/{execId}/events and GET /v1/execs/{execId}/stream of this exec only, until expiresAt; every other route refuses it with 401. A WebSocket attached with it is read-only: any client frame closes it with 1008. The gateway never logs it. It takes no body: the lifetime is the query's ttlSeconds.
+         */
+        post: operations["createExecReadToken"];
         delete?: never;
         options?: never;
         head?: never;
@@ -342,6 +364,20 @@ export interface components {
         };
         SignalRequest: {
             signal: "TERM" | "KILL" | "INT" | "HUP" | "QUIT" | "USR1" | "USR2";
+        };
+        ReadToken: {
+            /** @description pass as ?access_token= on GET /v1/execs/{execId}/events and /stream */
+            token: string;
+            execId: string;
+            /**
+             * Format: date-time
+             * @description streams may begin (or resume) until then; one already open is not cut at expiry
+             */
+            expiresAt: string;
+            /** @description the events path with the token, relative to the gateway */
+            eventsUrl: string;
+            /** @description the WebSocket path with the token, relative to the gateway */
+            streamUrl: string;
         };
         /** @description Server → client event: a JSON text frame on the WebSocket, the `data:` of an SSE event named after its type, or one NDJSON line. Every stream ends with exactly one final event, `exit` or `error`. */
         ExecEvent: components["schemas"]["StdoutEvent"] | components["schemas"]["StderrEvent"] | components["schemas"]["GapEvent"] | components["schemas"]["HeartbeatEvent"] | components["schemas"]["RelayEvent"] | components["schemas"]["ExitEvent"] | components["schemas"]["ErrorEvent"];
@@ -619,7 +655,7 @@ export interface operations {
                     "text/plain": string;
                 };
             };
-            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token, or it carries an access_token read token (which only /events and /stream take) */
             401: {
                 headers: {
                     [name: string]: unknown;
@@ -668,7 +704,7 @@ export interface operations {
                     };
                 };
             };
-            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token, or it carries an access_token read token (which only /events and /stream take) */
             401: {
                 headers: {
                     [name: string]: unknown;
@@ -727,7 +763,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token, or it carries an access_token read token (which only /events and /stream take) */
             401: {
                 headers: {
                     [name: string]: unknown;
@@ -844,7 +880,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token, or it carries an access_token read token (which only /events and /stream take) */
             401: {
                 headers: {
                     [name: string]: unknown;
@@ -970,7 +1006,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token, or it carries an access_token read token (which only /events and /stream take) */
             401: {
                 headers: {
                     [name: string]: unknown;
@@ -1028,7 +1064,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token, or it carries an access_token read token (which only /events and /stream take) */
             401: {
                 headers: {
                     [name: string]: unknown;
@@ -1093,7 +1129,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token, or it carries an access_token read token (which only /events and /stream take) */
             401: {
                 headers: {
                     [name: string]: unknown;
@@ -1187,7 +1223,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token, or it carries an access_token read token (which only /events and /stream take) */
             401: {
                 headers: {
                     [name: string]: unknown;
@@ -1293,7 +1329,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token, or its access_token read token is malformed, expired or for another exec */
             401: {
                 headers: {
                     [name: string]: unknown;
@@ -1364,7 +1400,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token */
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token, or its access_token read token is malformed, expired or for another exec */
             401: {
                 headers: {
                     [name: string]: unknown;
@@ -1384,6 +1420,94 @@ export interface operations {
             };
             /** @description `exec_not_found`: no such exec: unknown, deleted, or past --exec-ttl-s */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `internal`: an unexpected error in the gateway; the detail never carries internals */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    createExecReadToken: {
+        parameters: {
+            query?: {
+                /** @description how long the token opens a stream, in seconds (at most 3600) */
+                ttlSeconds?: number;
+            };
+            header?: never;
+            path: {
+                execId: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ReadToken"];
+                };
+            };
+            /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token, or it carries an access_token read token (which only /events and /stream take) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `exec_not_found`: no such exec: unknown, deleted, or past --exec-ttl-s */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `payload_too_large`: the body is over 8388608 bytes */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `unsupported_media_type`: the body is not application/json */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };

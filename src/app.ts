@@ -152,12 +152,13 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
   }, events)
   const routing = cluster === undefined
     ? undefined
-    : new ClusterRouting({ cluster, registry, execs, secret: replicaSecret, apiTokens: () => credentials.apiTokens, scheme: publicTls === undefined ? 'http' : 'https', sessionWaitMs: config.sessionWaitMs, logger: logger.child({ component: 'cluster-routing' }) })
+    : new ClusterRouting({ cluster, registry, execs, secret: replicaSecret, apiTokens: () => credentials.apiTokens, tokenSecrets: () => credentials.tokenSecrets, scheme: publicTls === undefined ? 'http' : 'https', sessionWaitMs: config.sessionWaitMs, logger: logger.child({ component: 'cluster-routing' }) })
   const routeCtx = {
     execs,
     registry,
     metrics,
     heartbeatIntervalMs: config.heartbeatIntervalMs,
+    tokenSecrets: () => credentials.tokenSecrets,
     execRateLimitPerMinute: config.execRateLimitPerMinute,
     recordExec: cluster === undefined ? undefined : async (execId: string, sandboxId: string) => { await cluster.records.ownExec(execId, sandboxId) },
     sandboxMoved: cluster === undefined ? undefined : async (sandboxId: string) => { await cluster.checkSandbox(sandboxId) },

@@ -28,6 +28,8 @@ export interface ClusterRoutingOptions {
   execs: ExecManager
   secret: () => ReplicaSecret
   apiTokens: () => readonly string[]
+  // Exec read tokens are keyed from them (src/http/read-token.ts).
+  tokenSecrets: () => readonly Buffer[]
   scheme: 'http' | 'https'
   // --session-wait-ms: how long a new exec waits for a known sandbox that nobody holds.
   sessionWaitMs: number
@@ -35,7 +37,7 @@ export interface ClusterRoutingOptions {
 }
 
 const SANDBOX_ROUTES = new Set(['/v1/sandboxes/:sandboxId', '/v1/sandboxes/:sandboxId/execs'])
-const EXEC_ROUTES = new Set(['/v1/execs/:execId', '/v1/execs/:execId/signal', '/v1/execs/:execId/events'])
+const EXEC_ROUTES = new Set(['/v1/execs/:execId', '/v1/execs/:execId/signal', '/v1/execs/:execId/events', '/v1/execs/:execId/read-token'])
 const STREAM_PATH = /^\/v1\/execs\/([^/?#]+)\/stream(?:[?#]|$)/
 // A replica that does not answer a list in this long is left out of it (and the answer says so).
 const GATHER_TIMEOUT_MS = 3000
@@ -122,10 +124,10 @@ export class ClusterRouting {
     this.#upgrades = interceptUpgrades(server, async (req) => {
       const m = STREAM_PATH.exec(req.url ?? '')
       if (m === null) return undefined
-      // Only what this replica's guard would admit is forwarded; the rest is refused by it.
-      if (!upgradeAllowed(req.headers, this.#o.apiTokens(), this.#o.scheme)) return undefined
       let execId: string
       try { execId = decodeURIComponent(m[1]!) } catch { return undefined }
+      // Only what this replica's guard would admit is forwarded; the rest is refused by it.
+      if (!upgradeAllowed(req, execId, { apiTokens: this.#o.apiTokens, tokenSecrets: this.#o.tokenSecrets, scheme: this.#o.scheme })) return undefined
       const target = await this.#execTarget(execId).catch(() => undefined)
       return target === undefined ? undefined : this.#forward(target)
     }, { unavailable: (detail) => problem('replica_unavailable', detail) })

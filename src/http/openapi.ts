@@ -11,6 +11,7 @@ import {
   STDERR_CHANNEL, STDIN_CHANNEL, STDOUT_CHANNEL
 } from '../schemas/websocket.js'
 import { BEARER_SUBPROTOCOL_PREFIX } from './guard.js'
+import { ACCESS_TOKEN_PARAM } from './read-token.js'
 
 // The OpenAPI 3.1 document and its /docs page. The document is generated: @fastify/swagger
 // turns the route schemas into paths, and the two hooks below add what the route schemas
@@ -22,10 +23,12 @@ import { BEARER_SUBPROTOCOL_PREFIX } from './guard.js'
 // - transformObject (once): the event and frame components, which no HTTP route carries.
 
 const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'])
+// The routes that also take a read token in the query (src/http/guard.ts).
+const READ_TOKEN_ROUTES = new Set(['/v1/execs/:execId/events', '/v1/execs/:execId/stream'])
 
 const DESCRIPTION = `Runs commands in remote sandboxes over a supervisor relay. Every exec ends with its true exit status or an honest 503 within a published bound.
 
-Errors are RFC 9457 \`application/problem+json\` with a stable \`code\`. With \`--api-token\`, every \`/v1\` route needs \`Authorization: Bearer <token>\`; without it the gateway listens on loopback only and refuses foreign \`Host\` and \`Origin\` headers with 403 \`permission_denied\`.
+Errors are RFC 9457 \`application/problem+json\` with a stable \`code\`. With \`--api-token\`, every \`/v1\` route needs \`Authorization: Bearer <token>\` (\`/events\` and \`/stream\` also take a read token in \`?access_token=\`, minted by \`POST /v1/execs/{execId}/read-token\`, for browsers' EventSource); without it the gateway listens on loopback only and refuses foreign \`Host\` and \`Origin\` headers with 403 \`permission_denied\`.
 
 Events (\`ExecEvent\`) are the same on the WebSocket (\`/v1/execs/{execId}/stream\`), in SSE and in NDJSON (\`/v1/execs/{execId}/events\`); the WebSocket's client frames are \`ClientFrame\`, \`BinaryStdinFrame\` and, from the server, \`BinaryOutputFrame\`.`
 
@@ -38,7 +41,9 @@ Client → server: \`ClientFrame\` JSON text frames: \`{"type":"stdin","data"}\`
 Subprotocols (\`Sec-WebSocket-Protocol\`), all optional:
 - \`${BINARY_SUBPROTOCOL}\`: output arrives as \`BinaryOutputFrame\`s (channel byte ${STDOUT_CHANNEL} = stdout, ${STDERR_CHANNEL} = stderr, then the raw bytes) while control events stay JSON text; the client may send \`BinaryStdinFrame\`s (channel byte ${STDIN_CHANNEL}, then stdin bytes). Selected when offered.
 - \`${JSON_SUBPROTOCOL}\`: the default JSON text frames, by name. Selected when offered without the binary one.
-- \`${BEARER_SUBPROTOCOL_PREFIX}<base64url(token)>\`: for browsers, which cannot set an \`Authorization\` header on a WebSocket. Offer it next to a data subprotocol (a browser fails the handshake when the server selects none of the offered ones); the server reads it and never selects it.`
+- \`${BEARER_SUBPROTOCOL_PREFIX}<base64url(token)>\`: for browsers, which cannot set an \`Authorization\` header on a WebSocket. Offer it next to a data subprotocol (a browser fails the handshake when the server selects none of the offered ones); the server reads it and never selects it.
+
+Attached with a read token (\`?access_token=\`, from POST /v1/execs/{execId}/read-token) instead, the socket is read-only: any client frame closes it with ${CLOSE_POLICY}.`
 
 function problemsFromPlugins (route: RouteOptions, schema: Record<string, unknown>, bodyLimit: number): Record<number, ReturnType<typeof problemResponse>> {
   const methods = ([] as string[]).concat(route.method)
@@ -49,7 +54,9 @@ function problemsFromPlugins (route: RouteOptions, schema: Record<string, unknow
     out[400] = one('invalid_argument', 'a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON')
   }
   if (route.config?.openAccess !== true) {
-    out[401] = one('unauthenticated', 'the gateway runs with --api-token and the request carries no valid bearer token')
+    out[401] = one('unauthenticated', READ_TOKEN_ROUTES.has(route.url)
+      ? 'the gateway runs with --api-token and the request carries no valid bearer token, or its access_token read token is malformed, expired or for another exec'
+      : 'the gateway runs with --api-token and the request carries no valid bearer token, or it carries an access_token read token (which only /events and /stream take)')
   }
   out[403] = one('permission_denied', 'the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway\'s own')
   if (takesBody) {
@@ -88,6 +95,7 @@ function transformFor (bodyLimit: number): SwaggerTransform {
     s.response = response
     // Open routes answer without a token (health, the document, the docs page).
     if (route.config?.openAccess === true) s.security = []
+    if (READ_TOKEN_ROUTES.has(route.url)) s.security = [{ bearer: [] }, { readToken: [] }]
     return { schema: s as FastifySchema, url }
   }
 }
@@ -151,7 +159,8 @@ export async function registerOpenApi (app: FastifyInstance): Promise<void> {
       ],
       components: {
         securitySchemes: {
-          bearer: { type: 'http', scheme: 'bearer', description: 'One of the gateway\'s --api-token values. Without --api-token (loopback only) no token is needed.' }
+          bearer: { type: 'http', scheme: 'bearer', description: 'One of the gateway\'s --api-token values. Without --api-token (loopback only) no token is needed.' },
+          readToken: { type: 'apiKey', in: 'query', name: ACCESS_TOKEN_PARAM, description: 'A read token from POST /v1/execs/{execId}/read-token: for that exec\'s /events and /stream only, until it expires, read-only (a WebSocket attached with it takes no client frames). For browsers\' EventSource, which cannot send Authorization.' }
         }
       },
       security: [{ bearer: [] }]

@@ -8,7 +8,7 @@ import { registerRoutes } from '../../routes/index.js'
 import type { RouteContext } from './route-context.js'
 import { BINARY_SUBPROTOCOL, JSON_SUBPROTOCOL } from '../schemas/websocket.js'
 import { ErrorCodeSchema, ExecErrorSchema, ProblemSchema } from '../schemas/problem.js'
-import { ExecRequestSchema, ExecResultSchema, ExecSchema, SignalRequestSchema } from '../schemas/exec.js'
+import { ExecRequestSchema, ExecResultSchema, ExecSchema, ReadTokenSchema, SignalRequestSchema } from '../schemas/exec.js'
 import { SANDBOX_ID_MAX_CHARS, SandboxSchema } from '../schemas/sandbox.js'
 import { ExecEventSchema } from '../schemas/events.js'
 import { installErrorHandling, sendProblem } from './errors-plugin.js'
@@ -70,7 +70,7 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
   })
   const strict = makeAjv(false)
   const coercing = makeAjv(true)
-  const schemas = [ErrorCodeSchema, ExecErrorSchema, ProblemSchema, SandboxSchema, ExecSchema, ExecResultSchema, ExecRequestSchema, SignalRequestSchema, ExecEventSchema]
+  const schemas = [ErrorCodeSchema, ExecErrorSchema, ProblemSchema, SandboxSchema, ExecSchema, ExecResultSchema, ExecRequestSchema, SignalRequestSchema, ReadTokenSchema, ExecEventSchema]
   for (const s of schemas) {
     app.addSchema(s)
     strict.addSchema(s)
@@ -114,7 +114,7 @@ export async function buildPublicApp (opts: PublicAppOptions): Promise<{ app: Fa
   // After the websocket plugin, whose hook marks upgrades: a refused upgrade's socket is then
   // closed with the response instead of leaking (and holding app.close() open).
   if (opts.replicaAuth !== undefined) installReplicaGuard(app, opts.replicaAuth)
-  else installGuard(app, opts.apiTokens, opts.tls === undefined ? 'http' : 'https')
+  else installGuard(app, { apiTokens: opts.apiTokens, tokenSecrets: opts.ctx.tokenSecrets, scheme: opts.tls === undefined ? 'http' : 'https' })
   // On any route: ws would refuse a malformed handshake itself, as text/html.
   app.addHook('onRequest', async (request, reply) => {
     if ((request.raw as { upgrade?: boolean }).upgrade !== true) return

@@ -12,6 +12,8 @@ export interface RouteContext {
   registry: SessionRegistry
   metrics: Metrics
   heartbeatIntervalMs: number
+  // The data dir's token secrets, the signing one first: read tokens are minted with it.
+  tokenSecrets: () => readonly Buffer[]
   // Exec creations per token (per client address without tokens) per minute; 0 = unlimited.
   execRateLimitPerMinute: number
   // 'ready' once both listeners are up (and the embedded sandbox with them); 'draining' from

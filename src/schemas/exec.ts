@@ -14,6 +14,10 @@ export const DEFAULT_ROWS = 24
 // Byte offsets are exact counts: JSON Schema's "integer" admits 1e23 (coerced from the query
 // string), which no stream reaches and an SSE id would carry back as "1e+23-0".
 const MAX_OFFSET = Number.MAX_SAFE_INTEGER
+// Exec read tokens (POST /v1/execs/{execId}/read-token): short-lived, since a URL ends up in
+// browser history and Referer headers.
+export const READ_TOKEN_DEFAULT_TTL_S = 300
+const READ_TOKEN_MAX_TTL_S = 3600
 
 // The signals a client may send, named as SSH names them (no SIG prefix).
 export const SIGNALS = ['TERM', 'KILL', 'INT', 'HUP', 'QUIT', 'USR1', 'USR2'] as const
@@ -95,8 +99,21 @@ export const ListExecsQuerySchema = Type.Object({
 export const AttachQuerySchema = Type.Object({
   stdoutOffset: Type.Optional(Type.Integer({ minimum: 0, maximum: MAX_OFFSET, default: 0 })),
   stderrOffset: Type.Optional(Type.Integer({ minimum: 0, maximum: MAX_OFFSET, default: 0 })),
-  encoding: Type.Optional(EncodingSchema)
+  encoding: Type.Optional(EncodingSchema),
+  access_token: Type.Optional(Type.String({ description: 'a read token from POST /v1/execs/{execId}/read-token, for clients that cannot send Authorization (a browser\'s EventSource): this exec only, until it expires, read-only; never logged' }))
 }, { additionalProperties: false })
+
+export const ReadTokenQuerySchema = Type.Object({
+  ttlSeconds: Type.Optional(Type.Integer({ minimum: 1, maximum: READ_TOKEN_MAX_TTL_S, default: READ_TOKEN_DEFAULT_TTL_S, description: `how long the token opens a stream, in seconds (at most ${READ_TOKEN_MAX_TTL_S})` }))
+}, { additionalProperties: false })
+
+export const ReadTokenSchema = Type.Object({
+  token: Type.String({ description: 'pass as ?access_token= on GET /v1/execs/{execId}/events and /stream' }),
+  execId: Type.String(),
+  expiresAt: Type.String({ format: 'date-time', description: 'streams may begin (or resume) until then; one already open is not cut at expiry' }),
+  eventsUrl: Type.String({ description: 'the events path with the token, relative to the gateway' }),
+  streamUrl: Type.String({ description: 'the WebSocket path with the token, relative to the gateway' })
+}, { $id: 'ReadToken' })
 
 export const SignalRequestSchema = Type.Object({
   signal: SignalNameSchema

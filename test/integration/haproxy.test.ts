@@ -160,6 +160,18 @@ describe('one gateway behind haproxy', () => {
     expect(sse.events.at(-1)!.atMs).toBeGreaterThan(1800)
   })
 
+  it('logs request lines with every access_token value redacted: exec read tokens travel in the query', async () => {
+    const id = await execStart(lb.publicUrl, sandbox, { command: ['true'] })
+    const minted = await api(lb.publicUrl, 'POST', `/v1/execs/${id}/read-token`)
+    expect(minted.status).toBe(201)
+    const { token, eventsUrl } = minted.body as { token: string, eventsUrl: string }
+    expect((await api(lb.publicUrl, 'GET', `${eventsUrl}&stdoutOffset=0`)).status).toBe(200)
+    expect((await api(lb.publicUrl, 'GET', `/v1/execs/${id}/events?access%5Ftoken=${token}`)).status).toBe(200)
+    await waitFor(() => lb.output().includes(`"GET /v1/execs/${id}/events?access_token=redacted HTTP/1.1"`), { timeoutMs: 5000, intervalMs: 50, description: 'both request lines logged' })
+    expect(lb.output()).toContain(`"GET /v1/execs/${id}/events?access_token=redacted&stdoutOffset=0 HTTP/1.1"`)
+    expect(lb.output()).not.toContain(token.split('.')[2]!)
+  })
+
   it('an upgraded WebSocket lives by timeout tunnel, not by the client/server timeouts; a ?wait=true exec by its own server timeout', async () => {
     // Client and server timeouts of 2 s: a plain response silent for longer is cut (the SSE
     // reader below, the control). The tunnel timeout decides for the WebSocket: 30 s lets an

@@ -73,6 +73,34 @@ describe('the README\'s client examples', () => {
     expect(events.at(-1)).toEqual({ type: 'exit', exitCode: 0, signal: null, timedOut: false })
   })
 
+  it('browser: EventSource with a read token, against a gateway with --api-token', async () => {
+    if (!existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} is missing: install it with \`apt-get install -y chromium\` (test/global-setup.ts does it when run as root)`)
+    browser ??= await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS })
+    const guarded = await startGateway({ localSandbox: true, apiTokens: ['readme-token'] })
+    try {
+      await guarded.waitConnected('local')
+      const created = await fetch(`${guarded.publicUrl}/v1/sandboxes/local/execs`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', authorization: 'Bearer readme-token' },
+        body: JSON.stringify({ command: ['echo', 'hello'] })
+      })
+      const { id } = await created.json() as { id: string }
+      const page = await (await browser.newContext()).newPage()
+      const logged: string[] = []
+      // The page's own console.log only: Chromium reports its favicon request's 401 there too.
+      page.on('console', (m) => { if (m.type() === 'log') logged.push(m.text()) })
+      await page.goto(`${guarded.publicUrl}/healthz`)
+      // The example's free names: the exec and the API token the page holds.
+      await page.evaluate(`(async () => {\nconst id = ${JSON.stringify(id)}; const token = 'readme-token'\n${example('eventsource-read-token')}\n})()`)
+      const deadline = Date.now() + 10_000
+      while (!logged.some((l) => l.includes('"type":"exit"')) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50))
+      expect(logged[0]).toBe('hello\n')
+      expect(JSON.parse(logged.at(-1)!)).toEqual({ type: 'exit', exitCode: 0, signal: null, timedOut: false })
+    } finally {
+      await guarded.close()
+    }
+  })
+
   it('Python: run and wait, then follow the events as NDJSON, standard library only', async () => {
     const r = await run('python3', ['-'], example('python'), { ...process.env, EXEC_GATEWAY_URL: g.publicUrl })
     expect(r.stderr).toBe('')

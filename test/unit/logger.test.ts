@@ -1,6 +1,7 @@
 // Log redaction: whatever a log call is handed, credentials leave as "[redacted]".
 import { describe, expect, it } from 'vitest'
 import { Writable } from 'node:stream'
+import Fastify from 'fastify'
 import { createLogger } from '../../src/logger.js'
 
 function capture (): { lines: () => any[], stream: Writable } {
@@ -31,6 +32,23 @@ describe('createLogger', () => {
     expect(line.req.headers.host).toBe('h')
     expect(line.sandboxId).toBe('sbx-1')
     expect(line.msg).toBe('something happened')
+  })
+
+  it('redacts read tokens from logged URLs, Fastify\'s own request lines included', async () => {
+    const { stream, lines } = capture()
+    const log = createLogger('info', stream)
+    log.info({ req: { url: '/v1/execs/x/events?access_token=egr1.9.read-secret-1' }, url: '/y?access%5Ftoken=read-secret-2&encoding=utf8' }, 'plain objects')
+    const app = Fastify({ loggerInstance: log })
+    app.get('/v1/execs/:execId/events', async () => ({}))
+    await app.inject({ url: '/v1/execs/ex_a/events?stdoutOffset=1&access_token=egr1.9.read-secret-3' })
+    await app.close()
+    const all = lines()
+    expect(JSON.stringify(all)).not.toContain('read-secret')
+    expect(all[0].req.url).toBe('/v1/execs/x/events?access_token=[redacted]')
+    expect(all[0].url).toBe('/y?access_token=[redacted]&encoding=utf8')
+    const incoming = all.find((l) => l.msg === 'incoming request')
+    expect(incoming.req).toMatchObject({ method: 'GET', url: '/v1/execs/ex_a/events?stdoutOffset=1&access_token=[redacted]' })
+    expect(Object.keys(incoming.req).sort()).toEqual(['host', 'method', 'remoteAddress', 'url'])
   })
 
   it('honours the level', () => {

@@ -39,6 +39,7 @@ const PROBLEMS: Record<string, number[]> = {
   'GET /v1/execs/{execId}/stream': [400, 401, 403, 404, 500],
   'GET /v1/execs/{execId}/events': [400, 401, 403, 404, 500],
   'POST /v1/execs/{execId}/signal': [400, 401, 403, 404, 409, 413, 415, 500],
+  'POST /v1/execs/{execId}/read-token': [400, 401, 403, 404, 413, 415, 500],
   'DELETE /v1/execs/{execId}': [400, 401, 403, 404, 413, 415, 500]
 }
 
@@ -134,7 +135,22 @@ describe('OpenAPI document', () => {
 
   it('marks the open routes as needing no token', () => {
     for (const key of ['GET /healthz', 'GET /readyz', 'GET /openapi.json']) expect(operation(key).security, key).toEqual([])
-    for (const key of Object.keys(PROBLEMS).filter((k) => k.includes('/v1/') || k.includes('/metrics'))) expect(operation(key).security, key).toBeUndefined()
+    const readable = ['GET /v1/execs/{execId}/events', 'GET /v1/execs/{execId}/stream']
+    for (const key of Object.keys(PROBLEMS).filter((k) => (k.includes('/v1/') || k.includes('/metrics')) && !readable.includes(k))) expect(operation(key).security, key).toBeUndefined()
+  })
+
+  // The query parameter is the security scheme's (@fastify/swagger lists it there, not twice).
+  it('lets only /events and /stream take a read token in the query', () => {
+    const doc2 = doc as OpenApiDoc & { components: { securitySchemes: Record<string, unknown> } }
+    expect(doc2.components.securitySchemes.readToken).toMatchObject({ type: 'apiKey', in: 'query', name: 'access_token' })
+    for (const key of ['GET /v1/execs/{execId}/events', 'GET /v1/execs/{execId}/stream']) {
+      expect(operation(key).security, key).toEqual([{ bearer: [] }, { readToken: [] }])
+      expect(operation(key).parameters?.map((p) => `${p.in}:${p.name}`), key).not.toContain('query:access_token')
+    }
+    const mint = operation('POST /v1/execs/{execId}/read-token') as Operation & { operationId?: string }
+    expect(mint.operationId).toBe('createExecReadToken')
+    expect(mint.security).toBeUndefined()
+    expect(mint.responses['404']!.description).toContain('`exec_not_found`')
   })
 
   it('describes the WebSocket attach: 101, subprotocols, offsets', () => {
