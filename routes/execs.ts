@@ -32,21 +32,23 @@ function rateLimitKey (req: FastifyRequest): string {
   return req.apiToken === undefined ? `ip:${req.ip}` : `token:${createHash('sha256').update(req.apiToken).digest('base64url').slice(0, 22)}`
 }
 
-// The problems of starting an exec, shared by createExec and runExec; `waited` says how the
-// answers of a waited-for exec's error read in this operation's document.
-function startProblems (waited: (why: string) => string): Record<number, unknown> {
+// The problems of starting an exec, shared by createExec and runExec. Those of a waited-for
+// exec's end are prefixed: `also` where they add to a start's own, `only` where they stand alone.
+function startProblems (alsoPrefix: string, onlyPrefix: string): Record<number, unknown> {
+  const also = (why: string): string => alsoPrefix + why
+  const only = (why: string): string => onlyPrefix + why
   return {
     400: P,
     401: P,
     403: P,
-    404: problemResponse(['sandbox_not_found', 'exec_not_found'], `no supervisor for this sandbox has ever connected; ${waited('the exec was deleted before it started')}`),
+    404: problemResponse(['sandbox_not_found', 'exec_not_found'], `no supervisor for this sandbox has ever connected; ${also('the exec was deleted before it started')}`),
     413: P,
     415: P,
-    429: problemResponse(['too_many_requests'], `over the per-token exec rate limit (with Retry-After), or the sandbox already has too many execs running or relays waiting to be opened; ${waited('the exec\'s error')}`, RETRY_AFTER),
-    500: problemResponse(['internal'], `an unexpected error in the gateway; ${waited('while running the exec')}`),
-    502: problemResponse(['ssh_failed'], waited('the SSH handshake or authentication with the sandbox\'s daemon failed')),
-    503: problemResponse(['sandbox_unavailable', 'relay_unavailable', 'shutting_down'], `the gateway is shutting down; ${waited('no supervisor session within --session-wait-ms, or the relay failed before the command reported an exit status')}`),
-    504: problemResponse(['relay_open_timeout'], waited('the supervisor did not open the relay within --relay-open-timeout-ms'))
+    429: problemResponse(['too_many_requests'], `over the per-token exec rate limit (with Retry-After), or the sandbox already has too many execs running or relays waiting to be opened; ${also('as the exec\'s error')}`, RETRY_AFTER),
+    500: problemResponse(['internal'], `an unexpected error in the gateway; ${also('while running the exec')}`),
+    502: problemResponse(['ssh_failed'], only('the SSH handshake or authentication with the sandbox\'s daemon failed')),
+    503: problemResponse(['sandbox_unavailable', 'relay_unavailable', 'shutting_down'], `the gateway is shutting down; ${also('no supervisor session within --session-wait-ms, or the relay failed before the command reported an exit status')}`),
+    504: problemResponse(['relay_open_timeout'], only('the supervisor did not open the relay within --relay-open-timeout-ms'))
   }
 }
 
@@ -91,7 +93,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
       body: Type.Ref(ExecRequestSchema),
       response: {
         201: { description: 'the exec is created and runs in the background', headers: LOCATION, content: { 'application/json': { schema: Type.Ref(ExecSchema) } } },
-        ...startProblems((why) => `with the deprecated wait=true also: ${why}`)
+        ...startProblems('with the deprecated wait=true also: ', 'with the deprecated wait=true: ')
       }
     }
   }, async (req, reply) => await start(req, reply, req.query.wait === true, req.query.encoding ?? 'utf8'))
@@ -108,7 +110,7 @@ const execs: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { ct
       body: Type.Ref(ExecRequestSchema),
       response: {
         200: { description: 'the command reported its exit status or exit signal', headers: LOCATION, content: { 'application/json': { schema: Type.Ref(ExecResultSchema) } } },
-        ...startProblems((why) => `or: ${why}`)
+        ...startProblems('also: ', '')
       }
     }
   }, async (req, reply) => await start(req, reply, true, req.query.encoding ?? 'utf8'))

@@ -902,7 +902,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `too_many_requests`: over the per-token exec rate limit (with Retry-After), or the sandbox already has too many execs running or relays waiting to be opened; with the deprecated wait=true also: the exec's error */
+            /** @description `too_many_requests`: over the per-token exec rate limit (with Retry-After), or the sandbox already has too many execs running or relays waiting to be opened; with the deprecated wait=true also: as the exec's error */
             429: {
                 headers: {
                     /** @description seconds until the rate limit lets the token create execs again (rate limit only) */
@@ -922,7 +922,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `ssh_failed`: with the deprecated wait=true also: the SSH handshake or authentication with the sandbox's daemon failed */
+            /** @description `ssh_failed`: with the deprecated wait=true: the SSH handshake or authentication with the sandbox's daemon failed */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -940,7 +940,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `relay_open_timeout`: with the deprecated wait=true also: the supervisor did not open the relay within --relay-open-timeout-ms */
+            /** @description `relay_open_timeout`: with the deprecated wait=true: the supervisor did not open the relay within --relay-open-timeout-ms */
             504: {
                 headers: {
                     [name: string]: unknown;
@@ -1007,7 +1007,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `sandbox_not_found`, `exec_not_found`: no supervisor for this sandbox has ever connected; or: the exec was deleted before it started */
+            /** @description `sandbox_not_found`, `exec_not_found`: no supervisor for this sandbox has ever connected; also: the exec was deleted before it started */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1034,7 +1034,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `too_many_requests`: over the per-token exec rate limit (with Retry-After), or the sandbox already has too many execs running or relays waiting to be opened; or: the exec's error */
+            /** @description `too_many_requests`: over the per-token exec rate limit (with Retry-After), or the sandbox already has too many execs running or relays waiting to be opened; also: as the exec's error */
             429: {
                 headers: {
                     /** @description seconds until the rate limit lets the token create execs again (rate limit only) */
@@ -1045,7 +1045,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `internal`: an unexpected error in the gateway; or: while running the exec */
+            /** @description `internal`: an unexpected error in the gateway; also: while running the exec */
             500: {
                 headers: {
                     [name: string]: unknown;
@@ -1054,7 +1054,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `ssh_failed`: or: the SSH handshake or authentication with the sandbox's daemon failed */
+            /** @description `ssh_failed`: the SSH handshake or authentication with the sandbox's daemon failed */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -1063,7 +1063,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `sandbox_unavailable`, `relay_unavailable`, `shutting_down`: the gateway is shutting down; or: no supervisor session within --session-wait-ms, or the relay failed before the command reported an exit status */
+            /** @description `sandbox_unavailable`, `relay_unavailable`, `shutting_down`: the gateway is shutting down; also: no supervisor session within --session-wait-ms, or the relay failed before the command reported an exit status */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1072,7 +1072,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `relay_open_timeout`: or: the supervisor did not open the relay within --relay-open-timeout-ms */
+            /** @description `relay_open_timeout`: the supervisor did not open the relay within --relay-open-timeout-ms */
             504: {
                 headers: {
                     [name: string]: unknown;

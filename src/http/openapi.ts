@@ -10,6 +10,7 @@ import {
   BINARY_SUBPROTOCOL, CLOSE_ERROR, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, JSON_SUBPROTOCOL,
   STDERR_CHANNEL, STDIN_CHANNEL, STDOUT_CHANNEL
 } from '../schemas/websocket.js'
+import { eventFormat } from './accept.js'
 import { BEARER_SUBPROTOCOL_PREFIX } from './guard.js'
 
 // The OpenAPI 3.1 document and its /docs page. The document is generated: @fastify/swagger
@@ -126,19 +127,19 @@ function discriminatedUnion (members: Record<string, TSchema>, description: stri
   return { description, oneOf: Object.values(mapping).map(($ref) => ({ $ref })), discriminator: { propertyName: 'type', mapping } }
 }
 
-interface Parameter { in: string, name: string, deprecated?: boolean, schema?: { deprecated?: boolean } }
+interface Parameter { in: string, name: string, required?: boolean, description?: string, deprecated?: boolean, schema?: { deprecated?: boolean, type?: string, examples?: string[] } }
 interface Operation { parameters?: Parameter[], responses?: Record<string, { content?: Record<string, unknown> }>, [extension: `x-${string}`]: unknown }
 
 const ref = (name: string): { $ref: string } => ({ $ref: `#/components/schemas/${name}` })
 
 // What @fastify/swagger does not carry from the route schemas into the operations:
 // - a query parameter's `deprecated` stays on its schema, where generators do not look;
-// - an operation answering in more than one media type gets the Accept header that chooses
-//   (OpenAPI leaves Accept to the tools, but generated clients send none, or a bare */*, and
-//   then the gateway answers NDJSON: an SSE client generated from text/event-stream must be
-//   told to send it, and its type says so);
+// - an operation answering in more than one media type (only /events, whose choice is
+//   src/http/accept.ts's) gets the Accept header that chooses: OpenAPI leaves Accept to the
+//   tools, but generated clients send none, or a bare */*, and then the gateway answers NDJSON;
+//   an SSE client generated from text/event-stream must be told to send it, and its type says so;
 // - the WebSocket route's messages, which OpenAPI has no place for, point at their components
-//   from an extension, so that a reader (and the linters' unused-component rules) find them.
+//   from an extension, so that a reader (and spectral's unused-component rule) finds them.
 function finishOperations (paths: Record<string, Record<string, Operation>>): void {
   for (const [path, ops] of Object.entries(paths)) {
     for (const op of Object.values(ops)) {
@@ -151,9 +152,9 @@ function finishOperations (paths: Record<string, Record<string, Operation>>): vo
           in: 'header',
           name: 'Accept',
           required: false,
-          description: `Chooses the answer's media type: ${media.map((m) => `\`${m}\``).join(' or ')}. q-values are honoured; without it, or with one naming neither, the answer is \`${media.includes('application/x-ndjson') ? 'application/x-ndjson' : media[0]!}\`.`,
+          description: `Chooses the answer's media type: ${media.map((m) => `\`${m}\``).join(' or ')}. q-values are honoured; without it, or with one naming neither, the answer is \`${eventFormat(undefined) === 'sse' ? 'text/event-stream' : 'application/x-ndjson'}\`.`,
           schema: { type: 'string', examples: media }
-        } as Parameter]
+        }]
       }
       if (path.endsWith('/stream')) {
         op['x-websocket-messages'] = {
