@@ -1403,7 +1403,7 @@ export interface operations {
                 encoding?: "utf8" | "base64";
             };
             header?: {
-                /** @description Chooses the answer's media type: `text/event-stream` or `application/x-ndjson`. q-values are honoured; without it, or with one naming neither, the answer is `application/x-ndjson`. */
+                /** @description Chooses the answer's media type: `text/event-stream` or `application/x-ndjson`. q-values are honoured (so an SSE client must name `text/event-stream`); without it, with a bare `*\/*`, or with one naming neither, the answer is `application/x-ndjson`. */
                 Accept?: string;
             };
             path: {

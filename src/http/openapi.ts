@@ -152,7 +152,7 @@ function finishOperations (paths: Record<string, Record<string, Operation>>): vo
           in: 'header',
           name: 'Accept',
           required: false,
-          description: `Chooses the answer's media type: ${media.map((m) => `\`${m}\``).join(' or ')}. q-values are honoured; without it, or with one naming neither, the answer is \`${eventFormat(undefined) === 'sse' ? 'text/event-stream' : 'application/x-ndjson'}\`.`,
+          description: `Chooses the answer's media type: ${media.map((m) => `\`${m}\``).join(' or ')}. q-values are honoured (so an SSE client must name \`text/event-stream\`); without it, with a bare \`*/*\`, or with one naming neither, the answer is \`${eventFormat(undefined) === 'sse' ? 'text/event-stream' : 'application/x-ndjson'}\`.`,
           schema: { type: 'string', examples: media }
         }]
       }
