@@ -10,6 +10,7 @@ const health: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { c
       operationId: 'getHealth',
       tags: ['health'],
       summary: 'Liveness of the gateway process',
+      description: 'Always 200 while the process answers HTTP; it says nothing about sandboxes or supervisors (see getReadiness). Needs no token.',
       response: { 200: Type.Object({ status: Type.Literal('ok') }) }
     }
   }, async () => ({ status: 'ok' as const }))
@@ -29,7 +30,7 @@ const health: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, { c
   })
 
   app.get('/metrics', {
-    schema: { operationId: 'getMetrics', tags: ['health'], summary: 'Prometheus metrics', produces: ['text/plain'], response: { 200: Type.String() } }
+    schema: { operationId: 'getMetrics', tags: ['health'], summary: 'Prometheus metrics', description: 'The gateway\'s metrics in the Prometheus text exposition format.', produces: ['text/plain'], response: { 200: Type.String() } }
   }, async (_req, reply) => {
     reply.type(ctx.metrics.contentType)
     return await ctx.metrics.render()

@@ -22,6 +22,7 @@ const sandboxes: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, 
       operationId: 'listSandboxes',
       tags: ['sandboxes'],
       summary: 'Sandboxes whose supervisor has connected',
+      description: 'Every sandbox whose supervisor has connected since the gateway started (in cluster mode: to any live replica), connected now or not, with its count of running execs.',
       response: { 200: SandboxListSchema, 401: P, 403: P }
     }
   }, async () => ({ sandboxes: ctx.registry.list().map((e) => sandboxView(e, ctx.execs.activeIn(e.id))) }))
@@ -31,6 +32,7 @@ const sandboxes: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app, 
       operationId: 'getSandbox',
       tags: ['sandboxes'],
       summary: 'One sandbox',
+      description: 'Whether its supervisor is connected now, when it was last seen, and its count of running execs.',
       params: SandboxParamsSchema,
       response: { 200: Type.Ref(SandboxSchema), 401: P, 403: P, 404: problemResponse(['sandbox_not_found'], 'no supervisor for this sandbox has ever connected') }
     }

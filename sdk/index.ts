@@ -52,7 +52,7 @@ export interface GatewayClient extends Client<paths> {
   // The exec's events until the final `exit` or `error`. A refused request (404 ...) throws a
   // GatewayProblemError.
   streamEvents: (execId: string, opts?: StreamEventsOptions) => AsyncIterable<ExecEvent>
-  // POST ?wait=true: the ExecResult, or the exec's error as a problem.
+  // runExec (POST .../execs/run): the ExecResult, or the exec's error as a problem.
   runAndWait: (sandboxId: string, req: ExecRequest, opts?: { encoding?: Encoding, signal?: AbortSignal }) => Promise<WaitResult>
 }
 
@@ -87,13 +87,11 @@ export function createGatewayClient (opts: GatewayClientOptions): GatewayClient 
   }
 
   async function runAndWait (sandboxId: string, req: ExecRequest, wo: { encoding?: Encoding, signal?: AbortSignal } = {}): Promise<WaitResult> {
-    const r = await client.POST('/v1/sandboxes/{sandboxId}/execs', {
-      params: { path: { sandboxId }, query: { wait: true, encoding: wo.encoding } },
+    return await client.POST('/v1/sandboxes/{sandboxId}/execs/run', {
+      params: { path: { sandboxId }, query: { encoding: wo.encoding } },
       body: req,
       ...(wo.signal === undefined ? {} : { signal: wo.signal })
     })
-    // With wait=true the gateway answers 200 with the ExecResult, never 201.
-    return r as WaitResult
   }
 
   return { ...client, streamEvents, runAndWait }

@@ -11,7 +11,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** This OpenAPI 3.1 document (also committed as openapi/openapi.json) */
+        /**
+         * This OpenAPI 3.1 document (also committed as openapi/openapi.json)
+         * @description Generated from the gateway's route schemas; the same document as the committed openapi/openapi.json and the /docs page's. Needs no token.
+         */
         get: operations["getOpenApiDocument"];
         put?: never;
         post?: never;
@@ -28,7 +31,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Liveness of the gateway process */
+        /**
+         * Liveness of the gateway process
+         * @description Always 200 while the process answers HTTP; it says nothing about sandboxes or supervisors (see getReadiness). Needs no token.
+         */
         get: operations["getHealth"];
         put?: never;
         post?: never;
@@ -65,7 +71,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Prometheus metrics */
+        /**
+         * Prometheus metrics
+         * @description The gateway's metrics in the Prometheus text exposition format.
+         */
         get: operations["getMetrics"];
         put?: never;
         post?: never;
@@ -82,7 +91,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Sandboxes whose supervisor has connected */
+        /**
+         * Sandboxes whose supervisor has connected
+         * @description Every sandbox whose supervisor has connected since the gateway started (in cluster mode: to any live replica), connected now or not, with its count of running execs.
+         */
         get: operations["listSandboxes"];
         put?: never;
         post?: never;
@@ -99,7 +111,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** One sandbox */
+        /**
+         * One sandbox
+         * @description Whether its supervisor is connected now, when it was last seen, and its count of running execs.
+         */
         get: operations["getSandbox"];
         put?: never;
         post?: never;
@@ -119,10 +134,32 @@ export interface paths {
         get?: never;
         put?: never;
         /**
-         * Start an exec; with ?wait=true, wait for its end
-         * @description Returns 201 and the Exec at once; the command runs in the background. With wait=true the response is the ExecResult (200) or, when no exit status will ever come, the exec's error as a problem (503 relay_unavailable, ...). Closing the request never kills the exec.
+         * Start an exec in the background
+         * @description Returns 201 and the Exec at once; the command runs in the background. Closing the request never kills the exec.
+         *
+         *     The deprecated `wait=true` still works and answers as runExec does (200 ExecResult, or the exec's error as a problem); it is left out of the 2xx responses here so that a generated client has one success type, Exec. Use runExec to wait.
          */
         post: operations["createExec"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sandboxes/{sandboxId}/execs/run": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Start an exec and wait for its end
+         * @description Answers when the command has reported its exit status or exit signal: 200 and the ExecResult. When no exit status will ever come, the answer is the exec's error as a problem (503 relay_unavailable, ...) naming the exec (`execId`). Closing the request never kills the exec: GET /v1/execs/{execId} (Location) has its outcome.
+         */
+        post: operations["runExec"];
         delete?: never;
         options?: never;
         head?: never;
@@ -136,7 +173,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** List execs */
+        /**
+         * List execs
+         * @description The execs the gateway keeps (running, and finished ones until --exec-ttl-s), optionally of one sandbox or in one status.
+         */
         get: operations["listExecs"];
         put?: never;
         post?: never;
@@ -153,11 +193,17 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** One exec: status, exit code or error */
+        /**
+         * One exec: status, exit code or error
+         * @description The exec's record; once it has ended, its exit code, exit signal or error. Output is read with getExecEvents or attachExec.
+         */
         get: operations["getExec"];
         put?: never;
         post?: never;
-        /** Kill a running exec and forget it */
+        /**
+         * Kill a running exec and forget it
+         * @description A running exec is killed; either way the gateway forgets it, and its URL answers 404 exec_not_found from then on.
+         */
         delete: operations["deleteExec"];
         options?: never;
         head?: never;
@@ -173,7 +219,10 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Send a signal to the exec's processes */
+        /**
+         * Send a signal to the exec's processes
+         * @description 202: accepted for the exec's processes (a running exec only; 409 once it has ended). What the signal does shows in the exec's end, its exit signal or exit status.
+         */
         post: operations["signalExec"];
         delete?: never;
         options?: never;
@@ -804,7 +853,10 @@ export interface operations {
     createExec: {
         parameters: {
             query?: {
-                /** @description wait for the end and return the ExecResult */
+                /**
+                 * @deprecated
+                 * @description deprecated, still honoured: wait for the end and answer as runExec (POST .../execs/run) does
+                 */
                 wait?: boolean;
                 encoding?: "utf8" | "base64";
             };
@@ -817,49 +869,10 @@ export interface operations {
         };
         requestBody: {
             content: {
-                "application/json": {
-                    /** @description argv; each element is shell-quoted, so the sandbox receives exactly these strings */
-                    command: string[];
-                    /** @description keys ^[A-Za-z_][A-Za-z0-9_]*$; values without NUL, CR or LF */
-                    env?: {
-                        [key: string]: string;
-                    };
-                    workdir?: string;
-                    /** @description UTF-8 text sent to the command, then EOF (at most 1 MiB) */
-                    stdin?: string;
-                    /** @description bytes sent to the command, then EOF (at most 1 MiB decoded) */
-                    stdinBase64?: string;
-                    /**
-                     * @description keep stdin open for WebSocket stdin frames
-                     * @default false
-                     */
-                    interactive?: boolean;
-                    /** @default false */
-                    tty?: boolean;
-                    /** @default 80 */
-                    cols?: number;
-                    /** @default 24 */
-                    rows?: number;
-                    /**
-                     * @description 0 = none; on expiry the process is killed and the exec ends with exitCode 124, timedOut true
-                     * @default 0
-                     */
-                    timeoutSeconds?: number;
-                };
+                "application/json": components["schemas"]["ExecRequest"];
             };
         };
         responses: {
-            /** @description wait=true: the command reported its exit status or exit signal */
-            200: {
-                headers: {
-                    /** @description the exec's URL, /v1/execs/{execId} */
-                    Location?: string;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ExecResult"];
-                };
-            };
             /** @description the exec is created and runs in the background */
             201: {
                 headers: {
@@ -898,7 +911,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `sandbox_not_found`, `exec_not_found`: no supervisor for this sandbox has ever connected; with wait=true also: the exec was deleted before it started */
+            /** @description `sandbox_not_found`, `exec_not_found`: no supervisor for this sandbox has ever connected; with the deprecated wait=true also: the exec was deleted before it started */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -925,7 +938,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `too_many_requests`: over the per-token exec rate limit (with Retry-After), or the sandbox already has too many execs running or relays waiting to be opened; with wait=true also as the exec's error */
+            /** @description `too_many_requests`: over the per-token exec rate limit (with Retry-After), or the sandbox already has too many execs running or relays waiting to be opened; with the deprecated wait=true also: as the exec's error */
             429: {
                 headers: {
                     /** @description seconds until the rate limit lets the token create execs again (rate limit only) */
@@ -936,7 +949,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `internal`: an unexpected error in the gateway, or (wait=true) while running the exec */
+            /** @description `internal`: an unexpected error in the gateway; with the deprecated wait=true also: while running the exec */
             500: {
                 headers: {
                     [name: string]: unknown;
@@ -945,7 +958,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `ssh_failed`: wait=true: the SSH handshake or authentication with the sandbox's daemon failed */
+            /** @description `ssh_failed`: with the deprecated wait=true: the SSH handshake or authentication with the sandbox's daemon failed */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -954,7 +967,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `sandbox_unavailable`, `relay_unavailable`, `shutting_down`: the gateway is shutting down; with wait=true also: no supervisor session within --session-wait-ms, or the relay failed before the command reported an exit status */
+            /** @description `sandbox_unavailable`, `relay_unavailable`, `shutting_down`: the gateway is shutting down; with the deprecated wait=true also: no supervisor session within --session-wait-ms, or the relay failed before the command reported an exit status */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -963,7 +976,139 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `relay_open_timeout`: wait=true: the supervisor did not open the relay within --relay-open-timeout-ms */
+            /** @description `relay_open_timeout`: with the deprecated wait=true: the supervisor did not open the relay within --relay-open-timeout-ms */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    runExec: {
+        parameters: {
+            query?: {
+                encoding?: "utf8" | "base64";
+            };
+            header?: never;
+            path: {
+                /** @description 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit */
+                sandboxId: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ExecRequest"];
+            };
+        };
+        responses: {
+            /** @description the command reported its exit status or exit signal */
+            200: {
+                headers: {
+                    /** @description the exec's URL, /v1/execs/{execId} */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ExecResult"];
+                };
+            };
+            /** @description `invalid_argument`: a path parameter, query parameter or body field breaks its rule (`detail` names it), or the body is not valid JSON */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `unauthenticated`: the gateway runs with --api-token and the request carries no valid bearer token, or it carries an access_token read token (which only /events and /stream take) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `permission_denied`: the gateway runs without --api-token and the Host is not a loopback name, or a state-changing request or WebSocket upgrade carries an Origin other than the gateway's own */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `sandbox_not_found`, `exec_not_found`: no supervisor for this sandbox has ever connected; also: the exec was deleted before it started */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `payload_too_large`: the body is over 8388608 bytes */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `unsupported_media_type`: the body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `too_many_requests`: over the per-token exec rate limit (with Retry-After), or the sandbox already has too many execs running or relays waiting to be opened; also: as the exec's error */
+            429: {
+                headers: {
+                    /** @description seconds until the rate limit lets the token create execs again (rate limit only) */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `internal`: an unexpected error in the gateway; also: while running the exec */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `ssh_failed`: the SSH handshake or authentication with the sandbox's daemon failed */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `sandbox_unavailable`, `relay_unavailable`, `shutting_down`: the gateway is shutting down; also: no supervisor session within --session-wait-ms, or the relay failed before the command reported an exit status */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description `relay_open_timeout`: the supervisor did not open the relay within --relay-open-timeout-ms */
             504: {
                 headers: {
                     [name: string]: unknown;
@@ -1196,9 +1341,7 @@ export interface operations {
         };
         requestBody: {
             content: {
-                "application/json": {
-                    signal: "TERM" | "KILL" | "INT" | "HUP" | "QUIT" | "USR1" | "USR2";
-                };
+                "application/json": components["schemas"]["SignalRequest"];
             };
         };
         responses: {
@@ -1295,7 +1438,10 @@ export interface operations {
                 stderrOffset?: number;
                 encoding?: "utf8" | "base64";
             };
-            header?: never;
+            header?: {
+                /** @description Chooses the answer's media type: `text/event-stream` or `application/x-ndjson`. q-values are honoured (so an SSE client must name `text/event-stream`); without it, with a bare `*\/*`, or with one naming neither, the answer is `application/x-ndjson`. */
+                Accept?: string;
+            };
             path: {
                 execId: string;
             };

@@ -20,7 +20,7 @@ interface HaproxyTimeouts {
   serverMs: number
   /** Public side: WebSocket connections once upgraded. */
   tunnelMs: number
-  /** Public side: a POST ...?wait=true waits for its exec's end before any byte comes back. */
+  /** Public side: a POST .../execs/run (or ...?wait=true) waits for its exec's end before any byte comes back. */
   waitRequestMs: number
   /** Supervisor side: inactivity of a supervisor's TCP connection (both directions). */
   supervisorIdleMs: number
@@ -213,8 +213,9 @@ export function renderHaproxyConfig (opts: HaproxyConfigOptions): string {
     '    # Replica inactivity on plain HTTP: longer than the gateway\'s own bound on any request and',
     '    # than its heartbeat interval on event streams.',
     `    timeout server ${ms(t.serverMs)}`,
-    '    # POST /v1/sandboxes/{id}/execs?wait=true answers only when the exec ends, which may be',
-    '    # hours; that request alone may wait this long for its response.',
+    '    # POST /v1/sandboxes/{id}/execs/run (and the deprecated .../execs?wait=true) answers only',
+    '    # when the exec ends, which may be hours; that request alone may wait this long for its response.',
+    `    http-request set-timeout server ${ms(t.waitRequestMs)} if METH_POST { path_end /execs/run }`,
     `    http-request set-timeout server ${ms(t.waitRequestMs)} if METH_POST { path_end /execs } { urlp(wait) -m found } !{ urlp(wait) -m str false }`,
     '    # WebSocket (GET /v1/execs/{id}/stream) once upgraded: this replaces the client and server',
     '    # timeouts. A silent exec gets a heartbeat frame every --heartbeat-interval-ms, so this is a',

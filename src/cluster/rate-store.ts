@@ -7,11 +7,14 @@ import type { Directory } from './directory.js'
 
 type Incr = (key: string, cb: (err: Error | null, res?: { current: number, ttl: number }) => void, timeWindow: number, max: number) => void
 
+// What @fastify/rate-limit passes to child(): a route's limiter, or a shared one (no route).
+interface LimiterParams { groupId?: string, routeInfo: { method?: string, url?: string } }
+
 interface LocalWindow { count: number, until: number }
 // Local windows are dropped as they expire; this many at most are held (per-token keys).
 const LOCAL_MAX_KEYS = 100_000
 
-export function clusterRateStore (directory: () => Directory): new (options: unknown) => { incr: Incr, child: (route: { routeInfo: { method: string, url: string } }) => unknown } {
+export function clusterRateStore (directory: () => Directory): new (options: unknown) => { incr: Incr, child: (params: LimiterParams) => unknown } {
   class ClusterRateStore {
     readonly #prefix: string
     readonly #local = new Map<string, LocalWindow>()
@@ -25,8 +28,9 @@ export function clusterRateStore (directory: () => Directory): new (options: unk
       directory().rateHit(k, timeWindow).then((r) => { cb(null, r) }, () => { cb(null, this.#localHit(k, timeWindow)) })
     }
 
-    child (route: { routeInfo: { method: string, url: string } }): ClusterRateStore {
-      return new ClusterRateStore(undefined, `${route.routeInfo.method}${route.routeInfo.url}:`)
+    // A limiter shared by routes (app.rateLimit()) has no route of its own: its groupId names it.
+    child (params: LimiterParams): ClusterRateStore {
+      return new ClusterRateStore(undefined, `${params.groupId ?? `${params.routeInfo.method ?? ''}${params.routeInfo.url ?? ''}`}:`)
     }
 
     #localHit (key: string, windowMs: number): { current: number, ttl: number } {

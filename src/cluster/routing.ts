@@ -36,7 +36,10 @@ export interface ClusterRoutingOptions {
   logger: Logger
 }
 
-const SANDBOX_ROUTES = new Set(['/v1/sandboxes/:sandboxId', '/v1/sandboxes/:sandboxId/execs'])
+const SANDBOX_ROUTES = new Set(['/v1/sandboxes/:sandboxId', '/v1/sandboxes/:sandboxId/execs', '/v1/sandboxes/:sandboxId/execs/run'])
+// The POSTs that start an exec: createExec, and runExec, which is createExec with ?wait=true.
+const START_ROUTES = new Set(['/v1/sandboxes/:sandboxId/execs', '/v1/sandboxes/:sandboxId/execs/run'])
+const startsExec = (request: FastifyRequest): boolean => request.method === 'POST' && START_ROUTES.has(request.routeOptions.url ?? '')
 const EXEC_ROUTES = new Set(['/v1/execs/:execId', '/v1/execs/:execId/signal', '/v1/execs/:execId/events', '/v1/execs/:execId/read-token'])
 const STREAM_PATH = /^\/v1\/execs\/([^/?#]+)\/stream(?:[?#]|$)/
 // A replica that does not answer a list in this long is left out of it (and the answer says so).
@@ -101,7 +104,7 @@ export class ClusterRouting {
   // asks again instead of this one starting it on a dead session.
   installInternal (app: FastifyInstance): void {
     app.addHook('preHandler', async (request, reply) => {
-      if (request.method !== 'POST' || request.routeOptions.url !== '/v1/sandboxes/:sandboxId/execs') return
+      if (!startsExec(request)) return
       const id = (request.params as Record<string, string | undefined>).sandboxId
       if (id === undefined) return
       let elsewhere: string
@@ -232,7 +235,7 @@ export class ClusterRouting {
     if (SANDBOX_ROUTES.has(route) && params.sandboxId !== undefined) {
       const id = params.sandboxId
       if (this.#o.registry.get(id)?.session !== undefined) {
-        if (request.method !== 'POST' || route !== '/v1/sandboxes/:sandboxId/execs') return undefined
+        if (!startsExec(request)) return undefined
         const taken = await this.#o.cluster.takenElsewhere(id)
         if (taken === undefined) return undefined
         if (taken.owner !== undefined) return taken.owner.internalUrl

@@ -10,6 +10,7 @@ import {
   BINARY_SUBPROTOCOL, CLOSE_ERROR, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, JSON_SUBPROTOCOL,
   STDERR_CHANNEL, STDIN_CHANNEL, STDOUT_CHANNEL
 } from '../schemas/websocket.js'
+import { eventFormat } from './accept.js'
 import { BEARER_SUBPROTOCOL_PREFIX } from './guard.js'
 import { ACCESS_TOKEN_PARAM } from './read-token.js'
 
@@ -20,7 +21,8 @@ import { ACCESS_TOKEN_PARAM } from './read-token.js'
 // - transform (per route): the problem responses that plugins, not handlers, produce (the
 //   guard's 401/403, body parsing's 400/413/415, the error handler's 500), derived from the
 //   same facts those plugins act on; and the WebSocket route, which @fastify/websocket hides.
-// - transformObject (once): the event and frame components, which no HTTP route carries.
+// - transformObject (once): the event and frame components, which no HTTP route carries, and
+//   what @fastify/swagger leaves out of operations (see finishOperations).
 
 const BODY_METHODS = new Set(['POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'])
 // The routes that also take a read token in the query (src/http/guard.ts).
@@ -80,6 +82,7 @@ function transformFor (bodyLimit: number): SwaggerTransform {
       s.tags = ['meta']
       s.operationId = 'getOpenApiDocument'
       s.summary = 'This OpenAPI 3.1 document (also committed as openapi/openapi.json)'
+      s.description = 'Generated from the gateway\'s route schemas; the same document as the committed openapi/openapi.json and the /docs page\'s. Needs no token.'
       s.response = { 200: { description: 'the OpenAPI 3.1 document', type: 'object', additionalProperties: true } }
     }
     if (s.hide === true) return { schema: s as FastifySchema, url }
@@ -132,6 +135,45 @@ function discriminatedUnion (members: Record<string, TSchema>, description: stri
   return { description, oneOf: Object.values(mapping).map(($ref) => ({ $ref })), discriminator: { propertyName: 'type', mapping } }
 }
 
+interface Parameter { in: string, name: string, required?: boolean, description?: string, deprecated?: boolean, schema?: { deprecated?: boolean, type?: string, examples?: string[] } }
+interface Operation { parameters?: Parameter[], responses?: Record<string, { content?: Record<string, unknown> }>, [extension: `x-${string}`]: unknown }
+
+const ref = (name: string): { $ref: string } => ({ $ref: `#/components/schemas/${name}` })
+
+// What @fastify/swagger does not carry from the route schemas into the operations:
+// - a query parameter's `deprecated` stays on its schema, where generators do not look;
+// - an operation answering in more than one media type (only /events, whose choice is
+//   src/http/accept.ts's) gets the Accept header that chooses: OpenAPI leaves Accept to the
+//   tools, but generated clients send none, or a bare */*, and then the gateway answers NDJSON;
+//   an SSE client generated from text/event-stream must be told to send it, and its type says so;
+// - the WebSocket route's messages, which OpenAPI has no place for, point at their components
+//   from an extension, so that a reader (and spectral's unused-component rule) finds them.
+function finishOperations (paths: Record<string, Record<string, Operation>>): void {
+  for (const [path, ops] of Object.entries(paths)) {
+    for (const op of Object.values(ops)) {
+      for (const p of op.parameters ?? []) {
+        if (p.schema?.deprecated === true) { p.deprecated = true; delete p.schema.deprecated }
+      }
+      const media = Object.keys(op.responses?.['200']?.content ?? {})
+      if (media.length > 1) {
+        op.parameters = [...(op.parameters ?? []), {
+          in: 'header',
+          name: 'Accept',
+          required: false,
+          description: `Chooses the answer's media type: ${media.map((m) => `\`${m}\``).join(' or ')}. q-values are honoured (so an SSE client must name \`text/event-stream\`); without it, with a bare \`*/*\`, or with one naming neither, the answer is \`${eventFormat(undefined) === 'sse' ? 'text/event-stream' : 'application/x-ndjson'}\`.`,
+          schema: { type: 'string', examples: media }
+        }]
+      }
+      if (path.endsWith('/stream')) {
+        op['x-websocket-messages'] = {
+          server: { text: ref('ExecEvent'), binary: ref('BinaryOutputFrame') },
+          client: { text: ref('ClientFrame'), binary: ref('BinaryStdinFrame') }
+        }
+      }
+    }
+  }
+}
+
 const addComponents: SwaggerTransformObject = (documentObject) => {
   if (!('openapiObject' in documentObject)) throw new Error('the gateway documents itself as OpenAPI 3.1, not Swagger 2')
   const openapiObject = documentObject.openapiObject
@@ -143,6 +185,7 @@ const addComponents: SwaggerTransformObject = (documentObject) => {
   schemas.ClientFrame = discriminatedUnion(ClientFrameMembers, `Client → server JSON text frame on the WebSocket. Anything else closes the socket with ${CLOSE_POLICY} and a reason.`)
   schemas.BinaryOutputFrame = toComponent(BinaryOutputFrameSchema)
   schemas.BinaryStdinFrame = toComponent(BinaryStdinFrameSchema)
+  finishOperations((openapiObject as { paths?: Record<string, Record<string, Operation>> }).paths ?? {})
   return openapiObject
 }
 
@@ -150,7 +193,11 @@ export async function registerOpenApi (app: FastifyInstance): Promise<void> {
   await app.register(swagger, {
     openapi: {
       openapi: '3.1.0',
-      info: { title: 'exec-gateway', version: '1', description: DESCRIPTION },
+      info: { title: 'exec-gateway', version: '1', description: DESCRIPTION, license: { name: 'Apache-2.0', identifier: 'Apache-2.0' } },
+      // The default --listen address, absolute: generators take the first server as the client's
+      // default base URL, and a relative '/' leaves a Node client with a URL fetch refuses.
+      // Every client takes its gateway's own URL as baseUrl.
+      servers: [{ url: 'http://127.0.0.1:8080', description: 'a gateway on its default --listen address; use your gateway\'s URL' }],
       tags: [
         { name: 'execs', description: 'Run commands, follow their output, signal and kill them' },
         { name: 'sandboxes', description: 'Sandboxes whose supervisor has connected' },

@@ -87,7 +87,11 @@ export const ExecParamsSchema = Type.Object({ execId: Type.String({ minLength: 1
 const EncodingSchema = Type.Union([Type.Literal('utf8'), Type.Literal('base64')], { default: 'utf8' })
 
 export const CreateExecQuerySchema = Type.Object({
-  wait: Type.Optional(Type.Boolean({ default: false, description: 'wait for the end and return the ExecResult' })),
+  wait: Type.Optional(Type.Boolean({ default: false, deprecated: true, description: 'deprecated, still honoured: wait for the end and answer as runExec (POST .../execs/run) does' })),
+  encoding: Type.Optional(EncodingSchema)
+}, { additionalProperties: false })
+
+export const RunExecQuerySchema = Type.Object({
   encoding: Type.Optional(EncodingSchema)
 }, { additionalProperties: false })
 

@@ -68,6 +68,12 @@ describe('cluster mode: a replica that does not hold the sandbox forwards to the
     const rec = await api(r1.publicUrl, 'GET', `/v1/execs/${String(res.body.id)}`)
     expect(rec.status).toBe(200)
     expect(rec.body).toEqual((await api(r0.publicUrl, 'GET', `/v1/execs/${String(res.body.id)}`)).body)
+    // runExec is forwarded as ?wait=true is.
+    const ran = await api(r1.publicUrl, 'POST', '/v1/sandboxes/fwd-1/execs/run', { command: ['sh', '-c', 'printf ran; exit 5'] })
+    expect(ran.status).toBe(200)
+    expect(ran.body).toMatchObject({ status: 'exited', exitCode: 5, stdout: 'ran' })
+    expect(ran.headers.get('location')).toBe(`/v1/execs/${String(ran.body.id)}`)
+    expect(r0.gw.execs.get(ran.body.id), 'runExec ran on r0').toBeDefined()
 
     const long = await execStart(r1.publicUrl, 'fwd-1', { command: ['sleep', '30'] })
     const sig = await api(r1.publicUrl, 'POST', `/v1/execs/${long}/signal`, { signal: 'TERM' })

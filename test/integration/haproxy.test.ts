@@ -172,7 +172,7 @@ describe('one gateway behind haproxy', () => {
     expect(lb.output()).not.toContain(token.split('.')[2]!)
   })
 
-  it('an upgraded WebSocket lives by timeout tunnel, not by the client/server timeouts; a ?wait=true exec by its own server timeout', async () => {
+  it('an upgraded WebSocket lives by timeout tunnel, not by the client/server timeouts; ?wait=true and runExec by their own server timeout', async () => {
     // Client and server timeouts of 2 s: a plain response silent for longer is cut (the SSE
     // reader below, the control). The tunnel timeout decides for the WebSocket: 30 s lets an
     // 8 s silent exec through, 2 s cuts it (the second control).
@@ -185,10 +185,11 @@ describe('one gateway behind haproxy', () => {
       const silent = ['sh', '-c', 'sleep 8; echo late']
       const started = performance.now()
       const since = (): number => performance.now() - started
-      const [ws, wsCut, waited, sse] = await Promise.all([
+      const [ws, wsCut, waited, ran, sse] = await Promise.all([
         execStart(longTunnel.publicUrl, sandbox, { command: silent }).then(async (id) => await readWebSocket(longTunnel.publicUrl, id)).then((r) => ({ ...r, atMs: since() })),
         execStart(shortTunnel.publicUrl, sandbox, { command: silent }).then(async (id) => await readWebSocket(shortTunnel.publicUrl, id)).then((r) => ({ ...r, atMs: since() })),
         execWait(longTunnel.publicUrl, sandbox, { command: silent }),
+        api(longTunnel.publicUrl, 'POST', `/v1/sandboxes/${sandbox}/execs/run`, { command: silent }),
         execStart(longTunnel.publicUrl, sandbox, { command: silent }).then(async (id) => await readSse(longTunnel.publicUrl, id))
       ])
       expect(outputOf(ws.events, 'stdout')).toBe('late\n')
@@ -201,6 +202,8 @@ describe('one gateway behind haproxy', () => {
       expect(wsCut.atMs).toBeLessThan(5000)
       expect(waited.status).toBe(200)
       expect(waited.body).toMatchObject({ exitCode: 0, stdout: 'late\n' })
+      expect(ran.status).toBe(200)
+      expect(ran.body).toMatchObject({ exitCode: 0, stdout: 'late\n' })
       // SSE is a plain response: 2 s of silence (no heartbeat for 20 s) and timeout server cuts it.
       expect(sse.events.filter((e) => e.event === 'exit')).toEqual([])
       expect(sse.endedAtMs).toBeLessThan(5000)

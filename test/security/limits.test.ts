@@ -67,6 +67,26 @@ describe('exec creation rate limit without tokens', () => {
   })
 })
 
+describe('exec creation rate limit across createExec and runExec', () => {
+  it('one budget per token for both ways of starting an exec', async () => {
+    const s = await startSandbox('embedded', 'rl-run', { apiTokens: ['tok-r'], execRateLimitPerMinute: 2 })
+    try {
+      const url = `${s.g.publicUrl}/v1/sandboxes/rl-run/execs`
+      expect((await post(url, { command: ['true'] }, 'tok-r')).status).toBe(201)
+      expect((await post(`${url}/run`, { command: ['true'] }, 'tok-r')).status).toBe(200)
+      for (const target of [url, `${url}/run`]) {
+        const refused = await post(target, { command: ['true'] }, 'tok-r')
+        expect(refused.status, target).toBe(429)
+        expect(refused.body.code).toBe('too_many_requests')
+        expect(refused.headers.get('retry-after'), target).not.toBeNull()
+      }
+      expect(s.g.gw.execs.size).toBe(2)
+    } finally {
+      await s.close()
+    }
+  })
+})
+
 describe('running execs per sandbox', () => {
   let g: TestGateway
   const sups: SupervisorProcess[] = []

@@ -34,6 +34,7 @@ const PROBLEMS: Record<string, number[]> = {
   'GET /v1/sandboxes': [401, 403, 500],
   'GET /v1/sandboxes/{sandboxId}': [400, 401, 403, 404, 500],
   'POST /v1/sandboxes/{sandboxId}/execs': [400, 401, 403, 404, 413, 415, 429, 500, 502, 503, 504],
+  'POST /v1/sandboxes/{sandboxId}/execs/run': [400, 401, 403, 404, 413, 415, 429, 500, 502, 503, 504],
   'GET /v1/execs': [400, 401, 403, 500],
   'GET /v1/execs/{execId}': [400, 401, 403, 404, 500],
   'GET /v1/execs/{execId}/stream': [400, 401, 403, 404, 500],
@@ -110,27 +111,55 @@ describe('OpenAPI document', () => {
     expect(new Set(ids).size).toBe(ids.length)
     expect((operation('POST /v1/sandboxes/{sandboxId}/execs') as { operationId?: string }).operationId).toBe('createExec')
     expect((operation('GET /v1/execs/{execId}/events') as { operationId?: string }).operationId).toBe('getExecEvents')
+    expect((operation('POST /v1/sandboxes/{sandboxId}/execs/run') as { operationId?: string }).operationId).toBe('runExec')
   })
 
   it('names the codes a client branches on', () => {
-    const create = operation('POST /v1/sandboxes/{sandboxId}/execs').responses
-    expect(create['404']!.description).toContain('`sandbox_not_found`')
-    expect(create['429']!.description).toContain('`too_many_requests`')
-    for (const code of ['sandbox_unavailable', 'relay_unavailable', 'shutting_down']) expect(create['503']!.description).toContain(`\`${code}\``)
-    expect(create['502']!.description).toContain('`ssh_failed`')
-    expect(create['504']!.description).toContain('`relay_open_timeout`')
+    for (const key of ['POST /v1/sandboxes/{sandboxId}/execs', 'POST /v1/sandboxes/{sandboxId}/execs/run']) {
+      const create = operation(key).responses
+      expect(create['404']!.description, key).toContain('`sandbox_not_found`')
+      expect(create['429']!.description, key).toContain('`too_many_requests`')
+      for (const code of ['sandbox_unavailable', 'relay_unavailable', 'shutting_down']) expect(create['503']!.description, key).toContain(`\`${code}\``)
+      expect(create['502']!.description, key).toContain('`ssh_failed`')
+      expect(create['504']!.description, key).toContain('`relay_open_timeout`')
+    }
     expect(operation('POST /v1/execs/{execId}/signal').responses['409']!.description).toContain('`exec_finished`')
     for (const key of ['GET /v1/execs/{execId}', 'DELETE /v1/execs/{execId}', 'GET /v1/execs/{execId}/events', 'GET /v1/execs/{execId}/stream']) {
       expect(operation(key).responses['404']!.description, key).toContain('`exec_not_found`')
     }
   })
 
-  it('documents Location on 201/200 of exec creation and Retry-After on 429', () => {
-    const create = operation('POST /v1/sandboxes/{sandboxId}/execs').responses
-    for (const status of ['200', '201']) expect(create[status]!.headers, status).toHaveProperty('Location')
-    expect(create['201']!.content?.['application/json']?.schema).toEqual({ $ref: '#/components/schemas/Exec' })
-    expect(create['200']!.content?.['application/json']?.schema).toEqual({ $ref: '#/components/schemas/ExecResult' })
-    expect(create['429']!.headers).toHaveProperty('Retry-After')
+  it('gives each way of starting an exec one success shape, with Location, and Retry-After on 429', () => {
+    const success = (key: string): string[] => Object.keys(operation(key).responses).filter((s) => s.startsWith('2'))
+    const create = operation('POST /v1/sandboxes/{sandboxId}/execs')
+    const run = operation('POST /v1/sandboxes/{sandboxId}/execs/run')
+    // A generator types the one 2xx: createExec's is the background Exec, runExec's the result.
+    expect(success('POST /v1/sandboxes/{sandboxId}/execs')).toEqual(['201'])
+    expect(success('POST /v1/sandboxes/{sandboxId}/execs/run')).toEqual(['200'])
+    expect(create.responses['201']!.content).toEqual({ 'application/json': { schema: { $ref: '#/components/schemas/Exec' } } })
+    expect(run.responses['200']!.content).toEqual({ 'application/json': { schema: { $ref: '#/components/schemas/ExecResult' } } })
+    for (const op of [create.responses['201']!, run.responses['200']!]) expect(op.headers).toHaveProperty('Location')
+    for (const op of [create, run]) expect(op.responses['429']!.headers).toHaveProperty('Retry-After')
+    // ?wait=true still works (test/integration/exec.test.ts), documented as deprecated; runExec has no wait.
+    expect(create.parameters?.find((p) => p.name === 'wait')).toMatchObject({ in: 'query', deprecated: true })
+    expect(run.parameters?.map((p) => `${p.in}:${p.name}`).sort()).toEqual(['path:sandboxId', 'query:encoding'])
+  })
+
+  it('references the request bodies as components and keeps no unused component', () => {
+    const body = (key: string): unknown => (operation(key) as { requestBody?: { content: Record<string, { schema: unknown }> } }).requestBody?.content['application/json']?.schema
+    expect(body('POST /v1/sandboxes/{sandboxId}/execs')).toEqual({ $ref: '#/components/schemas/ExecRequest' })
+    expect(body('POST /v1/sandboxes/{sandboxId}/execs/run')).toEqual({ $ref: '#/components/schemas/ExecRequest' })
+    expect(body('POST /v1/execs/{execId}/signal')).toEqual({ $ref: '#/components/schemas/SignalRequest' })
+    const text = JSON.stringify({ ...doc, components: undefined })
+    const componentsText = JSON.stringify(doc.components.schemas)
+    for (const name of Object.keys(doc.components.schemas)) {
+      const used = text.includes(`"#/components/schemas/${name}"`) || componentsText.includes(`"#/components/schemas/${name}"`)
+      expect(used, `${name} is referenced`).toBe(true)
+    }
+  })
+
+  it('names a server generators can use as a base URL', () => {
+    expect((doc as unknown as { servers: Array<{ url: string }> }).servers).toEqual([expect.objectContaining({ url: 'http://127.0.0.1:8080' })])
   })
 
   it('marks the open routes as needing no token', () => {
@@ -191,6 +220,11 @@ describe('OpenAPI document', () => {
     const events = operation('GET /v1/execs/{execId}/events').responses['200']!.content!
     expect(Object.keys(events).sort()).toEqual(['application/x-ndjson', 'text/event-stream'])
     for (const media of Object.values(events)) expect(media.schema).toEqual({ $ref: '#/components/schemas/ExecEvent' })
+    // The header that chooses between them, which generated clients must send for SSE.
+    expect(operation('GET /v1/execs/{execId}/events').parameters).toContainEqual(expect.objectContaining({ in: 'header', name: 'Accept', required: false }))
+    expect(operation('GET /v1/execs/{execId}/stream') as unknown).toMatchObject({
+      'x-websocket-messages': { server: { text: { $ref: '#/components/schemas/ExecEvent' }, binary: { $ref: '#/components/schemas/BinaryOutputFrame' } }, client: { text: { $ref: '#/components/schemas/ClientFrame' }, binary: { $ref: '#/components/schemas/BinaryStdinFrame' } } }
+    })
   })
 })
 
