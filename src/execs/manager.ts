@@ -12,6 +12,7 @@ import type { KeptStatus } from '../schemas/keeper.js'
 import type { SignalName } from './command.js'
 import { ExecEntry } from './exec-entry.js'
 import { ExecRun } from './exec-run.js'
+import { keptEntry, validDate } from './kept-entry.js'
 import { RetentionBudget } from './retention-budget.js'
 import type { StdinWrite } from './stdin-flow.js'
 import type { ValidExec } from './validate.js'
@@ -166,12 +167,8 @@ export class ExecManager {
 
   // Its clients were told it ended: the command still running in the sandbox is killed.
   #stopSettled (sandboxId: string, execId: string): void {
-    const o = this.#opts
-    o.logger.warn({ sandboxId, execId }, 'the sandbox still runs an exec the cluster has already ended; it is stopped, not rebuilt')
-    const forget = o.forgetKept ?? (async (id: string, exec: string, signal: AbortSignal) => await forgetKept(o.pool, id, exec, signal))
-    forget(sandboxId, execId, AbortSignal.timeout(FORGET_BOUND_MS)).catch((err: Error) => {
-      o.logger.warn({ execId, sandboxId, err: err.message }, 'could not stop an exec the cluster has already ended')
-    })
+    this.#opts.logger.warn({ sandboxId, execId }, 'the sandbox still runs an exec the cluster has already ended; it is stopped, not rebuilt')
+    this.#forgetInSandbox(sandboxId, execId, 'could not stop an exec the cluster has already ended')
   }
 
   // False when the exec is known here already (its run reattaches by itself).
@@ -179,24 +176,7 @@ export class ExecManager {
     const meta = status.meta
     if (this.#closing || this.#execs.has(meta.execId) || this.#replaying.has(meta.execId)) return false
     const o = this.#opts
-    const spec: ValidExec = {
-      command: meta.command,
-      env: {},
-      workdir: undefined,
-      stdin: undefined,
-      interactive: meta.interactive,
-      tty: meta.tty,
-      cols: meta.cols,
-      rows: meta.rows,
-      timeoutSeconds: meta.timeoutSeconds
-    }
-    const createdAt = validDate(meta.createdAt)
-    const entry = new ExecEntry(meta.execId, sandboxId, spec, o.retentionBytes, this.#budget, createdAt)
-    // What the daemon no longer has is gone: readers from 0 are told of a gap up to its base.
-    entry.stdout.skipTo(status.stdout.base)
-    entry.stderr.skipTo(status.stderr.base)
-    entry.markStarted()
-    entry.startedAt = validDate(status.startedAt) ?? entry.startedAt
+    const entry = keptEntry(sandboxId, status, o.retentionBytes, this.#budget)
     this.#adoptedEnds.set(entry, status.endedAt)
     // Finished ones too: the attach replays the tail and delivers the exit report, so their
     // outcome comes the normal way. Until it has, such a record would say `running` with no
@@ -343,11 +323,16 @@ export class ExecManager {
   // So that a restarted gateway does not rebuild it. Best effort: a daemon that cannot be asked
   // drops the record itself after --keep-finished-s.
   #forget (entry: ExecEntry): void {
+    if (this.#opts.forgetKept === undefined && !this.#opts.registry.keepsExecs(entry.sandboxId)) return
+    this.#forgetInSandbox(entry.sandboxId, entry.id, 'could not ask the sandbox to forget a deleted exec')
+  }
+
+  // The daemon kills the exec if it runs and drops it; bounded, and only logged when it fails.
+  #forgetInSandbox (sandboxId: string, execId: string, failure: string): void {
     const o = this.#opts
-    if (o.forgetKept === undefined && !o.registry.keepsExecs(entry.sandboxId)) return
-    const forget = o.forgetKept ?? (async (sandboxId: string, execId: string, signal: AbortSignal) => await forgetKept(o.pool, sandboxId, execId, signal))
-    forget(entry.sandboxId, entry.id, AbortSignal.timeout(FORGET_BOUND_MS)).catch((err: Error) => {
-      o.logger.warn({ execId: entry.id, sandboxId: entry.sandboxId, err: err.message }, 'could not ask the sandbox to forget a deleted exec')
+    const forget = o.forgetKept ?? (async (id: string, exec: string, signal: AbortSignal) => await forgetKept(o.pool, id, exec, signal))
+    forget(sandboxId, execId, AbortSignal.timeout(FORGET_BOUND_MS)).catch((err: Error) => {
+      o.logger.warn({ execId, sandboxId, err: err.message }, failure)
     })
   }
 
@@ -412,10 +397,4 @@ export class ExecManager {
     if (n > 0) this.#active.set(sandboxId, n)
     else this.#active.delete(sandboxId)
   }
-}
-
-function validDate (iso: string | undefined): Date | undefined {
-  if (iso === undefined) return undefined
-  const d = new Date(iso)
-  return Number.isNaN(d.getTime()) ? undefined : d
 }
