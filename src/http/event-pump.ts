@@ -20,10 +20,16 @@ export function pumpEvents (entry: ExecEntry, opts: AttachOptions, heartbeatMs: 
   let stopped = false
   const reader = {}
   const drained = (): void => { entry.releaseFlow(reader) }
+  // Re-armed on every chunk: refresh() moves the one timer instead of making a new one per chunk.
   const arm = (): void => {
-    clearTimeout(timer)
     if (stopped) return
-    timer = setTimeout(() => { deliver({ type: 'heartbeat', time: new Date().toISOString() }, false); arm() }, heartbeatMs)
+    if (timer === undefined) timer = setTimeout(beat, heartbeatMs)
+    else timer.refresh()
+  }
+  const beat = (): void => {
+    if (stopped) return
+    deliver({ type: 'heartbeat', time: new Date().toISOString() }, false)
+    arm()
   }
   const deliver = (ev: ExecEvent, final: boolean, endOffset?: number, raw?: Buffer): void => {
     if (!sink.send(ev, final, endOffset, raw, drained) && !final) entry.holdFlow(reader)

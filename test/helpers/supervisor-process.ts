@@ -21,10 +21,13 @@ export interface SupervisorProcessOptions {
   sshUser?: string
   // More `supervisor` flags, appended verbatim.
   extraArgs?: string[]
+  // --log-level; default debug, which tests read when they fail. A benchmark wants the
+  // production default (info): debug lines cost the embedded daemon ~5 lines of JSON per exec.
+  logLevel?: string
 }
 
 export function startSupervisorProcess (opts: SupervisorProcessOptions): SupervisorProcess {
-  const args = [BIN, 'supervisor', '--gateway', opts.gatewayUrl, '--sandbox-id', opts.sandboxId, '--token', opts.token, '--log-level', 'debug']
+  const args = [BIN, 'supervisor', '--gateway', opts.gatewayUrl, '--sandbox-id', opts.sandboxId, '--token', opts.token, '--log-level', opts.logLevel ?? 'debug']
   if (opts.sshTarget !== undefined) args.push('--ssh-target', opts.sshTarget)
   if (opts.sshUser !== undefined) args.push('--ssh-user', opts.sshUser)
   args.push(...(opts.extraArgs ?? []))
