@@ -123,6 +123,9 @@ async function hashStream (url: string, mode: StreamMode, file: string, t0: numb
 
 export interface SshRun { ms: number, code: number | null, stderr: string }
 
+// cpuS: user + system seconds of the ssh process.
+export interface SshCpuRun { ms: number, cpuS: number }
+
 const SSH_OPTIONS = ['-o', 'BatchMode=yes', '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null']
 
 // A fresh `ssh` client to the run's sshd each time, as the peer of every measurement.
@@ -155,6 +158,30 @@ export class SshPeer {
       child.once('error', (err) => { clearTimeout(timer); reject(err) })
       child.once('exit', (code) => { clearTimeout(timer); resolve({ ms: performance.now() - t0, code, stderr }) })
     })
+  }
+
+  // `ssh … <remote>` > /dev/null, with its CPU: node has no rusage per child and /proc/<pid> is
+  // gone once ssh has exited, so bash runs it and its `times` prints what its reaped child used
+  // (getrusage, not rounded to clock ticks). The timing includes bash's start, ~2 ms.
+  async runWithCpu (remote: string[], options: string[] = []): Promise<SshCpuRun> {
+    const t0 = performance.now()
+    const child = spawn('bash', ['-c', '"$@" > /dev/null; s=$?; times; exit $s', 'bash', SSH, ...this.args(remote, options)], { stdio: ['ignore', 'pipe', 'pipe'] })
+    let out = ''
+    let stderr = ''
+    child.stdout.on('data', (c: Buffer) => { out += c.toString() })
+    child.stderr.on('data', (c: Buffer) => { stderr = (stderr + c.toString()).slice(-4000) })
+    const timer = setTimeout(() => child.kill('SIGKILL'), 300_000)
+    let ms = 0
+    const code = await new Promise<number | null>((resolve, reject) => {
+      child.once('error', reject)
+      child.once('exit', () => { ms = performance.now() - t0 })
+      child.once('close', (c) => resolve(c))
+    }).finally(() => clearTimeout(timer))
+    if (code !== 0) throw new Error(`ssh ${remote.join(' ')} exited ${code}: ${stderr.trim()}`)
+    // Line 1: the shell's own user and system time; line 2: its children's, e.g. "0m0.412s 0m0.118s".
+    const m = /^(\d+)m([\d.]+)s (\d+)m([\d.]+)s$/m.exec(out.trim().split('\n')[1] ?? '')
+    if (m === null) throw new Error(`bash times printed ${JSON.stringify(out)}`)
+    return { ms, cpuS: Number(m[1]) * 60 + Number(m[2]) + Number(m[3]) * 60 + Number(m[4]) }
   }
 
   // `ssh … cat file` into this process, hashed like the WebSocket client does.

@@ -11,7 +11,7 @@ import { startGatewayProcess, type GatewayProcess } from '../test/helpers/gatewa
 import { startOpenSshd, type OpenSshd } from '../test/helpers/openssh.js'
 import { startSupervisorProcess, type SupervisorProcess } from '../test/helpers/supervisor-process.js'
 import { GatewayApi, SshPeer } from './clients.js'
-import { CURVE_KEX, FILE_MIB, GATEWAY_EXTRA_ARGS, GATEWAY_NODE_OPTIONS, ONLY, PROFILE_DIR } from './knobs.js'
+import { CURVE_KEX, FILE_MIB, GCM_CIPHER, GATEWAY_EXTRA_ARGS, GATEWAY_NODE_OPTIONS, ONLY, PROFILE_DIR } from './knobs.js'
 import { cmdline, findSshdConfig, taggedProcesses } from './proc.js'
 import { Profiler } from './profile.js'
 import { log, Results } from './report.js'
@@ -131,7 +131,8 @@ export class World {
       `- sshd (test/helpers/openssh.ts, logging in as \`${sshd.user}\`): \`${sshdInfo?.command ?? `sshd on 127.0.0.1:${sshd.port}`}\``,
       `- OpenSSH client baseline: \`${ssh.commandLine('true')}\``,
       `- OpenSSH client baseline with the gateway's key exchange: \`${ssh.commandLine('true', `-o KexAlgorithms=${CURVE_KEX}`)}\``,
-      `- throughput baseline: \`${ssh.commandLine(file === '' ? '<file>' : `cat ${file}`)} > /dev/null\``
+      `- throughput baseline: \`${ssh.commandLine(file === '' ? '<file>' : `cat ${file}`)} > /dev/null\``,
+      `- throughput baseline with the gateway's cipher, its CPU from bash's \`times\`: \`bash -c '"$@" > /dev/null; times' bash ${ssh.commandLine(file === '' ? '<file>' : `cat ${file}`, `-c ${GCM_CIPHER}`)}\``
     )
     if (sshdInfo !== undefined) this.results.sshdConfig = sshdInfo.config.trim()
     if (GATEWAY_NODE_OPTIONS !== '') notes.push(`gateways ran with NODE_OPTIONS=${GATEWAY_NODE_OPTIONS}`)
