@@ -8,7 +8,7 @@ import { requestJson } from '../test/helpers/http.js'
 import type { OpenSshd } from '../test/helpers/openssh.js'
 import { waitFor } from '../test/helpers/wait.js'
 import { BINARY_SUBPROTOCOL } from '../src/schemas/websocket.js'
-import { SSH } from './knobs.js'
+import { CURL, SSH } from './knobs.js'
 
 export interface Reply<T> { status: number, body: T }
 
@@ -39,9 +39,12 @@ export class GatewayApi {
     return elapsed
   }
 
-  async waitConnected (base: string, sandboxId: string): Promise<void> {
+  // apiToken: for a gateway started with --api-token (requestJson sends no headers of its own).
+  async waitConnected (base: string, sandboxId: string, apiToken?: string): Promise<void> {
     await waitFor(async () => {
-      const r = await this.json<{ status?: string }>(base, 'GET', `/v1/sandboxes/${sandboxId}`)
+      const r = apiToken === undefined
+        ? await this.json<{ status?: string }>(base, 'GET', `/v1/sandboxes/${sandboxId}`)
+        : await fetch(`${base}/v1/sandboxes/${sandboxId}`, { headers: { authorization: `Bearer ${apiToken}` }, signal: AbortSignal.timeout(10_000) }).then(async (res) => ({ status: res.status, body: await res.json() as { status?: string } }))
       return r.status === 200 && r.body.status === 'connected'
     }, { timeoutMs: 20_000, intervalMs: 200, description: `sandbox ${sandboxId} to connect` })
   }
@@ -119,9 +122,47 @@ async function hashStream (url: string, mode: StreamMode, file: string, t0: numb
   })
 }
 
+// ---------------------------------------------------------------- curl
+
+export interface CurlExec { ms: number, status: number, exitCode: unknown, body: string }
+
+// One whole `curl` process doing `POST …/execs?wait=true` `{"command":["true"]}` with a bearer
+// token, timed from spawn to exit: what a shell script pays, connection and process start
+// included, as `ssh -S … true` is timed.
+export function curlArgs (base: string, sandboxId: string, apiToken: string): string[] {
+  return ['-s', '-S', '--max-time', '30', '-X', 'POST', '-H', `authorization: Bearer ${apiToken}`, '-H', 'content-type: application/json',
+    '--data', '{"command":["true"]}', '-w', '\\n%{http_code}', `${base}/v1/sandboxes/${sandboxId}/execs?wait=true`]
+}
+
+export async function curlExecTrue (args: readonly string[]): Promise<CurlExec> {
+  const t0 = performance.now()
+  const child = spawn(CURL, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+  let out = ''
+  let stderr = ''
+  child.stdout.on('data', (c: Buffer) => { out = (out + c.toString()).slice(-16_000) })
+  child.stderr.on('data', (c: Buffer) => { stderr = (stderr + c.toString()).slice(-4000) })
+  // curl's own --max-time bounds it; this is in case curl itself hangs.
+  const timer = setTimeout(() => child.kill('SIGKILL'), 40_000)
+  let ms = 0
+  const code = await new Promise<number | null>((resolve, reject) => {
+    child.once('error', reject)
+    child.once('exit', () => { ms = performance.now() - t0 })
+    child.once('close', (c) => resolve(c))
+  }).finally(() => clearTimeout(timer))
+  if (code !== 0) throw new Error(`curl exited ${code}: ${stderr.trim()}`)
+  const nl = out.lastIndexOf('\n')
+  const body = out.slice(0, nl)
+  let exitCode: unknown
+  try { exitCode = (JSON.parse(body) as { exitCode?: unknown }).exitCode } catch { exitCode = undefined }
+  return { ms, status: Number(out.slice(nl + 1)), exitCode, body }
+}
+
 // ---------------------------------------------------------------- the OpenSSH client
 
 export interface SshRun { ms: number, code: number | null, stderr: string }
+
+// cpuS: user + system seconds of the ssh process.
+export interface SshCpuRun { ms: number, cpuS: number }
 
 const SSH_OPTIONS = ['-o', 'BatchMode=yes', '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null']
 
@@ -155,6 +196,30 @@ export class SshPeer {
       child.once('error', (err) => { clearTimeout(timer); reject(err) })
       child.once('exit', (code) => { clearTimeout(timer); resolve({ ms: performance.now() - t0, code, stderr }) })
     })
+  }
+
+  // `ssh … <remote>` > /dev/null, with its CPU: node has no rusage per child and /proc/<pid> is
+  // gone once ssh has exited, so bash runs it and its `times` prints what its reaped child used
+  // (getrusage, not rounded to clock ticks). The timing includes bash's start, ~2 ms.
+  async runWithCpu (remote: string[], options: string[] = []): Promise<SshCpuRun> {
+    const t0 = performance.now()
+    const child = spawn('bash', ['-c', '"$@" > /dev/null; s=$?; times; exit $s', 'bash', SSH, ...this.args(remote, options)], { stdio: ['ignore', 'pipe', 'pipe'] })
+    let out = ''
+    let stderr = ''
+    child.stdout.on('data', (c: Buffer) => { out += c.toString() })
+    child.stderr.on('data', (c: Buffer) => { stderr = (stderr + c.toString()).slice(-4000) })
+    const timer = setTimeout(() => child.kill('SIGKILL'), 300_000)
+    let ms = 0
+    const code = await new Promise<number | null>((resolve, reject) => {
+      child.once('error', reject)
+      child.once('exit', () => { ms = performance.now() - t0 })
+      child.once('close', (c) => resolve(c))
+    }).finally(() => clearTimeout(timer))
+    if (code !== 0) throw new Error(`ssh ${remote.join(' ')} exited ${code}: ${stderr.trim()}`)
+    // Line 1: the shell's own user and system time; line 2: its children's, e.g. "0m0.412s 0m0.118s".
+    const m = /^(\d+)m([\d.]+)s (\d+)m([\d.]+)s$/m.exec(out.trim().split('\n')[1] ?? '')
+    if (m === null) throw new Error(`bash times printed ${JSON.stringify(out)}`)
+    return { ms, cpuS: Number(m[1]) * 60 + Number(m[2]) + Number(m[3]) * 60 + Number(m[4]) }
   }
 
   // `ssh … cat file` into this process, hashed like the WebSocket client does.

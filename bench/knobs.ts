@@ -3,7 +3,7 @@
 import { fileURLToPath } from 'node:url'
 import { intEnv } from '../test/helpers/env.js'
 
-const PHASES = ['roundtrip', 'rate', 'throughput', 'hold', 'keep', 'cluster'] as const
+const PHASES = ['roundtrip', 'controlmaster', 'rate', 'throughput', 'burst', 'hold', 'fleet', 'keep', 'cluster'] as const
 export type Phase = typeof PHASES[number]
 
 export const ONLY: ReadonlySet<Phase> = (() => {
@@ -23,6 +23,11 @@ export const HOLD_STEPS: readonly number[] = (process.env.BENCH_HOLD ?? '500,100
 export const CPU_WINDOW_S = intEnv('BENCH_CPU_WINDOW_S', 10, 1, 600)
 export const RATE_S = intEnv('BENCH_RATE_S', 10, 1, 600)
 export const RATE_CLIENTS = intEnv('BENCH_RATE_CLIENTS', 50, 1, 1000)
+export const BURST_N = intEnv('BENCH_BURST_N', 500, 1, 1000)
+// The fleet phase: this many sandboxes (one supervisor process each, ~70 MiB RSS apiece), each
+// holding this many silent execs through one gateway.
+export const FLEET_SANDBOXES = intEnv('BENCH_HOLD_SANDBOXES', 100, 1, 200)
+export const FLEET_PER_SANDBOX = intEnv('BENCH_HOLD_PER_SANDBOX', 100, 1, 1000)
 // Passed to every gateway process (not supervisors) as NODE_OPTIONS. Node 20 refuses --cpu-prof
 // there; use BENCH_PROFILE_DIR for profiles.
 export const GATEWAY_NODE_OPTIONS = process.env.BENCH_GATEWAY_NODE_OPTIONS ?? ''
@@ -35,15 +40,35 @@ export const GATEWAY_EXTRA_ARGS: readonly string[] = (process.env.BENCH_GATEWAY_
 // A partial run must not overwrite the results of a full one.
 export const RESULTS_PATH = process.env.BENCH_RESULTS ?? (FULL_RUN ? fileURLToPath(new URL('./RESULTS.md', import.meta.url)) : '')
 
+// Issue 16's goals are stated at a scale: a row whose run was smaller (knobs) shows its figure
+// without a verdict.
 export const GOALS = {
   rttRatio: 0.10,
   embeddedMedianMs: 15,
-  binaryThroughputRatio: 0.80,
-  heldKiBPerExec: 64
+  // Binary WebSocket ÷ `ssh -c GCM_CIPHER … cat`.
+  gcmThroughputRatio: 0.80,
+  // CPU-seconds per GiB relayed ÷ the OpenSSH client's over the same transfer.
+  gatewayCpuPerGiBRatio: 1.0,
+  supervisorCpuPerGiBRatio: 0.5,
+  // Whole `curl` process through the gateway ÷ whole `ssh -S` process on a ControlMaster.
+  controlMasterRttRatio: 1.0,
+  // BURST_N concurrent ?wait=true execs: all run with their true exit, none 429.
+  burstAt: 500,
+  // DELETE of this many running execs, until none of their processes is left.
+  massDeleteS: 2,
+  massDeleteAt: 1000,
+  embeddedRateRatio: 1.0,
+  heldKiBPerExec: 64,
+  fleetKiBPerExec: 32,
+  fleetAt: { sandboxes: 100, execs: 10_000 }
 } as const
 
 export const SSH = '/usr/bin/ssh'
+export const CURL = '/usr/bin/curl'
 export const CURVE_KEX = 'curve25519-sha256'
+// What the gateway's ssh2 client negotiates with OpenSSH's sshd (ssh2 offers it first when the
+// CPU has AES-NI; checked with ssh2's 'handshake' event against this sshd): the fair peer cipher.
+export const GCM_CIPHER = 'aes128-gcm@openssh.com'
 export const HOLD_COMMAND: readonly string[] = ['sleep', '600']
 // The gateway tags every exec's environment with its id: how leftovers are found by pid.
 export const EXEC_ID_ENV = 'EXEC_GATEWAY_EXEC_ID'

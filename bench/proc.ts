@@ -85,8 +85,8 @@ export function processTree (pid: number | undefined): number[] {
 export function cmdline (pid: number): string {
   try {
     const args = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter((a) => a !== '')
-    // Supervisor tokens are secrets of this run's gateways; they are not part of the recipe.
-    return args.map((a, i) => args[i - 1] === '--token' ? '<token>' : /[^A-Za-z0-9_./:=,@%+-]/.test(a) ? `'${a.replaceAll("'", "'\\''")}'` : a).join(' ')
+    // Supervisor and API tokens are secrets of this run's gateways; they are not the recipe.
+    return args.map((a, i) => args[i - 1] === '--token' || args[i - 1] === '--api-token' ? '<token>' : /[^A-Za-z0-9_./:=,@%+-]/.test(a) ? `'${a.replaceAll("'", "'\\''")}'` : a).join(' ')
   } catch {
     return `(pid ${pid} gone)`
   }

@@ -11,7 +11,7 @@ import { startGatewayProcess, type GatewayProcess } from '../test/helpers/gatewa
 import { startOpenSshd, type OpenSshd } from '../test/helpers/openssh.js'
 import { startSupervisorProcess, type SupervisorProcess } from '../test/helpers/supervisor-process.js'
 import { GatewayApi, SshPeer } from './clients.js'
-import { CURVE_KEX, FILE_MIB, GATEWAY_EXTRA_ARGS, GATEWAY_NODE_OPTIONS, ONLY, PROFILE_DIR } from './knobs.js'
+import { CURVE_KEX, FILE_MIB, GCM_CIPHER, GATEWAY_EXTRA_ARGS, GATEWAY_NODE_OPTIONS, ONLY, PROFILE_DIR } from './knobs.js'
 import { cmdline, findSshdConfig, taggedProcesses } from './proc.js'
 import { Profiler } from './profile.js'
 import { log, Results } from './report.js'
@@ -25,7 +25,11 @@ export interface Setup {
   gwA: GatewayProcess
   // Gateway B: --ssh-pool false, the same two kinds of supervisor.
   gwB: GatewayProcess
-  // A's ossh and emb, then B's.
+  // Gateway D: default flags with --api-token apiToken, one supervisor to OpenSSH ("ossh"): what
+  // `curl` talks to in the ControlMaster phase, token checked. Only when that phase runs.
+  gwD: GatewayProcess | undefined
+  apiToken: string
+  // A's ossh and emb, then B's (then D's ossh).
   supervisors: SupervisorProcess[]
   sshdPid: number | undefined
   file: string
@@ -62,6 +66,7 @@ export class World {
   readonly execIds = new Set<string>()
   readonly #gateways: GatewayProcess[] = []
   readonly #supervisors: SupervisorProcess[] = []
+  readonly #cleanups: Array<() => Promise<void>> = []
   #sshd: OpenSshd | undefined
   #tmp: string | undefined
   #setup: Setup | undefined
@@ -69,6 +74,11 @@ export class World {
   get setup (): Setup {
     if (this.#setup === undefined) throw new Error('the bench setup did not complete')
     return this.#setup
+  }
+
+  // Run first at teardown, before the gateways stop (an ssh ControlMaster, processes by pid).
+  onTeardown (fn: () => Promise<void>): void {
+    this.#cleanups.push(fn)
   }
 
   async gateway (extraArgs: string[], localSandbox: boolean, inspect = false): Promise<GatewayProcess> {
@@ -98,15 +108,18 @@ export class World {
     const clientKey = join(tmp, 'client_ed25519')
     execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'exec-gateway-bench', '-f', clientKey])
 
-    const needOpenSsh = ONLY.has('roundtrip') || ONLY.has('rate') || ONLY.has('throughput')
+    const needOpenSsh = ONLY.has('roundtrip') || ONLY.has('rate') || ONLY.has('throughput') || ONLY.has('controlmaster') || ONLY.has('burst')
     const gwA = await this.gateway([], true)
     const gwB = await this.gateway(['--ssh-pool=false'], false)
-    const keys = [readFileSync(`${clientKey}.pub`, 'utf8').trim(), loadDataDir(gwA.dataDir).publicKey, loadDataDir(gwB.dataDir).publicKey]
+    const apiToken = randomBytes(24).toString('base64url')
+    const gwD = ONLY.has('controlmaster') ? await this.gateway(['--api-token', apiToken], false) : undefined
+    const keys = [readFileSync(`${clientKey}.pub`, 'utf8').trim(), ...[gwA, gwB, gwD].flatMap((g) => g === undefined ? [] : [loadDataDir(g.dataDir).publicKey])]
     const sshd = await startOpenSshd({ authorizedKeys: keys, logLevel: 'ERROR' })
     this.#sshd = sshd
     const supervisors = needOpenSsh
       ? [this.supervisor(gwA, 'ossh', sshd), this.supervisor(gwA, 'emb'), this.supervisor(gwB, 'ossh', sshd), this.supervisor(gwB, 'emb')]
       : []
+    if (gwD !== undefined) supervisors.push(this.supervisor(gwD, 'ossh', sshd))
     let file = ''
     let fileSha256 = ''
     let fileBytes = 0
@@ -119,19 +132,22 @@ export class World {
     if (needOpenSsh) {
       await Promise.all([this.api.waitConnected(gwA.publicUrl, 'ossh'), this.api.waitConnected(gwA.publicUrl, 'emb'), this.api.waitConnected(gwB.publicUrl, 'ossh'), this.api.waitConnected(gwB.publicUrl, 'emb')])
     }
+    if (gwD !== undefined) await this.api.waitConnected(gwD.publicUrl, 'ossh', apiToken)
     const sshdInfo = findSshdConfig(sshd.port)
     const ssh = new SshPeer(clientKey, sshd)
-    this.#setup = { tmp, sshd, ssh, gwA, gwB, supervisors, sshdPid: sshdInfo?.pid, file, fileSha256, fileBytes }
+    this.#setup = { tmp, sshd, ssh, gwA, gwB, gwD, apiToken, supervisors, sshdPid: sshdInfo?.pid, file, fileSha256, fileBytes }
 
     const { commands, notes } = this.results
     commands.push(
       `- gateway A (default flags, pool on): \`${cmdline(gwA.pid)}\``,
       `- gateway B (one SSH connection per exec): \`${cmdline(gwB.pid)}\``,
+      ...(gwD === undefined ? [] : [`- gateway D (default flags and an API token, for \`curl\`): \`${cmdline(gwD.pid)}\``]),
       ...supervisors.map((s) => `- supervisor: \`${cmdline(s.pid)}\``),
       `- sshd (test/helpers/openssh.ts, logging in as \`${sshd.user}\`): \`${sshdInfo?.command ?? `sshd on 127.0.0.1:${sshd.port}`}\``,
       `- OpenSSH client baseline: \`${ssh.commandLine('true')}\``,
       `- OpenSSH client baseline with the gateway's key exchange: \`${ssh.commandLine('true', `-o KexAlgorithms=${CURVE_KEX}`)}\``,
-      `- throughput baseline: \`${ssh.commandLine(file === '' ? '<file>' : `cat ${file}`)} > /dev/null\``
+      `- throughput baseline: \`${ssh.commandLine(file === '' ? '<file>' : `cat ${file}`)} > /dev/null\``,
+      `- throughput baseline with the gateway's cipher, its CPU from bash's \`times\`: \`bash -c '"$@" > /dev/null; times' bash ${ssh.commandLine(file === '' ? '<file>' : `cat ${file}`, `-c ${GCM_CIPHER}`)}\``
     )
     if (sshdInfo !== undefined) this.results.sshdConfig = sshdInfo.config.trim()
     if (GATEWAY_NODE_OPTIONS !== '') notes.push(`gateways ran with NODE_OPTIONS=${GATEWAY_NODE_OPTIONS}`)
@@ -145,6 +161,7 @@ export class World {
 
   async teardown (): Promise<void> {
     this.profiler.close()
+    for (const fn of this.#cleanups.splice(0)) await fn().catch((err: unknown) => log(`teardown: ${String(err)}`))
     // Stop in order: the gateways (which close their SSH connections), then supervisors, sshd.
     await Promise.allSettled(this.#gateways.map(async (g) => await g.stop()))
     await Promise.allSettled(this.#supervisors.map(async (s) => await s.stop()))
