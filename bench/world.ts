@@ -93,6 +93,9 @@ export class World {
       gatewayUrl: gw.supervisorUrl,
       sandboxId,
       token: gw.token(sandboxId),
+      // What a sandbox runs in production: debug lines would cost the embedded daemon a few
+      // JSON lines per exec that sshd, its peer here, does not pay.
+      logLevel: 'info',
       ...(sshd === undefined ? {} : { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: sshd.user })
     })
     this.#supervisors.push(sup)
