@@ -81,15 +81,8 @@ const execStream: FastifyPluginAsyncTypebox<{ ctx: RouteContext }> = async (app,
     // exec's flow, and releases it once they fall below LOW_WATER.
     let unsent = 0
     let congested = false
-    // ws writes each frame with a writev of its own (two per chunk: the channel byte's fragment
-    // and the bytes'). Corked until the turn's I/O is done, every frame of one read from the
-    // relay leaves in one writev; interactive output waits for nothing but the current turn.
-    const tcp = req.raw.socket
-    let corked = false
-    const uncork = (): void => { corked = false; tcp.uncork() }
     const sendCounted = (data: Buffer | string, binaryFrame: boolean, drained: () => void, channel?: Buffer): boolean => {
       const size = (typeof data === 'string' ? Buffer.byteLength(data) : data.length) + (channel?.length ?? 0)
-      if (!corked) { corked = true; tcp.cork(); setImmediate(uncork) }
       unsent += size
       // The channel byte and the bytes go as two fragments of one message: no per-chunk copy.
       if (channel !== undefined) socket.send(channel, { binary: true, fin: false })

@@ -23,23 +23,12 @@ export interface JournalReplay { begin: number, gap: JournalGap | undefined, chu
 // per chunk held, so it costs no more memory than the chunks themselves.
 let nextSeq = 0
 
-// Bytes held are copied into slabs instead of keeping the packet buffers they arrived in. A
-// packet's buffer then dies young with its live delivery, where keeping it (8 MiB of them per
-// stream) would carry thousands of off-heap buffers into V8's old generation per second of a
-// fast transfer, and each of them costs a full mark-compact to free. A slab grows with what the
-// stream holds (a quarter of it, rounded to a power of two) so that slack stays under a quarter
-// of the bytes held plus the smallest slab, and a short output costs one small slab.
-const MIN_SLAB_BYTES = 256
-const MAX_SLAB_BYTES = 1024 * 1024
-
 export class OutputJournal {
   readonly #retention: number
   readonly #onSkip: SkipListener | undefined
   #chunks: SequencedChunk[] = []
   #retained = 0
   #total = 0
-  #slab: Buffer | undefined
-  #slabUsed = 0
 
   constructor (retentionBytes: number, onSkip?: SkipListener) {
     this.#retention = retentionBytes
@@ -64,7 +53,7 @@ export class OutputJournal {
     // An empty chunk would replay as an empty event.
     if (data.length === 0) return { offset, data }
     this.#total += data.length
-    this.#chunks.push({ offset, data: this.#keep(data), seq: nextSeq++ })
+    this.#chunks.push({ offset, data, seq: nextSeq++ })
     this.#retained += data.length
     this.#dropFront(this.#retained - this.#retention, Infinity)
     return { offset, data }
@@ -113,24 +102,6 @@ export class OutputJournal {
   // What is held, joined: the tail of the output, and whether its beginning was dropped.
   tail (): { data: Buffer, truncated: boolean } {
     return { data: Buffer.concat(this.#chunks.map((c) => c.data), this.#retained), truncated: this.start > 0 }
-  }
-
-  // A copy of data in the current slab. Bytes once in a slab are never overwritten: a replay may
-  // still be writing a view of them to a socket.
-  #keep (data: Buffer): Buffer {
-    // Too big to gain from a copy, or dropped again at once.
-    if (data.length >= MAX_SLAB_BYTES || data.length > this.#retention) return data
-    let slab = this.#slab
-    if (slab === undefined || slab.length - this.#slabUsed < data.length) {
-      const want = Math.max(MIN_SLAB_BYTES, data.length, (this.#retained + data.length) / 4)
-      const size = Math.min(MAX_SLAB_BYTES, 2 ** Math.ceil(Math.log2(want)), this.#retention)
-      slab = this.#slab = Buffer.allocUnsafeSlow(size)
-      this.#slabUsed = 0
-    }
-    const at = this.#slabUsed
-    data.copy(slab, at)
-    this.#slabUsed = at + data.length
-    return slab.subarray(at, at + data.length)
   }
 
   // A chunk cut at the front keeps its stamp: its remaining bytes still arrived then.
