@@ -221,8 +221,8 @@ export class ExecManager {
     if (this.#closing) throw new GatewayError('shutting_down', 'the gateway is shutting down')
     const o = this.#opts
     if (o.registry.get(sandboxId) === undefined) throw new GatewayError('sandbox_not_found', `no sandbox ${sandboxId} has ever connected`)
-    // The relay layer's cap, asked at the door too: a sandbox at it is a plain 429, no record.
-    o.registry.assertRelayRoom(sandboxId)
+    // No relay check here: an exec waits in the pool's queue for a connection (see SshPool),
+    // and only the running-exec cap refuses.
     const cap = o.maxRunningExecsPerSandbox
     if (cap !== undefined && this.activeIn(sandboxId) >= cap) {
       throw new GatewayError('too_many_requests', `sandbox ${sandboxId} already has ${cap} execs running (--max-running-execs-per-sandbox); retry when one ends`)

@@ -191,6 +191,7 @@ export async function startRig (opts: { keepsExecs?: boolean, keepaliveIntervalM
     idleCloseMs: 1000,
     logger: silent,
     refusals,
+    maxOpensPerSandbox: 8,
     maxRekeysPerMinute: 10,
     maxRefusedChannelOpens: 10,
     events
