@@ -324,8 +324,13 @@ export class ExecManager {
   remove (entry: ExecEntry): void {
     this.#execs.delete(entry.id)
     entry.discard()
-    this.#runs.get(entry)?.remove()
-    this.#forget(entry)
+    const run = this.#runs.get(entry)
+    run?.remove()
+    // The daemon's forget detaches the exec's channel: asked before the kill's exit report is
+    // in, it would turn that report into a lost relay. The run ends within its kill bound, and
+    // its connection slot, free then, carries the forget.
+    if (run === undefined) this.#forget(entry)
+    else void this.waitForEnd(entry).then(() => { this.#forget(entry) })
     this.#opts.forgetRemote?.(entry.id)
   }
 
