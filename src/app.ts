@@ -90,6 +90,8 @@ export async function buildGateway (config: GatewayConfig, opts: BuildOptions = 
     idleCloseMs: config.sshIdleCloseMs,
     logger: logger.child({ component: 'ssh' }),
     refusals,
+    // The pool is what asks for relays: it never asks for more than the registry would take.
+    maxOpensPerSandbox: config.maxPendingRelaysPerSandbox,
     maxRekeysPerMinute: config.sshMaxRekeysPerMinute,
     maxRefusedChannelOpens: config.sshMaxRefusedChannelOpens,
     events

@@ -54,7 +54,7 @@ export const serveFlags = [
   { name: 'retention-bytes', key: 'retentionBytes', kind: 'int', default: 8388608, min: 1024, max: 1024 * 1024 * 1024, help: 'output kept per exec per stream for replay' },
   { name: 'reattach-timeout-ms', key: 'reattachTimeoutMs', kind: 'int', default: 30000, min: 1, max: MAX_MS, help: 'how long a kept exec whose relay was lost waits to be reattached before it fails with 503' },
   { name: 'exec-ttl-s', key: 'execTtlS', kind: 'int', default: 3600, min: 1, max: 30 * 24 * 3600, help: 'finished execs stay queryable this long' },
-  { name: 'max-pending-relays-per-sandbox', key: 'maxPendingRelaysPerSandbox', kind: 'int', default: 32, min: 1, max: 100000, help: 'relays a sandbox may have waiting to be opened (429 beyond)' },
+  { name: 'max-pending-relays-per-sandbox', key: 'maxPendingRelaysPerSandbox', kind: 'int', default: 32, min: 1, max: 100000, help: 'relays a sandbox may have waiting to be opened: SSH connections of a sandbox being opened at once (execs beyond it queue for a connection, not 429)' },
   { name: 'heartbeat-interval-ms', key: 'heartbeatIntervalMs', kind: 'int', default: 15000, min: 10, max: MAX_MS, help: 'heartbeat event after this long without other events, and supervisor session heartbeats' },
   { name: 'shutdown-grace-ms', key: 'shutdownGraceMs', kind: 'int', default: 10000, min: 0, max: MAX_MS, help: 'on SIGTERM, how long running execs may finish before they are cut off' },
   // Budgets that keep one hostile sandbox from hurting the gateway or the other sandboxes.

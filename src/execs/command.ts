@@ -52,22 +52,27 @@ export function assembleCommand ({ command, env, workdir, execId }: CommandSpec)
 // The signal list is a wire rule and lives with its schema; the exec layer names it from here.
 export type { SignalName }
 
-// Run in the sandbox on a second SSH channel. sshd signals only its direct child, and a
-// command's children would outlive it; every process the exec started inherits the tag, so
-// it finds them all through /proc. KILL is repeated to catch processes forked mid-scan. Exits
-// 3 when nothing carried the tag (then the caller falls back to an SSH signal request).
-export function killScript (execId: string, signal: SignalName): string {
-  const tag = shellQuote(`${EXEC_ID_ENV}=${execId}`)
+// Run in the sandbox on a side SSH channel, for a batch of execs at once (see TreeSignals): it
+// reads their ids on stdin, one a line. sshd signals only its direct child, and a command's
+// children would outlive it; every process an exec started inherits its tag, so one scan of
+// /proc finds the processes of every exec in the batch. KILL is repeated to catch processes
+// forked mid-scan. Prints the ids of the execs whose processes it signalled, one a line; exits 3
+// when nothing carried any of the tags (then each caller falls back to an SSH signal request).
+export function killScript (signal: SignalName): string {
   const passes = signal === 'KILL' ? 5 : 1
   return [
+    `tags=$(sed 's/^/${EXEC_ID_ENV}=/')`,
+    '[ -n "$tags" ] || exit 3',
     'found=',
     `for i in $(seq 1 ${passes}); do`,
-    `  pids=$(grep -lzxF ${tag} /proc/[0-9]*/environ 2>/dev/null | sed 's|^/proc/||;s|/environ$||')`,
-    '  [ -z "$pids" ] && break',
-    '  found=1',
-    `  kill -s ${signal} $pids 2>/dev/null`,
-    '  [ $i -lt ' + passes + ' ] && sleep 0.05',
+    `  hits=$(printf '%s\\n' "$tags" | grep -HzxF -f - /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | sed -n 's|^/proc/\\([0-9]*\\)/environ:${EXEC_ID_ENV}=|\\1 |p')`,
+    '  [ -z "$hits" ] && break',
+    `  kill -s ${signal} $(printf '%s\\n' "$hits" | cut -d' ' -f1) 2>/dev/null`,
+    '  found="$found',
+    '$hits"',
+    `  [ $i -lt ${passes} ] && sleep 0.05`,
     'done',
-    '[ -n "$found" ] || exit 3'
+    '[ -n "$found" ] || exit 3',
+    'printf \'%s\\n\' "$found" | sed -n \'s/^[0-9]* //p\' | sort -u'
   ].join('\n')
 }

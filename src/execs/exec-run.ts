@@ -5,7 +5,8 @@ import { decideOutcome, type Outcome } from '../relay/outcome.js'
 import { openCommand, type AttachSpec, type RemoteCommand } from '../relay/remote-command.js'
 import { encodeKeepMeta, KEEPER_PROTOCOL_VERSION, type KeepMeta, type KeptStatus } from '../schemas/keeper.js'
 import type { SshPool } from '../relay/ssh-pool.js'
-import { assembleCommand, killScript, type SignalName } from './command.js'
+import type { TreeSignals } from '../relay/tree-signals.js'
+import { assembleCommand, type SignalName } from './command.js'
 import type { ExecEntry } from './exec-entry.js'
 import { reattach, ReattachFatal, DEFAULT_REATTACH_TIMEOUT_MS, toGatewayError } from './reattach.js'
 import { RunTimers } from './run-timers.js'
@@ -28,6 +29,8 @@ const KEEP_ENV_MAX_BYTES = 30_000
 
 interface ExecRunOptions {
   pool: SshPool
+  // The sandboxes' process scans (killScript), shared by every exec's signals.
+  treeSignals: TreeSignals
   closeWaitMs: number
   logger: Logger
   events: GatewayEvents
@@ -140,7 +143,7 @@ export class ExecRun {
       command = await openCommand<SignalName>(this.#opts.pool, entry.sandboxId, {
         line: assembleCommand({ command: spec.command, env: spec.env, workdir: spec.workdir, execId: entry.id }),
         pty: spec.tty ? { cols: spec.cols, rows: spec.rows } : undefined,
-        signalScript: (signal) => killScript(entry.id, signal),
+        signalTree: { signals: this.#opts.treeSignals, sandboxId: entry.sandboxId, member: entry.id },
         keep: () => {
           if (!registry.keepsExecs(entry.sandboxId)) return undefined
           const meta = this.#keepMeta()

@@ -7,9 +7,11 @@ import { closeWithin } from '../lifecycle/close-within.js'
 import { forgetKept, listKept } from '../relay/keeper-client.js'
 import type { Outcome } from '../relay/outcome.js'
 import type { SessionRegistry } from '../relay/sessions.js'
+import { SIDE_CHANNEL_BOUND_MS } from '../relay/remote-command.js'
 import type { SshPool } from '../relay/ssh-pool.js'
+import { TreeSignals } from '../relay/tree-signals.js'
 import type { KeptStatus } from '../schemas/keeper.js'
-import type { SignalName } from './command.js'
+import { killScript, type SignalName } from './command.js'
 import { ExecEntry } from './exec-entry.js'
 import { ExecRun } from './exec-run.js'
 import { keptEntry, validDate } from './kept-entry.js'
@@ -73,6 +75,11 @@ const LIST_RETRY_DELAY_MS = 1000
 // How long a rebuilt finished exec may take to replay its tail and exit before it is shown anyway.
 const FINISHED_REPLAY_BOUND_MS = 10_000
 const FORGET_BOUND_MS = 5000
+// A mass DELETE arrives as many requests within milliseconds of each other; the first kill of
+// a batch waits this long for the others, so that they share one scan of the sandbox's /proc.
+const KILL_BATCH_WINDOW_MS = 5
+// Exec ids per scan (each a line on the script's stdin); beyond it the next batch.
+const KILL_BATCH_MAX = 4096
 
 export class ExecManager {
   readonly #opts: ExecManagerOptions
@@ -89,6 +96,8 @@ export class ExecManager {
   readonly #adoptions = new AbortController()
   // Runs aborted because their sandbox moved to another replica: their entries never end here.
   readonly #movingAway = new Set<ExecEntry>()
+  // The process scans of execs whose daemon does not keep them: one per batch of signals.
+  readonly #treeSignals = new TreeSignals({ script: (signal) => killScript(signal as SignalName), boundMs: SIDE_CHANNEL_BOUND_MS, windowMs: KILL_BATCH_WINDOW_MS, maxBatch: KILL_BATCH_MAX })
   #closing = false
 
   constructor (opts: ExecManagerOptions) {
@@ -221,8 +230,8 @@ export class ExecManager {
     if (this.#closing) throw new GatewayError('shutting_down', 'the gateway is shutting down')
     const o = this.#opts
     if (o.registry.get(sandboxId) === undefined) throw new GatewayError('sandbox_not_found', `no sandbox ${sandboxId} has ever connected`)
-    // The relay layer's cap, asked at the door too: a sandbox at it is a plain 429, no record.
-    o.registry.assertRelayRoom(sandboxId)
+    // No relay check here: an exec waits in the pool's queue for a connection (see SshPool),
+    // and only the running-exec cap refuses.
     const cap = o.maxRunningExecsPerSandbox
     if (cap !== undefined && this.activeIn(sandboxId) >= cap) {
       throw new GatewayError('too_many_requests', `sandbox ${sandboxId} already has ${cap} execs running (--max-running-execs-per-sandbox); retry when one ends`)
@@ -236,7 +245,7 @@ export class ExecManager {
 
   #start (entry: ExecEntry, adopt: KeptStatus | undefined): void {
     const o = this.#opts
-    const run = new ExecRun(entry, { pool: o.pool, closeWaitMs: o.closeWaitMs, logger: o.logger, events: o.events, reattachTimeoutMs: o.reattachTimeoutMs, adopt })
+    const run = new ExecRun(entry, { pool: o.pool, treeSignals: this.#treeSignals, closeWaitMs: o.closeWaitMs, logger: o.logger, events: o.events, reattachTimeoutMs: o.reattachTimeoutMs, adopt })
     this.#runs.set(entry, run)
     this.#addActive(entry.sandboxId, 1)
     o.events.execCreated({ execId: entry.id, sandboxId: entry.sandboxId })
@@ -315,8 +324,13 @@ export class ExecManager {
   remove (entry: ExecEntry): void {
     this.#execs.delete(entry.id)
     entry.discard()
-    this.#runs.get(entry)?.remove()
-    this.#forget(entry)
+    const run = this.#runs.get(entry)
+    run?.remove()
+    // The daemon's forget detaches the exec's channel: asked before the kill's exit report is
+    // in, it would turn that report into a lost relay. The run ends within its kill bound, and
+    // its connection slot, free then, carries the forget.
+    if (run === undefined) this.#forget(entry)
+    else void this.waitForEnd(entry).then(() => { this.#forget(entry) })
     this.#opts.forgetRemote?.(entry.id)
   }
 
@@ -371,6 +385,7 @@ export class ExecManager {
     }
     // Even when every exec ended in the grace, a run that has not wound down yet is cut off.
     if (await closeWithin(graceMs, async () => await Promise.all(running.map((e) => this.waitForEnd(e))), cutOff) === 'polite') cutOff()
+    this.#treeSignals.close()
   }
 
   // The slot is free before the end is told: whoever it wakes sees the sandbox without this exec.

@@ -6,6 +6,7 @@ import { SshExec, type SshExecEnd } from './ssh-exec.js'
 import type { Lease, SshPool } from './ssh-pool.js'
 import { controlLine, encodeKeepMeta, KEEP_ENV, type KeepMeta } from '../schemas/keeper.js'
 import { signalKept } from './keeper-client.js'
+import type { TreeSignals } from './tree-signals.js'
 
 // The relay's one seam for running a command in a sandbox. openCommand owns the way there
 // (a connection from the pool, a long line staged as a file, the exec channel, one more
@@ -22,18 +23,27 @@ export const INLINE_COMMAND_MAX_BYTES = 32_000
 // that refuses, and every further try would only add a relay and a handshake to the wait.
 const OPEN_RETRY_BUDGET = 1
 
-// A side channel (staging a long line, a signal's process scan) is one short script on an open
+// A side channel (staging a long line, a batch's process scan) is one short script on an open
 // connection: a round trip and a fork. Far beyond that on a loaded sandbox, and short enough
 // that a kill whose answer never comes still leaves the exec's own bounds in charge.
-const SIDE_CHANNEL_BOUND_MS = 5000
+export const SIDE_CHANNEL_BOUND_MS = 5000
 
-interface RemoteCommandSpec<Signal extends string = string> {
+// How a command's whole process tree is signalled: the batches of scans, its sandbox, and the
+// name its processes carry there.
+export interface TreeSignal {
+  signals: TreeSignals
+  sandboxId: string
+  member: string
+}
+
+interface RemoteCommandSpec {
   // The shell line the sandbox runs.
   line: string
   pty: { cols: number, rows: number } | undefined
-  // A script that signals every process of the command and exits 0 when it found any; when it
-  // does not, the signal goes to the command's direct process only (an SSH signal request).
-  signalScript: (signal: Signal) => string
+  // Signals every process of the command (a scan shared with its sandbox's other signals);
+  // when it found none, the signal goes to the command's direct process only (an SSH signal
+  // request).
+  signalTree: TreeSignal
   // After the exit report, how long the channel's close is awaited while output is read.
   closeWaitMs: number
   logger: Logger
@@ -55,17 +65,17 @@ export class RemoteCommand<Signal extends string = string> {
   readonly #exec: SshExec
   readonly #conn: SshConnection
   readonly #lease: Lease
-  readonly #signalScript: ((signal: Signal) => string) | undefined
+  readonly #tree: TreeSignal | undefined
   // A kept exec's id: its signals go through the keeper.
   readonly #keptId: string | undefined
   // Resolves once, and never rejects.
   readonly done: Promise<RemoteCommandEnd>
 
-  constructor (exec: SshExec, lease: Lease, signalling: { script: (signal: Signal) => string } | { keptId: string }) {
+  constructor (exec: SshExec, lease: Lease, signalling: { tree: TreeSignal } | { keptId: string }) {
     this.#exec = exec
     this.#conn = lease.conn
     this.#lease = lease
-    this.#signalScript = 'script' in signalling ? signalling.script : undefined
+    this.#tree = 'tree' in signalling ? signalling.tree : undefined
     this.#keptId = 'keptId' in signalling ? signalling.keptId : undefined
     this.done = exec.done
   }
@@ -91,8 +101,8 @@ export class RemoteCommand<Signal extends string = string> {
       this.#exec.signalChannel(signal)
       return false
     }
-    const code = await this.#conn.runSide(this.#signalScript!(signal), SIDE_CHANNEL_BOUND_MS)
-    if (code === 0) return true
+    const tree = this.#tree!
+    if (await tree.signals.signal(tree.sandboxId, this.#conn, tree.member, signal)) return true
     // Nothing carried the tag (no /proc, or the process is already gone): ask sshd itself.
     this.#exec.signalChannel(signal)
     return false
@@ -108,7 +118,7 @@ export class RemoteCommand<Signal extends string = string> {
 
 // Resolves once the command has started; rejects with a GatewayError when it could not, or
 // with the signal's reason when the signal aborts first (a started command is then aborted).
-export async function openCommand<Signal extends string> (pool: SshPool, sandboxId: string, spec: RemoteCommandSpec<Signal>, signal: AbortSignal): Promise<RemoteCommand<Signal>> {
+export async function openCommand<Signal extends string> (pool: SshPool, sandboxId: string, spec: RemoteCommandSpec, signal: AbortSignal): Promise<RemoteCommand<Signal>> {
   for (let attempt = 0; ; attempt++) {
     const lease = await pool.acquire(sandboxId, signal, attempt > 0)
     let exec: SshExec
@@ -125,7 +135,7 @@ export async function openCommand<Signal extends string> (pool: SshPool, sandbox
       }
       throw err.error
     }
-    const command = new RemoteCommand(exec, lease, keep === undefined ? { script: spec.signalScript } : { keptId: keep.execId })
+    const command = new RemoteCommand(exec, lease, keep === undefined ? { tree: spec.signalTree } : { keptId: keep.execId })
     if (signal.aborted) {
       const reason = abortReason(signal)
       command.abort(reason)
@@ -136,7 +146,7 @@ export async function openCommand<Signal extends string> (pool: SshPool, sandbox
   }
 }
 
-async function startExec<Signal extends string> (conn: SshConnection, spec: RemoteCommandSpec<Signal>, keep: KeepMeta | undefined): Promise<SshExec> {
+async function startExec (conn: SshConnection, spec: RemoteCommandSpec, keep: KeepMeta | undefined): Promise<SshExec> {
   const line = Buffer.byteLength(spec.line) <= INLINE_COMMAND_MAX_BYTES ? spec.line : await stageLine(conn, spec.line)
   const env = keep === undefined ? undefined : { [KEEP_ENV]: encodeKeepMeta(keep) }
   return await conn.openExec(line, spec.pty, (channel) => execOn(conn, channel, spec), env)

@@ -190,11 +190,10 @@ export class SessionRegistry {
   }
 
   // The one check of --max-pending-relays-per-sandbox. It guards the supervisor, which opens a
-  // stream for every relay asked of it, so it lives here with the relays; it is asked at two
-  // moments: by the exec layer when it admits an exec (a sandbox at its cap is then a plain 429
-  // with no record), and here when a relay is asked for (an exec admitted while its sandbox had
-  // no session queues its relay only once one comes, and then fails with this error).
-  assertRelayRoom (sandboxId: string): void {
+  // stream for every relay asked of it. The pool, the only asker, never opens more connections
+  // of a sandbox at once than the cap (its callers queue instead), so this refuses only a bug or
+  // a relay asked for outside the pool.
+  #assertRelayRoom (sandboxId: string): void {
     const max = this.#opts.maxPendingRelaysPerSandbox
     if (this.pendingCount(sandboxId) >= max) {
       throw new GatewayError('too_many_requests', `sandbox ${sandboxId} already has ${max} relays waiting to be opened`)
@@ -235,7 +234,7 @@ export class SessionRegistry {
   async openRelay (sandboxId: string, signal?: AbortSignal): Promise<Duplex> {
     if (this.#closed) throw new GatewayError('shutting_down', 'the gateway is shutting down')
     const session = await this.waitForSession(sandboxId, signal)
-    this.assertRelayRoom(sandboxId)
+    this.#assertRelayRoom(sandboxId)
     const relayId = randomUUID()
     const timeoutMs = this.#opts.relayOpenTimeoutMs
     return await new Promise<Duplex>((resolve, reject) => {

@@ -163,10 +163,11 @@ export class SshConnection extends EventEmitter {
     })
   }
 
-  // Runs a script on a channel of its own; resolves with its exit code, or undefined when it
-  // could not run (connection gone, channel refused) within boundMs.
-  async runSide (script: string, boundMs: number): Promise<number | undefined> {
-    return (await this.#side(script, boundMs, undefined, SIDE_STDOUT_MAX))?.code
+  // Runs a script with `input` as its stdin on a channel of its own: its exit code and up to
+  // maxBytes of its stdout, or undefined when it could not run (connection gone, channel
+  // refused) within boundMs. What it prints comes from the sandbox: `truncated` says a prefix.
+  async runSide (script: string, input: Buffer, boundMs: number, maxBytes: number): Promise<{ code: number | undefined, stdout: string, truncated: boolean } | undefined> {
+    return await this.#side(script, boundMs, input, maxBytes)
   }
 
   // Runs a control request (the keeper protocol) on a channel of its own: its exit code and up

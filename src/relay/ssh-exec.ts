@@ -170,9 +170,12 @@ export class SshExec {
   }
 
   // SSH `signal` request to the sandbox's direct child; used when the tag scan found nothing.
+  // ssh2's channel.signal() sends nothing once our side has sent EOF (a non-interactive exec's
+  // stdin ends at once), although requests are allowed until the close: its protocol sends it.
   signalChannel (signal: string): void {
+    const ch = this.#channel as unknown as { outgoing: { id: number, state: string }, _client: { _protocol: { signal: (id: number, name: string) => void } } }
     try {
-      this.#channel.signal(signal)
+      if (ch.outgoing.state === 'open' || ch.outgoing.state === 'eof') ch._client._protocol.signal(ch.outgoing.id, signal)
     } catch (err) {
       this.#opts.logger.debug({ err }, 'signal request failed')
     }

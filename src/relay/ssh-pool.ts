@@ -1,3 +1,4 @@
+import { setMaxListeners } from 'node:events'
 import type { Logger } from 'pino'
 import ssh2 from 'ssh2'
 import type { GatewayEvents } from '../diagnostics.js'
@@ -11,6 +12,14 @@ import { SshConnection } from './ssh-connection.js'
 // Each pooled connection keeps its own keepalive, carries up to channelsPerConnection execs,
 // and closes after idleCloseMs without any. With pooling off, every exec gets its own
 // connection, closed when the exec ends.
+//
+// At most maxOpensPerSandbox connections of a sandbox are being opened (relay and handshake) at
+// once: that is what asks the supervisor for relay streams, and the budget it guards is the
+// registry's pending-relay cap. A caller that finds no free slot and no room for another open
+// waits in the sandbox's queue, first come first served, instead of being refused; each open
+// that settles moves the queue on. The wait is as bounded as the opens it waits for: when an
+// open fails and none has succeeded since a caller queued, the sandbox is not serving, and that
+// caller gets the open's error (what it would have got from an open of its own).
 
 export interface SshPoolOptions {
   registry: SessionRegistry
@@ -24,6 +33,8 @@ export interface SshPoolOptions {
   logger: Logger
   // What a hostile sandbox SSH daemon sends that is refused, counted and logged per sandbox.
   refusals: Refusals
+  // Connections of one sandbox being opened at once; at most its pending-relay cap.
+  maxOpensPerSandbox: number
   maxRekeysPerMinute: number
   maxRefusedChannelOpens: number
   // How long relays and handshakes take, and why they fail: published for metrics.
@@ -44,9 +55,26 @@ interface Member {
   idleTimer: NodeJS.Timeout | undefined
 }
 
+// An acquire that found neither a free slot nor room for another open.
+interface Waiter {
+  fresh: boolean
+  // The sandbox's count of successful opens when it queued.
+  seenOpens: number
+  admit: (m: Member) => void
+  reject: (err: unknown) => void
+}
+
+interface SandboxConns {
+  members: Set<Member>
+  // Members whose relay and handshake are under way.
+  opening: number
+  openedOk: number
+  queue: Waiter[]
+}
+
 export class SshPool {
   readonly #opts: SshPoolOptions
-  readonly #members = new Map<string, Set<Member>>()
+  readonly #sandboxes = new Map<string, SandboxConns>()
   // Connection setups belong to the pool, not to the exec that started them: one caller giving
   // up must not fail the others waiting on the same connection.
   readonly #closing = new AbortController()
@@ -57,6 +85,8 @@ export class SshPool {
     // takeover): connections made over the old one's relays lead to the old daemon. They keep
     // the execs they carry, but new execs go over the new session.
     opts.registry.onRegistered((sandboxId) => { this.#retire(sandboxId) })
+    // Every open under way listens on it (through the registry's relay wait).
+    setMaxListeners(0, this.#closing.signal)
   }
 
   // Whose sessions the pool's relays come from: the exec layer asks it what a sandbox's daemon is.
@@ -65,49 +95,117 @@ export class SshPool {
   stats (sandboxId?: string): { connections: number, leased: number } {
     let connections = 0
     let leased = 0
-    for (const [id, set] of this.#members) {
+    for (const [id, sb] of this.#sandboxes) {
       if (sandboxId !== undefined && id !== sandboxId) continue
-      for (const m of set) { connections++; leased += m.leased }
+      for (const m of sb.members) { connections++; leased += m.leased }
     }
     return { connections, leased }
   }
 
+  // Acquires waiting for a connection of this sandbox (none free, and its opens at the budget).
+  queued (sandboxId: string): number { return this.#sandboxes.get(sandboxId)?.queue.length ?? 0 }
+
   // A connection with a free channel slot: a live pooled one, one still being set up, or a new
-  // one. `fresh` skips the pool (a retry after a channel that never opened).
+  // one; when there is none and the sandbox's opens are at their budget, a place in its queue.
+  // `fresh` skips the pool (a retry after a channel that never opened).
   async acquire (sandboxId: string, signal: AbortSignal, fresh = false): Promise<Lease> {
-    const o = this.#opts
-    let member: Member | undefined
-    if (o.pooling && !fresh) {
-      for (const m of this.#members.get(sandboxId) ?? []) {
-        if (!m.dead && m.leased < o.channelsPerConnection) { member = m; break }
-      }
-    }
-    if (member === undefined) member = this.#create(sandboxId)
-    else this.#take(member)
-    const m = member
+    if (signal.aborted) throw signal.reason
+    const sb = this.#conns(sandboxId)
+    const m = sb.queue.length === 0 ? this.#slot(sandboxId, sb, fresh) : undefined
+    const member = m ?? await this.#queue(sandboxId, sb, fresh, signal)
     try {
-      await abortable(m.ready, signal)
+      await abortable(member.ready, signal)
     } catch (err) {
-      this.#release(sandboxId, m)
+      this.#release(sandboxId, member)
       throw err
     }
-    return this.#lease(sandboxId, m)
+    return this.#lease(sandboxId, member)
   }
 
   close (): void {
-    this.#closing.abort(new GatewayError('shutting_down', 'the gateway is shutting down'))
-    for (const [id, set] of this.#members) for (const m of [...set]) { this.#remove(id, m); m.conn?.end() }
+    const reason = new GatewayError('shutting_down', 'the gateway is shutting down')
+    this.#closing.abort(reason)
+    for (const [id, sb] of this.#sandboxes) {
+      for (const w of sb.queue.splice(0)) w.reject(reason)
+      for (const m of [...sb.members]) { this.#remove(id, m); m.conn?.end() }
+    }
   }
 
-  #create (sandboxId: string): Member {
+  #conns (sandboxId: string): SandboxConns {
+    let sb = this.#sandboxes.get(sandboxId)
+    if (sb === undefined) {
+      sb = { members: new Set(), opening: 0, openedOk: 0, queue: [] }
+      this.#sandboxes.set(sandboxId, sb)
+    }
+    return sb
+  }
+
+  // The sandbox's entry goes once nothing of it is left: many sandboxes come and go.
+  #prune (sandboxId: string, sb: SandboxConns): void {
+    if (sb.members.size === 0 && sb.opening === 0 && sb.queue.length === 0 && this.#sandboxes.get(sandboxId) === sb) this.#sandboxes.delete(sandboxId)
+  }
+
+  // A member with a free slot, taken, or a new one if the open budget has room.
+  #slot (sandboxId: string, sb: SandboxConns, fresh: boolean): Member | undefined {
+    const o = this.#opts
+    if (o.pooling && !fresh) {
+      for (const m of sb.members) {
+        if (!m.dead && m.leased < o.channelsPerConnection) { this.#take(m); return m }
+      }
+    }
+    if (sb.opening >= o.maxOpensPerSandbox) return undefined
+    return this.#create(sandboxId, sb)
+  }
+
+  async #queue (sandboxId: string, sb: SandboxConns, fresh: boolean, signal: AbortSignal): Promise<Member> {
+    return await new Promise<Member>((resolve, reject) => {
+      const onAbort = (): void => {
+        const i = sb.queue.indexOf(w)
+        if (i >= 0) sb.queue.splice(i, 1)
+        reject(signal.reason)
+        this.#prune(sandboxId, sb)
+      }
+      const w: Waiter = {
+        fresh,
+        seenOpens: sb.openedOk,
+        admit: (m) => { signal.removeEventListener('abort', onAbort); resolve(m) },
+        reject: (err) => { signal.removeEventListener('abort', onAbort); reject(err) }
+      }
+      sb.queue.push(w)
+      signal.addEventListener('abort', onAbort, { once: true })
+    })
+  }
+
+  // Hands free slots and room for opens to the queue, in order.
+  #pump (sandboxId: string): void {
+    const sb = this.#sandboxes.get(sandboxId)
+    if (sb === undefined) return
+    while (sb.queue.length > 0) {
+      const m = this.#slot(sandboxId, sb, sb.queue[0]!.fresh)
+      if (m === undefined) break
+      sb.queue.shift()!.admit(m)
+    }
+    this.#prune(sandboxId, sb)
+  }
+
+  #create (sandboxId: string, sb: SandboxConns): Member {
     const m = { conn: undefined, dead: false, leased: 1, idleTimer: undefined } as Omit<Member, 'ready'> as Member
-    let set = this.#members.get(sandboxId)
-    if (set === undefined) { set = new Set(); this.#members.set(sandboxId, set) }
-    set.add(m)
+    sb.members.add(m)
+    sb.opening++
     m.ready = this.#open(sandboxId, m)
-    m.ready.catch(() => {
+    m.ready.then(() => {
+      sb.opening--
+      sb.openedOk++
+      this.#pump(sandboxId)
+    }, (err: unknown) => {
+      sb.opening--
       m.dead = true
       this.#remove(sandboxId, m)
+      // The sandbox has served no connection since these queued: they get the open's error.
+      const stalled = sb.queue.filter((w) => w.seenOpens === sb.openedOk)
+      sb.queue = sb.queue.filter((w) => w.seenOpens !== sb.openedOk)
+      for (const w of stalled) w.reject(err)
+      this.#pump(sandboxId)
     })
     return m
   }
@@ -178,6 +276,8 @@ export class SshPool {
 
   #release (sandboxId: string, m: Member): void {
     m.leased = Math.max(0, m.leased - 1)
+    // A free slot on a connection that can take it: the queue's head may use it.
+    if (this.#opts.pooling && !m.dead) this.#pump(sandboxId)
     if (m.leased > 0) return
     // Everyone who waited for a connection still being set up gave up: it idles once it is up.
     if (m.conn === undefined) { m.ready.then(() => { if (m.leased === 0) this.#idle(sandboxId, m) }, () => {}); return }
@@ -199,7 +299,7 @@ export class SshPool {
   }
 
   #retire (sandboxId: string): void {
-    for (const m of [...this.#members.get(sandboxId) ?? []]) {
+    for (const m of [...this.#sandboxes.get(sandboxId)?.members ?? []]) {
       if (m.conn === undefined) continue
       m.dead = true
       if (m.leased === 0) {
@@ -211,10 +311,10 @@ export class SshPool {
 
   #remove (sandboxId: string, m: Member): void {
     clearTimeout(m.idleTimer)
-    const set = this.#members.get(sandboxId)
-    if (set === undefined) return
-    set.delete(m)
-    if (set.size === 0) this.#members.delete(sandboxId)
+    const sb = this.#sandboxes.get(sandboxId)
+    if (sb === undefined) return
+    sb.members.delete(m)
+    this.#prune(sandboxId, sb)
   }
 }
 

@@ -232,7 +232,7 @@ describe('supervisor connection faults', () => {
     expect((await api(g.publicUrl, 'GET', '/v1/sandboxes/mute')).body).toMatchObject({ status: 'connected', activeExecs: 0 })
   })
 
-  it('pending-relay cap per sandbox → 429 too_many_requests while other sandboxes are unaffected', async () => {
+  it('pending-relay cap per sandbox: the supervisor is asked for at most that many relays; more execs queue (no 429) and share the failure of the opens they waited for; other sandboxes are unaffected', async () => {
     // One exec per connection, so that every exec needs a relay of its own, pooled or not.
     const g = await gateway({ maxPendingRelaysPerSandbox: 2, relayOpenTimeoutMs: 20_000, sshChannelsPerConnection: 1 })
     const fake = await fakeSupervisor(g, 'capped', { onRelay: 'ignore' })
@@ -245,15 +245,15 @@ describe('supervisor connection faults', () => {
     await fake.waitRelays(2)
     await waitFor(() => g.gw.registry.pendingCount('capped') === 2, { timeoutMs: 2000, description: 'two relays pending' })
 
-    const { value: over, ms } = await timed(api(g.publicUrl, 'POST', '/v1/sandboxes/capped/execs', { command: ['true'] }))
-    expect(over.status).toBe(429)
-    expect(over.headers.get('content-type')).toContain('application/problem+json')
-    expect(over.body).toMatchObject({ code: 'too_many_requests', status: 429 })
+    // Beyond the cap an exec is admitted and waits for a connection; the supervisor is not asked.
+    const { value: c, ms } = await timed(execStart(g.publicUrl, 'capped', { command: ['true'] }))
     expect(ms).toBeLessThan(1000)
-    const overWait = await execWait(g.publicUrl, 'capped', { command: ['true'] })
-    expect(overWait.status).toBe(429)
-    expect(overWait.body.code).toBe('too_many_requests')
-    expect(g.gw.execs.list({ sandboxId: 'capped' })).toHaveLength(2)
+    const waiting = timed(execWait(g.publicUrl, 'capped', { command: ['true'] }))
+    await waitFor(() => g.gw.pool.queued('capped') === 2, { timeoutMs: 2000, description: 'two execs queued for a connection' })
+    expect(g.gw.execs.list({ sandboxId: 'capped' })).toHaveLength(4)
+    await sleep(200)
+    expect(fake.relayRequests).toHaveLength(2)
+    expect(g.gw.registry.pendingCount('capped')).toBe(2)
 
     // Another sandbox is not affected: it has its own cap (here used to the full, 2 at a time).
     for (const round of [0, 2]) {
@@ -265,17 +265,36 @@ describe('supervisor connection faults', () => {
     }
     expect(g.gw.registry.pendingCount('capped')).toBe(2)
 
-    // When the waiting relays go (here: refused by the supervisor), the sandbox takes execs again.
+    // The waiting relays are refused by the supervisor: the sandbox served no connection since
+    // the queued execs came, so they end with the same error as the execs whose relays those were.
     fake.failRelay(fake.relayRequests[0]!, 'no room at the inn')
     fake.failRelay(fake.relayRequests[1]!, 'no room at the inn')
-    const [ea, eb] = await Promise.all([waitEnded(g.publicUrl, a, 3000), waitEnded(g.publicUrl, b, 3000)])
-    for (const e of [ea, eb]) {
+    const [ea, eb, ec] = await Promise.all([waitEnded(g.publicUrl, a, 3000), waitEnded(g.publicUrl, b, 3000), waitEnded(g.publicUrl, c, 3000)])
+    for (const e of [ea, eb, ec]) {
       expect(e).toMatchObject({ status: 'failed', exitCode: null, error: { code: 'relay_unavailable', status: 503 } })
       expect(e.error.detail).toContain('no room at the inn')
     }
+    const { value: w, ms: waitedMs } = await waiting
+    expect(w.status).toBe(503)
+    expect(w.body).toMatchObject({ code: 'relay_unavailable' })
+    expect(waitedMs).toBeLessThan(20_000)
+    expect(fake.relayRequests).toHaveLength(2)
     expect(g.gw.registry.pendingCount('capped')).toBe(0)
+    expect(g.gw.pool.queued('capped')).toBe(0)
     const again = await api(g.publicUrl, 'POST', '/v1/sandboxes/capped/execs', { command: ['true'] })
     expect(again.status).toBe(201)
+  })
+
+  it('execs queued behind a supervisor that never opens relays end with relay_open_timeout after one --relay-open-timeout-ms, not one per wave of opens (--ssh-pool false)', async () => {
+    const g = await gateway({ maxPendingRelaysPerSandbox: 2, sshPool: false })
+    const fake = await fakeSupervisor(g, 'mute-queue', { onRelay: 'ignore' })
+    await g.waitConnected('mute-queue')
+    const { value: results, ms } = await timed(Promise.all(Array.from({ length: 6 }, async () => await execWait(g.publicUrl, 'mute-queue', { command: ['true'] }))))
+    for (const r of results) expect(r.body).toMatchObject({ status: 504, code: 'relay_open_timeout' })
+    expect(ms).toBeGreaterThanOrEqual(1500 - 50)
+    expect(ms).toBeLessThan(1500 + SLACK)
+    expect(fake.relayRequests).toHaveLength(2)
+    expect(g.gw.registry.pendingCount('mute-queue')).toBe(0)
   })
 
   it('a second supervisor for the same sandbox supersedes the first, and pending relays complete on the new one', async () => {

@@ -31,6 +31,7 @@ function rig (opts: { sessionWaitMs: number, list: (sandboxId: string) => Promis
     idleCloseMs: 1000,
     logger: silent,
     refusals,
+    maxOpensPerSandbox: 8,
     maxRekeysPerMinute: 10,
     maxRefusedChannelOpens: 10,
     events

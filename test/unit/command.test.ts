@@ -293,7 +293,7 @@ describe('SIGNALS', () => {
   })
 })
 
-// ---- killScript: real process trees ---------------------------------------------------------
+// ---- killScript: real process trees, batches of execs on stdin ---------------------------------------------------------
 
 interface ProcInfo { pid: number, ppid: number, pgid: number, state: string }
 
@@ -378,9 +378,10 @@ describe('killScript', () => {
     expect(pids.length).toBe(3)
     for (const pid of pids) expect(hasTag(pid, execId), `pid ${pid} carries the tag`).toBe(true)
 
-    const res = spawnSync('/bin/sh', ['-c', killScript(execId, 'KILL')], { timeout: 10_000 })
+    const res = spawnSync('/bin/sh', ['-c', killScript('KILL')], { input: `${execId}\n`, timeout: 10_000 })
     expect(res.stderr.toString()).toBe('')
     expect(res.status).toBe(0)
+    expect(res.stdout.toString()).toBe(`${execId}\n`)
 
     expect(await exited).toEqual({ code: null, signal: 'SIGKILL' })
     const allGone = await waitUntil(() => pids.every((pid) => !aliveNotZombie(pid)), 3000)
@@ -393,7 +394,7 @@ describe('killScript', () => {
     expect(await waitUntil(() => groupMembers(child.pid!).length >= 3, 5000)).toBe(true)
     const pids = groupMembers(child.pid!)
     for (const pid of pids) strayPids.add(pid)
-    const res = spawnSync('/bin/sh', ['-c', killScript(execId, 'TERM')], { timeout: 10_000 })
+    const res = spawnSync('/bin/sh', ['-c', killScript('TERM')], { input: `${execId}\n`, timeout: 10_000 })
     expect(res.status).toBe(0)
     expect(await waitUntil(() => pids.every((pid) => !aliveNotZombie(pid)), 3000)).toBe(true)
   })
@@ -413,7 +414,7 @@ describe('killScript', () => {
       return false
     }, 5000)).toBe(true)
     strayPids.add(escaped!)
-    const res = spawnSync('/bin/sh', ['-c', killScript(execId, 'KILL')], { timeout: 10_000 })
+    const res = spawnSync('/bin/sh', ['-c', killScript('KILL')], { input: `${execId}\n`, timeout: 10_000 })
     expect(res.status).toBe(0)
     expect(await waitUntil(() => !aliveNotZombie(escaped!), 3000)).toBe(true)
   })
@@ -422,23 +423,38 @@ describe('killScript', () => {
     const victim = startTree('ex_victim', 'sleep 33 & wait')
     const bystander = startTree('ex_victim2', 'sleep 33 & wait')
     expect(await waitUntil(() => groupMembers(victim.pid!).length >= 2 && groupMembers(bystander.pid!).length >= 2, 5000)).toBe(true)
-    const res = spawnSync('/bin/sh', ['-c', killScript('ex_victim', 'KILL')], { timeout: 10_000 })
+    const res = spawnSync('/bin/sh', ['-c', killScript('KILL')], { input: 'ex_victim\n', timeout: 10_000 })
     expect(res.status).toBe(0)
     expect(await waitUntil(() => groupMembers(victim.pid!).length === 0, 3000)).toBe(true)
     await sleep(100)
     expect(groupMembers(bystander.pid!).length).toBe(2)
   })
 
-  it('exits 3 when no process carries the tag', () => {
-    const res = spawnSync('/bin/sh', ['-c', killScript('ex_nobody_has_this', 'KILL')], { timeout: 10_000 })
-    expect(res.status).toBe(3)
-    const term = spawnSync('/bin/sh', ['-c', killScript('ex_nobody_has_this', 'TERM')], { timeout: 10_000 })
-    expect(term.status).toBe(3)
+  it('one scan for a batch: signals every exec of it that has processes, and names exactly those', async () => {
+    const alive = ['ex_batch1', 'ex_batch2', 'ex_batch3']
+    const children = alive.map((id) => startTree(id, 'sleep 34 & wait'))
+    expect(await waitUntil(() => children.every((c) => groupMembers(c.pid!).length >= 2), 5000)).toBe(true)
+    const bystander = startTree('ex_batch4', 'sleep 34 & wait')
+    expect(await waitUntil(() => groupMembers(bystander.pid!).length >= 2, 5000)).toBe(true)
+    const res = spawnSync('/bin/sh', ['-c', killScript('KILL')], { input: 'ex_batch1\nex_gone1\nex_batch2\nex_gone2\nex_batch3\n', timeout: 10_000 })
+    expect(res.stderr.toString()).toBe('')
+    expect(res.status).toBe(0)
+    expect(res.stdout.toString().split('\n').filter((l) => l !== '').sort()).toEqual(alive)
+    expect(await waitUntil(() => children.every((c) => groupMembers(c.pid!).length === 0), 3000)).toBe(true)
+    expect(groupMembers(bystander.pid!).length).toBe(2)
   })
 
-  it('quotes the id: an id with shell syntax is matched literally', () => {
-    const script = killScript("ex_'; exit 0; '", 'KILL')
-    const res = spawnSync('/bin/sh', ['-c', script], { timeout: 10_000 })
+  it('exits 3 when no process carries any of the tags, or when it is given none', () => {
+    const res = spawnSync('/bin/sh', ['-c', killScript('KILL')], { input: 'ex_nobody_has_this\nex_nor_this\n', timeout: 10_000 })
+    expect(res.status).toBe(3)
+    expect(res.stdout.toString()).toBe('')
+    const term = spawnSync('/bin/sh', ['-c', killScript('TERM')], { input: 'ex_nobody_has_this\n', timeout: 10_000 })
+    expect(term.status).toBe(3)
+    expect(spawnSync('/bin/sh', ['-c', killScript('KILL')], { input: '', timeout: 10_000 }).status).toBe(3)
+  })
+
+  it('matches an id literally: one with shell or pattern syntax finds nothing', () => {
+    const res = spawnSync('/bin/sh', ['-c', killScript('KILL')], { input: "ex_'; exit 0; '\nex_.*\n$(echo hi)\n", timeout: 10_000 })
     expect(res.status).toBe(3)
   })
 })

@@ -9,6 +9,8 @@ import type { ValidExec } from '../../src/execs/validate.js'
 import { Refusals } from '../../src/refusals.js'
 import { SessionRegistry, type SupervisorSession } from '../../src/relay/sessions.js'
 import { SshPool } from '../../src/relay/ssh-pool.js'
+import { TreeSignals } from '../../src/relay/tree-signals.js'
+import { killScript, type SignalName } from '../../src/execs/command.js'
 import {
   CONTROL_UNKNOWN_EXIT, decodeKeepMeta, KEEP_ENV, KEEPER_PROTOCOL_VERSION, parseControlLine,
   TIMEOUT_EXIT_MESSAGE, type KeepMeta, type KeptStatus
@@ -191,6 +193,7 @@ export async function startRig (opts: { keepsExecs?: boolean, keepaliveIntervalM
     idleCloseMs: 1000,
     logger: silent,
     refusals,
+    maxOpensPerSandbox: 8,
     maxRekeysPerMinute: 10,
     maxRefusedChannelOpens: 10,
     events
@@ -232,7 +235,7 @@ export async function startRig (opts: { keepsExecs?: boolean, keepaliveIntervalM
     start: (spec, o = {}) => {
       const full: ValidExec = { command: ['cat'], env: {}, workdir: undefined, stdin: undefined, interactive: false, tty: false, cols: 80, rows: 24, timeoutSeconds: 0, ...spec }
       const entry = new ExecEntry(`e-${randomUUID().slice(0, 8)}`, 'sb', full, 16 * 1024 * 1024)
-      const run = new ExecRun(entry, { pool, closeWaitMs: 200, logger: silent, events, reattachTimeoutMs: o.reattachTimeoutMs ?? 5000 })
+      const run = new ExecRun(entry, { pool, treeSignals: treeSignals(), closeWaitMs: 200, logger: silent, events, reattachTimeoutMs: o.reattachTimeoutMs ?? 5000 })
       runs.push(run)
       return { entry, run, done: run.run() }
     },
@@ -253,3 +256,8 @@ export function stdoutOf (entry: ExecEntry): Buffer {
 }
 
 export { TIMEOUT_EXIT_MESSAGE }
+
+// The process scans of unkept execs, as the manager makes them.
+export function treeSignals (): TreeSignals {
+  return new TreeSignals({ script: (signal) => killScript(signal as SignalName), boundMs: 5000, windowMs: 5, maxBatch: 4096 })
+}

@@ -3,7 +3,7 @@ import { afterEach, describe, expect, it } from 'vitest'
 import type { Outcome } from '../../src/relay/outcome.js'
 import { decodeKeepMeta, KEEP_ENV } from '../../src/schemas/keeper.js'
 import { waitFor } from '../helpers/wait.js'
-import { startRig, stdoutOf, TIMEOUT_EXIT_MESSAGE, type Rig } from './reattach-rig.js'
+import { startRig, stdoutOf, TIMEOUT_EXIT_MESSAGE, treeSignals, type Rig } from './reattach-rig.js'
 import { within } from '../helpers/restart-readers.js'
 
 // ExecRun's reattach loop, end to end over real sockets and real ssh2 on both sides: the daemon
@@ -257,7 +257,7 @@ describe('reattach of a kept exec', () => {
     const entry = new ExecEntry(first.entry.id, 'sb', first.entry.spec, 1024 * 1024)
     // Surface sets the journal to the offset the new gateway knows: here, 4 bytes seen.
     entry.append('stdout', Buffer.from('0123'))
-    const run = new ExecRun(entry, { pool: r.pool, closeWaitMs: 200, logger: silent, events: new GatewayEvents(), reattachTimeoutMs: 5000, adopt: m.status() })
+    const run = new ExecRun(entry, { pool: r.pool, treeSignals: treeSignals(), closeWaitMs: 200, logger: silent, events: new GatewayEvents(), reattachTimeoutMs: 5000, adopt: m.status() })
     const done = run.run()
     await waitFor(() => m.attaches === 2, { timeoutMs: 5000 })
     // Non-interactive: its stdin ends. The EOF follows the attach's answer, so the command is
