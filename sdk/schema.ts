@@ -938,7 +938,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `too_many_requests`: over the per-token exec rate limit (with Retry-After), or the sandbox already has too many execs running or relays waiting to be opened; with the deprecated wait=true also: as the exec's error */
+            /** @description `too_many_requests`: over the per-token exec rate limit (with Retry-After), or the sandbox already has --max-running-execs-per-sandbox execs pending or running (execs waiting for an SSH connection queue, they are not refused); with the deprecated wait=true also: as the exec's error */
             429: {
                 headers: {
                     /** @description seconds until the rate limit lets the token create execs again (rate limit only) */
@@ -1070,7 +1070,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description `too_many_requests`: over the per-token exec rate limit (with Retry-After), or the sandbox already has too many execs running or relays waiting to be opened; also: as the exec's error */
+            /** @description `too_many_requests`: over the per-token exec rate limit (with Retry-After), or the sandbox already has --max-running-execs-per-sandbox execs pending or running (execs waiting for an SSH connection queue, they are not refused); also: as the exec's error */
             429: {
                 headers: {
                     /** @description seconds until the rate limit lets the token create execs again (rate limit only) */

@@ -81,7 +81,7 @@ export async function heldExecs (world: World): Promise<void> {
       goal: deleteGoal ? `≤ ${GOALS.massDeleteS} s` : '—',
       met: deleteGoal ? d.allGoneS <= GOALS.massDeleteS : undefined
     })
-    results.notes.push(`mass DELETE: timed from the first DELETE; the bench polls every 100 ms for processes whose environment carries one of the exec ids (${EXEC_ID_ENV}, all of /proc/*/environ read by the bench, the sandbox being local) and the gateway's exec_gateway_active_execs; each DELETE runs the kill script (a /proc scan in the sandbox) on a side channel`)
+    results.notes.push(`mass DELETE: timed from the first DELETE; the bench polls every 100 ms for processes whose environment carries one of the exec ids (${EXEC_ID_ENV}, all of /proc/*/environ read by the bench, the sandbox being local) and the gateway's exec_gateway_active_execs; the gateway sends the kills of one sandbox in batches, one kill script (one /proc scan in the sandbox per pass) per batch, on a side channel`)
     results.notes.push(`held execs: before each reading the bench forces two full GCs in the gateway (inspector HeapProfiler.collectGarbage) and waits 1 s; RSS is then the median of ${CPU_WINDOW_S + 1} VmRSS samples taken 1 s apart during the CPU window; per exec = (RSS held − RSS idle) / N; V8 heap = Runtime.getHeapUsage usedSize after the GC; CPU = Δ(utime+stime) of the gateway process / wall time`)
   } finally {
     await gw.stop()
