@@ -157,6 +157,20 @@ export async function curlExecTrue (args: readonly string[]): Promise<CurlExec> 
   return { ms, status: Number(out.slice(nl + 1)), exitCode, body }
 }
 
+// A whole process that does no exec (`curl --version`, `ssh -V`), timed from spawn to exit:
+// what a client pays before it sends anything.
+export async function timeProcess (file: string, args: readonly string[]): Promise<number> {
+  const t0 = performance.now()
+  const child = spawn(file, args, { stdio: ['ignore', 'ignore', 'ignore'] })
+  const timer = setTimeout(() => child.kill('SIGKILL'), 10_000)
+  const code = await new Promise<number | null>((resolve, reject) => {
+    child.once('error', reject)
+    child.once('exit', (c) => resolve(c))
+  }).finally(() => clearTimeout(timer))
+  if (code !== 0) throw new Error(`${file} ${args.join(' ')} exited ${code}`)
+  return performance.now() - t0
+}
+
 // ---------------------------------------------------------------- the OpenSSH client
 
 export interface SshRun { ms: number, code: number | null, stderr: string }

@@ -5,13 +5,15 @@
 import { join } from 'node:path'
 import { expect } from 'vitest'
 import { median, percentile } from '../../test/helpers/stats.js'
-import { curlArgs, curlExecTrue } from '../clients.js'
+import { curlArgs, curlExecTrue, timeProcess } from '../clients.js'
 import { CURL, GOALS, RTT_N, RTT_WARMUP, SSH } from '../knobs.js'
 import { fixed, log, ms } from '../report.js'
 import { SshMaster } from '../ssh-master.js'
 import type { World } from '../world.js'
 
-type Kind = 'curl' | 'sshMux'
+// curlStart and sshStart are the two clients' own process start (no request, no session), so
+// that the ratio can be split into what the clients cost and what the exec path costs.
+type Kind = 'curl' | 'sshMux' | 'curlStart' | 'sshStart'
 
 export async function controlMasterRoundTrip (world: World): Promise<void> {
   const { results } = world
@@ -30,11 +32,13 @@ export async function controlMasterRoundTrip (world: World): Promise<void> {
       const r = await e.ssh.run(['true'], { options: master.clientOptions(), timeoutMs: 30_000 })
       if (r.code !== 0) throw new Error(`ssh -S true exited ${r.code}: ${r.stderr.trim()}`)
       return r.ms
-    }
+    },
+    curlStart: async () => await timeProcess(CURL, ['--version']),
+    sshStart: async () => await timeProcess(SSH, ['-V'])
   }
   const kinds = Object.keys(runners) as Kind[]
-  const samples: Record<Kind, number[]> = { curl: [], sshMux: [] }
-  const failed: Record<Kind, string[]> = { curl: [], sshMux: [] }
+  const samples: Record<Kind, number[]> = { curl: [], sshMux: [], curlStart: [], sshStart: [] }
+  const failed: Record<Kind, string[]> = { curl: [], sshMux: [], curlStart: [], sshStart: [] }
   const attempt = async (k: Kind, into?: number[]): Promise<void> => {
     try { into?.push(await runners[k]()) } catch (err) { failed[k].push(String(err).slice(0, 300)) }
   }
@@ -61,6 +65,17 @@ export async function controlMasterRoundTrip (world: World): Promise<void> {
     ratio: `${fixed(ratio, 2)} (p90 ${fixed(percentile(samples.curl, 0.9) / percentile(samples.sshMux, 0.9), 2)})`,
     goal: `≤ ${GOALS.controlMasterRttRatio.toFixed(1)}`,
     met: ratio <= GOALS.controlMasterRttRatio
+  })
+  // The exec path alone: each client's round trip less its own process start (medians).
+  const curlPath = median(samples.curl) - median(samples.curlStart)
+  const sshPath = median(samples.sshMux) - median(samples.sshStart)
+  results.rows.push({
+    what: 'the same, split: each client\'s process start alone (`curl --version`, `ssh -V`, interleaved with the runs above), and the round trip less it (the exec path: gateway + relay + sshd against the mux socket + master + sshd)',
+    gateway: `curl start: median ${ms(median(samples.curlStart))} ms; exec path ${ms(curlPath)} ms`,
+    peer: `ssh start: median ${ms(median(samples.sshStart))} ms; exec path ${ms(sshPath)} ms`,
+    ratio: `${fixed(curlPath / sshPath, 2)} (exec paths)`,
+    goal: '—',
+    met: undefined
   })
   results.commands.push(
     `- ControlMaster: \`${SSH} ${e.ssh.args([], master.masterOptions()).join(' ')}\`, closed with \`-O exit\``,
