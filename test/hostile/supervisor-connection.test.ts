@@ -179,9 +179,10 @@ async function flood (world: HostileWorld, signal: AbortSignal, build: (raw: Raw
 // Every connection of a flood but the last (cut by the window's end) was closed by the gateway,
 // and its GOAWAY ENHANCE_YOUR_CALM reached at least one of them: a flooding peer's kernel may
 // drop the GOAWAY it had not read yet when the gateway's reset arrives.
-function expectClosedByGateway (conns: RawH2[], what: string, codes: readonly number[] = [ENHANCE_YOUR_CALM]): void {
+function expectClosedByGateway (conns: RawH2[], what: string, codes: readonly number[] = [ENHANCE_YOUR_CALM], countedByBudget = false): void {
   expect(conns.length, what).toBeGreaterThanOrEqual(2)
   for (const c of conns.slice(0, -1)) expect(c.closedByGateway, what).toBe(true)
+  if (countedByBudget) return
   expect(conns.flatMap((c) => c.goaways).some((code) => codes.includes(code)), `${what}: GOAWAY codes ${JSON.stringify(conns.flatMap((c) => c.goaways))}`).toBe(true)
 }
 
@@ -314,13 +315,17 @@ describe('hostile supervisor connections', () => {
   it('PING and SETTINGS floods: closed at the control-frame budget (or by nghttp2 at its own flood limit)', async () => {
     for (const [name, f] of [['PING', frame(FRAME.PING, 0, 0, Buffer.alloc(8))], ['SETTINGS', frame(FRAME.SETTINGS, 0, 0)]] as const) {
       let conns: RawH2[] = []
+      const before = await refusalCounts(world.publicUrl)
       const r = await world.underAttack(`${name} flood`, async (signal) => {
         conns = await flood(world, signal, () => Buffer.concat(Array.from({ length: 200 }, () => f)), { again: true, authenticate: world.token('hostile-frames') })
       }, { durationMs: 3000, quietMs: 2000 })
       expectUnharmed(r)
       // Ours (ENHANCE_YOUR_CALM, at the budget) or nghttp2's own (INTERNAL_ERROR, when a read
-      // holds more than a thousand frames to acknowledge): whichever comes first.
-      expectClosedByGateway(conns, name, [ENHANCE_YOUR_CALM, http2.constants.NGHTTP2_INTERNAL_ERROR])
+      // holds more than a thousand frames to acknowledge): whichever comes first. A flooding
+      // peer's kernel may drop every GOAWAY it had not read when the reset arrives (seen in CI
+      // on 2 busy cores); the budget's own count then says who closed them.
+      const floods = refusalDiff(await refusalCounts(world.publicUrl), before).frame_flood ?? 0
+      expectClosedByGateway(conns, name, [ENHANCE_YOUR_CALM, http2.constants.NGHTTP2_INTERNAL_ERROR], floods > 0)
     }
   })
 

@@ -17,6 +17,8 @@ import { loadDataDir, rotateTokenSecret } from '../../src/data-dir.js'
 import { BINARY_SUBPROTOCOL, JSON_SUBPROTOCOL } from '../../src/schemas/websocket.js'
 import { startGateway, type TestGateway } from '../helpers/gateway.js'
 import { api, execStart, execWait, openPausedBinaryReader, readWebSocket, type WsResult } from '../helpers/api.js'
+import { sandboxAccount, startOpenSshd } from '../helpers/openssh.js'
+import { startSupervisorProcess } from '../helpers/supervisor-process.js'
 import { startTcpProxy } from '../helpers/tcp-proxy.js'
 import { sleep, waitFor } from '../helpers/wait.js'
 
@@ -358,14 +360,27 @@ describe('forwarding to the owner replica (issue 14)', () => {
   }, 60_000)
 
   it('an exec that ends in error closes the forwarded attach with 1011 and the direct reason', async () => {
-    const id = await execStart(g.publicUrl, 'local', { command: ['sleep', '30'] })
-    const direct = attach(g.publicUrl, id)
-    const via = attach(front.url, id)
-    await waitFor(() => g.gw.execs.get(id)?.readers === 2, { timeoutMs: 5000 })
-    expect((await api(front.url, 'DELETE', `/v1/execs/${id}`)).status).toBe(204)
-    const [d, v] = await Promise.all([direct, via])
-    expect(v.closeCode).toBe(1011)
-    expect(v).toEqual(d)
+    // A real relay failure: an OpenSSH sandbox reached through a proxy that is reset mid-exec
+    // (DELETE is no error: the exec ends signalled by KILL).
+    const sshd = await startOpenSshd({ authorizedKeys: [g.gw.identity.publicKey] })
+    const proxy = await startTcpProxy({ targetHost: sshd.host, targetPort: sshd.port })
+    const sup = startSupervisorProcess({ gatewayUrl: g.supervisorUrl, sandboxId: 'cut', token: g.token('cut'), sshTarget: `${proxy.host}:${proxy.port}`, sshUser: sandboxAccount() })
+    try {
+      await g.waitConnected('cut')
+      const id = await execStart(g.publicUrl, 'cut', { command: ['sleep', '10'] })
+      await waitFor(() => g.gw.execs.get(id)?.status === 'running', { timeoutMs: 10_000 })
+      const direct = attach(g.publicUrl, id)
+      const via = attach(front.url, id)
+      await waitFor(() => g.gw.execs.get(id)?.readers === 2, { timeoutMs: 5000 })
+      proxy.resetAll()
+      const [d, v] = await Promise.all([direct, via])
+      expect(d.closeCode).toBe(1011)
+      expect(v).toEqual(d)
+    } finally {
+      await sup.stop()
+      await proxy.close()
+      await sshd.close()
+    }
   }, 30_000)
 
   it('an unknown exec id is the same plain HTTP 404 with its body through the front', async () => {
