@@ -135,20 +135,8 @@ export function curlArgs (base: string, sandboxId: string, apiToken: string): st
 }
 
 export async function curlExecTrue (args: readonly string[]): Promise<CurlExec> {
-  const t0 = performance.now()
-  const child = spawn(CURL, args, { stdio: ['ignore', 'pipe', 'pipe'] })
-  let out = ''
-  let stderr = ''
-  child.stdout.on('data', (c: Buffer) => { out = (out + c.toString()).slice(-16_000) })
-  child.stderr.on('data', (c: Buffer) => { stderr = (stderr + c.toString()).slice(-4000) })
   // curl's own --max-time bounds it; this is in case curl itself hangs.
-  const timer = setTimeout(() => child.kill('SIGKILL'), 40_000)
-  let ms = 0
-  const code = await new Promise<number | null>((resolve, reject) => {
-    child.once('error', reject)
-    child.once('exit', () => { ms = performance.now() - t0 })
-    child.once('close', (c) => resolve(c))
-  }).finally(() => clearTimeout(timer))
+  const { ms, code, out, stderr } = await timedRun(CURL, args, 40_000)
   if (code !== 0) throw new Error(`curl exited ${code}: ${stderr.trim()}`)
   const nl = out.lastIndexOf('\n')
   const body = out.slice(0, nl)
@@ -157,18 +145,33 @@ export async function curlExecTrue (args: readonly string[]): Promise<CurlExec> 
   return { ms, status: Number(out.slice(nl + 1)), exitCode, body }
 }
 
+interface TimedRun { ms: number, code: number | null, out: string, stderr: string }
+
+// A whole process, timed from spawn to exit (not to the close of its pipes), with the tails of
+// what it printed; killed after timeoutMs in case it hangs.
+async function timedRun (file: string, args: readonly string[], timeoutMs: number): Promise<TimedRun> {
+  const t0 = performance.now()
+  const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+  let out = ''
+  let stderr = ''
+  child.stdout.on('data', (c: Buffer) => { out = (out + c.toString()).slice(-16_000) })
+  child.stderr.on('data', (c: Buffer) => { stderr = (stderr + c.toString()).slice(-4000) })
+  const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs)
+  let ms = 0
+  const code = await new Promise<number | null>((resolve, reject) => {
+    child.once('error', reject)
+    child.once('exit', () => { ms = performance.now() - t0 })
+    child.once('close', (c) => resolve(c))
+  }).finally(() => clearTimeout(timer))
+  return { ms, code, out, stderr }
+}
+
 // A whole process that does no exec (`curl --version`, `ssh -V`), timed from spawn to exit:
 // what a client pays before it sends anything.
 export async function timeProcess (file: string, args: readonly string[]): Promise<number> {
-  const t0 = performance.now()
-  const child = spawn(file, args, { stdio: ['ignore', 'ignore', 'ignore'] })
-  const timer = setTimeout(() => child.kill('SIGKILL'), 10_000)
-  const code = await new Promise<number | null>((resolve, reject) => {
-    child.once('error', reject)
-    child.once('exit', (c) => resolve(c))
-  }).finally(() => clearTimeout(timer))
+  const { ms, code } = await timedRun(file, args, 10_000)
   if (code !== 0) throw new Error(`${file} ${args.join(' ')} exited ${code}`)
-  return performance.now() - t0
+  return ms
 }
 
 // ---------------------------------------------------------------- the OpenSSH client
@@ -216,19 +219,7 @@ export class SshPeer {
   // gone once ssh has exited, so bash runs it and its `times` prints what its reaped child used
   // (getrusage, not rounded to clock ticks). The timing includes bash's start, ~2 ms.
   async runWithCpu (remote: string[], options: string[] = []): Promise<SshCpuRun> {
-    const t0 = performance.now()
-    const child = spawn('bash', ['-c', '"$@" > /dev/null; s=$?; times; exit $s', 'bash', SSH, ...this.args(remote, options)], { stdio: ['ignore', 'pipe', 'pipe'] })
-    let out = ''
-    let stderr = ''
-    child.stdout.on('data', (c: Buffer) => { out += c.toString() })
-    child.stderr.on('data', (c: Buffer) => { stderr = (stderr + c.toString()).slice(-4000) })
-    const timer = setTimeout(() => child.kill('SIGKILL'), 300_000)
-    let ms = 0
-    const code = await new Promise<number | null>((resolve, reject) => {
-      child.once('error', reject)
-      child.once('exit', () => { ms = performance.now() - t0 })
-      child.once('close', (c) => resolve(c))
-    }).finally(() => clearTimeout(timer))
+    const { ms, code, out, stderr } = await timedRun('bash', ['-c', '"$@" > /dev/null; s=$?; times; exit $s', 'bash', SSH, ...this.args(remote, options)], 300_000)
     if (code !== 0) throw new Error(`ssh ${remote.join(' ')} exited ${code}: ${stderr.trim()}`)
     // Line 1: the shell's own user and system time; line 2: its children's, e.g. "0m0.412s 0m0.118s".
     const m = /^(\d+)m([\d.]+)s (\d+)m([\d.]+)s$/m.exec(out.trim().split('\n')[1] ?? '')
