@@ -1,7 +1,7 @@
 import { startGateway, type TestGateway } from './gateway.js'
 import { startSupervisorProcess, type SupervisorProcess } from './supervisor-process.js'
 import { startFakeSupervisor, type FakeSupervisor, type FakeSupervisorOptions } from './fake-supervisor.js'
-import { startOpenSshd, type OpenSshd } from './openssh.js'
+import { sandboxAccount, startOpenSshd, type OpenSshd } from './openssh.js'
 import { startScriptedSshd, type ScriptedSshd, type ScriptedExecContext } from './scripted-sshd.js'
 import { startTcpProxy, type TcpProxy } from './tcp-proxy.js'
 import type { GatewayConfig } from '../../src/config.js'
@@ -28,6 +28,9 @@ export interface FaultKit {
   supervisor: (g: TestGateway, sandboxId: string, extra?: { sshTarget?: string, sshUser?: string, gatewayUrl?: string }) => SupervisorProcess
   fakeSupervisor: (g: TestGateway, sandboxId: string, opts?: Omit<FakeSupervisorOptions, 'supervisorUrl' | 'token'>) => Promise<FakeSupervisor>
   openssh: (g: TestGateway) => Promise<OpenSshd>
+  // A supervisor process for sandboxId, bridging to a fresh OpenSSH sshd or to its embedded
+  // daemon, connected to g.
+  sandbox: (g: TestGateway, sandboxId: string, daemon: 'openssh' | 'embedded') => Promise<SupervisorProcess>
   scripted: (onExec: (ctx: ScriptedExecContext) => void) => Promise<ScriptedSshd>
   proxyTo: (host: string, port: number) => Promise<TcpProxy>
   defer: (fn: () => Promise<void> | void) => void
@@ -37,7 +40,7 @@ export interface FaultKit {
 export function createFaultKit (defaults: Partial<GatewayConfig>): FaultKit {
   const cleanups: Array<() => Promise<void> | void> = []
   const defer = (fn: () => Promise<void> | void): void => { cleanups.push(fn) }
-  return {
+  const kit: FaultKit = {
     defer,
     cleanup: async () => {
       while (cleanups.length > 0) {
@@ -65,6 +68,17 @@ export function createFaultKit (defaults: Partial<GatewayConfig>): FaultKit {
       defer(async () => { await d.close() })
       return d
     },
+    sandbox: async (g, sandboxId, daemon) => {
+      let s: SupervisorProcess
+      if (daemon === 'openssh') {
+        const d = await kit.openssh(g)
+        s = kit.supervisor(g, sandboxId, { sshTarget: `${d.host}:${d.port}`, sshUser: sandboxAccount() })
+      } else {
+        s = kit.supervisor(g, sandboxId)
+      }
+      await g.waitConnected(sandboxId)
+      return s
+    },
     scripted: async (onExec) => {
       const s = await startScriptedSshd({ onExec })
       defer(async () => { await s.close() })
@@ -76,4 +90,5 @@ export function createFaultKit (defaults: Partial<GatewayConfig>): FaultKit {
       return p
     }
   }
+  return kit
 }

@@ -1,6 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest'
 import { createFaultKit } from '../helpers/fault-kit.js'
-import { sandboxAccount } from '../helpers/openssh.js'
 import { postJsonOnce } from '../helpers/http.js'
 import { timed } from '../helpers/wait.js'
 import type { TestGateway } from '../helpers/gateway.js'
@@ -39,13 +38,7 @@ describe('burst of concurrent ?wait=true execs at one sandbox', () => {
   ] as const)(`${BURST} at once all run with their true exit, none 429 (%s)`, async (_label, daemon, sshPool) => {
     const g = await kit.gateway({ sshPool })
     const id = 'burst'
-    if (daemon === 'openssh') {
-      const sshd = await kit.openssh(g)
-      kit.supervisor(g, id, { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: sandboxAccount() })
-    } else {
-      kit.supervisor(g, id)
-    }
-    await g.waitConnected(id)
+    await kit.sandbox(g, id, daemon)
     // The supervisor is asked for at most its pending-relay cap of relays at once; the rest wait.
     let peakPending = 0
     let peakQueued = 0

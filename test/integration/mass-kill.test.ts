@@ -1,7 +1,6 @@
 import { afterEach, describe, expect, it, vi } from 'vitest'
 import { api } from '../helpers/api.js'
 import { createFaultKit } from '../helpers/fault-kit.js'
-import { sandboxAccount } from '../helpers/openssh.js'
 import { inParallel } from '../helpers/pool.js'
 import { pidsRunning, taggedPids } from '../helpers/proc-tags.js'
 import { sleep, waitFor } from '../helpers/wait.js'
@@ -22,13 +21,7 @@ describe('mass kill', () => {
   it.each(['openssh', 'embedded'] as const)(`DELETE of ${HELD} running sleep 600 execs: every tagged process is gone within ${GONE_BOUND_MS} ms, and every exec reports its end (%s)`, async (daemon) => {
     const g = await kit.gateway({})
     const id = 'mass'
-    if (daemon === 'openssh') {
-      const sshd = await kit.openssh(g)
-      kit.supervisor(g, id, { sshTarget: `${sshd.host}:${sshd.port}`, sshUser: sandboxAccount() })
-    } else {
-      kit.supervisor(g, id)
-    }
-    await g.waitConnected(id)
+    await kit.sandbox(g, id, daemon)
     const ids = await inParallel(HELD, 32, async () => {
       const r = await api(g.publicUrl, 'POST', `/v1/sandboxes/${id}/execs`, { command: ['sleep', '600'] })
       if (r.status !== 201) throw new Error(`start: ${r.status} ${r.text.slice(0, 300)}`)
